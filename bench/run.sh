@@ -1,0 +1,560 @@
+#!/usr/bin/env bash
+# bench/run.sh - interleaved benchmark: direct nginx vs HAProxy 2.6 (mode tcp) vs ringlb.
+#
+#   bench/run.sh                 full run: 5 rounds of 10 s runs, every scenario
+#   bench/run.sh --quick         smoke run (< 2 minutes): 2 rounds of 2 s runs, fewer idle conns
+#   bench/run.sh --rounds N --duration S --scenarios a,b,c,d,dR,e,f,g
+#                --systems direct,haproxy,ringlb --workers N --idle-conns N
+#                --port-base P --noisy CORES --out DIR
+#                --ringlb PATH   (another ringlb binary; then nothing is built)
+#
+# Scenarios (all on 127.0.0.1, nginx backends serving a 100-byte and a 1 MiB file):
+#   a  keep-alive, 100 B responses, wrk -t1 -c50
+#   b  new connection per request (Connection: close), 100 B, wrk -t1 -c50
+#   c  keep-alive, 1 MiB responses, wrk -t1 -c10          -> MiB/s, proxy CPU per MiB
+#   d  iperf3 -c through the proxy to one iperf3 server   -> Gbit/s, proxy CPU per MiB
+#   dR the same with iperf3 -R (server sends)
+#   e  N idle keep-alive connections held through the proxy -> proxy RSS bytes per connection
+#   f  as a, with 2 proxy workers/threads (ringlb --workers 2, HAProxy nbthread 2)
+#   g  latency at a fixed moderate rate: wrk -t1 -c10, each connection pauses 2 ms
+#      between requests (wrk2 is not packaged; this keeps both proxies far from saturation)
+#
+# Every round runs every system once per scenario, the order of the systems rotated each
+# round, so slow drifts of the machine hit all systems alike. Figures land in
+# bench/results/<date>-<host>/: header.txt, raw.csv (one line per run), table.txt, logs/.
+#
+# Every process this script starts is stopped by its PID on exit (trap EXIT), never by
+# name, and a watchdog ends the whole run after a computed time limit.
+set -euo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(dirname "$BENCH_DIR")
+BIN=$REPO/target/release/ringlb
+CUSTOM_BIN=0
+LIB=$BENCH_DIR/lib.py
+COMMAND_LINE=$(printf '%q ' "$0" "$@")
+
+# ----------------------------------------------------------------------------- options
+
+ROUNDS= DURATION= SCENARIOS= IDLE_CONNS= IDLE_HOLD=
+SYSTEMS=direct,haproxy,ringlb
+WORKERS=1          # base workers/threads for a,b,c,d,e,g (design.md's reference is 1)
+WORKERS_F=2        # scenario f
+PORT_BASE=27100
+NOISY=0.10         # foreign CPU (in cores) above which a run counts as spoiled
+OUT=
+QUICK=0
+
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+
+while (($#)); do
+    case $1 in
+        --quick) QUICK=1 ;;
+        --rounds) ROUNDS=$2; shift ;;
+        --duration) DURATION=$2; shift ;;
+        --scenarios) SCENARIOS=$2; shift ;;
+        --systems) SYSTEMS=$2; shift ;;
+        --workers) WORKERS=$2; shift ;;
+        --idle-conns) IDLE_CONNS=$2; shift ;;
+        --port-base) PORT_BASE=$2; shift ;;
+        --noisy) NOISY=$2; shift ;;
+        --out) OUT=$2; shift ;;
+        --ringlb) BIN=$(realpath "$2"); CUSTOM_BIN=1; shift ;;
+        -h | --help) usage; exit 0 ;;
+        *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+# --quick only fills in what was not given explicitly.
+if ((QUICK)); then
+    : "${ROUNDS:=2}" "${DURATION:=2}" "${SCENARIOS:=a,b,c,d,e,f,g}" "${IDLE_CONNS:=2000}" "${IDLE_HOLD:=1}"
+else
+    : "${ROUNDS:=5}" "${DURATION:=10}" "${SCENARIOS:=a,b,c,d,dR,e,f,g}" "${IDLE_CONNS:=10000}" "${IDLE_HOLD:=3}"
+fi
+IFS=, read -r -a SCEN <<<"$SCENARIOS"
+IFS=, read -r -a SYS <<<"$SYSTEMS"
+for s in "${SCEN[@]}"; do
+    [[ $s =~ ^(a|b|c|d|dR|e|f|g)$ ]] || { echo "unknown scenario '$s'" >&2; exit 2; }
+done
+for s in "${SYS[@]}"; do
+    [[ $s =~ ^(direct|haproxy|ringlb)$ ]] || { echo "unknown system '$s'" >&2; exit 2; }
+done
+[[ $ROUNDS =~ ^[0-9]+$ && $DURATION =~ ^[0-9]+$ && $ROUNDS -ge 1 && $DURATION -ge 1 ]] ||
+    { echo "--rounds and --duration take positive integers" >&2; exit 2; }
+
+has_scen() { [[ ",$SCENARIOS," == *",$1,"* ]]; }
+has_sys() { [[ ",$SYSTEMS," == *",$1,"* ]]; }
+
+# Fixed ports in a high range, one per server.
+NGINX1_PORT=$((PORT_BASE + 1)) NGINX2_PORT=$((PORT_BASE + 2))
+HAP1_PORT=$((PORT_BASE + 11)) RLB1_PORT=$((PORT_BASE + 12))   # a b c g (base workers)
+HAP2_PORT=$((PORT_BASE + 13)) RLB2_PORT=$((PORT_BASE + 14))   # f (2 workers)
+IPERF_PORT=$((PORT_BASE + 20))
+HAPI_PORT=$((PORT_BASE + 21)) RLBI_PORT=$((PORT_BASE + 22))   # d dR (iperf3 server as the only backend)
+HAPE_PORT=$((PORT_BASE + 31)) RLBE_PORT=$((PORT_BASE + 32))   # e (fresh instance each round)
+ALL_PORTS=("$NGINX1_PORT" "$NGINX2_PORT" "$HAP1_PORT" "$RLB1_PORT" "$HAP2_PORT" "$RLB2_PORT"
+    "$IPERF_PORT" "$HAPI_PORT" "$RLBI_PORT" "$HAPE_PORT" "$RLBE_PORT")
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+die() { log "ERROR: $*" >&2; exit 1; }
+
+# ----------------------------------------------------------------------------- processes
+
+# Every server is a direct child of this shell; its PID goes into PID_OF and into a file
+# that the watchdog can read. Nothing is ever stopped by name.
+declare -A PID_OF=()
+START_ORDER=()
+CURRENT_PID=   # the load (wrk/iperf3 via lib.py) running right now, if any
+WATCHDOG_PID=
+WORK=
+
+start_server() { # NAME LOGFILE CMD... ; sets PID_OF[NAME]
+    local name=$1 logf=$2
+    shift 2
+    "$@" </dev/null >"$logf" 2>&1 &
+    PID_OF[$name]=$!
+    START_ORDER+=("$name")
+    echo "$! $name" >>"$WORK/pids"
+}
+
+kill_pid() { # PID: TERM, wait up to 5 s (ringlb drains on TERM), then KILL
+    local pid=$1 i
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for ((i = 0; i < 50; i++)); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+stop_server() { # NAME
+    local pid=${PID_OF[$1]:-}
+    [[ -n $pid ]] || return 0
+    kill_pid "$pid"
+    unset "PID_OF[$1]"
+}
+
+alive() { [[ -n ${PID_OF[$1]:-} ]] && kill -0 "${PID_OF[$1]}" 2>/dev/null; }
+
+cleanup() {
+    local rc=$? i
+    trap - EXIT INT TERM
+    set +e
+    [[ -n $CURRENT_PID ]] && kill_pid "$CURRENT_PID"
+    for ((i = ${#START_ORDER[@]} - 1; i >= 0; i--)); do
+        stop_server "${START_ORDER[i]}"
+    done
+    if [[ -n $WATCHDOG_PID ]]; then
+        kill -TERM "$WATCHDOG_PID" 2>/dev/null
+        wait "$WATCHDOG_PID" 2>/dev/null
+    fi
+    [[ -n $WORK && -d $WORK ]] && rm -rf "$WORK"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT
+trap 'log "terminated (global timeout?)"; exit 143' TERM
+
+start_watchdog() { # SECONDS: TERM this script when the run overruns, KILL 20 s later
+    local limit=$1 main=$$ pidfile=$WORK/pids
+    (
+        trap - EXIT INT
+        trap 'kill "$sp" 2>/dev/null; exit 0' TERM
+        sleep "$limit" &
+        sp=$!
+        wait "$sp"
+        echo "GLOBAL TIMEOUT after ${limit}s: stopping the benchmark" >&2
+        kill -TERM "$main" 2>/dev/null
+        sleep 20 &
+        sp=$!
+        wait "$sp"
+        # The main shell did not clean up in time: kill what it started, by PID.
+        if kill -0 "$main" 2>/dev/null; then
+            while read -r pid _; do kill -KILL "$pid" 2>/dev/null; done <"$pidfile"
+            kill -KILL "$main" 2>/dev/null
+        fi
+    ) &
+    WATCHDOG_PID=$!
+}
+
+# ----------------------------------------------------------------------------- setup
+
+ensure_tools() {
+    local missing=() t
+    for t in wrk nginx haproxy iperf3; do
+        command -v "$t" >/dev/null || missing+=("$t")
+    done
+    ((${#missing[@]})) || return 0
+    log "installing ${missing[*]} with apt-get"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"; then
+        apt-get update
+        DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
+    fi
+}
+
+build_ringlb() {
+    # Build before any measurement so that cargo never competes with a run.
+    if ((!CUSTOM_BIN)); then
+        if [[ ! -x $BIN ]] || [[ -n $(find "$REPO/src" "$REPO/Cargo.toml" "$REPO/Cargo.lock" \
+            -newer "$BIN" -print -quit 2>/dev/null) ]]; then
+            log "building ringlb (cargo build --release)"
+            (cd "$REPO" && timeout 1800 cargo build --release)
+        fi
+    fi
+    [[ -x $BIN ]] || die "no executable $BIN"
+}
+
+write_nginx_conf() { # NAME PORT -> $WORK/NAME/nginx.conf; one process, own temp folders
+    local dir=$WORK/$1 port=$2
+    mkdir -p "$dir/tmp"
+    cat >"$dir/nginx.conf" <<EOF
+# One nginx process (no master), so that the PID we start is the one that serves.
+worker_processes 1;
+master_process off;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events {
+    worker_connections $((NOFILE - 500));
+}
+http {
+    access_log off;
+    sendfile on;
+    keepalive_timeout 600s;         # longer than any idle hold (scenario e)
+    keepalive_requests 1000000000;  # the default (1000) would close keep-alive connections
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+    default_type application/octet-stream;
+    server {
+        listen 127.0.0.1:$port backlog=4096;
+        root $WORK/www;
+        location / { }
+    }
+}
+EOF
+}
+
+write_haproxy_conf() { # FILE PORT THREADS BACKEND_PORT...
+    local file=$1 port=$2 threads=$3 i=0 b
+    shift 3
+    cat >"$file" <<EOF
+# HAProxy 2.6 in its best layer-4 setup for this benchmark: mode tcp, round robin,
+# splice-auto (design.md fact 9: ~0.7x of direct on bulk instead of 0.3-0.4x).
+global
+    nbthread $threads
+    maxconn $HAP_MAXCONN
+    maxpipes 256
+defaults
+    mode tcp
+    balance roundrobin
+    option splice-auto
+    maxconn $HAP_MAXCONN
+    timeout connect 2s
+    timeout client 10m
+    timeout server 10m
+frontend fe
+    bind 127.0.0.1:$port
+    default_backend be
+backend be
+EOF
+    for b in "$@"; do
+        i=$((i + 1))
+        # Same health checks as ringlb's defaults: TCP connect every 2 s, rise 2, fall 3.
+        echo "    server b$i 127.0.0.1:$b check inter 2s rise 2 fall 3" >>"$file"
+    done
+}
+
+start_haproxy() { # NAME PORT THREADS BACKEND_PORT...
+    local name=$1 port=$2 threads=$3 cfg=$WORK/$1.cfg
+    shift 3
+    write_haproxy_conf "$cfg" "$port" "$threads" "$@"
+    haproxy -c -q -f "$cfg" || die "bad HAProxy config $cfg"
+    cp "$cfg" "$RESULTS/configs/$name.cfg"
+    start_server "$name" "$RESULTS/logs/$name.log" haproxy -db -f "$cfg"
+}
+
+start_ringlb() { # NAME PORT WORKERS BACKEND_PORT...
+    local name=$1 port=$2 workers=$3 b
+    local cmd=("$BIN" --listen "127.0.0.1:$port")
+    shift 3
+    for b in "$@"; do cmd+=(--backend "127.0.0.1:$b"); done
+    # Idle timeout longer than any hold; connect timeout and checks: defaults (2 s),
+    # which the HAProxy configs copy.
+    cmd+=(--workers "$workers" --idle-timeout 10m)
+    printf '%q ' "${cmd[@]}" >"$RESULTS/configs/$name.cmd"
+    start_server "$name" "$RESULTS/logs/$name.log" "${cmd[@]}"
+}
+
+wait_http() { # NAME PORT: the port answers and a GET of the 100 B file returns 200
+    python3 "$LIB" waitport 127.0.0.1 "$2" 20 && python3 "$LIB" waithttp 127.0.0.1 "$2" /100b 20 ||
+        die "$1 on port $2 is not ready (see $RESULTS/logs/$1.log)"
+    alive "$1" || die "$1 exited (see $RESULTS/logs/$1.log)"
+}
+
+wait_port() { # NAME PORT
+    python3 "$LIB" waitport 127.0.0.1 "$2" 20 || die "$1 on port $2 is not ready (see $RESULTS/logs/$1.log)"
+    alive "$1" || die "$1 exited (see $RESULTS/logs/$1.log)"
+}
+
+write_header() {
+    {
+        echo "ringlb benchmark (bench/run.sh)"
+        echo "command:   $COMMAND_LINE"
+        echo "date:      $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+        echo "host:      $(uname -n)"
+        echo "kernel:    $(uname -srvm)"
+        echo "cpu:       $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(nproc) cores"
+        echo "memory:    $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
+        echo "haproxy:   $(haproxy -v | head -1)"
+        echo "nginx:     $(nginx -v 2>&1)"
+        echo "wrk:       $(wrk -v 2>&1 | head -1)"
+        echo "iperf3:    $(iperf3 -v | head -1)"
+        if has_sys ringlb; then
+            echo "ringlb:    $BIN (built $(date -u -r "$BIN" '+%Y-%m-%d %H:%M:%S UTC'), sha256 $(sha256sum "$BIN" | cut -c1-16))"
+            echo "git:       $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no commit yet')$(
+                [[ -n $(git -C "$REPO" status --porcelain -- src 2>/dev/null) ]] && echo ' (src/ has uncommitted changes)')"
+        fi
+        echo "settings:  rounds $ROUNDS, duration ${DURATION}s, scenarios $SCENARIOS, systems $SYSTEMS"
+        echo "           proxy workers/threads $WORKERS (f: $WORKERS_F), idle connections $IDLE_N (hold ${IDLE_HOLD}s)"
+        echo "           RLIMIT_NOFILE $NOFILE, ports $PORT_BASE+, no CPU pinning"
+        echo "           a run is 'noisy' when other work took > $NOISY cores (or steal did)"
+        echo "load avg:  $(cut -d' ' -f1-3 /proc/loadavg) at start"
+        echo "expected:  ~${EXPECTED}s of measurement; global timeout ${LIMIT}s"
+    } >"$RESULTS/header.txt"
+}
+
+# ----------------------------------------------------------------------------- runs
+
+# Sets T_PORT, T_PID (proxy PID, empty for direct) and T_WORKERS for SCENARIO SYSTEM.
+target() {
+    local sc=$1 sys=$2
+    T_WORKERS=$WORKERS
+    case $sc:$sys in
+        d:direct | dR:direct) T_PORT=$IPERF_PORT T_PID= T_WORKERS= ;;
+        *:direct) T_PORT=$NGINX1_PORT T_PID= T_WORKERS= ;;
+        d:haproxy | dR:haproxy) T_PORT=$HAPI_PORT T_PID=${PID_OF[hap_iperf]:-} ;;
+        d:ringlb | dR:ringlb) T_PORT=$RLBI_PORT T_PID=${PID_OF[rlb_iperf]:-} ;;
+        f:haproxy) T_PORT=$HAP2_PORT T_PID=${PID_OF[hap_w2]:-} T_WORKERS=$WORKERS_F ;;
+        f:ringlb) T_PORT=$RLB2_PORT T_PID=${PID_OF[rlb_w2]:-} T_WORKERS=$WORKERS_F ;;
+        *:haproxy) T_PORT=$HAP1_PORT T_PID=${PID_OF[hap_w1]:-} ;;
+        *:ringlb) T_PORT=$RLB1_PORT T_PID=${PID_OF[rlb_w1]:-} ;;
+    esac
+}
+
+test_pids() { local IFS=,; echo "${PID_OF[*]}"; }
+
+# Runs one load through lib.py (which samples CPU before/after and appends to raw.csv).
+# In the background + wait, so that a TERM from the watchdog is handled at once.
+run_load() { # ROUND SCENARIO SYSTEM KIND CMD...
+    local r=$1 sc=$2 sys=$3 kind=$4
+    shift 4
+    target "$sc" "$sys"
+    python3 "$LIB" measure --raw "$RESULTS/raw.csv" --round "$r" --scenario "$sc" --system "$sys" \
+        --workers "$T_WORKERS" --kind "$kind" --proxy-pids "$T_PID" --test-pids "$(test_pids)" \
+        --noisy "$NOISY" --timeout $((DURATION + 30)) --log "$RESULTS/logs/r$r-$sc-$sys.txt" -- "$@" &
+    CURRENT_PID=$!
+    wait "$CURRENT_PID" || log "WARNING: measuring r$r $sc $sys failed"
+    CURRENT_PID=
+}
+
+wrk_cmd() { # CONNS PATH [extra wrk args...] -> WRK array
+    local conns=$1 path=$2
+    shift 2
+    WRK=(wrk -t1 "-c$conns" "-d${DURATION}s" --latency --timeout 5s "$@" "http://127.0.0.1:$T_PORT$path")
+}
+
+run_one() { # ROUND SCENARIO SYSTEM
+    local r=$1 sc=$2 sys=$3
+    [[ $sc == e ]] || target "$sc" "$sys"
+    if [[ $sc != e && -n $T_PID ]] && ! kill -0 "$T_PID" 2>/dev/null; then
+        log "WARNING: the $sys process for scenario $sc is gone (see $RESULTS/logs/)"
+    fi
+    case $sc in
+        a | f) wrk_cmd 50 /100b -s "$BENCH_DIR/wrk-report.lua"
+            run_load "$r" "$sc" "$sys" wrk "${WRK[@]}" ;;
+        b) wrk_cmd 50 /100b -H 'Connection: close' -s "$BENCH_DIR/wrk-report.lua"
+            run_load "$r" "$sc" "$sys" wrk "${WRK[@]}" ;;
+        c) wrk_cmd 10 /1m -s "$BENCH_DIR/wrk-report.lua"
+            run_load "$r" "$sc" "$sys" wrk "${WRK[@]}" ;;
+        g) wrk_cmd 10 /100b -s "$BENCH_DIR/wrk-paced.lua"
+            WRK+=(-- 2)   # script argument: 2 ms pause per connection between requests
+            run_load "$r" "$sc" "$sys" wrk "${WRK[@]}" ;;
+        d) run_load "$r" "$sc" "$sys" iperf iperf3 -c 127.0.0.1 -p "$T_PORT" -t "$DURATION" -J --connect-timeout 3000 ;;
+        dR) run_load "$r" "$sc" "$sys" iperf iperf3 -c 127.0.0.1 -p "$T_PORT" -t "$DURATION" -J -R --connect-timeout 3000 ;;
+        e) run_idle "$r" "$sys" ;;
+    esac
+}
+
+# Scenario e: a fresh proxy each round (allocators keep freed memory, so a second round
+# on the same process would measure almost nothing), RSS before/while holding N idle
+# keep-alive connections (each did one request, so each reaches a backend).
+run_idle() { # ROUND SYSTEM
+    local r=$1 sys=$2 name= port pid
+    case $sys in
+        direct) port=$NGINX1_PORT pid=${PID_OF[nginx1]} ;;
+        haproxy) name=hap_idle port=$HAPE_PORT
+            start_haproxy "$name" "$port" "$WORKERS" "$NGINX1_PORT" "$NGINX2_PORT" ;;
+        ringlb) name=rlb_idle port=$RLBE_PORT
+            start_ringlb "$name" "$port" "$WORKERS" "$NGINX1_PORT" "$NGINX2_PORT" ;;
+    esac
+    if [[ -n $name ]]; then
+        wait_http "$name" "$port"
+        pid=${PID_OF[$name]}
+    fi
+    python3 "$LIB" idle --raw "$RESULTS/raw.csv" --round "$r" --system "$sys" \
+        --workers "$([[ $sys == direct ]] || echo "$WORKERS")" --pid "$pid" --port "$port" \
+        --n "$IDLE_N" --hold "$IDLE_HOLD" --test-pids "$(test_pids)" &
+    CURRENT_PID=$!
+    wait "$CURRENT_PID" || log "WARNING: idle measurement r$r $sys failed"
+    CURRENT_PID=
+    if [[ -n $name ]]; then
+        alive "$name" || log "WARNING: $sys died during the idle scenario (see $RESULTS/logs/$name.log)"
+        stop_server "$name"
+        # Keep the last round's log of this instance; START_ORDER may keep the name (harmless).
+    fi
+}
+
+warm_up() {
+    # One short unrecorded load per system and proxy instance: page in binaries and
+    # files, open the proxies' first backend connections. Not part of any figure.
+    local sys
+    log "warming up"
+    for sys in "${SYS[@]}"; do
+        if has_scen a || has_scen b || has_scen c || has_scen g; then
+            target a "$sys"
+            timeout 20 wrk -t1 -c10 -d1s "http://127.0.0.1:$T_PORT/100b" >/dev/null || die "wrk through $sys fails"
+        fi
+        if has_scen f; then
+            target f "$sys"
+            timeout 20 wrk -t1 -c10 -d1s "http://127.0.0.1:$T_PORT/100b" >/dev/null || die "wrk through $sys (f) fails"
+        fi
+        if has_scen d || has_scen dR; then
+            target d "$sys"
+            timeout 20 iperf3 -c 127.0.0.1 -p "$T_PORT" -t 1 --connect-timeout 3000 >/dev/null ||
+                die "iperf3 through $sys fails (see $RESULTS/logs/)"
+        fi
+    done
+}
+
+# ----------------------------------------------------------------------------- main
+
+# Many sockets: idle connections, and a proxy needs two descriptors per connection.
+ulimit -n "$(ulimit -Hn)"
+NOFILE=$(ulimit -n)
+# HAProxy: 2 fds per connection + pipes for splicing; stay under the descriptor limit.
+HAP_MAXCONN=$(((NOFILE - 2 * 256 - 200) / 2))
+# A proxy holds two sockets per idle connection: cap N below what the limit allows.
+IDLE_N=$IDLE_CONNS
+if ((IDLE_N > (NOFILE - 2000) / 2)); then
+    IDLE_N=$(((NOFILE - 2000) / 2))
+    IDLE_NOTE="idle connections capped at $IDLE_N (asked $IDLE_CONNS): RLIMIT_NOFILE is $NOFILE and cannot be raised here, a proxy needs 2 per connection"
+fi
+
+ensure_tools
+haproxy -v | grep -q 'version 2\.6' || log "WARNING: HAProxy is not 2.6: $(haproxy -v | head -1)"
+if has_sys ringlb; then build_ringlb; fi
+
+# Expected duration: each wrk/iperf3 run is DURATION plus ~0.3 s of start/stop; an idle
+# run starts a proxy, opens the connections (~3000/s), holds them, waits 1 s after closing;
+# warm-up is ~4 s per system.
+n_timed=0 n_idle=0
+for s in "${SCEN[@]}"; do
+    if [[ $s == e ]]; then n_idle=$((n_idle + ${#SYS[@]})); else n_timed=$((n_timed + ${#SYS[@]})); fi
+done
+EXPECTED=$((10 + ${#SYS[@]} * 4 + ROUNDS * ((n_timed * (10 * DURATION + 3) + n_idle * (30 + 10 * IDLE_N / 3000 + 10 * ${IDLE_HOLD%.*})) / 10)))
+LIMIT=${BENCH_TIME_LIMIT:-$((EXPECTED * 3 / 2 + 60))}   # BENCH_TIME_LIMIT: for testing the watchdog
+
+STAMP=$(date -u +%Y%m%d-%H%M%S)
+RESULTS=${OUT:-$BENCH_DIR/results/$STAMP-$(uname -n)}
+mkdir -p "$RESULTS/logs" "$RESULTS/configs"
+WORK=$(mktemp -d /tmp/ringlb-bench.XXXXXX)
+: >"$WORK/pids"
+start_watchdog "$LIMIT"
+write_header
+cat "$RESULTS/header.txt"
+[[ -n ${IDLE_NOTE:-} ]] && log "NOTE: $IDLE_NOTE" | tee -a "$RESULTS/header.txt"
+log "expected duration ~$((EXPECTED / 60))m$((EXPECTED % 60))s; everything is stopped after ${LIMIT}s"
+
+python3 "$LIB" portcheck "${ALL_PORTS[@]}" || die "pick other ports with --port-base"
+
+# Content: exactly 100 bytes and exactly 1 MiB.
+mkdir -p "$WORK/www"
+head -c 99 /dev/zero | tr '\0' 'x' >"$WORK/www/100b" && echo >>"$WORK/www/100b"
+head -c 1048576 /dev/urandom >"$WORK/www/1m"
+
+log "starting servers"
+for n in 1 2; do
+    port_var=NGINX${n}_PORT
+    write_nginx_conf "nginx$n" "${!port_var}"
+    cp "$WORK/nginx$n/nginx.conf" "$RESULTS/configs/nginx$n.conf"
+    start_server "nginx$n" "$RESULTS/logs/nginx$n.log" \
+        nginx -p "$WORK/nginx$n/" -c "$WORK/nginx$n/nginx.conf" -e "$WORK/nginx$n/error.log"
+done
+wait_http nginx1 "$NGINX1_PORT"
+wait_http nginx2 "$NGINX2_PORT"
+
+if has_scen a || has_scen b || has_scen c || has_scen g; then
+    if has_sys haproxy; then
+        start_haproxy hap_w1 "$HAP1_PORT" "$WORKERS" "$NGINX1_PORT" "$NGINX2_PORT"
+        wait_http hap_w1 "$HAP1_PORT"
+    fi
+    if has_sys ringlb; then
+        start_ringlb rlb_w1 "$RLB1_PORT" "$WORKERS" "$NGINX1_PORT" "$NGINX2_PORT"
+        wait_http rlb_w1 "$RLB1_PORT"
+    fi
+fi
+if has_scen f; then
+    if has_sys haproxy; then
+        start_haproxy hap_w2 "$HAP2_PORT" "$WORKERS_F" "$NGINX1_PORT" "$NGINX2_PORT"
+        wait_http hap_w2 "$HAP2_PORT"
+    fi
+    if has_sys ringlb; then
+        start_ringlb rlb_w2 "$RLB2_PORT" "$WORKERS_F" "$NGINX1_PORT" "$NGINX2_PORT"
+        wait_http rlb_w2 "$RLB2_PORT"
+    fi
+fi
+if has_scen d || has_scen dR; then
+    # iperf3 opens a control and a data connection; both must reach the same server, so
+    # these proxies have the iperf3 server as their only backend.
+    start_server iperf3 "$RESULTS/logs/iperf3-server.log" iperf3 -s -B 127.0.0.1 -p "$IPERF_PORT"
+    wait_port iperf3 "$IPERF_PORT"
+    if has_sys haproxy; then
+        start_haproxy hap_iperf "$HAPI_PORT" "$WORKERS" "$IPERF_PORT"
+        wait_port hap_iperf "$HAPI_PORT"
+    fi
+    if has_sys ringlb; then
+        start_ringlb rlb_iperf "$RLBI_PORT" "$WORKERS" "$IPERF_PORT"
+        wait_port rlb_iperf "$RLBI_PORT"
+    fi
+fi
+
+warm_up
+
+for ((r = 1; r <= ROUNDS; r++)); do
+    # Rotate the order of the systems each round.
+    order=()
+    for ((i = 0; i < ${#SYS[@]}; i++)); do order+=("${SYS[(i + r - 1) % ${#SYS[@]}]}"); done
+    log "round $r/$ROUNDS (order: ${order[*]}; load avg $(cut -d' ' -f1 /proc/loadavg))"
+    for sc in "${SCEN[@]}"; do
+        for sys in "${order[@]}"; do
+            run_one "$r" "$sc" "$sys"
+        done
+    done
+done
+
+{
+    cat "$RESULTS/header.txt"
+    echo
+    python3 "$LIB" table "$RESULTS/raw.csv"
+} >"$RESULTS/table.txt"
+echo
+python3 "$LIB" table "$RESULTS/raw.csv"
+echo
+log "results in $RESULTS (header.txt, raw.csv, table.txt, logs/)"

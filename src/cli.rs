@@ -1,0 +1,213 @@
+//! The command line: flags for one frontend, or a config file for many.
+//! Both end in the same [`Config`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, BackendConfig, CheckConfig, Config, FrontendConfig, Mode, OnDown};
+
+const AFTER_HELP: &str = "\
+Durations are written 500ms, 2s, 5m, 1h; a bare number is milliseconds.
+Examples:
+  ringlb --listen 0.0.0.0:80 --backend 10.0.0.1:8080 --backend 10.0.0.2:8080
+  ringlb --listen 0.0.0.0:5432 --mode active-passive --backend db1:5432 --backend db2:5432
+  ringlb --config /etc/ringlb.toml
+  ringlb demo
+Signals: SIGTERM or SIGINT drains (stop accepting, let connections finish,
+up to --drain-timeout), a second one stops at once. Logs: RUST_LOG=debug
+adds one line per connection.";
+
+#[derive(Parser, Debug)]
+#[command(name = "ringlb", version, about = "A layer-4 TCP load balancer on io_uring", after_help = AFTER_HELP)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// Address to accept clients on, e.g. 0.0.0.0:80 (port 0 picks a free port)
+    #[arg(long, value_name = "ADDR", value_parser = config::parse_address, conflicts_with = "config")]
+    listen: Option<SocketAddr>,
+
+    /// Backend address; repeat for each backend. Order is priority in active-passive mode
+    #[arg(long = "backend", value_name = "ADDR", value_parser = parse_backend, conflicts_with = "config")]
+    backends: Vec<BackendConfig>,
+
+    /// active-active: round robin over backends that are up; active-passive: all to the first that is up
+    #[arg(long, value_enum, default_value_t = Mode::ActiveActive, conflicts_with = "config")]
+    mode: Mode,
+
+    /// Worker threads, each with its own io_uring and listener [default: number of cores]
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+
+    /// Time allowed to connect to a backend before trying the next
+    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = config::parse_duration, conflicts_with = "config")]
+    connect_timeout: Duration,
+
+    /// Close connections that move no byte for this long
+    #[arg(long, value_name = "DUR", default_value = "5m", value_parser = config::parse_duration, conflicts_with = "config")]
+    idle_timeout: Duration,
+
+    /// Time between health checks of each backend (HAProxy's inter)
+    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = config::parse_duration, conflicts_with = "config")]
+    check_interval: Duration,
+
+    /// Time a health check may take [default: the interval, at most 1s]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration, conflicts_with = "config")]
+    check_timeout: Option<Duration>,
+
+    /// Good checks in a row that mark a down backend up
+    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_RISE, conflicts_with = "config")]
+    rise: u32,
+
+    /// Failed checks (or failed connects on live traffic) in a row that mark a backend down
+    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_FALL, conflicts_with = "config")]
+    fall: u32,
+
+    /// Bytes a check sends after connecting (escapes: \r \n \t \0 \\ \xHH)
+    #[arg(long, value_name = "STRING", value_parser = config::parse_escapes, conflicts_with = "config")]
+    check_send: Option<Vec<u8>>,
+
+    /// Bytes the check's reply must start with; catches a backend that accepts but hangs
+    #[arg(long, value_name = "STRING", value_parser = config::parse_escapes, conflicts_with = "config")]
+    check_expect: Option<Vec<u8>>,
+
+    /// Active-passive: keep traffic on the promoted backend when the active one comes back
+    #[arg(long, conflicts_with = "config")]
+    no_failback: bool,
+
+    /// What to do with established connections of a backend marked down
+    #[arg(long, value_enum, value_name = "ACTION", default_value_t = OnDown::Keep, conflicts_with = "config")]
+    on_down: OnDown,
+
+    /// Most client connections at once; more are closed at accept [default: no limit]
+    #[arg(long, value_name = "N", conflicts_with = "config")]
+    maxconn: Option<u32>,
+
+    /// On SIGTERM, time open connections get to finish before they are closed
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = config::parse_duration)]
+    drain_timeout: Duration,
+
+    /// Serve Prometheus metrics over HTTP on this address, e.g. 127.0.0.1:9090
+    #[arg(long, value_name = "ADDR", value_parser = config::parse_address)]
+    stats: Option<SocketAddr>,
+
+    /// Run from a TOML config file (several frontends); see examples/foobar.toml
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// With --config: validate the file, print the result and exit
+    #[arg(long, requires = "config")]
+    check: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start two built-in backends with ringlb in front, send traffic and show round robin and failover
+    Demo,
+}
+
+/// What the command line asks for.
+pub enum Action {
+    Run {
+        config: Config,
+        stats: Option<SocketAddr>,
+    },
+    Check(PathBuf),
+    Demo,
+}
+
+fn parse_backend(text: &str) -> Result<BackendConfig, String> {
+    config::parse_address(text).map(|addr| BackendConfig {
+        addr,
+        name: text.to_string(),
+    })
+}
+
+impl Cli {
+    /// Turns the flags into an action, or the exit code and one-line reason
+    /// they cannot be: 2 for a wrong flag, 1 for a bad config file.
+    pub fn into_action(self) -> Result<Action, (i32, String)> {
+        if matches!(self.command, Some(Command::Demo)) {
+            return Ok(Action::Demo);
+        }
+        let stats = self.stats;
+        if let Some(path) = self.config {
+            if self.check {
+                return Ok(Action::Check(path));
+            }
+            let mut config = Config::from_file(&path).map_err(|e| (1, e.to_string()))?;
+            if let Some(workers) = self.workers {
+                config.workers = workers;
+            }
+            config.drain_timeout = self.drain_timeout;
+            config.validate().map_err(|e| (2, e))?;
+            return Ok(Action::Run { config, stats });
+        }
+        let Some(listen) = self.listen else {
+            let hint = "nothing to do: give --listen ADDR and --backend ADDR, or --config FILE, or try 'ringlb demo'";
+            return Err((2, hint.into()));
+        };
+        if self.backends.is_empty() {
+            return Err((2, "no backend: give at least one --backend ADDR".into()));
+        }
+        let frontend = FrontendConfig {
+            name: "default".into(),
+            listen,
+            mode: self.mode,
+            backends: self.backends,
+            connect_timeout: self.connect_timeout,
+            idle_timeout: self.idle_timeout,
+            check: CheckConfig {
+                interval: self.check_interval,
+                timeout: self
+                    .check_timeout
+                    .unwrap_or_else(|| CheckConfig::default_timeout(self.check_interval)),
+                rise: self.rise,
+                fall: self.fall,
+                send: self.check_send,
+                expect: self.check_expect,
+            },
+            failback: !self.no_failback,
+            on_down: self.on_down,
+            maxconn: self.maxconn,
+        };
+        let config = Config {
+            workers: self.workers.unwrap_or_else(config::default_workers),
+            drain_timeout: self.drain_timeout,
+            frontends: vec![frontend],
+        };
+        config.validate().map_err(|e| (2, e))?;
+        Ok(Action::Run { config, stats })
+    }
+}
+
+/// Parses the process arguments. `Err` carries the exit code and what to
+/// print: help and version go to stdout with 0, mistakes to stderr as one
+/// line with 2.
+pub fn parse() -> Result<Action, (i32, String)> {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return Err((0, String::new()));
+            }
+            return Err((2, first_line(&e.render().to_string())));
+        }
+    };
+    cli.into_action()
+}
+
+/// clap's messages end with usage and a tip; the first line names the
+/// problem, which is all a script's log needs.
+fn first_line(rendered: &str) -> String {
+    let line = rendered
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("invalid arguments");
+    format!("{} (see ringlb --help)", line.trim_start_matches("error: "))
+}

@@ -1,0 +1,422 @@
+//! The relay: one client connection paired with one backend connection,
+//! bytes moved both ways until both sides are done.
+//!
+//! Each direction runs on its own, in one of two modes chosen by traffic,
+//! as HAProxy's `splice-auto` does:
+//! - **copy** (small messages): an io_uring receive into a buffer the kernel
+//!   picks from the worker's buffer ring when data arrives, then an io_uring
+//!   send. No syscall of our own; an idle connection holds no buffer.
+//! - **splice** (bulk): once a receive fills a whole buffer, the direction
+//!   waits for readiness with a poll and moves bytes with non-blocking
+//!   splice(2) through a pipe, never through user memory. design.md, fact 2:
+//!   never IORING_OP_SPLICE on sockets (it parks a kernel thread per op).
+//!   A readiness round that moves less than a buffer goes back to copying.
+//!
+//! End of stream on one side is passed on as `shutdown(SHUT_WR)` on the
+//! other once every byte before it is delivered; a reset on one side is
+//! passed on as a reset (close with zero linger) on the other.
+
+use std::os::fd::RawFd;
+use std::time::Instant;
+
+use io_uring::{cqueue, opcode, squeue, types};
+
+use crate::pool::Tried;
+use crate::uring::{self, Io, Op, Pipe, token};
+
+/// Client to backend, and backend to client.
+pub const UPSTREAM: usize = 0;
+pub const DOWNSTREAM: usize = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Connecting,
+    Relaying,
+    /// Cancels are out; the connection is freed when nothing is in flight.
+    Closing,
+}
+
+/// How a connection ended, for the log line and the reset decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// Both sides finished their streams.
+    Done,
+    ClientReset,
+    BackendReset,
+    IdleTimeout,
+    /// Every backend was down or refused.
+    NoBackend,
+    /// Its backend was marked down and the frontend says `on-down shutdown`.
+    BackendDown,
+    /// The balancer is stopping.
+    Stopped,
+    /// A local failure (out of fds, of memory).
+    LocalError,
+}
+
+impl End {
+    pub fn describe(self) -> &'static str {
+        match self {
+            End::Done => "closed by both sides",
+            End::ClientReset => "client reset",
+            End::BackendReset => "backend reset",
+            End::IdleTimeout => "idle timeout",
+            End::NoBackend => "no backend available",
+            End::BackendDown => "backend marked down",
+            End::Stopped => "balancer stopping",
+            End::LocalError => "local error",
+        }
+    }
+}
+
+/// Bytes received into a ring buffer and not yet fully sent.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    bid: u16,
+    sent: usize,
+    len: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct Direction {
+    held: Option<Held>,
+    /// Present while the direction is in splice mode.
+    pipe: Option<Pipe>,
+    /// Bytes sitting in the pipe.
+    in_pipe: usize,
+    /// The last receive filled a whole buffer: the next read splices.
+    bulk: bool,
+    /// The source ended its stream.
+    eof: bool,
+    /// The end of stream was passed on: nothing more will move.
+    done: bool,
+    pub bytes: u64,
+}
+
+pub struct Conn {
+    pub frontend: usize,
+    pub client: RawFd,
+    /// -1 until a backend socket exists.
+    pub backend: RawFd,
+    pub backend_index: usize,
+    /// Backends this connection already tried, so a retry never repeats one.
+    pub tried: Tried,
+    pub phase: Phase,
+    pub dirs: [Direction; 2],
+    /// Operations submitted and not yet completed. The fds and buffers they
+    /// use stay alive until this is zero (design.md: cancelling is not
+    /// completing).
+    pub inflight: u32,
+    pub last_active: Instant,
+    pub started: Instant,
+    pub end: Option<End>,
+    /// The backend accepted: its active count must drop when this ends.
+    pub connected: bool,
+    /// Looked up at accept only when debug logging is on: by the time the
+    /// connection is logged the peer may be gone.
+    pub client_addr: Option<std::net::SocketAddr>,
+}
+
+/// Large enough that one splice moves what the pipe holds.
+const SPLICE_LEN: usize = 1 << 20;
+
+impl Conn {
+    pub fn new(frontend: usize, client: RawFd, now: Instant) -> Conn {
+        Conn {
+            frontend,
+            client,
+            backend: -1,
+            backend_index: 0,
+            tried: Tried::default(),
+            phase: Phase::Connecting,
+            dirs: [Direction::default(), Direction::default()],
+            inflight: 0,
+            last_active: now,
+            started: now,
+            end: None,
+            connected: false,
+            client_addr: None,
+        }
+    }
+
+    fn source(&self, dir: usize) -> RawFd {
+        if dir == UPSTREAM {
+            self.client
+        } else {
+            self.backend
+        }
+    }
+
+    fn sink(&self, dir: usize) -> RawFd {
+        if dir == UPSTREAM {
+            self.backend
+        } else {
+            self.client
+        }
+    }
+
+    /// A failure reading a direction's source is that side's reset; a
+    /// failure writing its sink is the other side's.
+    fn reset_of_source(dir: usize) -> End {
+        if dir == UPSTREAM {
+            End::ClientReset
+        } else {
+            End::BackendReset
+        }
+    }
+
+    fn reset_of_sink(dir: usize) -> End {
+        Self::reset_of_source(1 - dir)
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.phase == Phase::Closing && self.inflight == 0
+    }
+
+    pub fn submit(&mut self, io: &mut Io, entry: squeue::Entry) -> std::io::Result<()> {
+        io.push(&entry)?;
+        self.inflight += 1;
+        Ok(())
+    }
+
+    /// The backend answered the connect: start moving bytes both ways.
+    pub fn start_relay(&mut self, key: usize, io: &mut Io) -> std::io::Result<()> {
+        self.phase = Phase::Relaying;
+        self.arm_read(key, UPSTREAM, io)?;
+        self.arm_read(key, DOWNSTREAM, io)
+    }
+
+    pub fn arm_read(&mut self, key: usize, dir: usize, io: &mut Io) -> std::io::Result<()> {
+        let fd = types::Fd(self.source(dir));
+        let entry = if self.dirs[dir].bulk {
+            opcode::PollAdd::new(fd, libc::POLLIN as u32)
+                .build()
+                .user_data(token(Op::poll_in(dir), key))
+        } else {
+            opcode::Recv::new(fd, std::ptr::null_mut(), io.bufs.size() as u32)
+                .buf_group(uring::BUFFER_GROUP)
+                .build()
+                .flags(squeue::Flags::BUFFER_SELECT)
+                .user_data(token(Op::recv(dir), key))
+        };
+        self.submit(io, entry)
+    }
+
+    fn send_held(&mut self, key: usize, dir: usize, io: &mut Io) -> std::io::Result<()> {
+        let Some(held) = self.dirs[dir].held else {
+            return Ok(());
+        };
+        // SAFETY: held.sent < held.len <= buffer size, inside buffer `bid`,
+        // which stays out of the ring until this send completes.
+        let ptr = unsafe { io.bufs.ptr(held.bid).add(held.sent) };
+        let entry = opcode::Send::new(
+            types::Fd(self.sink(dir)),
+            ptr,
+            (held.len - held.sent) as u32,
+        )
+        .flags(libc::MSG_NOSIGNAL)
+        .build()
+        .user_data(token(Op::send(dir), key));
+        self.submit(io, entry)
+    }
+
+    pub fn on_recv(
+        &mut self,
+        key: usize,
+        dir: usize,
+        res: i32,
+        flags: u32,
+        io: &mut Io,
+    ) -> std::io::Result<()> {
+        self.inflight -= 1;
+        let bid = cqueue::buffer_select(flags);
+        if bid.is_some() {
+            io.bufs.taken();
+        }
+        if self.phase == Phase::Closing {
+            if let Some(bid) = bid {
+                io.bufs.give_back(bid);
+            }
+            return Ok(());
+        }
+        match (res, bid) {
+            (n, Some(bid)) if n > 0 => {
+                let len = n as usize;
+                let d = &mut self.dirs[dir];
+                d.bytes += len as u64;
+                d.bulk = len == io.bufs.size();
+                d.held = Some(Held { bid, sent: 0, len });
+                self.send_held(key, dir, io)
+            }
+            (0, _) => {
+                self.dirs[dir].eof = true;
+                self.finish_direction(key, dir, io)
+            }
+            (n, _) if n == -libc::ENOBUFS => {
+                // Every buffer is in use: wait for one to come back.
+                io.buf_waiters.push_back((key, dir));
+                Ok(())
+            }
+            _ => self.close(key, Self::reset_of_source(dir), io),
+        }
+    }
+
+    pub fn on_send(
+        &mut self,
+        key: usize,
+        dir: usize,
+        res: i32,
+        io: &mut Io,
+    ) -> std::io::Result<()> {
+        self.inflight -= 1;
+        let Some(mut held) = self.dirs[dir].held.take() else {
+            return Ok(());
+        };
+        if self.phase == Phase::Closing || res < 0 {
+            io.bufs.give_back(held.bid);
+            if self.phase != Phase::Closing {
+                return self.close(key, Self::reset_of_sink(dir), io);
+            }
+            return Ok(());
+        }
+        held.sent += res as usize;
+        if held.sent < held.len {
+            self.dirs[dir].held = Some(held);
+            return self.send_held(key, dir, io);
+        }
+        io.bufs.give_back(held.bid);
+        self.arm_read(key, dir, io)
+    }
+
+    /// A poll completed: the source has data (or ended), or the sink has
+    /// room again.
+    pub fn on_poll(&mut self, key: usize, dir: usize, io: &mut Io) -> std::io::Result<()> {
+        self.inflight -= 1;
+        if self.phase == Phase::Closing {
+            return Ok(());
+        }
+        self.pump(key, dir, io)
+    }
+
+    /// Moves what can move without blocking, then waits for the side that
+    /// blocked: readable source or writable sink.
+    fn pump(&mut self, key: usize, dir: usize, io: &mut Io) -> std::io::Result<()> {
+        let pipe = match self.dirs[dir].pipe {
+            Some(pipe) => pipe,
+            None => match io.pipes.take() {
+                Ok(pipe) => *self.dirs[dir].pipe.insert(pipe),
+                Err(_) => return self.close(key, End::LocalError, io),
+            },
+        };
+        let (source, sink) = (self.source(dir), self.sink(dir));
+        let mut moved = 0;
+        loop {
+            let d = &mut self.dirs[dir];
+            let mut dry = false;
+            if !d.eof {
+                match uring::splice(source, pipe.write, SPLICE_LEN) {
+                    Ok(0) => d.eof = true,
+                    Ok(n) => {
+                        d.in_pipe += n;
+                        d.bytes += n as u64;
+                        moved += n;
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => dry = true,
+                    Err(_) => return self.close(key, Self::reset_of_source(dir), io),
+                }
+            }
+            if d.in_pipe > 0 {
+                match uring::splice(pipe.read, sink, d.in_pipe) {
+                    Ok(n) if n > 0 => d.in_pipe -= n,
+                    Ok(_) => return self.wait_writable(key, dir, io),
+                    Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                        return self.wait_writable(key, dir, io);
+                    }
+                    Err(_) => return self.close(key, Self::reset_of_sink(dir), io),
+                }
+                continue;
+            }
+            if d.eof {
+                return self.finish_direction(key, dir, io);
+            }
+            if dry {
+                if moved < io.bufs.size() {
+                    // Small traffic again: copying is cheaper than splicing.
+                    d.bulk = false;
+                    if let Some(pipe) = d.pipe.take() {
+                        io.pipes.give_back(pipe, true);
+                    }
+                }
+                return self.arm_read(key, dir, io);
+            }
+        }
+    }
+
+    fn wait_writable(&mut self, key: usize, dir: usize, io: &mut Io) -> std::io::Result<()> {
+        let entry = opcode::PollAdd::new(types::Fd(self.sink(dir)), libc::POLLOUT as u32)
+            .build()
+            .user_data(token(Op::poll_out(dir), key));
+        self.submit(io, entry)
+    }
+
+    /// The source ended and every byte before the end was delivered: pass
+    /// the end on, and close once both directions are done.
+    fn finish_direction(&mut self, key: usize, dir: usize, io: &mut Io) -> std::io::Result<()> {
+        self.dirs[dir].done = true;
+        uring::shutdown_write(self.sink(dir));
+        if self.dirs[1 - dir].done {
+            return self.close(key, End::Done, io);
+        }
+        Ok(())
+    }
+
+    /// Starts closing: resets are passed on, every operation still in
+    /// flight on either socket is cancelled, and the worker frees the
+    /// connection when the last completion arrives.
+    pub fn close(&mut self, key: usize, end: End, io: &mut Io) -> std::io::Result<()> {
+        if self.phase == Phase::Closing {
+            return Ok(());
+        }
+        self.phase = Phase::Closing;
+        self.end = Some(end);
+        match end {
+            End::ClientReset if self.backend >= 0 => uring::set_linger_zero(self.backend),
+            End::BackendReset | End::BackendDown => uring::set_linger_zero(self.client),
+            _ => {}
+        }
+        if end == End::BackendDown && self.backend >= 0 {
+            uring::set_linger_zero(self.backend);
+        }
+        io.buf_waiters.retain(|&(waiting, _)| waiting != key);
+        if self.inflight > 0 {
+            for fd in [self.client, self.backend] {
+                if fd >= 0 {
+                    let cancel =
+                        opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
+                            .build()
+                            .user_data(token(Op::Cancel, key));
+                    self.submit(io, cancel)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the fds and gives back the pipes; only once nothing is in
+    /// flight.
+    pub fn release(&mut self, io: &mut Io) {
+        debug_assert_eq!(self.inflight, 0);
+        for d in &mut self.dirs {
+            if let Some(held) = d.held.take() {
+                io.bufs.give_back(held.bid);
+            }
+            if let Some(pipe) = d.pipe.take() {
+                io.pipes.give_back(pipe, d.in_pipe == 0);
+            }
+        }
+        uring::close(self.client);
+        if self.backend >= 0 {
+            uring::close(self.backend);
+        }
+    }
+}

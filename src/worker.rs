@@ -1,0 +1,510 @@
+//! The per-core event loop: one thread, one io_uring, one SO_REUSEPORT
+//! listener per frontend, one slab of connections. Connections never move
+//! between workers, so nothing here is shared but the pool's atomics and
+//! the control flags.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, opcode, squeue, types};
+use slab::Slab;
+use socket2::{SockAddr, Socket};
+
+use crate::config::OnDown;
+use crate::pool::ConnectFailure;
+use crate::relay::{Conn, DOWNSTREAM, End, Phase, UPSTREAM};
+use crate::server::{Control, Frontend};
+use crate::uring::{self, BufRing, Io, Op, PipePool, token, untoken};
+
+/// Submission queue size; the completion queue is four times larger.
+const RING_ENTRIES: u32 = 1024;
+/// Receive buffers per worker: 1024 x 16 KiB. 16 KiB is HAProxy's bufsize;
+/// a receive that fills one switches its direction to splicing.
+const BUFFERS: u16 = 1024;
+const BUFFER_SIZE: usize = 16 * 1024;
+const PIPES_KEPT: usize = 256;
+const PIPE_SIZE: usize = 256 * 1024;
+/// How often idle connections and down backends are looked for: the
+/// resolution of the idle timeout.
+const TICK: Duration = Duration::from_millis(100);
+/// design.md: on EMFILE, pause a listener instead of spinning on it.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// A frontend as one worker sees it.
+struct Listener {
+    shared: Arc<Frontend>,
+    /// `None` once the worker stopped accepting (drain).
+    socket: Option<Socket>,
+    /// A multishot accept is in flight.
+    accepting: bool,
+    /// Kept here because the kernel reads it when the connect is submitted;
+    /// the vector of listeners never grows, so the address is stable.
+    connect_timeout: types::Timespec,
+    /// Addresses in the form connect(2) takes, built once.
+    backend_addrs: Vec<SockAddr>,
+}
+
+pub struct Worker {
+    id: usize,
+    io: Io,
+    conns: Slab<Conn>,
+    listeners: Vec<Listener>,
+    control: Arc<Control>,
+    /// Written by the control plane to wake this loop when a flag changes.
+    wake_fd: RawFd,
+    tick: types::Timespec,
+    pause: types::Timespec,
+    /// The loop's clock, read once per batch of completions.
+    now: Instant,
+    draining: bool,
+    stopping: bool,
+    batch: Vec<(u64, i32, u32)>,
+    sweep: Vec<(usize, End)>,
+}
+
+impl Worker {
+    pub fn new(
+        id: usize,
+        frontends: &[Arc<Frontend>],
+        sockets: Vec<Socket>,
+        control: Arc<Control>,
+        wake_fd: RawFd,
+    ) -> std::io::Result<Worker> {
+        let ring = uring::new_ring(RING_ENTRIES)?;
+        let bufs = BufRing::new(&ring, BUFFERS, BUFFER_SIZE)?;
+        let listeners = frontends
+            .iter()
+            .zip(sockets)
+            .map(|(frontend, socket)| Listener {
+                connect_timeout: types::Timespec::from(frontend.config.connect_timeout),
+                backend_addrs: frontend
+                    .config
+                    .backends
+                    .iter()
+                    .map(|b| SockAddr::from(b.addr))
+                    .collect(),
+                shared: Arc::clone(frontend),
+                socket: Some(socket),
+                accepting: false,
+            })
+            .collect();
+        Ok(Worker {
+            id,
+            io: Io {
+                ring,
+                bufs,
+                pipes: PipePool::new(PIPES_KEPT, PIPE_SIZE),
+                buf_waiters: Default::default(),
+                backlog: Vec::new(),
+            },
+            conns: Slab::with_capacity(1024),
+            listeners,
+            control,
+            wake_fd,
+            tick: types::Timespec::from(TICK),
+            pause: types::Timespec::from(ACCEPT_PAUSE),
+            now: Instant::now(),
+            draining: false,
+            stopping: false,
+            batch: Vec::with_capacity(RING_ENTRIES as usize * 4),
+            sweep: Vec::new(),
+        })
+    }
+
+    pub fn run(mut self) -> std::io::Result<()> {
+        for index in 0..self.listeners.len() {
+            self.arm_accept(index)?;
+        }
+        self.arm_wake()?;
+        self.arm_tick()?;
+        self.apply_control()?;
+        while !self.finished() {
+            let waited = if self.io.backlog.is_empty() {
+                self.io.ring.submit_and_wait(1)
+            } else {
+                self.io.ring.submit()
+            };
+            match waited {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+            self.now = Instant::now();
+            let mut batch = std::mem::take(&mut self.batch);
+            batch.append(&mut self.io.backlog);
+            batch.extend(
+                self.io
+                    .ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
+            for &(user_data, res, flags) in &batch {
+                self.dispatch(user_data, res, flags)?;
+            }
+            batch.clear();
+            self.batch = batch;
+            self.serve_buffer_waiters()?;
+        }
+        log::debug!("worker {} stopped", self.id);
+        Ok(())
+    }
+
+    fn finished(&self) -> bool {
+        (self.draining || self.stopping)
+            && self.conns.is_empty()
+            && !self.listeners.iter().any(|l| l.accepting)
+    }
+
+    fn dispatch(&mut self, user_data: u64, res: i32, flags: u32) -> std::io::Result<()> {
+        let Some((op, slot)) = untoken(user_data) else {
+            return Ok(());
+        };
+        match op {
+            Op::Accept => self.on_accept(slot, res, flags),
+            Op::AcceptPause => {
+                if self.draining {
+                    Ok(())
+                } else {
+                    self.arm_accept(slot)
+                }
+            }
+            Op::Wake => self.on_wake(),
+            Op::Tick => self.on_tick(),
+            Op::Ignore => Ok(()),
+            _ => self.on_conn_event(op, slot, res, flags),
+        }
+    }
+
+    fn on_conn_event(&mut self, op: Op, key: usize, res: i32, flags: u32) -> std::io::Result<()> {
+        let Some(conn) = self.conns.get_mut(key) else {
+            log::error!(
+                "worker {}: completion {op:?} for unknown connection {key}",
+                self.id
+            );
+            return Ok(());
+        };
+        let io = &mut self.io;
+        match op {
+            Op::Connect => return self.on_connect(key, res),
+            Op::ConnectTimeout | Op::Cancel => conn.inflight -= 1,
+            Op::Recv0 | Op::Recv1 => {
+                conn.last_active = self.now;
+                conn.on_recv(key, dir_of(op), res, flags, io)?;
+            }
+            Op::Send0 | Op::Send1 => {
+                conn.last_active = self.now;
+                conn.on_send(key, dir_of(op), res, io)?;
+            }
+            _ => {
+                conn.last_active = self.now;
+                conn.on_poll(key, dir_of(op), io)?;
+            }
+        }
+        self.free_if_finished(key);
+        Ok(())
+    }
+
+    fn arm_accept(&mut self, index: usize) -> std::io::Result<()> {
+        let listener = &mut self.listeners[index];
+        let Some(socket) = &listener.socket else {
+            return Ok(());
+        };
+        let entry = opcode::AcceptMulti::new(types::Fd(socket.as_raw_fd()))
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(token(Op::Accept, index));
+        listener.accepting = true;
+        self.io.push(&entry)
+    }
+
+    fn on_accept(&mut self, index: usize, res: i32, flags: u32) -> std::io::Result<()> {
+        let more = cqueue::more(flags);
+        if !more {
+            self.listeners[index].accepting = false;
+        }
+        if res >= 0 {
+            self.admit(index, res)?;
+        } else if matches!(
+            -res,
+            libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+        ) {
+            log::warn!(
+                "worker {}: accept on {} failed: {}; pausing it {ACCEPT_PAUSE:?}",
+                self.id,
+                self.listeners[index].shared.config.name,
+                std::io::Error::from_raw_os_error(-res)
+            );
+            if !more {
+                let pause = opcode::Timeout::new(&self.pause)
+                    .build()
+                    .user_data(token(Op::AcceptPause, index));
+                return self.io.push(&pause);
+            }
+        }
+        if !more && !self.draining {
+            self.close_or_rearm(index)?;
+        }
+        Ok(())
+    }
+
+    fn close_or_rearm(&mut self, index: usize) -> std::io::Result<()> {
+        if self.draining {
+            self.listeners[index].socket = None;
+            Ok(())
+        } else {
+            self.arm_accept(index)
+        }
+    }
+
+    /// A new client: count it, enforce maxconn, pick a backend.
+    fn admit(&mut self, index: usize, fd: RawFd) -> std::io::Result<()> {
+        let frontend = &self.listeners[index].shared;
+        if self.draining {
+            uring::close(fd);
+            return Ok(());
+        }
+        frontend.stats.accepted.fetch_add(1, Relaxed);
+        let active = frontend.stats.active.fetch_add(1, Relaxed);
+        if frontend
+            .config
+            .maxconn
+            .is_some_and(|max| active >= u64::from(max))
+        {
+            frontend.stats.active.fetch_sub(1, Relaxed);
+            frontend.stats.rejected_maxconn.fetch_add(1, Relaxed);
+            uring::close(fd);
+            return Ok(());
+        }
+        uring::set_nodelay(fd);
+        let mut conn = Conn::new(index, fd, self.now);
+        if log::log_enabled!(log::Level::Debug) {
+            conn.client_addr = peer_addr(fd);
+        }
+        let key = self.conns.insert(conn);
+        self.connect_next(key)
+    }
+
+    /// Connects to the next backend this connection has not tried, with the
+    /// frontend's connect timeout linked to the connect.
+    fn connect_next(&mut self, key: usize) -> std::io::Result<()> {
+        let conn = &mut self.conns[key];
+        let listener = &self.listeners[conn.frontend];
+        let Some(index) = listener.shared.pool.select(conn.tried) else {
+            listener.shared.stats.no_backend.fetch_add(1, Relaxed);
+            conn.close(key, End::NoBackend, &mut self.io)?;
+            self.free_if_finished(key);
+            return Ok(());
+        };
+        conn.tried = conn.tried.with(index);
+        let addr = &listener.backend_addrs[index];
+        let fd = match uring::tcp_socket(addr.is_ipv6()) {
+            Ok(fd) => fd,
+            Err(e) => {
+                log::warn!("worker {}: cannot create a backend socket: {e}", self.id);
+                conn.close(key, End::LocalError, &mut self.io)?;
+                self.free_if_finished(key);
+                return Ok(());
+            }
+        };
+        uring::set_nodelay(fd);
+        conn.backend = fd;
+        conn.backend_index = index;
+        let connect = opcode::Connect::new(types::Fd(fd), addr.as_ptr().cast(), addr.len())
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(token(Op::Connect, key));
+        let timeout = opcode::LinkTimeout::new(&listener.connect_timeout)
+            .build()
+            .user_data(token(Op::ConnectTimeout, key));
+        conn.submit(&mut self.io, connect)?;
+        conn.submit(&mut self.io, timeout)
+    }
+
+    fn on_connect(&mut self, key: usize, res: i32) -> std::io::Result<()> {
+        let conn = &mut self.conns[key];
+        conn.inflight -= 1;
+        if conn.phase == Phase::Closing {
+            self.free_if_finished(key);
+            return Ok(());
+        }
+        let backend = &self.listeners[conn.frontend].shared.pool.backends[conn.backend_index];
+        if res == 0 {
+            conn.connected = true;
+            backend.stats.connections.fetch_add(1, Relaxed);
+            backend.stats.active.fetch_add(1, Relaxed);
+            return conn.start_relay(key, &mut self.io);
+        }
+        let failure = ConnectFailure::from_errno(-res);
+        log::debug!(
+            "connect to backend {} failed ({failure:?}: {}); trying the next",
+            backend.name,
+            std::io::Error::from_raw_os_error(-res)
+        );
+        backend.report_connect_failure(failure);
+        uring::close(conn.backend);
+        conn.backend = -1;
+        self.connect_next(key)
+    }
+
+    fn free_if_finished(&mut self, key: usize) {
+        if !self.conns.get(key).is_some_and(Conn::is_finished) {
+            return;
+        }
+        let mut conn = self.conns.remove(key);
+        let frontend = &self.listeners[conn.frontend].shared;
+        frontend.stats.active.fetch_sub(1, Relaxed);
+        if conn.connected {
+            let stats = &frontend.pool.backends[conn.backend_index].stats;
+            stats.active.fetch_sub(1, Relaxed);
+            stats
+                .bytes_to_backend
+                .fetch_add(conn.dirs[UPSTREAM].bytes, Relaxed);
+            stats
+                .bytes_from_backend
+                .fetch_add(conn.dirs[DOWNSTREAM].bytes, Relaxed);
+        }
+        if log::log_enabled!(log::Level::Debug) {
+            log_connection(frontend, &conn, self.now);
+        }
+        conn.release(&mut self.io);
+    }
+
+    /// Re-arms receives that found every buffer in use, now that some came
+    /// back.
+    fn serve_buffer_waiters(&mut self) -> std::io::Result<()> {
+        while self.io.bufs.any_free() {
+            let Some((key, dir)) = self.io.buf_waiters.pop_front() else {
+                break;
+            };
+            if let Some(conn) = self.conns.get_mut(key) {
+                conn.arm_read(key, dir, &mut self.io)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn arm_wake(&mut self) -> std::io::Result<()> {
+        let entry = opcode::PollAdd::new(types::Fd(self.wake_fd), libc::POLLIN as u32)
+            .build()
+            .user_data(token(Op::Wake, 0));
+        self.io.push(&entry)
+    }
+
+    fn on_wake(&mut self) -> std::io::Result<()> {
+        let mut value = 0u64;
+        // SAFETY: reads 8 bytes into a local u64 from the eventfd the
+        // control plane keeps open until this worker has stopped.
+        unsafe { libc::read(self.wake_fd, (&mut value as *mut u64).cast(), 8) };
+        self.apply_control()?;
+        if !self.finished() {
+            self.arm_wake()?;
+        }
+        Ok(())
+    }
+
+    /// Drain: stop accepting and let connections finish. Stop: close them.
+    fn apply_control(&mut self) -> std::io::Result<()> {
+        if self.control.draining.load(Relaxed) && !self.draining {
+            self.draining = true;
+            for index in 0..self.listeners.len() {
+                if self.listeners[index].accepting {
+                    let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(token(
+                        Op::Accept,
+                        index,
+                    )))
+                    .build()
+                    .user_data(token(Op::Ignore, 0));
+                    self.io.push(&cancel)?;
+                } else {
+                    self.listeners[index].socket = None;
+                }
+            }
+        }
+        if self.control.stopping.load(Relaxed) && !self.stopping {
+            self.stopping = true;
+            let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
+            for key in keys {
+                self.conns[key].close(key, End::Stopped, &mut self.io)?;
+                self.free_if_finished(key);
+            }
+        }
+        Ok(())
+    }
+
+    fn arm_tick(&mut self) -> std::io::Result<()> {
+        let entry = opcode::Timeout::new(&self.tick)
+            .build()
+            .user_data(token(Op::Tick, 0));
+        self.io.push(&entry)
+    }
+
+    /// Closes connections idle too long, and those on a backend marked down
+    /// when the frontend asks for it.
+    fn on_tick(&mut self) -> std::io::Result<()> {
+        self.apply_control()?;
+        let mut sweep = std::mem::take(&mut self.sweep);
+        for (key, conn) in self.conns.iter() {
+            if conn.phase != Phase::Relaying {
+                continue;
+            }
+            let frontend = &self.listeners[conn.frontend].shared;
+            if self.now.saturating_duration_since(conn.last_active) >= frontend.config.idle_timeout
+            {
+                sweep.push((key, End::IdleTimeout));
+            } else if frontend.config.on_down == OnDown::Shutdown
+                && !frontend.pool.backends[conn.backend_index].is_up()
+            {
+                sweep.push((key, End::BackendDown));
+            }
+        }
+        for &(key, end) in &sweep {
+            self.conns[key].close(key, end, &mut self.io)?;
+            self.free_if_finished(key);
+        }
+        sweep.clear();
+        self.sweep = sweep;
+        if !self.finished() {
+            self.arm_tick()?;
+        }
+        Ok(())
+    }
+}
+
+fn dir_of(op: Op) -> usize {
+    match op {
+        Op::Recv1 | Op::Send1 | Op::PollIn1 | Op::PollOut1 => DOWNSTREAM,
+        _ => UPSTREAM,
+    }
+}
+
+fn log_connection(frontend: &Frontend, conn: &Conn, now: Instant) {
+    let client = conn
+        .client_addr
+        .map_or_else(|| "?".to_string(), |a| a.to_string());
+    let backend = if conn.connected {
+        frontend.pool.backends[conn.backend_index].name.as_str()
+    } else {
+        "-"
+    };
+    log::debug!(
+        "{} {client} -> {backend}: {} bytes up, {} bytes down, {:.3}s, {}",
+        frontend.config.name,
+        conn.dirs[UPSTREAM].bytes,
+        conn.dirs[DOWNSTREAM].bytes,
+        now.saturating_duration_since(conn.started).as_secs_f64(),
+        conn.end.map_or("?", End::describe),
+    );
+}
+
+fn peer_addr(fd: RawFd) -> Option<std::net::SocketAddr> {
+    // SAFETY: the fd is the connection's open client socket, borrowed for
+    // this call only.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    socket2::SockRef::from(&fd).peer_addr().ok()?.as_socket()
+}
