@@ -247,12 +247,15 @@ impl Worker {
                 return self.io.push(&pause);
             }
         }
-        if !more && !self.draining {
+        if !more {
             self.close_or_rearm(index)?;
         }
         Ok(())
     }
 
+    /// A multishot accept ended: re-arm it, or when draining close the
+    /// listener, so the kernel sends new clients to another instance that
+    /// shares the port (or refuses them).
     fn close_or_rearm(&mut self, index: usize) -> std::io::Result<()> {
         if self.draining {
             self.listeners[index].socket = None;

@@ -1,0 +1,313 @@
+//! The relay over real sockets: bytes exact in both directions, half-close
+//! passed on, resets passed on, idle connections closed, many at once.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn echo_proxy(extra: &[&str]) -> (Backend, Ringlb) {
+    let backend = Backend::start(echo());
+    let addr = backend.addr_str();
+    let mut args = vec!["--backend", addr.as_str(), "--workers", "2"];
+    args.extend_from_slice(extra);
+    let ringlb = Ringlb::start(&args);
+    (backend, ringlb)
+}
+
+/// Sends a payload through an echo backend and reads it back while it is
+/// being sent; the end of the client's stream must come back as the end of
+/// the echo.
+fn round_trip(ringlb: &Ringlb, len: u64, seed: u64) {
+    let stream = ringlb.connect();
+    let mut writer = stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let digest = send_payload(&mut writer, seed, len).expect("send");
+        writer.shutdown(Shutdown::Write).expect("half-close");
+        digest
+    });
+    let received = read_digest(&mut &stream).expect("read echo");
+    let sent = sender.join().unwrap();
+    assert_eq!(received, sent, "payload of {len} bytes came back different");
+}
+
+#[test]
+fn payloads_from_zero_bytes_to_64_mib_are_relayed_exactly() {
+    let (_backend, ringlb) = echo_proxy(&[]);
+    let sizes = [
+        0,
+        1,
+        100,
+        16 * 1024 - 1,
+        16 * 1024,
+        16 * 1024 + 1,
+        1 << 20,
+        (3 << 20) + 7,
+        64 << 20,
+    ];
+    for (i, &len) in sizes.iter().enumerate() {
+        round_trip(&ringlb, len, 1000 + i as u64);
+    }
+}
+
+#[test]
+fn bulk_download_and_upload_are_exact_with_half_close() {
+    // Download: the backend streams 64 MiB and ends; the client sends nothing.
+    let download = Backend::start(Arc::new(|mut s: TcpStream| {
+        let _ = send_payload(&mut s, 7, 64 << 20);
+        let _ = s.shutdown(Shutdown::Write);
+        let _ = s.read_to_end(&mut Vec::new());
+    }));
+    let addr = download.addr_str();
+    let ringlb = Ringlb::start(&["--backend", &addr]);
+    let mut s = ringlb.connect();
+    let got = read_digest(&mut s).unwrap();
+    let mut expected = Digest::default();
+    let mut payload = Payload::new(7);
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..64 {
+        payload.fill(&mut buf);
+        expected.update(&buf);
+    }
+    assert_eq!(got, expected);
+
+    // Upload: the client sends 64 MiB and half-closes; the backend sees the
+    // end, and only then answers with what it received.
+    let upload = Backend::start(Arc::new(|mut s: TcpStream| {
+        // Health checks connect too and end with a reset: ignore those.
+        let Ok(digest) = read_digest(&mut s) else {
+            return;
+        };
+        let _ = s.write_all(format!("{} {}", digest.len, digest.hash).as_bytes());
+    }));
+    let addr = upload.addr_str();
+    let ringlb = Ringlb::start(&["--backend", &addr]);
+    let mut s = ringlb.connect();
+    let sent = send_payload(&mut s, 9, 64 << 20).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert_eq!(answer, format!("{} {}", sent.len, sent.hash));
+}
+
+#[test]
+fn backend_half_close_lets_the_client_keep_sending() {
+    let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = Arc::clone(&received);
+    let backend = Backend::start(Arc::new(move |mut s: TcpStream| {
+        let _ = s.write_all(b"bye");
+        let _ = s.shutdown(Shutdown::Write);
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        sink.lock().unwrap().extend_from_slice(&rest);
+    }));
+    let addr = backend.addr_str();
+    let ringlb = Ringlb::start(&["--backend", &addr]);
+    let mut s = ringlb.connect();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(
+        got, b"bye",
+        "the backend's end of stream reached the client"
+    );
+    s.write_all(b"late words").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    assert!(eventually(Duration::from_secs(5), || received
+        .lock()
+        .unwrap()
+        .as_slice()
+        == b"late words"));
+}
+
+#[test]
+fn a_thousand_concurrent_connections() {
+    raise_fd_limit();
+    let (_backend, ringlb) = echo_proxy(&[]);
+    let streams: Vec<TcpStream> = (0..1000).map(|_| ringlb.connect()).collect();
+    for (i, mut s) in streams.iter().enumerate() {
+        s.write_all(format!("hello {i:04}\n").as_bytes()).unwrap();
+    }
+    for (i, mut s) in streams.iter().enumerate() {
+        let mut buf = [0u8; 11];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, format!("hello {i:04}\n").as_bytes());
+    }
+    for s in &streams {
+        s.shutdown(Shutdown::Write).unwrap();
+    }
+    for mut s in streams {
+        assert_eq!(s.read(&mut [0u8; 1]).unwrap(), 0);
+    }
+}
+
+#[test]
+fn a_backend_reset_mid_stream_resets_the_client() {
+    let backend = Backend::start(Arc::new(|mut s: TcpStream| {
+        let mut ack = [0u8; 3];
+        if s.write_all(&[b'x'; 1000]).is_err() || s.read_exact(&mut ack).is_err() {
+            return; // a health check
+        }
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        drop(s);
+    }));
+    let addr = backend.addr_str();
+    let ringlb = Ringlb::start(&["--backend", &addr]);
+    let mut s = ringlb.connect();
+    let mut first = [0u8; 1000];
+    s.read_exact(&mut first).unwrap();
+    s.write_all(b"ack").unwrap();
+    let started = Instant::now();
+    let err = s
+        .read(&mut [0u8; 16])
+        .expect_err("the reset must be passed on, not a clean end");
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(
+        ringlb
+            .wait_log("backend reset", Duration::from_secs(2))
+            .is_some(),
+        "{}",
+        ringlb.logs()
+    );
+}
+
+#[test]
+fn a_client_reset_resets_the_backend() {
+    let outcome = Arc::new(std::sync::Mutex::new(None));
+    let seen = Arc::clone(&outcome);
+    let backend = Backend::start(Arc::new(move |mut s: TcpStream| {
+        let mut buf = [0u8; 64];
+        if !matches!(s.read(&mut buf), Ok(2)) || &buf[..2] != b"hi" {
+            return; // a health check
+        }
+        let _ = s.write_all(b"ok");
+        let result = s.read(&mut buf);
+        *seen.lock().unwrap() = Some(result.map_err(|e| e.kind()));
+    }));
+    let addr = backend.addr_str();
+    let ringlb = Ringlb::start(&["--backend", &addr]);
+    let mut s = ringlb.connect();
+    s.write_all(b"hi").unwrap();
+    let mut ok = [0u8; 2];
+    s.read_exact(&mut ok).unwrap();
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+    assert!(eventually(Duration::from_secs(5), || outcome
+        .lock()
+        .unwrap()
+        .is_some()));
+    assert_eq!(
+        *outcome.lock().unwrap(),
+        Some(Err(ErrorKind::ConnectionReset))
+    );
+}
+
+#[test]
+fn a_vanished_client_closes_the_backend_side() {
+    let ended = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&ended);
+    let backend = Backend::start(Arc::new(move |mut s: TcpStream| {
+        let _ = s.read_to_end(&mut Vec::new());
+        // Keep writing until the proxy gives up on the gone client.
+        while s.write_all(&[0u8; 4096]).is_ok() {}
+        flag.store(true, SeqCst);
+    }));
+    let addr = backend.addr_str();
+    let ringlb = Ringlb::start(&["--backend", &addr]);
+    let s = ringlb.connect();
+    drop(s);
+    assert!(
+        eventually(Duration::from_secs(5), || ended.load(SeqCst)),
+        "{}",
+        ringlb.logs()
+    );
+}
+
+#[test]
+fn idle_connections_are_closed_and_busy_ones_kept() {
+    let (_backend, ringlb) = echo_proxy(&["--idle-timeout", "400ms"]);
+    let mut busy = ringlb.connect();
+    let mut idle = ringlb.connect();
+    idle.write_all(b"x").unwrap();
+    idle.read_exact(&mut [0u8; 1]).unwrap();
+    let started = Instant::now();
+    for _ in 0..12 {
+        busy.write_all(b"y").unwrap();
+        busy.read_exact(&mut [0u8; 1]).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        idle.read(&mut [0u8; 1]).unwrap(),
+        0,
+        "the idle connection was closed"
+    );
+    let closed_after = started.elapsed();
+    assert!(
+        closed_after >= Duration::from_millis(350),
+        "closed too early: {closed_after:?}"
+    );
+    busy.write_all(b"z").unwrap();
+    busy.read_exact(&mut [0u8; 1])
+        .expect("the busy connection is still open after 1.2 s");
+    assert_eq!(ringlb.count_logs("idle timeout"), 1, "{}", ringlb.logs());
+}
+
+#[test]
+fn a_hung_backend_is_cut_by_the_idle_timeout() {
+    let backend = Backend::start(Arc::new(|s: TcpStream| {
+        std::thread::sleep(Duration::from_secs(10));
+        drop(s);
+    }));
+    let addr = backend.addr_str();
+    let ringlb = Ringlb::start(&["--backend", &addr, "--idle-timeout", "300ms"]);
+    let mut s = ringlb.connect();
+    s.write_all(b"anyone?").unwrap();
+    let started = Instant::now();
+    assert_eq!(s.read(&mut [0u8; 1]).unwrap(), 0);
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn sigterm_drains_open_connections_then_exits() {
+    let (_backend, mut ringlb) = echo_proxy(&[]);
+    let mut open = ringlb.connect();
+    open.write_all(b"a").unwrap();
+    open.read_exact(&mut [0u8; 1]).unwrap();
+    ringlb.signal(libc::SIGTERM);
+    assert!(
+        ringlb
+            .wait_log("draining", Duration::from_secs(2))
+            .is_some()
+    );
+    // New connections are no longer accepted...
+    assert!(eventually(Duration::from_secs(2), || TcpStream::connect(
+        ringlb.addr
+    )
+    .is_err()));
+    // ...while the open one still works until it ends.
+    open.write_all(b"b").unwrap();
+    open.read_exact(&mut [0u8; 1]).unwrap();
+    open.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(open.read(&mut [0u8; 1]).unwrap(), 0);
+    let status =
+        wait_exit(&mut ringlb, Duration::from_secs(5)).expect("ringlb exits after the drain");
+    assert!(status.success());
+}
+
+fn wait_exit(ringlb: &mut Ringlb, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = ringlb.child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
