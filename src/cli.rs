@@ -67,12 +67,12 @@ pub struct Cli {
     fall: u32,
 
     /// Bytes a check sends after connecting (escapes: \r \n \t \0 \\ \xHH)
-    #[arg(long, value_name = "STRING", value_parser = config::parse_escapes, conflicts_with = "config")]
-    check_send: Option<Vec<u8>>,
+    #[arg(long, value_name = "STRING", value_parser = parse_bytes, conflicts_with = "config")]
+    check_send: Option<Bytes>,
 
     /// Bytes the check's reply must start with; catches a backend that accepts but hangs
-    #[arg(long, value_name = "STRING", value_parser = config::parse_escapes, conflicts_with = "config")]
-    check_expect: Option<Vec<u8>>,
+    #[arg(long, value_name = "STRING", value_parser = parse_bytes, conflicts_with = "config")]
+    check_expect: Option<Bytes>,
 
     /// Active-passive: keep traffic on the promoted backend when the active one comes back
     #[arg(long, conflicts_with = "config")]
@@ -86,9 +86,9 @@ pub struct Cli {
     #[arg(long, value_name = "N", conflicts_with = "config")]
     maxconn: Option<u32>,
 
-    /// On SIGTERM, time open connections get to finish before they are closed
-    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = config::parse_duration)]
-    drain_timeout: Duration,
+    /// On SIGTERM, time open connections get to finish before they are closed [default: 30s]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
+    drain_timeout: Option<Duration>,
 
     /// Serve Prometheus metrics over HTTP on this address, e.g. 127.0.0.1:9090
     #[arg(long, value_name = "ADDR", value_parser = config::parse_address)]
@@ -119,6 +119,15 @@ pub enum Action {
     Demo,
 }
 
+/// A byte string flag. A newtype, because clap reads a bare `Vec<u8>` as a
+/// list of numbers.
+#[derive(Clone, Debug)]
+struct Bytes(Vec<u8>);
+
+fn parse_bytes(text: &str) -> Result<Bytes, String> {
+    config::parse_escapes(text).map(Bytes)
+}
+
 fn parse_backend(text: &str) -> Result<BackendConfig, String> {
     config::parse_address(text).map(|addr| BackendConfig {
         addr,
@@ -142,7 +151,9 @@ impl Cli {
             if let Some(workers) = self.workers {
                 config.workers = workers;
             }
-            config.drain_timeout = self.drain_timeout;
+            if let Some(drain_timeout) = self.drain_timeout {
+                config.drain_timeout = drain_timeout;
+            }
             config.validate().map_err(|e| (2, e))?;
             return Ok(Action::Run { config, stats });
         }
@@ -167,8 +178,8 @@ impl Cli {
                     .unwrap_or_else(|| CheckConfig::default_timeout(self.check_interval)),
                 rise: self.rise,
                 fall: self.fall,
-                send: self.check_send,
-                expect: self.check_expect,
+                send: self.check_send.map(|b| b.0),
+                expect: self.check_expect.map(|b| b.0),
             },
             failback: !self.no_failback,
             on_down: self.on_down,
@@ -176,7 +187,7 @@ impl Cli {
         };
         let config = Config {
             workers: self.workers.unwrap_or_else(config::default_workers),
-            drain_timeout: self.drain_timeout,
+            drain_timeout: self.drain_timeout.unwrap_or(config::DEFAULT_DRAIN_TIMEOUT),
             frontends: vec![frontend],
         };
         config.validate().map_err(|e| (2, e))?;
@@ -202,12 +213,22 @@ pub fn parse() -> Result<Action, (i32, String)> {
     cli.into_action()
 }
 
-/// clap's messages end with usage and a tip; the first line names the
-/// problem, which is all a script's log needs.
+/// clap's messages end with usage and a tip; the first paragraph names
+/// the problem (sometimes over two lines), which is all a log needs.
 fn first_line(rendered: &str) -> String {
-    let line = rendered
-        .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("invalid arguments");
-    format!("{} (see ringlb --help)", line.trim_start_matches("error: "))
+    let paragraph = rendered
+        .split("\n\n")
+        .map(|p| {
+            p.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .find(|p| !p.is_empty())
+        .unwrap_or_else(|| "invalid arguments".into());
+    format!(
+        "{} (see ringlb --help)",
+        paragraph.trim_start_matches("error: ")
+    )
 }

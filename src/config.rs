@@ -22,6 +22,7 @@ pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_RISE: u32 = 2;
 pub const DEFAULT_FALL: u32 = 3;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_DURATION: Duration = Duration::from_secs(365 * 86400);
 
 /// How a frontend spreads its connections over its backends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -193,6 +194,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     };
     if duration.is_zero() {
         return Err(format!("invalid duration '{text}': must be more than zero"));
+    }
+    // Deadlines are computed as now + duration; a year is far beyond any
+    // sensible timeout and far from overflowing.
+    if duration > MAX_DURATION {
+        return Err(format!("invalid duration '{text}': at most 365d"));
     }
     Ok(duration)
 }

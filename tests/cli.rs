@@ -1,0 +1,602 @@
+//! The command line and the config file, driven through the real binary:
+//! every bad input ends the process by itself with the right exit code (2
+//! for a wrong flag or value, 1 for a config file or start failure) and one
+//! line on stderr that names the problem, never a panic or a backtrace.
+
+mod common;
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::BIN;
+
+/// Every case here must end on its own well within this.
+const EXIT_WITHIN: Duration = Duration::from_secs(10);
+
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/foobar.toml");
+
+struct Outcome {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Outcome {
+    /// Exit `code`, nothing on stdout, and exactly one line on stderr that
+    /// starts with `ringlb: ` and contains every one of `needles`.
+    #[track_caller]
+    fn assert_error(&self, code: i32, needles: &[&str]) {
+        let Outcome {
+            code: got,
+            stdout,
+            stderr,
+        } = self;
+        assert_eq!(
+            *got,
+            Some(code),
+            "exit code; stdout: {stdout:?}, stderr: {stderr:?}"
+        );
+        assert!(
+            stderr.ends_with('\n') && stderr.matches('\n').count() == 1,
+            "stderr must be exactly one line: {stderr:?}"
+        );
+        assert!(
+            stderr.starts_with("ringlb: "),
+            "stderr should start with 'ringlb: ': {stderr:?}"
+        );
+        for needle in needles {
+            assert!(
+                stderr.contains(needle),
+                "stderr should mention {needle:?}: {stderr:?}"
+            );
+        }
+        self.assert_no_panic();
+        assert!(stdout.is_empty(), "nothing on stdout expected: {stdout:?}");
+    }
+
+    #[track_caller]
+    fn assert_no_panic(&self) {
+        let all = format!("{}{}", self.stdout, self.stderr).to_lowercase();
+        assert!(
+            !all.contains("panicked") && !all.contains("backtrace"),
+            "panic: {}",
+            self.stderr
+        );
+    }
+}
+
+/// Runs ringlb with `args` and waits (bounded) for it to exit.
+fn ringlb(args: &[&str]) -> Outcome {
+    let mut command = Command::new(BIN);
+    command.args(args);
+    run(command)
+}
+
+/// Runs `command` with piped output; kills it and fails the test if it
+/// does not exit within [`EXIT_WITHIN`].
+fn run(mut command: Command) -> Outcome {
+    // A user's RUST_LOG must not add log lines to the one error line.
+    command
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().expect("spawn ringlb");
+    let stdout = drain(child.stdout.take().expect("stdout"));
+    let stderr = drain(child.stderr.take().expect("stderr"));
+    let code = wait_bounded(&mut child);
+    let stdout = stdout.join().expect("stdout reader");
+    let stderr = stderr.join().expect("stderr reader");
+    match code {
+        Some(code) => Outcome {
+            code,
+            stdout,
+            stderr,
+        },
+        None => panic!(
+            "ringlb did not exit within {EXIT_WITHIN:?}; stdout: {stdout:?}, stderr: {stderr:?}"
+        ),
+    }
+}
+
+fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+/// `Some(exit code)` (`None` inside for a signal), or `None` if the child
+/// had to be killed.
+fn wait_bounded(child: &mut Child) -> Option<Option<i32>> {
+    let deadline = Instant::now() + EXIT_WITHIN;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for ringlb") {
+            return Some(status.code());
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A config file in a private temp directory, removed on drop.
+struct TempConfig {
+    path: PathBuf,
+}
+
+impl TempConfig {
+    fn new(name: &str, text: &str) -> TempConfig {
+        let dir = std::env::temp_dir().join(format!("ringlb-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write temp config");
+        TempConfig { path }
+    }
+
+    fn path(&self) -> &str {
+        self.path.to_str().expect("utf-8 temp path")
+    }
+
+    /// How ringlb names a line of this file: `PATH:LINE:`.
+    fn at(&self, line: usize) -> String {
+        format!("{}:{line}:", self.path())
+    }
+}
+
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+// --- Wrong flags and values: exit 2 -------------------------------------
+
+#[test]
+fn unknown_flag_is_named() {
+    ringlb(&["--bogus"]).assert_error(2, &["--bogus"]);
+}
+
+#[test]
+fn listen_address_without_port_is_named() {
+    ringlb(&["--listen", "127.0.0.1", "--backend", "127.0.0.1:1"])
+        .assert_error(2, &["'127.0.0.1'", "--listen", "HOST:PORT"]);
+}
+
+#[test]
+fn backend_address_without_port_is_named() {
+    ringlb(&["--listen", "127.0.0.1:0", "--backend", "nohost"])
+        .assert_error(2, &["'nohost'", "--backend", "HOST:PORT"]);
+}
+
+#[test]
+fn backend_port_out_of_range_is_named() {
+    ringlb(&["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:99999"])
+        .assert_error(2, &["127.0.0.1:99999", "--backend"]);
+}
+
+#[test]
+fn duration_with_unknown_unit_is_named() {
+    ringlb(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        "127.0.0.1:1",
+        "--idle-timeout",
+        "5x",
+    ])
+    .assert_error(2, &["'5x'", "--idle-timeout", "unit"]);
+}
+
+#[test]
+fn zero_duration_is_refused() {
+    ringlb(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        "127.0.0.1:1",
+        "--connect-timeout",
+        "0s",
+    ])
+    .assert_error(2, &["'0s'", "--connect-timeout", "zero"]);
+}
+
+#[test]
+fn duration_too_large_for_a_number_is_named() {
+    ringlb(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        "127.0.0.1:1",
+        "--check-interval",
+        "99999999999999999999s",
+    ])
+    .assert_error(2, &["99999999999999999999s", "--check-interval"]);
+}
+
+/// A duration that parses but overflows `Instant + Duration` later: today
+/// the health watcher thread panics at its first check (checks stop
+/// silently) and a SIGTERM with such a --drain-timeout panics in main.
+#[test]
+fn duration_too_large_for_a_deadline_is_refused() {
+    for flag in ["--check-interval", "--drain-timeout", "--idle-timeout"] {
+        ringlb(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            "127.0.0.1:1",
+            flag,
+            "18446744073709551615s",
+        ])
+        .assert_error(2, &["18446744073709551615s", flag]);
+    }
+}
+
+#[test]
+fn bad_escape_in_check_payload_is_named() {
+    ringlb(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        "127.0.0.1:1",
+        "--check-send",
+        r"\q",
+    ])
+    .assert_error(2, &["--check-send", r"'\q'"]);
+    ringlb(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        "127.0.0.1:1",
+        "--check-expect",
+        r"\x4",
+    ])
+    .assert_error(2, &["--check-expect", "two hex digits"]);
+}
+
+#[test]
+fn unknown_mode_is_named() {
+    ringlb(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        "127.0.0.1:1",
+        "--mode",
+        "round-robin",
+    ])
+    .assert_error(2, &["'round-robin'", "--mode"]);
+}
+
+#[test]
+fn out_of_range_numbers_are_refused() {
+    let base = ["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1"];
+    for (flag, value, needle) in [
+        ("--workers", "0", "workers"),
+        ("--rise", "0", "rise"),
+        ("--fall", "0", "fall"),
+        ("--maxconn", "0", "maxconn"),
+        ("--maxconn", "lots", "--maxconn"),
+    ] {
+        let mut args = base.to_vec();
+        args.extend([flag, value]);
+        ringlb(&args).assert_error(2, &[needle]);
+    }
+}
+
+#[test]
+fn listen_without_backend_says_no_backend() {
+    ringlb(&["--listen", "127.0.0.1:0"]).assert_error(2, &["no backend", "--backend"]);
+}
+
+#[test]
+fn no_arguments_says_what_to_give() {
+    ringlb(&[]).assert_error(2, &["--listen", "--backend", "--config"]);
+}
+
+#[test]
+fn config_conflicts_with_frontend_flags() {
+    ringlb(&["--config", EXAMPLE, "--listen", "127.0.0.1:0"])
+        .assert_error(2, &["--config", "--listen"]);
+}
+
+/// clap's "required arguments were not provided:" puts the argument on the
+/// next line, which `cli::first_line` drops.
+#[test]
+fn check_without_config_names_config() {
+    ringlb(&["--check"]).assert_error(2, &["--config"]);
+}
+
+// --- Config files: exit 1 -----------------------------------------------
+
+#[test]
+fn missing_config_file_is_named() {
+    let path = std::env::temp_dir().join("ringlb-cli-no-such-dir/ringlb.toml");
+    let path = path.to_str().unwrap();
+    ringlb(&["--config", path]).assert_error(1, &[path, "cannot read"]);
+    ringlb(&["--config", path, "--check"]).assert_error(1, &[path, "cannot read"]);
+}
+
+#[test]
+fn syntax_error_names_file_and_line() {
+    let file = TempConfig::new(
+        "syntax.toml",
+        "workers = 1\n[[frontend]]\nlisten = 127.0.0.1:80\nbackends = [\"127.0.0.1:1\"]\n",
+    );
+    ringlb(&["--config", file.path()]).assert_error(1, &[&file.at(3)]);
+}
+
+#[test]
+fn misspelt_key_names_key_and_line() {
+    let file = TempConfig::new(
+        "key.toml",
+        "[[frontend]]\nlisten = \"127.0.0.1:0\"\nbackends = [\"127.0.0.1:1\"]\nidle-timout = \"5s\"\n",
+    );
+    ringlb(&["--config", file.path()]).assert_error(1, &[&file.at(4), "idle-timout"]);
+}
+
+#[test]
+fn bad_backend_address_names_address_and_line() {
+    let file = TempConfig::new(
+        "backend.toml",
+        "[[frontend]]\nlisten = \"127.0.0.1:0\"\nbackends = [\n  \"127.0.0.1:1\",\n  \"nohost\",\n]\n",
+    );
+    ringlb(&["--config", file.path()]).assert_error(1, &[&file.at(5), "'nohost'", "backends"]);
+}
+
+#[test]
+fn bad_duration_in_file_names_key_and_line() {
+    let file = TempConfig::new(
+        "duration.toml",
+        "[[frontend]]\nlisten = \"127.0.0.1:0\"\nbackends = [\"127.0.0.1:1\"]\ncheck-interval = \"0s\"\n",
+    );
+    ringlb(&["--config", file.path()]).assert_error(1, &[&file.at(4), "check-interval", "'0s'"]);
+}
+
+#[test]
+fn frontend_without_listen_is_named() {
+    let file = TempConfig::new(
+        "nolisten.toml",
+        "[[frontend]]\nbackends = [\"127.0.0.1:1\"]\n",
+    );
+    ringlb(&["--config", file.path()]).assert_error(1, &[file.path(), "listen"]);
+}
+
+#[test]
+fn config_without_frontend_says_so() {
+    let file = TempConfig::new("empty.toml", "workers = 2\n");
+    ringlb(&["--config", file.path()]).assert_error(1, &[file.path(), "no frontend"]);
+}
+
+#[test]
+fn check_accepts_the_example() {
+    let out = ringlb(&["--config", EXAMPLE, "--check"]);
+    assert_eq!(out.code, Some(0), "stderr: {:?}", out.stderr);
+    assert!(out.stdout.contains("OK"), "stdout: {:?}", out.stdout);
+    assert!(
+        out.stdout.contains("web") && out.stdout.contains("db"),
+        "both frontends named: {:?}",
+        out.stdout
+    );
+    assert!(out.stderr.is_empty(), "stderr: {:?}", out.stderr);
+    out.assert_no_panic();
+}
+
+#[test]
+fn check_refuses_a_broken_file() {
+    let file = TempConfig::new(
+        "broken.toml",
+        "[[frontend]]\nlisten = \"127.0.0.1:0\"\nmode = \"round-robin\"\nbackends = [\"127.0.0.1:1\"]\n",
+    );
+    ringlb(&["--config", file.path(), "--check"]).assert_error(1, &[&file.at(3), "round-robin"]);
+}
+
+/// The file's drain-timeout must count when --drain-timeout is not given;
+/// today the flag's default (30s) always replaces it.
+#[test]
+fn config_file_drain_timeout_is_used() {
+    use std::io::{BufRead, BufReader};
+    let backend = common::Backend::start(common::echo());
+    let file = TempConfig::new(
+        "drain.toml",
+        &format!(
+            "workers = 1\ndrain-timeout = \"200ms\"\n[[frontend]]\nlisten = \"127.0.0.1:0\"\nbackends = [\"{}\"]\n",
+            backend.addr
+        ),
+    );
+    let mut child = Command::new(BIN)
+        .args(["--config", file.path()])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ringlb");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = lines
+        .find_map(|l| l.ok().filter(|l| l.contains("listening on")))
+        .expect("listen line");
+    let addr = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .expect("address in log");
+    // An echo round trip: the connection is relayed and stays open.
+    let mut held = std::net::TcpStream::connect(addr).expect("connect");
+    held.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    std::io::Write::write_all(&mut held, b"x").expect("send");
+    let mut echoed = [0u8; 1];
+    held.read_exact(&mut echoed).expect("echo");
+    let started = Instant::now();
+    // SAFETY: plain libc call on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    std::thread::spawn(move || lines.for_each(drop));
+    let code = wait_bounded(&mut child).expect("ringlb exits after the drain timeout");
+    assert_eq!(code, Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "drained for {:?}",
+        started.elapsed()
+    );
+}
+
+// --- Start failures: exit 1 ---------------------------------------------
+
+#[test]
+fn listen_address_in_use_is_named() {
+    // No SO_REUSEPORT here, so ringlb's listeners cannot join this one.
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().unwrap().to_string();
+    ringlb(&["--listen", &addr, "--backend", "127.0.0.1:1"]).assert_error(1, &[&addr, "in use"]);
+    drop(taken);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn io_uring_refused_by_seccomp_is_named() {
+    use std::os::unix::process::CommandExt;
+
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    // struct seccomp_data { int nr; __u32 arch; ... }
+    const NR_OFFSET: u32 = 0;
+    const ARCH_OFFSET: u32 = 4;
+    let stmt = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jump = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    // io_uring_setup fails with EPERM, as under a container's seccomp
+    // profile; every other system call is allowed.
+    let filter: [libc::sock_filter; 6] = [
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, ARCH_OFFSET),
+        jump(
+            libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+            AUDIT_ARCH_X86_64,
+            0,
+            3,
+        ),
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, NR_OFFSET),
+        jump(
+            libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+            libc::SYS_io_uring_setup as u32,
+            0,
+            1,
+        ),
+        stmt(
+            libc::BPF_RET | libc::BPF_K,
+            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        ),
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+    ];
+    let mut command = Command::new(BIN);
+    command.args(["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1"]);
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes two prctl calls (async-signal-safe) on data the child owns:
+    // the filter was copied into the closure before the fork, and the
+    // sock_fprog pointing at it lives on the child's stack for the call.
+    unsafe {
+        command.pre_exec(move || {
+            let prog = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr().cast_mut(),
+            };
+            let one: libc::c_ulong = 1;
+            let zero: libc::c_ulong = 0;
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, one, zero, zero, zero) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mode = libc::SECCOMP_MODE_FILTER as libc::c_ulong;
+            if libc::prctl(libc::PR_SET_SECCOMP, mode, &prog as *const libc::sock_fprog) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    run(command).assert_error(1, &["io_uring", "disabled"]);
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[test]
+fn io_uring_refused_by_seccomp_is_named() {
+    eprintln!("skipped: the seccomp filter in this test is written for x86_64");
+}
+
+// --- Help and version: exit 0 -------------------------------------------
+
+#[test]
+fn help_lists_every_option_and_default() {
+    let out = ringlb(&["--help"]);
+    assert_eq!(out.code, Some(0), "stderr: {:?}", out.stderr);
+    assert!(out.stderr.is_empty(), "stderr: {:?}", out.stderr);
+    out.assert_no_panic();
+    for option in [
+        "--listen",
+        "--backend",
+        "--mode",
+        "--workers",
+        "--connect-timeout",
+        "--idle-timeout",
+        "--check-interval",
+        "--check-timeout",
+        "--rise",
+        "--fall",
+        "--check-send",
+        "--check-expect",
+        "--no-failback",
+        "--on-down",
+        "--maxconn",
+        "--drain-timeout",
+        "--stats",
+        "--config",
+        "--check",
+    ] {
+        assert!(
+            out.stdout.contains(&format!("{option} "))
+                || out.stdout.contains(&format!("{option}\n")),
+            "--help should list {option}"
+        );
+    }
+    for default in [
+        "[default: 2s]",
+        "[default: 5m]",
+        "[default: 30s]",
+        "[default: 2]",
+        "[default: 3]",
+        "[default: active-active]",
+        "[default: keep]",
+        "[default: number of cores]",
+        "[default: no limit]",
+        "at most 1s",
+    ] {
+        assert!(out.stdout.contains(default), "--help should show {default}");
+    }
+    assert!(
+        Path::new(EXAMPLE).exists(),
+        "--help points at examples/foobar.toml"
+    );
+}
+
+#[test]
+fn version_exits_zero() {
+    let out = ringlb(&["--version"]);
+    assert_eq!(out.code, Some(0), "stderr: {:?}", out.stderr);
+    assert!(
+        out.stdout.starts_with("ringlb "),
+        "stdout: {:?}",
+        out.stdout
+    );
+    out.assert_no_panic();
+}
