@@ -41,8 +41,8 @@ FIELDS = [
     "requests", "bytes", "duration_s", "errors",
     "p50_us", "p90_us", "p99_us", "max_us",
     "proxy_cpu_s", "cpu_per_unit", "cpu_unit",
-    "rss_before_kb", "rss_held_kb", "rss_after_kb", "conns_ok", "conns_failed",
-    "conns_dropped",
+    "rss_before_kb", "rss_held_kb", "rss_after_kb", "marginal_b_per_conn",
+    "conns_ok", "conns_failed", "conns_dropped",
     "busy_cores", "tested_cores", "foreign_cores", "steal_cores", "loadavg1", "noisy",
 ]
 
@@ -255,6 +255,8 @@ def parse_wrk(text: str) -> dict:
 
 
 def parse_iperf(text: str) -> dict:
+    if "{" not in text:
+        raise ValueError("no JSON from iperf3 (it hung or was killed)")
     j = json.loads(text[text.index("{"):])
     if j.get("error"):
         raise ValueError("iperf3: " + j["error"])
@@ -459,8 +461,16 @@ def cmd_idle(args) -> int:
     s0 = sampler.sample()
     self0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.monotonic()
-    held, failed = open_idle(args.host, args.port, n, args.path, args.window, args.conn_timeout)
-    t_open = time.monotonic() - t0
+    # Two halves: the RSS growth over the second half is the marginal cost of a
+    # connection, free of one-time allocations (pools, rings) made by the first ones.
+    half = n // 2
+    held, failed = open_idle(args.host, args.port, half, args.path, args.window, args.conn_timeout)
+    time.sleep(0.3)
+    rss_half, held_half = vm_rss_kb(args.pid), len(held)
+    held2, failed2 = open_idle(args.host, args.port, n - half, args.path, args.window, args.conn_timeout)
+    held += held2
+    failed += failed2
+    t_open = time.monotonic() - t0 - 0.3
     # Hold them: sample RSS a few times over the hold and keep the highest.
     rss_held = 0
     end = time.monotonic() + args.hold
@@ -487,6 +497,8 @@ def cmd_idle(args) -> int:
         row["error"] = "no connection could be opened"
     else:
         row["value"] = round((rss_held - rss_before) * 1024 / len(held), 1)
+        if rss_half is not None and len(held) > held_half:
+            row["marginal_b_per_conn"] = round((rss_held - rss_half) * 1024 / (len(held) - held_half), 1)
         row["ok"] = 1
         problems = []
         if n < args.n:
@@ -499,7 +511,7 @@ def cmd_idle(args) -> int:
     row["noisy"] = 0  # RSS does not depend on other work on the machine
     append_row(args.raw, row)
     if row["ok"]:
-        msg = (f"{row['value']} B/conn  RSS {rss_before / 1024:.1f} -> {rss_held / 1024:.1f} -> "
+        msg = (f"{row['value']} B/conn (2nd half: {row.get('marginal_b_per_conn', '?')})  RSS {rss_before / 1024:.1f} -> {rss_held / 1024:.1f} -> "
                f"{rss_after / 1024:.1f} MiB  {len(held)} conns opened in {t_open:.1f}s")
     else:
         msg = "FAILED"
@@ -523,6 +535,8 @@ def cmd_table(args) -> int:
     out = []
     hdr = (f"{'system':<8} {'runs':>4} {'median':>10} {'min - max':>21} {'p50':>8} {'p99':>8}"
            f" {'proxy CPU':>14} {'CPU x HAP':>9} {'x HAProxy':>9} {'x direct':>8} {'noisy':>5}")
+    hdr_e = (f"{'system':<8} {'runs':>4} {'B/conn':>10} {'min - max':>21} {'2nd half':>10}"
+             f" {'RSS before -> held':>20} {'conns':>6} {'x HAProxy':>9} {'x direct':>8}")
     medians: dict[tuple[str, str], float] = {}
     cpu_medians: dict[tuple[str, str], float] = {}
     noisy_runs = []
@@ -532,7 +546,7 @@ def cmd_table(args) -> int:
         out.append("")
         out.append(f"== {label}")
         out.append(f"   main figure: {metric}, {better} is better; ratios are of medians")
-        out.append(hdr)
+        out.append(hdr_e if sc == "e" else hdr)
         for sysname in systems:
             rs = [r for r in rows if r["scenario"] == sc and r["system"] == sysname]
             if not rs:
@@ -565,16 +579,8 @@ def cmd_table(args) -> int:
                 mm = f"{fmt_num(min(vals))} - {fmt_num(max(vals))}" if vals else "-"
                 mtxt = fmt_num(m) if m is not None else "FAILED"
             cpu_txt = f"{cm:.2f} {good[0]['cpu_unit']}" if cm is not None else "-"
-            if sc == "e" and good:
-                # For idle connections show the RSS held instead of latency/CPU.
-                held = med([float(r["rss_held_kb"]) for r in good]) / 1024
-                before = med([float(r["rss_before_kb"]) for r in good]) / 1024
-                conns = med([float(r["conns_ok"]) for r in good])
-                cpu_txt = f"RSS {before:.1f}->{held:.1f}M"
-                p50s, p99s = f"{conns:.0f}", "conns"
-            else:
-                p50s = fmt_us(p50) if p50 is not None else "-"
-                p99s = fmt_us(p99) if p99 is not None else "-"
+            p50s = fmt_us(p50) if p50 is not None else "-"
+            p99s = fmt_us(p99) if p99 is not None else "-"
             x_hap = x_dir = cpu_x = ""
             if sysname == "ringlb" and m is not None:
                 if (sc, "haproxy") in medians and medians[(sc, "haproxy")]:
@@ -586,6 +592,20 @@ def cmd_table(args) -> int:
             if sysname == "haproxy" and m is not None and (sc, "direct") in medians and medians[(sc, "direct")]:
                 x_dir = f"{m / medians[(sc, 'direct')]:.2f}"
             noisy = sum(r["noisy"] == "1" for r in rs)
+            if sc == "e":
+                # Idle connections: RSS instead of latency and CPU.
+                if good:
+                    held = med([float(r["rss_held_kb"]) for r in good]) / 1024
+                    before = med([float(r["rss_before_kb"]) for r in good]) / 1024
+                    conns = med([float(r["conns_ok"]) for r in good])
+                    marg = med([float(r["marginal_b_per_conn"]) for r in good if r.get("marginal_b_per_conn")])
+                    rss_txt = f"{before:.1f} -> {held:.1f} MiB"
+                    marg_txt = fmt_num(marg) if marg is not None else "-"
+                else:
+                    rss_txt, marg_txt, conns = "-", "-", 0
+                out.append(f"{sysname:<8} {len(good):>2}/{len(rs):<1} {mtxt:>10} {mm:>21} {marg_txt:>10}"
+                           f" {rss_txt:>20} {conns:>6.0f} {x_hap:>9} {x_dir:>8}")
+                continue
             out.append(f"{sysname:<8} {len(good):>2}/{len(rs):<1} {mtxt:>10} {mm:>21} {p50s:>8} {p99s:>8}"
                        f" {cpu_txt:>14} {cpu_x:>9} {x_hap:>9} {x_dir:>8} {noisy:>5}")
     # f versus a: how each proxy scales from 1 to 2 workers.
@@ -601,6 +621,8 @@ def cmd_table(args) -> int:
     out.append("or per MiB moved; 'CPU x HAP' = ringlb's proxy CPU over HAProxy's. 'x HAProxy' and 'x direct' are")
     out.append("ratios of the medians of the main figure (for e and g lower is better, so a ratio < 1 favours")
     out.append("ringlb). 'noisy' counts runs in which other work took more than the threshold (see header).")
+    out.append("e: B/conn = (RSS holding N connections - RSS before) / N, each proxy freshly started; '2nd half' =")
+    out.append("RSS growth over the second N/2 connections only, i.e. without one-time allocations.")
     out.append("Differences under 10-15% are within the run-to-run noise of this machine (design.md fact 9).")
     if noisy_runs:
         out.append("")

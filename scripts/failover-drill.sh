@@ -39,8 +39,11 @@ RINGLB_BIN="$REPO_DIR/target/release/ringlb"
 THREADS=1            # proxy threads (ringlb --workers, haproxy nbthread): 2 cores are shared
                      # with wrk and two nginx, and the same number keeps the comparison fair
 SHUTDOWN_SESSIONS=0  # 1: ringlb --on-down shutdown / haproxy on-marked-down shutdown-sessions
+RINGLB_VIA=flags     # flags: the contract's command line; config: the same settings as a TOML --config file
+CONNECT_CHECK=0      # 1: connect-only health checks for both (no send/expect; misses a SIGSTOPped backend, fact 7)
 KEEP_RAW=0           # 1: keep the nginx access logs (~10-20 MB per run)
 OUT_DIR=""
+BUDGET=""           # global timeout in seconds (default: 1.5 x the estimate + 60)
 SETTLE=1.5           # seconds between proxy start and load start (let the first checks pass)
 
 # Health-check settings, identical for both proxies.
@@ -72,8 +75,11 @@ Usage: $0 [options]
   --ringlb PATH        ringlb binary (default target/release/ringlb)
   --threads N          proxy threads for both (default $THREADS)
   --shutdown-sessions  close sessions on a backend marked down (both proxies)
+  --ringlb-config      give ringlb its settings as a --config TOML file instead of flags
+  --connect-check      connect-only health checks for both proxies (no send/expect), for comparison
   --keep-raw           keep the nginx access logs in the results folder
   --out DIR            results folder (default scripts/results/<UTC date-time>)
+  --timeout S          global timeout (default 1.5 x the printed estimate + 60 s)
 EOF
 }
 
@@ -89,8 +95,11 @@ while (($#)); do
         --ringlb) RINGLB_BIN=$2; shift ;;
         --threads) THREADS=$2; shift ;;
         --shutdown-sessions) SHUTDOWN_SESSIONS=1 ;;
+        --ringlb-config) RINGLB_VIA=config ;;
+        --connect-check) CONNECT_CHECK=1 ;;
         --keep-raw) KEEP_RAW=1 ;;
         --out) OUT_DIR=$2; shift ;;
+        --timeout) BUDGET=$2; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown option: $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -140,7 +149,6 @@ stop_pid() {
 
 WATCHDOG_PID=""
 NS_CREATED=0
-TMP_DIR=""
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
@@ -158,7 +166,6 @@ cleanup() {
         ip netns del "$NS" 2>/dev/null
         ip link del "$VETH_HOST" 2>/dev/null
     fi
-    [[ -n $TMP_DIR ]] && rm -rf "$TMP_DIR"
     exit "$rc"
 }
 trap cleanup EXIT
@@ -167,7 +174,7 @@ trap 'log "terminated (global timeout?)"; exit 143' TERM
 
 # ---------------------------------------------------------------- preflight
 install_tools() {
-    local missing=() tool pkg
+    local missing=() tool
     for tool in wrk:wrk nginx:nginx haproxy:haproxy iptables:iptables ip:iproute2; do
         command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
     done
@@ -191,11 +198,22 @@ check_ringlb() {
     local help flag missing=()
     help=$("$RINGLB_BIN" --help 2>&1) || true
     for flag in --listen --backend --mode --workers --connect-timeout --idle-timeout --check-interval \
-                --check-timeout --rise --fall --check-send --check-expect; do
+                --check-timeout --rise --fall; do
+        grep -q -- "$flag" <<<"$help" || missing+=("$flag")
+    done
+    ((CONNECT_CHECK)) || for flag in --check-send --check-expect; do
         grep -q -- "$flag" <<<"$help" || missing+=("$flag")
     done
     ((SHUTDOWN_SESSIONS)) && { grep -q -- --on-down <<<"$help" || missing+=(--on-down); }
     ((${#missing[@]} == 0)) || die "ringlb lacks flags the drill needs: ${missing[*]}"
+    [[ $RINGLB_VIA == flags ]] || return 0
+    # --help lists a flag even when parsing it fails: start ringlb for a moment with the
+    # check flags (a backend on 127.0.0.1:9, nothing there) and look for its startup line.
+    local out
+    out=$(timeout -s INT 1 "$RINGLB_BIN" --listen 127.0.0.1:0 --backend 127.0.0.1:9 \
+        --check-send "$CHECK_SEND" --check-expect "$CHECK_EXPECT" 2>&1) || true
+    grep -q "listening on" <<<"$out" || die "ringlb does not start with the drill's flags" \
+        "(try --ringlb-config):"$'\n'"$(head -n 5 <<<"$out")"
 }
 
 setup_namespace() {
@@ -277,16 +295,45 @@ start_ringlb() {   # $1 = run dir, $2 = listen port, $3 = passive addr
         --workers "$THREADS"
         --connect-timeout "${CONNECT_TIMEOUT_MS}ms" --idle-timeout 5m
         --check-interval "${INTER_MS}ms" --check-timeout "${CHECK_TIMEOUT_MS}ms"
-        --fall "$FALL" --rise "$RISE"
-        --check-send "$CHECK_SEND" --check-expect "$CHECK_EXPECT")
+        --fall "$FALL" --rise "$RISE")
+    ((CONNECT_CHECK)) || cmd+=(--check-send "$CHECK_SEND" --check-expect "$CHECK_EXPECT")
     ((SHUTDOWN_SESSIONS)) && cmd+=(--on-down shutdown)
+    if [[ $RINGLB_VIA == config ]]; then
+        ringlb_toml "$2" "$3" >"$1/ringlb.toml"
+        cmd=("$RINGLB_BIN" --config "$1/ringlb.toml")
+    fi
     printf '%q ' "${cmd[@]}" >"$1/ringlb.cmd"; echo >>"$1/ringlb.cmd"
-    RUST_LOG=info start_stamped "$1" "${cmd[@]}"
+    # RUST_LOG=debug (env RINGLB_LOG) adds one line per connection, like option tcplog
+    RUST_LOG=${RINGLB_LOG:-info} start_stamped "$1" "${cmd[@]}"
+}
+
+# The same settings as the flags above, as a ringlb TOML config (--ringlb-config).
+ringlb_toml() {   # $1 = listen port, $2 = passive addr
+    cat <<EOF
+workers = $THREADS
+[[frontend]]
+name = "default"
+listen = "127.0.0.1:$1"
+mode = "active-passive"
+backends = ["$NS_IP:$ACTIVE_PORT", "$2"]
+connect-timeout = "${CONNECT_TIMEOUT_MS}ms"
+idle-timeout = "5m"
+check-interval = "${INTER_MS}ms"
+check-timeout = "${CHECK_TIMEOUT_MS}ms"
+rise = $RISE
+fall = $FALL
+EOF
+    ((CONNECT_CHECK)) || printf "check-send = '%s'\ncheck-expect = '%s'\n" "$CHECK_SEND" "$CHECK_EXPECT"
+    ((SHUTDOWN_SESSIONS)) && echo 'on-down = "shutdown"'
+    return 0
 }
 
 start_haproxy() {   # $1 = run dir, $2 = listen port, $3 = passive addr
-    local shut=""
+    local shut="" check
     ((SHUTDOWN_SESSIONS)) && shut="on-marked-down shutdown-sessions"
+    check=$(printf '    option tcp-check\n    tcp-check send "%s"\n    tcp-check expect string %s' \
+        "$CHECK_SEND" "$CHECK_EXPECT")
+    ((CONNECT_CHECK)) && check="    # connect-only checks (--connect-check)"
     cat >"$1/haproxy.cfg" <<EOF
 # Same settings as ringlb; 'option redispatch' + 'retries 3' is HAProxy's fair best
 # for failover; the passive server is a 'backup'.
@@ -312,9 +359,7 @@ frontend fe
     default_backend be
 
 backend be
-    option tcp-check
-    tcp-check send "$CHECK_SEND"
-    tcp-check expect string $CHECK_EXPECT
+$check
     server active  $NS_IP:$ACTIVE_PORT check inter $INTER_MS fall $FALL rise $RISE $shut
     server passive $3 check inter $INTER_MS fall $FALL rise $RISE backup $shut
 EOF
@@ -421,12 +466,12 @@ main() {
     install_tools
     [[ " $SYSTEMS " == *" ringlb "* ]] && check_ringlb
 
-    local nsys nfault runs per_run estimate budget
+    local nsys nfault runs per_run estimate budget=$BUDGET
     nsys=$(wc -w <<<"$SYSTEMS"); nfault=$(wc -w <<<"$FAULTS")
     runs=$((ROUNDS * nsys * nfault))
     per_run=$((DURATION + 5))   # + start, settle, teardown, analysis
     estimate=$((runs * per_run + 10))
-    budget=$((estimate * 3 / 2 + 60))
+    [[ -n $budget ]] || budget=$((estimate * 3 / 2 + 60))
     log "$runs runs ($ROUNDS rounds x faults [$FAULTS] x systems [$SYSTEMS]), ~${per_run}s each:" \
         "estimate ${estimate}s, global timeout ${budget}s"
 
@@ -448,9 +493,11 @@ main() {
         echo "nginx: $(nginx -v 2>&1)"
         echo "wrk: $(wrk --version 2>&1 | head -n1)"
         [[ -x $RINGLB_BIN ]] && echo "ringlb: $RINGLB_BIN ($(cd "$REPO_DIR" && git rev-parse --short HEAD 2>/dev/null || echo '?'))"
+        echo "ringlb settings via: $RINGLB_VIA"
         echo "rounds=$ROUNDS faults=[$FAULTS] systems=[$SYSTEMS] duration=${DURATION}s fault_at=${FAULT_AT}s recover_at=${RECOVER_AT}s"
         echo "inter=${INTER_MS}ms fall=$FALL rise=$RISE check_timeout=${CHECK_TIMEOUT_MS}ms connect_timeout=${CONNECT_TIMEOUT_MS}ms threads=$THREADS shutdown_sessions=$SHUTDOWN_SESSIONS"
-        echo "check: send '$CHECK_SEND' expect '$CHECK_EXPECT'"
+        if ((CONNECT_CHECK)); then echo "check: connect only"
+        else echo "check: send '$CHECK_SEND' expect '$CHECK_EXPECT'"; fi
         echo "load: wrk -t1 -c50 --timeout 2s; probe: 1 new connection / 20 ms, 2 s timeout"
     } >"$RESULTS/settings.txt"
 

@@ -182,12 +182,15 @@ impl Watch {
                 if backend.is_up() && self.streak.bad >= self.check().fall {
                     backend.set_up(false);
                     backend.stats.went_down.fetch_add(1, Relaxed);
+                    let how = match failure {
+                        Failure::Traffic(_) => "seen on live traffic".to_string(),
+                        _ => format!("check took {:.1}ms", took.as_secs_f64() * 1000.0),
+                    };
                     log::warn!(
-                        "backend {} is DOWN (frontend {}): {failure}, {} failed checks in a row, check took {:.1}ms",
+                        "backend {} is DOWN (frontend {}): {failure}, {} failures in a row, {how}",
                         backend.name,
                         self.frontend.config.name,
                         self.streak.bad,
-                        took.as_secs_f64() * 1000.0
                     );
                     self.warn_if_none_left();
                 } else {

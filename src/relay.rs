@@ -119,6 +119,10 @@ pub struct Conn {
 
 /// Large enough that one splice moves what the pipe holds.
 const SPLICE_LEN: usize = 1 << 20;
+/// Most bytes one direction moves per turn before it yields to the event
+/// loop: a bulk stream that never runs dry must not starve the other
+/// connections of its worker (or its own other direction).
+const SPLICE_BUDGET: usize = 1 << 20;
 
 impl Conn {
     pub fn new(frontend: usize, client: RawFd, now: Instant) -> Conn {
@@ -187,6 +191,10 @@ impl Conn {
     }
 
     pub fn arm_read(&mut self, key: usize, dir: usize, io: &mut Io) -> std::io::Result<()> {
+        log::trace!(
+            "conn {key}: dir {dir} waits for data (bulk: {})",
+            self.dirs[dir].bulk
+        );
         let fd = types::Fd(self.source(dir));
         let entry = if self.dirs[dir].bulk {
             opcode::PollAdd::new(fd, libc::POLLIN as u32)
@@ -229,18 +237,25 @@ impl Conn {
         io: &mut Io,
     ) -> std::io::Result<()> {
         self.inflight -= 1;
+        // A receive from the buffer ring consumes a buffer even when it
+        // returns no data (end of stream): whatever is not kept goes back.
         let bid = cqueue::buffer_select(flags);
         if bid.is_some() {
             io.bufs.taken();
         }
-        if self.phase == Phase::Closing {
-            if let Some(bid) = bid {
+        let keep = match bid {
+            Some(bid) if res > 0 && self.phase != Phase::Closing => Some(bid),
+            Some(bid) => {
                 io.bufs.give_back(bid);
+                None
             }
+            None => None,
+        };
+        if self.phase == Phase::Closing {
             return Ok(());
         }
-        match (res, bid) {
-            (n, Some(bid)) if n > 0 => {
+        match (res, keep) {
+            (n, Some(bid)) => {
                 let len = n as usize;
                 let d = &mut self.dirs[dir];
                 d.bytes += len as u64;
@@ -248,11 +263,11 @@ impl Conn {
                 d.held = Some(Held { bid, sent: 0, len });
                 self.send_held(key, dir, io)
             }
-            (0, _) => {
+            (0, None) => {
                 self.dirs[dir].eof = true;
                 self.finish_direction(key, dir, io)
             }
-            (n, _) if n == -libc::ENOBUFS => {
+            (n, None) if n == -libc::ENOBUFS => {
                 // Every buffer is in use: wait for one to come back.
                 io.buf_waiters.push_back((key, dir));
                 Ok(())
@@ -312,6 +327,15 @@ impl Conn {
         let mut moved = 0;
         loop {
             let d = &mut self.dirs[dir];
+            if moved >= SPLICE_BUDGET {
+                // Take another turn after the rest of the batch: a poll on
+                // a ready socket completes at once.
+                return if d.in_pipe > 0 {
+                    self.wait_writable(key, dir, io)
+                } else {
+                    self.arm_read(key, dir, io)
+                };
+            }
             let mut dry = false;
             if !d.eof {
                 match uring::splice(source, pipe.write, SPLICE_LEN) {

@@ -189,6 +189,10 @@ impl Worker {
             );
             return Ok(());
         };
+        log::trace!(
+            "worker {} conn {key}: {op:?} res={res} flags={flags:#x}",
+            self.id
+        );
         let io = &mut self.io;
         match op {
             Op::Connect => return self.on_connect(key, res),
@@ -215,8 +219,11 @@ impl Worker {
         let Some(socket) = &listener.socket else {
             return Ok(());
         };
+        // Non-blocking: splice(2) honours only the socket's own O_NONBLOCK
+        // (not SPLICE_F_NONBLOCK), and a blocking socket would stall the
+        // whole worker the moment a client pauses a bulk upload.
         let entry = opcode::AcceptMulti::new(types::Fd(socket.as_raw_fd()))
-            .flags(libc::SOCK_CLOEXEC)
+            .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
             .build()
             .user_data(token(Op::Accept, index));
         listener.accepting = true;

@@ -14,7 +14,10 @@ use common::*;
 fn echo_proxy(extra: &[&str]) -> (Backend, Ringlb) {
     let backend = Backend::start(echo());
     let addr = backend.addr_str();
-    let mut args = vec!["--backend", addr.as_str(), "--workers", "2"];
+    let mut args = vec!["--backend", addr.as_str()];
+    if !extra.contains(&"--workers") {
+        args.extend(["--workers", "2"]);
+    }
     args.extend_from_slice(extra);
     let ringlb = Ringlb::start(&args);
     (backend, ringlb)
@@ -93,6 +96,35 @@ fn bulk_download_and_upload_are_exact_with_half_close() {
     let mut answer = String::new();
     s.read_to_string(&mut answer).unwrap();
     assert_eq!(answer, format!("{} {}", sent.len, sent.hash));
+}
+
+#[test]
+fn a_paused_bulk_upload_does_not_stall_other_connections() {
+    // One worker: every connection shares its event loop.
+    let (_backend, ringlb) = echo_proxy(&["--workers", "1"]);
+    let mut bulk = ringlb.connect();
+    let mut reader = bulk.try_clone().unwrap();
+    let drain = std::thread::spawn(move || read_digest(&mut reader));
+    // Full buffers switch the upload to splicing; then the client pauses.
+    send_payload(&mut bulk, 3, 4 << 20).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let mut other = ringlb.connect();
+    other
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    other.write_all(b"still there?").unwrap();
+    let mut answer = [0u8; 12];
+    other
+        .read_exact(&mut answer)
+        .expect("served while the other client pauses");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    bulk.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(drain.join().unwrap().unwrap().len, 4 << 20);
 }
 
 #[test]

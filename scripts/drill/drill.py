@@ -358,6 +358,8 @@ def cmd_report(args) -> int:
     print("  down: fault -> proxy logged the active DOWN   backup: fault -> first GET on the passive")
     print("  up: recovery -> proxy logged the active UP    back(log): recovery -> first GET in the active's access log")
     print("  back(new): recovery -> first NEW probe connection answered by the active")
+    print("     (back(log) is ~0 for stop/drop: requests held during the fault complete right after")
+    print("      recovery; back(new) is the failback time that new connections see)")
     print("  new-conn fails: failed probe connections (1 new connection every 20 ms) started")
     print("     fault..down / after down (until recovery) / after recovery")
     print("  max wait: slowest successful probe connection started between fault and recovery")
