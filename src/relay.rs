@@ -24,6 +24,13 @@ use io_uring::{cqueue, opcode, squeue, types};
 use crate::pool::Tried;
 use crate::uring::{self, Io, Op, Pipe, token};
 
+/// Whether data is probably waiting when a read is armed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ready {
+    Maybe,
+    Unlikely,
+}
+
 /// Client to backend, and backend to client.
 pub const UPSTREAM: usize = 0;
 pub const DOWNSTREAM: usize = 1;
@@ -117,6 +124,8 @@ pub struct Conn {
     pub client_addr: Option<std::net::SocketAddr>,
 }
 
+/// IORING_RECVSEND_POLL_FIRST (the crate keeps its `sys` module private).
+const RECVSEND_POLL_FIRST: u16 = 1;
 /// Large enough that one splice moves what the pipe holds.
 const SPLICE_LEN: usize = 1 << 20;
 /// Most bytes one direction moves per turn before it yields to the event
@@ -183,14 +192,25 @@ impl Conn {
         Ok(())
     }
 
-    /// The backend answered the connect: start moving bytes both ways.
+    /// The backend answered the connect: start moving bytes both ways. The
+    /// client may have sent already; the backend has not answered yet.
     pub fn start_relay(&mut self, key: usize, io: &mut Io) -> std::io::Result<()> {
         self.phase = Phase::Relaying;
-        self.arm_read(key, UPSTREAM, io)?;
-        self.arm_read(key, DOWNSTREAM, io)
+        self.arm_read(key, UPSTREAM, Ready::Maybe, io)?;
+        self.arm_read(key, DOWNSTREAM, Ready::Unlikely, io)
     }
 
-    pub fn arm_read(&mut self, key: usize, dir: usize, io: &mut Io) -> std::io::Result<()> {
+    /// Waits for data on a direction's source. `Ready::Unlikely` (the
+    /// source was just drained, as after each message of a request/response
+    /// exchange) skips the receive attempt that would fail and arms the
+    /// poll at once (IORING_RECVSEND_POLL_FIRST).
+    pub fn arm_read(
+        &mut self,
+        key: usize,
+        dir: usize,
+        ready: Ready,
+        io: &mut Io,
+    ) -> std::io::Result<()> {
         log::trace!(
             "conn {key}: dir {dir} waits for data (bulk: {})",
             self.dirs[dir].bulk
@@ -201,7 +221,13 @@ impl Conn {
                 .build()
                 .user_data(token(Op::poll_in(dir), key))
         } else {
+            let poll_first = if ready == Ready::Unlikely {
+                RECVSEND_POLL_FIRST
+            } else {
+                0
+            };
             opcode::Recv::new(fd, std::ptr::null_mut(), io.bufs.size() as u32)
+                .ioprio(poll_first)
                 .buf_group(uring::BUFFER_GROUP)
                 .build()
                 .flags(squeue::Flags::BUFFER_SELECT)
@@ -300,7 +326,13 @@ impl Conn {
             return self.send_held(key, dir, io);
         }
         io.bufs.give_back(held.bid);
-        self.arm_read(key, dir, io)
+        // A message that did not fill the buffer was all there was.
+        let ready = if self.dirs[dir].bulk {
+            Ready::Maybe
+        } else {
+            Ready::Unlikely
+        };
+        self.arm_read(key, dir, ready, io)
     }
 
     /// A poll completed: the source has data (or ended), or the sink has
@@ -333,7 +365,7 @@ impl Conn {
                 return if d.in_pipe > 0 {
                     self.wait_writable(key, dir, io)
                 } else {
-                    self.arm_read(key, dir, io)
+                    self.arm_read(key, dir, Ready::Maybe, io)
                 };
             }
             let mut dry = false;
@@ -371,7 +403,7 @@ impl Conn {
                         io.pipes.give_back(pipe, true);
                     }
                 }
-                return self.arm_read(key, dir, io);
+                return self.arm_read(key, dir, Ready::Unlikely, io);
             }
         }
     }

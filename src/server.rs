@@ -237,6 +237,8 @@ fn bind(addr: SocketAddr) -> std::io::Result<Socket> {
     // Each worker has its own listener on the same port and the kernel
     // spreads connections over them: no shared accept queue, no lock.
     socket.set_reuse_port(true)?;
+    // Accepted sockets inherit it: no setsockopt per client connection.
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     Ok(socket)

@@ -14,7 +14,7 @@ use socket2::{SockAddr, Socket};
 
 use crate::config::OnDown;
 use crate::pool::ConnectFailure;
-use crate::relay::{Conn, DOWNSTREAM, End, Phase, UPSTREAM};
+use crate::relay::{Conn, DOWNSTREAM, End, Phase, Ready, UPSTREAM};
 use crate::server::{Control, Frontend};
 use crate::uring::{self, BufRing, Io, Op, PipePool, token, untoken};
 
@@ -25,7 +25,10 @@ const RING_ENTRIES: u32 = 1024;
 const BUFFERS: u16 = 1024;
 const BUFFER_SIZE: usize = 16 * 1024;
 const PIPES_KEPT: usize = 256;
-const PIPE_SIZE: usize = 256 * 1024;
+/// 1 MiB (the default pipe-max-size): measured with iperf3 through one
+/// worker, the same throughput as 256 KiB at 25-40% less CPU, since each
+/// splice moves more. A pipe holds kernel memory only while bytes sit in it.
+const PIPE_SIZE: usize = 1024 * 1024;
 /// How often idle connections and down backends are looked for: the
 /// resolution of the idle timeout.
 const TICK: Duration = Duration::from_millis(100);
@@ -291,7 +294,6 @@ impl Worker {
             uring::close(fd);
             return Ok(());
         }
-        uring::set_nodelay(fd);
         let mut conn = Conn::new(index, fd, self.now);
         if log::log_enabled!(log::Level::Debug) {
             conn.client_addr = peer_addr(fd);
@@ -393,7 +395,8 @@ impl Worker {
                 break;
             };
             if let Some(conn) = self.conns.get_mut(key) {
-                conn.arm_read(key, dir, &mut self.io)?;
+                // It found no buffer, so data was waiting.
+                conn.arm_read(key, dir, Ready::Maybe, &mut self.io)?;
             }
         }
         Ok(())
