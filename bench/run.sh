@@ -256,6 +256,9 @@ global
     nbthread $threads
     maxconn $HAP_MAXCONN
     maxpipes 256
+    # Same pipe size as ringlb's splice pipes (1 MiB), so that bulk compares
+    # the two designs, not two pipe sizes.
+    tune.pipesize 1048576
 defaults
     mode tcp
     balance roundrobin
