@@ -267,18 +267,50 @@ impl Worker {
     /// listener, so the kernel sends new clients to another instance that
     /// shares the port (or refuses them).
     fn close_or_rearm(&mut self, index: usize) -> std::io::Result<()> {
-        if self.draining {
-            self.listeners[index].socket = None;
-            Ok(())
-        } else {
-            self.arm_accept(index)
+        if !self.draining {
+            return self.arm_accept(index);
+        }
+        self.take_queued_clients(index)?;
+        self.listeners[index].socket = None;
+        Ok(())
+    }
+
+    /// Closing a listener resets the clients waiting in its accept queue
+    /// (unless net.ipv4.tcp_migrate_req hands them to another listener on
+    /// the port): take them first, and serve them.
+    fn take_queued_clients(&mut self, index: usize) -> std::io::Result<()> {
+        let Some(socket) = &self.listeners[index].socket else {
+            return Ok(());
+        };
+        if self.stopping || socket.set_nonblocking(true).is_err() {
+            return Ok(());
+        }
+        let listener = socket.as_raw_fd();
+        loop {
+            // SAFETY: plain syscall on our non-blocking listening socket; the
+            // new fd is owned by the connection admit() makes.
+            let fd = unsafe {
+                libc::accept4(
+                    listener,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                return Ok(());
+            }
+            self.admit(index, fd)?;
         }
     }
 
     /// A new client: count it, enforce maxconn, pick a backend.
     fn admit(&mut self, index: usize, fd: RawFd) -> std::io::Result<()> {
         let frontend = &self.listeners[index].shared;
-        if self.draining {
+        // A client accepted while draining (the accept completed before its
+        // cancel did) is served like any other: closing it would drop it.
+        // Only a hard stop turns it away.
+        if self.stopping {
             uring::close(fd);
             return Ok(());
         }
