@@ -43,6 +43,32 @@ fn args<'a>(backends: &'a [String], extra: &[&'a str]) -> Vec<&'a str> {
     args
 }
 
+/// Backend `a` (its health switchable) and backend `b` (always healthy),
+/// both answering PING, behind ringlb with fast send/expect checks.
+struct Pair {
+    healthy: Arc<AtomicBool>,
+    backends: [String; 2],
+    ringlb: Ringlb,
+    _servers: [Backend; 2],
+}
+
+fn pair(extra: &[&str]) -> Pair {
+    let healthy = Arc::new(AtomicBool::new(true));
+    let a = Backend::start(pinger("a", Arc::clone(&healthy)));
+    let b = Backend::start(pinger("b", Arc::new(AtomicBool::new(true))));
+    let backends = [a.addr_str(), b.addr_str()];
+    let mut all = FAST_CHECKS.to_vec();
+    all.extend(PING);
+    all.extend_from_slice(extra);
+    let ringlb = Ringlb::start(&args(&backends, &all));
+    Pair {
+        healthy,
+        backends,
+        ringlb,
+        _servers: [a, b],
+    }
+}
+
 #[test]
 fn a_killed_backend_is_marked_down_in_time_and_avoided() {
     let mut a = Backend::start_tracked(named("a"));
@@ -77,13 +103,8 @@ fn a_killed_backend_is_marked_down_in_time_and_avoided() {
 
 #[test]
 fn a_hung_backend_is_caught_by_send_expect_and_recovers_after_rise() {
-    let healthy = Arc::new(AtomicBool::new(true));
-    let a = Backend::start(pinger("a", Arc::clone(&healthy)));
-    let b = Backend::start(pinger("b", Arc::new(AtomicBool::new(true))));
-    let backends = [a.addr_str(), b.addr_str()];
-    let mut extra = FAST_CHECKS.to_vec();
-    extra.extend(PING);
-    let ringlb = Ringlb::start(&args(&backends, &extra));
+    let pair = pair(&[]);
+    let (healthy, backends, ringlb) = (&pair.healthy, &pair.backends, &pair.ringlb);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         ringlb.count_logs("is DOWN"),
@@ -221,17 +242,12 @@ fn a_sigstopped_backend_is_marked_down_and_up_again_after_sigcont() {
 }
 
 fn failover_and_return(failback: bool) -> Vec<String> {
-    let healthy = Arc::new(AtomicBool::new(true));
-    let a = Backend::start(pinger("a", Arc::clone(&healthy)));
-    let b = Backend::start(pinger("b", Arc::new(AtomicBool::new(true))));
-    let backends = [a.addr_str(), b.addr_str()];
-    let mut extra = FAST_CHECKS.to_vec();
-    extra.extend(PING);
-    extra.extend(["--mode", "active-passive"]);
+    let mut extra = vec!["--mode", "active-passive"];
     if !failback {
         extra.push("--no-failback");
     }
-    let ringlb = Ringlb::start(&args(&backends, &extra));
+    let pair = pair(&extra);
+    let (healthy, ringlb) = (&pair.healthy, &pair.ringlb);
     let mut seen = vec![ask(ringlb.addr).unwrap()];
     healthy.store(false, SeqCst);
     assert!(ringlb.wait_log("is DOWN", Duration::from_secs(3)).is_some());
