@@ -75,7 +75,7 @@ impl fmt::Display for Failure {
             Failure::Traffic(ConnectFailure::TimedOut) => {
                 f.write_str("connect timed out on live traffic")
             }
-            Failure::Traffic(ConnectFailure::Other) => {
+            Failure::Traffic(ConnectFailure::Other | ConnectFailure::Local) => {
                 f.write_str("connect failed on live traffic")
             }
             Failure::Other(e) => f.write_str(e),

@@ -44,6 +44,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// How long workers get to close their connections after a stop.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
 fn run(config: &Config, stats: Option<SocketAddr>) -> ExitCode {
     // Blocked before any thread starts, so every thread inherits the mask
     // and the signals wait here for sigtimedwait instead of killing us.
@@ -68,7 +71,17 @@ fn run(config: &Config, stats: Option<SocketAddr>) -> ExitCode {
     }
     let mut drain_deadline: Option<Instant> = None;
     let mut stopping = false;
+    let mut stop_deadline: Option<Instant> = None;
     while server.workers_running() {
+        if stopping {
+            let deadline = *stop_deadline.get_or_insert_with(|| Instant::now() + STOP_GRACE);
+            if Instant::now() >= deadline {
+                // Closing every connection takes milliseconds; a worker
+                // still running now is stuck, and a stop must not hang.
+                log::error!("workers did not stop within {STOP_GRACE:?}; exiting");
+                return ExitCode::from(1);
+            }
+        }
         match signals.wait(Duration::from_millis(200)) {
             Some(libc::SIGHUP) => log::warn!(
                 "SIGHUP: in-place reload is not supported; start a new ringlb with the new config \

@@ -22,6 +22,9 @@ pub enum ConnectFailure {
     Refused = 1,
     TimedOut = 2,
     Other = 3,
+    /// Out of local ports, fds or memory: not the backend's fault, and not
+    /// counted against it.
+    Local = 4,
 }
 
 impl ConnectFailure {
@@ -29,6 +32,13 @@ impl ConnectFailure {
         match errno {
             libc::ECONNREFUSED => ConnectFailure::Refused,
             libc::ECANCELED | libc::ETIMEDOUT | libc::ETIME => ConnectFailure::TimedOut,
+            libc::EADDRNOTAVAIL
+            | libc::EADDRINUSE
+            | libc::ENOBUFS
+            | libc::ENOMEM
+            | libc::EMFILE
+            | libc::ENFILE
+            | libc::EAGAIN => ConnectFailure::Local,
             _ => ConnectFailure::Other,
         }
     }
@@ -170,14 +180,19 @@ impl Pool {
 
     /// Counts only usable backends, so that with one of three down the other
     /// two still share evenly instead of the next one in line taking double.
+    /// The up flags are read once: a watcher flipping one mid-choice must
+    /// not leave the turn pointing past the end.
     fn select_round_robin(&self, tried: Tried) -> Option<usize> {
-        let n = self.backends.len();
-        let usable = (0..n).filter(|&i| self.usable(i, tried)).count();
+        let usable = (0..self.backends.len())
+            .filter(|&i| self.usable(i, tried))
+            .fold(0u64, |mask, i| mask | 1 << i);
         if usable == 0 {
             return None;
         }
-        let turn = self.next.fetch_add(1, Relaxed) % usable;
-        (0..n).filter(|&i| self.usable(i, tried)).nth(turn)
+        let turn = self.next.fetch_add(1, Relaxed) % usable.count_ones() as usize;
+        (0..self.backends.len())
+            .filter(|&i| usable & (1 << i) != 0)
+            .nth(turn)
     }
 
     fn select_by_priority(&self, tried: Tried) -> Option<usize> {
@@ -225,6 +240,26 @@ mod tests {
         }
         assert_eq!(counts, [50, 0, 50]);
         assert_eq!(p.select(Tried::default().with(0).with(2)), None);
+    }
+
+    #[test]
+    fn local_connect_errors_are_not_the_backends_fault() {
+        assert_eq!(
+            ConnectFailure::from_errno(libc::EADDRNOTAVAIL),
+            ConnectFailure::Local
+        );
+        assert_eq!(
+            ConnectFailure::from_errno(libc::EMFILE),
+            ConnectFailure::Local
+        );
+        assert_eq!(
+            ConnectFailure::from_errno(libc::ECONNREFUSED),
+            ConnectFailure::Refused
+        );
+        assert_eq!(
+            ConnectFailure::from_errno(libc::ECANCELED),
+            ConnectFailure::TimedOut
+        );
     }
 
     #[test]

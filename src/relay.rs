@@ -192,6 +192,18 @@ impl Conn {
         Ok(())
     }
 
+    /// Submits an operation and the timeout linked to it.
+    pub fn submit_linked(
+        &mut self,
+        io: &mut Io,
+        first: squeue::Entry,
+        second: squeue::Entry,
+    ) -> std::io::Result<()> {
+        io.push_linked(&first, &second)?;
+        self.inflight += 2;
+        Ok(())
+    }
+
     /// The backend answered the connect: start moving bytes both ways. The
     /// client may have sent already; the backend has not answered yet.
     pub fn start_relay(&mut self, key: usize, io: &mut Io) -> std::io::Result<()> {
@@ -294,9 +306,11 @@ impl Conn {
                 self.finish_direction(key, dir, io)
             }
             (n, None) if n == -libc::ENOBUFS => {
-                // Every buffer is in use: wait for one to come back.
-                io.buf_waiters.push_back((key, dir));
-                Ok(())
+                // Every ring buffer is held (by sends to slow peers): splice
+                // needs none, so this direction moves on without waiting
+                // for a buffer that may not come back soon.
+                self.dirs[dir].bulk = true;
+                self.arm_read(key, dir, Ready::Maybe, io)
             }
             _ => self.close(key, Self::reset_of_source(dir), io),
         }
@@ -443,7 +457,6 @@ impl Conn {
         if end == End::BackendDown && self.backend >= 0 {
             uring::set_linger_zero(self.backend);
         }
-        io.buf_waiters.retain(|&(waiting, _)| waiting != key);
         if self.inflight > 0 {
             for fd in [self.client, self.backend] {
                 if fd >= 0 {

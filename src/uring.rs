@@ -119,9 +119,6 @@ pub struct Io {
     pub ring: IoUring,
     pub bufs: BufRing,
     pub pipes: PipePool,
-    /// (connection, direction) pairs whose receive found no free buffer;
-    /// each is re-armed when a buffer comes back.
-    pub buf_waiters: std::collections::VecDeque<(usize, usize)>,
     /// Completions reaped early because the completion queue was full when
     /// submitting; the worker handles them with the next batch.
     pub backlog: Vec<(u64, i32, u32)>,
@@ -139,20 +136,44 @@ impl Io {
             if unsafe { self.ring.submission().push(entry) }.is_ok() {
                 return Ok(());
             }
-            match self.ring.submit() {
-                Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    // The completion queue is full: make room, keep the
-                    // completions for the worker, then submit again.
-                    let reaped = self
-                        .ring
-                        .completion()
-                        .map(|c| (c.user_data(), c.result(), c.flags()));
-                    self.backlog.extend(reaped);
-                }
-                Err(e) => return Err(e),
+            self.flush()?;
+        }
+    }
+
+    /// Queues two linked entries in the same submission: a link ends at a
+    /// submission boundary, and a connect cut off from its timeout could
+    /// hang for the kernel's SYN retries (minutes).
+    pub fn push_linked(&mut self, first: &squeue::Entry, second: &squeue::Entry) -> io::Result<()> {
+        loop {
+            let free = {
+                let sq = self.ring.submission();
+                sq.capacity() - sq.len()
+            };
+            if free >= 2 {
+                break;
             }
+            self.flush()?;
+        }
+        self.push(first)?;
+        self.push(second)
+    }
+
+    /// Hands the queued entries to the kernel.
+    fn flush(&mut self) -> io::Result<()> {
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                // Older kernels: the completion queue is full. Make room,
+                // keep the completions for the worker, then submit again.
+                let reaped = self
+                    .ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags()));
+                self.backlog.extend(reaped);
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
     }
 }
@@ -256,8 +277,10 @@ impl BufRing {
         self.outstanding += 1;
     }
 
-    pub fn any_free(&self) -> bool {
-        self.outstanding < self.count
+    /// Buffers handed out and not given back: all of them means receives
+    /// fail with ENOBUFS until sends complete.
+    pub fn outstanding(&self) -> u16 {
+        self.outstanding
     }
 
     /// Gives a buffer back once its bytes have been sent.

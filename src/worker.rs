@@ -14,7 +14,7 @@ use socket2::{SockAddr, Socket};
 
 use crate::config::OnDown;
 use crate::pool::ConnectFailure;
-use crate::relay::{Conn, DOWNSTREAM, End, Phase, Ready, UPSTREAM};
+use crate::relay::{Conn, DOWNSTREAM, End, Phase, UPSTREAM};
 use crate::server::{Control, Frontend};
 use crate::uring::{self, BufRing, Io, Op, PipePool, token, untoken};
 
@@ -63,6 +63,7 @@ pub struct Worker {
     now: Instant,
     draining: bool,
     stopping: bool,
+    last_local_warning: Option<Instant>,
     batch: Vec<(u64, i32, u32)>,
     sweep: Vec<(usize, End)>,
 }
@@ -99,7 +100,6 @@ impl Worker {
                 ring,
                 bufs,
                 pipes: PipePool::new(PIPES_KEPT, PIPE_SIZE),
-                buf_waiters: Default::default(),
                 backlog: Vec::new(),
             },
             conns: Slab::with_capacity(1024),
@@ -111,12 +111,24 @@ impl Worker {
             now: Instant::now(),
             draining: false,
             stopping: false,
+            last_local_warning: None,
             batch: Vec::with_capacity(RING_ENTRIES as usize * 4),
             sweep: Vec::new(),
         })
     }
 
     pub fn run(mut self) -> std::io::Result<()> {
+        let result = self.event_loop();
+        if result.is_err() {
+            // Operations may still be in flight (a send reading a ring
+            // buffer): never free what the kernel may still touch. The
+            // process is going down anyway.
+            std::mem::forget(self);
+        }
+        result
+    }
+
+    fn event_loop(&mut self) -> std::io::Result<()> {
         for index in 0..self.listeners.len() {
             self.arm_accept(index)?;
         }
@@ -152,7 +164,6 @@ impl Worker {
             }
             batch.clear();
             self.batch = batch;
-            self.serve_buffer_waiters()?;
         }
         log::debug!("worker {} stopped", self.id);
         Ok(())
@@ -170,13 +181,7 @@ impl Worker {
         };
         match op {
             Op::Accept => self.on_accept(slot, res, flags),
-            Op::AcceptPause => {
-                if self.draining {
-                    Ok(())
-                } else {
-                    self.arm_accept(slot)
-                }
-            }
+            Op::AcceptPause => self.close_or_rearm(slot),
             Op::Wake => self.on_wake(),
             Op::Tick => self.on_tick(),
             Op::Ignore => Ok(()),
@@ -234,33 +239,28 @@ impl Worker {
     }
 
     fn on_accept(&mut self, index: usize, res: i32, flags: u32) -> std::io::Result<()> {
-        let more = cqueue::more(flags);
-        if !more {
-            self.listeners[index].accepting = false;
-        }
         if res >= 0 {
             self.admit(index, res)?;
-        } else if matches!(
-            -res,
-            libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
-        ) {
-            log::warn!(
-                "worker {}: accept on {} failed: {}; pausing it {ACCEPT_PAUSE:?}",
-                self.id,
-                self.listeners[index].shared.config.name,
-                std::io::Error::from_raw_os_error(-res)
-            );
-            if !more {
-                let pause = opcode::Timeout::new(&self.pause)
-                    .build()
-                    .user_data(token(Op::AcceptPause, index));
-                return self.io.push(&pause);
-            }
         }
-        if !more {
-            self.close_or_rearm(index)?;
+        if cqueue::more(flags) {
+            return Ok(());
         }
-        Ok(())
+        self.listeners[index].accepting = false;
+        if res >= 0 || res == -libc::ECANCELED || self.draining {
+            return self.close_or_rearm(index);
+        }
+        // Ended by an error (out of fds, memory, or refused by a security
+        // policy): pause before re-arming, so a lasting error never spins.
+        log::warn!(
+            "worker {}: accept on {} failed: {}; retrying in {ACCEPT_PAUSE:?}",
+            self.id,
+            self.listeners[index].shared.config.name,
+            std::io::Error::from_raw_os_error(-res)
+        );
+        let pause = opcode::Timeout::new(&self.pause)
+            .build()
+            .user_data(token(Op::AcceptPause, index));
+        self.io.push(&pause)
     }
 
     /// A multishot accept ended: re-arm it, or when draining close the
@@ -366,8 +366,8 @@ impl Worker {
         let timeout = opcode::LinkTimeout::new(&listener.connect_timeout)
             .build()
             .user_data(token(Op::ConnectTimeout, key));
-        conn.submit(&mut self.io, connect)?;
-        conn.submit(&mut self.io, timeout)
+        conn.last_active = self.now;
+        conn.submit_linked(&mut self.io, connect, timeout)
     }
 
     fn on_connect(&mut self, key: usize, res: i32) -> std::io::Result<()> {
@@ -385,6 +385,16 @@ impl Worker {
             return conn.start_relay(key, &mut self.io);
         }
         let failure = ConnectFailure::from_errno(-res);
+        if failure == ConnectFailure::Local {
+            // Out of local ports or memory: the backend is not at fault and
+            // another backend would fail the same way.
+            uring::close(conn.backend);
+            conn.backend = -1;
+            conn.close(key, End::LocalError, &mut self.io)?;
+            self.warn_local_connect_failure(-res);
+            self.free_if_finished(key);
+            return Ok(());
+        }
         log::debug!(
             "connect to backend {} failed ({failure:?}: {}); trying the next",
             backend.name,
@@ -394,6 +404,24 @@ impl Worker {
         uring::close(conn.backend);
         conn.backend = -1;
         self.connect_next(key)
+    }
+
+    /// At most one warning a second: when ports run out, every connection
+    /// fails the same way.
+    fn warn_local_connect_failure(&mut self, errno: i32) {
+        if self
+            .last_local_warning
+            .is_some_and(|at| self.now.saturating_duration_since(at) < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last_local_warning = Some(self.now);
+        log::warn!(
+            "worker {}: cannot connect to backends: {} (local ports or memory exhausted? see \
+             net.ipv4.ip_local_port_range and net.ipv4.tcp_tw_reuse); backends are not marked down for it",
+            self.id,
+            std::io::Error::from_raw_os_error(errno)
+        );
     }
 
     fn free_if_finished(&mut self, key: usize) {
@@ -417,21 +445,6 @@ impl Worker {
             log_connection(frontend, &conn, self.now);
         }
         conn.release(&mut self.io);
-    }
-
-    /// Re-arms receives that found every buffer in use, now that some came
-    /// back.
-    fn serve_buffer_waiters(&mut self) -> std::io::Result<()> {
-        while self.io.bufs.any_free() {
-            let Some((key, dir)) = self.io.buf_waiters.pop_front() else {
-                break;
-            };
-            if let Some(conn) = self.conns.get_mut(key) {
-                // It found no buffer, so data was waiting.
-                conn.arm_read(key, dir, Ready::Maybe, &mut self.io)?;
-            }
-        }
-        Ok(())
     }
 
     fn arm_wake(&mut self) -> std::io::Result<()> {
@@ -495,10 +508,23 @@ impl Worker {
         self.apply_control()?;
         let mut sweep = std::mem::take(&mut self.sweep);
         for (key, conn) in self.conns.iter() {
+            let frontend = &self.listeners[conn.frontend].shared;
+            if conn.phase == Phase::Connecting {
+                // The linked timeout ends every connect; this is the net
+                // under it, should the kernel ever not deliver it.
+                let limit = frontend.config.connect_timeout + Duration::from_secs(1);
+                if self.now.saturating_duration_since(conn.last_active) > limit {
+                    log::error!(
+                        "worker {}: a connect outlived its timeout; closing it",
+                        self.id
+                    );
+                    sweep.push((key, End::LocalError));
+                }
+                continue;
+            }
             if conn.phase != Phase::Relaying {
                 continue;
             }
-            let frontend = &self.listeners[conn.frontend].shared;
             if self.now.saturating_duration_since(conn.last_active) >= frontend.config.idle_timeout
             {
                 sweep.push((key, End::IdleTimeout));
