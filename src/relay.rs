@@ -97,6 +97,9 @@ pub struct Direction {
     eof: bool,
     /// The end of stream was passed on: nothing more will move.
     done: bool,
+    /// The source ended with a reset: once the pipe is flushed, the reset is
+    /// passed on instead of an end of stream.
+    source_reset: bool,
     pub bytes: u64,
 }
 
@@ -122,10 +125,15 @@ pub struct Conn {
     /// Looked up at accept only when debug logging is on: by the time the
     /// connection is logged the peer may be gone.
     pub client_addr: Option<std::net::SocketAddr>,
+    /// The socket that gets the reset passed on, once the bytes already
+    /// queued to it are delivered (or the deadline passes).
+    reset_to: Option<(RawFd, Instant)>,
 }
 
 /// IORING_RECVSEND_POLL_FIRST (the crate keeps its `sys` module private).
 const RECVSEND_POLL_FIRST: u16 = 1;
+/// How long a reset waits for the bytes already queued to the other peer.
+const RESET_FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Large enough that one splice moves what the pipe holds.
 const SPLICE_LEN: usize = 1 << 20;
 /// Most bytes one direction moves per turn before it yields to the event
@@ -149,6 +157,7 @@ impl Conn {
             end: None,
             connected: false,
             client_addr: None,
+            reset_to: None,
         }
     }
 
@@ -330,7 +339,7 @@ impl Conn {
         if self.phase == Phase::Closing || res < 0 {
             io.bufs.give_back(held.bid);
             if self.phase != Phase::Closing {
-                return self.close(key, Self::reset_of_sink(dir), io);
+                return self.sink_failed(key, dir, io);
             }
             return Ok(());
         }
@@ -392,7 +401,11 @@ impl Conn {
                         moved += n;
                     }
                     Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => dry = true,
-                    Err(_) => return self.close(key, Self::reset_of_source(dir), io),
+                    Err(_) => {
+                        // Deliver what the pipe holds, then pass the reset on.
+                        d.eof = true;
+                        d.source_reset = true;
+                    }
                 }
             }
             if d.in_pipe > 0 {
@@ -402,11 +415,14 @@ impl Conn {
                     Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
                         return self.wait_writable(key, dir, io);
                     }
-                    Err(_) => return self.close(key, Self::reset_of_sink(dir), io),
+                    Err(_) => return self.sink_failed(key, dir, io),
                 }
                 continue;
             }
             if d.eof {
+                if d.source_reset {
+                    return self.close(key, Self::reset_of_source(dir), io);
+                }
                 return self.finish_direction(key, dir, io);
             }
             if dry {
@@ -440,6 +456,18 @@ impl Conn {
         Ok(())
     }
 
+    /// Writing to a direction's sink failed: that peer reset. The other
+    /// direction reads from the same socket, drains what the peer sent
+    /// before its reset and then sees the reset itself; only if it has
+    /// already ended does the connection close here.
+    fn sink_failed(&mut self, key: usize, dir: usize, io: &mut Io) -> std::io::Result<()> {
+        self.dirs[dir].done = true;
+        if self.dirs[1 - dir].done {
+            return self.close(key, Self::reset_of_sink(dir), io);
+        }
+        Ok(())
+    }
+
     /// Starts closing: resets are passed on, every operation still in
     /// flight on either socket is cancelled, and the worker frees the
     /// connection when the last completion arrives.
@@ -449,13 +477,18 @@ impl Conn {
         }
         self.phase = Phase::Closing;
         self.end = Some(end);
+        let deadline = Instant::now() + RESET_FLUSH_LIMIT;
         match end {
-            End::ClientReset if self.backend >= 0 => uring::set_linger_zero(self.backend),
-            End::BackendReset | End::BackendDown => uring::set_linger_zero(self.client),
+            End::ClientReset if self.backend >= 0 => self.reset_to = Some((self.backend, deadline)),
+            End::BackendReset => self.reset_to = Some((self.client, deadline)),
+            End::BackendDown => {
+                // Cut off at once: that is what the operator asked for.
+                uring::set_linger_zero(self.client);
+                if self.backend >= 0 {
+                    uring::set_linger_zero(self.backend);
+                }
+            }
             _ => {}
-        }
-        if end == End::BackendDown && self.backend >= 0 {
-            uring::set_linger_zero(self.backend);
         }
         if self.inflight > 0 {
             for fd in [self.client, self.backend] {
@@ -471,10 +504,23 @@ impl Conn {
         Ok(())
     }
 
+    /// A reset is about to be passed on while the other peer has not yet
+    /// received every byte queued to it: the connection waits (the worker
+    /// looks again each tick), up to a limit.
+    pub fn flushing(&self, now: Instant) -> bool {
+        let Some((fd, deadline)) = self.reset_to else {
+            return false;
+        };
+        now < deadline && uring::unsent_bytes(fd) > 0
+    }
+
     /// Closes the fds and gives back the pipes; only once nothing is in
     /// flight.
     pub fn release(&mut self, io: &mut Io) {
         debug_assert_eq!(self.inflight, 0);
+        if let Some((fd, _)) = self.reset_to {
+            uring::set_linger_zero(fd);
+        }
         for d in &mut self.dirs {
             if let Some(held) = d.held.take() {
                 io.bufs.give_back(held.bid);

@@ -399,6 +399,15 @@ pub fn shutdown_write(fd: RawFd) {
     unsafe { libc::shutdown(fd, libc::SHUT_WR) };
 }
 
+/// Bytes queued on a socket and not yet acknowledged by its peer.
+pub fn unsent_bytes(fd: RawFd) -> usize {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (same number as TIOCOUTQ) writes one int through the
+    // pointer; an error leaves 0, which ends the wait.
+    unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) };
+    queued.max(0) as usize
+}
+
 /// Makes the next close send a reset instead of a FIN, so a reset on one
 /// side is passed on as a reset, not as a clean end.
 pub fn set_linger_zero(fd: RawFd) {

@@ -65,7 +65,8 @@ pub struct Worker {
     stopping: bool,
     last_local_warning: Option<Instant>,
     batch: Vec<(u64, i32, u32)>,
-    sweep: Vec<(usize, End)>,
+    /// Connections the tick closes (with why), or only retries to free.
+    sweep: Vec<(usize, Option<End>)>,
 }
 
 impl Worker {
@@ -425,7 +426,12 @@ impl Worker {
     }
 
     fn free_if_finished(&mut self, key: usize) {
-        if !self.conns.get(key).is_some_and(Conn::is_finished) {
+        let now = self.now;
+        if !self
+            .conns
+            .get(key)
+            .is_some_and(|c| c.is_finished() && !c.flushing(now))
+        {
             return;
         }
         let mut conn = self.conns.remove(key);
@@ -509,6 +515,11 @@ impl Worker {
         let mut sweep = std::mem::take(&mut self.sweep);
         for (key, conn) in self.conns.iter() {
             let frontend = &self.listeners[conn.frontend].shared;
+            if conn.is_finished() {
+                // Waiting for queued bytes before passing a reset on.
+                sweep.push((key, None));
+                continue;
+            }
             if conn.phase == Phase::Connecting {
                 // The linked timeout ends every connect; this is the net
                 // under it, should the kernel ever not deliver it.
@@ -518,7 +529,7 @@ impl Worker {
                         "worker {}: a connect outlived its timeout; closing it",
                         self.id
                     );
-                    sweep.push((key, End::LocalError));
+                    sweep.push((key, Some(End::LocalError)));
                 }
                 continue;
             }
@@ -527,15 +538,17 @@ impl Worker {
             }
             if self.now.saturating_duration_since(conn.last_active) >= frontend.config.idle_timeout
             {
-                sweep.push((key, End::IdleTimeout));
+                sweep.push((key, Some(End::IdleTimeout)));
             } else if frontend.config.on_down == OnDown::Shutdown
                 && !frontend.pool.backends[conn.backend_index].is_up()
             {
-                sweep.push((key, End::BackendDown));
+                sweep.push((key, Some(End::BackendDown)));
             }
         }
         for &(key, end) in &sweep {
-            self.conns[key].close(key, end, &mut self.io)?;
+            if let Some(end) = end {
+                self.conns[key].close(key, end, &mut self.io)?;
+            }
             self.free_if_finished(key);
         }
         sweep.clear();

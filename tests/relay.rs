@@ -209,6 +209,72 @@ fn a_backend_reset_mid_stream_resets_the_client() {
 }
 
 #[test]
+fn bytes_sent_before_a_backend_reset_still_reach_a_slow_client() {
+    // The backend sends 2 MiB, waits until ringlb's kernel has acknowledged
+    // all of it, then resets. The client reads only later. Every byte the
+    // backend delivered must reach the client before the reset does.
+    const LEN: u64 = 2 << 20;
+    let reset = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&reset);
+    let backend = Backend::start(Arc::new(move |mut s: TcpStream| {
+        let mut req = [0u8; 3];
+        if s.read_exact(&mut req).is_err() || &req != b"req" {
+            return; // a health check
+        }
+        let _ = send_payload(&mut s, 11, LEN);
+        while unacked(&s) > 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        drop(s);
+        flag.store(true, SeqCst);
+    }));
+    let addr = backend.addr_str();
+    let ringlb = Ringlb::start(&["--backend", &addr]);
+    let mut s = ringlb.connect();
+    s.write_all(b"req").unwrap();
+    assert!(eventually(Duration::from_secs(10), || reset.load(SeqCst)));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut got = Digest::default();
+    let mut buf = vec![0u8; 1 << 16];
+    let end = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Err(e) => break Err(e.kind()),
+            Ok(n) => got.update(&buf[..n]),
+        }
+    };
+    let mut expected = Digest::default();
+    let mut payload = Payload::new(11);
+    let mut chunk = vec![0u8; 256 * 1024];
+    for _ in 0..LEN / chunk.len() as u64 {
+        payload.fill(&mut chunk);
+        expected.update(&chunk);
+    }
+    assert_eq!(got.len, LEN, "bytes lost when the reset was passed on");
+    assert_eq!(got, expected);
+    assert_eq!(
+        end,
+        Err(ErrorKind::ConnectionReset),
+        "then the reset itself is passed on"
+    );
+}
+
+/// Bytes a socket sent that its peer has not acknowledged yet.
+fn unacked(s: &TcpStream) -> i32 {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int through the pointer.
+    unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            libc::TIOCOUTQ,
+            &mut queued,
+        )
+    };
+    queued
+}
+
+#[test]
 fn a_client_reset_resets_the_backend() {
     let outcome = Arc::new(std::sync::Mutex::new(None));
     let seen = Arc::clone(&outcome);
