@@ -195,7 +195,7 @@ impl Conn {
         self.phase == Phase::Closing && self.inflight == 0
     }
 
-    pub fn submit(&mut self, io: &mut Io, entry: squeue::Entry) -> std::io::Result<()> {
+    fn submit(&mut self, io: &mut Io, entry: squeue::Entry) -> std::io::Result<()> {
         io.push(&entry)?;
         self.inflight += 1;
         Ok(())
@@ -287,9 +287,6 @@ impl Conn {
         // A receive from the buffer ring consumes a buffer even when it
         // returns no data (end of stream): whatever is not kept goes back.
         let bid = cqueue::buffer_select(flags);
-        if bid.is_some() {
-            io.bufs.taken();
-        }
         let keep = match bid {
             Some(bid) if res > 0 && self.phase != Phase::Closing => Some(bid),
             Some(bid) => {
@@ -477,10 +474,12 @@ impl Conn {
         }
         self.phase = Phase::Closing;
         self.end = Some(end);
-        let deadline = Instant::now() + RESET_FLUSH_LIMIT;
+        let flush_until = || Instant::now() + RESET_FLUSH_LIMIT;
         match end {
-            End::ClientReset if self.backend >= 0 => self.reset_to = Some((self.backend, deadline)),
-            End::BackendReset => self.reset_to = Some((self.client, deadline)),
+            End::ClientReset if self.backend >= 0 => {
+                self.reset_to = Some((self.backend, flush_until()))
+            }
+            End::BackendReset => self.reset_to = Some((self.client, flush_until())),
             End::BackendDown => {
                 // Cut off at once: that is what the operator asked for.
                 uring::set_linger_zero(self.client);

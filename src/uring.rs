@@ -190,8 +190,6 @@ pub struct BufRing {
     size: usize,
     memory: *mut u8,
     tail: u16,
-    /// Buffers the kernel handed out and we have not given back yet.
-    outstanding: u16,
     entries_layout: std::alloc::Layout,
     memory_layout: std::alloc::Layout,
 }
@@ -223,7 +221,6 @@ impl BufRing {
             size,
             memory,
             tail: 0,
-            outstanding: 0,
             entries_layout,
             memory_layout,
         };
@@ -272,20 +269,8 @@ impl BufRing {
         }
     }
 
-    /// Notes that a completion carried buffer `bid` out of the ring.
-    pub fn taken(&mut self) {
-        self.outstanding += 1;
-    }
-
-    /// Buffers handed out and not given back: all of them means receives
-    /// fail with ENOBUFS until sends complete.
-    pub fn outstanding(&self) -> u16 {
-        self.outstanding
-    }
-
     /// Gives a buffer back once its bytes have been sent.
     pub fn give_back(&mut self, bid: u16) {
-        self.outstanding = self.outstanding.saturating_sub(1);
         self.put(bid);
         self.publish();
     }
