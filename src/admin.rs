@@ -26,8 +26,15 @@ pub fn serve(addr: SocketAddr, frontends: Vec<Arc<Frontend>>) -> std::io::Result
 fn answer(mut stream: TcpStream, frontends: &[Arc<Frontend>]) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+    // The request line may come in pieces: read until it is whole.
     let mut request = [0u8; 1024];
-    let n = stream.read(&mut request).unwrap_or(0);
+    let mut n = 0;
+    while n < request.len() && !request[..n].windows(2).any(|w| w == b"\r\n") {
+        match stream.read(&mut request[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(read) => n += read,
+        }
+    }
     let head = String::from_utf8_lossy(&request[..n]);
     let path = head.split_whitespace().nth(1).unwrap_or("");
     let (status, body) = match path {

@@ -42,6 +42,10 @@ pub struct Cli {
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
 
+    /// Receive buffers per worker, 16 KiB each, a power of two; only messages in flight hold one [default: 1024]
+    #[arg(long, value_name = "N")]
+    buffers: Option<u32>,
+
     /// Time allowed to connect to a backend before trying the next
     #[arg(long, value_name = "DUR", default_value = "2s", value_parser = config::parse_duration, conflicts_with = "config")]
     connect_timeout: Duration,
@@ -151,6 +155,9 @@ impl Cli {
             if let Some(workers) = self.workers {
                 config.workers = workers;
             }
+            if let Some(buffers) = self.buffers {
+                config.buffers = buffers;
+            }
             if let Some(drain_timeout) = self.drain_timeout {
                 config.drain_timeout = drain_timeout;
             }
@@ -187,6 +194,7 @@ impl Cli {
         };
         let config = Config {
             workers: self.workers.unwrap_or_else(config::default_workers),
+            buffers: self.buffers.unwrap_or(config::DEFAULT_BUFFERS),
             drain_timeout: self.drain_timeout.unwrap_or(config::DEFAULT_DRAIN_TIMEOUT),
             frontends: vec![frontend],
         };

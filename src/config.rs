@@ -22,6 +22,11 @@ pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_RISE: u32 = 2;
 pub const DEFAULT_FALL: u32 = 3;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Receive buffers per worker (16 KiB each: 16 MiB). Only messages in
+/// flight hold one, so this bounds memory, not connections.
+pub const DEFAULT_BUFFERS: u32 = 1024;
+/// io_uring's limit for a provided-buffer ring.
+pub const MAX_BUFFERS: u32 = 32768;
 const MAX_DURATION: Duration = Duration::from_secs(365 * 86400);
 
 /// How a frontend spreads its connections over its backends.
@@ -105,6 +110,9 @@ pub struct FrontendConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub workers: usize,
+    /// Size of each worker's receive-buffer ring. When every buffer is held
+    /// by a send to a slow peer, receives move to splice, which needs none.
+    pub buffers: u32,
     pub drain_timeout: Duration,
     pub frontends: Vec<FrontendConfig>,
 }
@@ -268,6 +276,7 @@ pub fn parse_address(text: &str) -> Result<SocketAddr, String> {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawConfig {
     workers: Option<usize>,
+    buffers: Option<u32>,
     drain_timeout: Option<Spanned<String>>,
     #[serde(default)]
     frontend: Vec<Spanned<RawFrontend>>,
@@ -424,6 +433,7 @@ impl Config {
         }
         let config = Config {
             workers: raw.workers.unwrap_or_else(default_workers),
+            buffers: raw.buffers.unwrap_or(DEFAULT_BUFFERS),
             drain_timeout: src
                 .duration(&raw.drain_timeout, "drain-timeout")?
                 .unwrap_or(DEFAULT_DRAIN_TIMEOUT),
@@ -447,6 +457,12 @@ impl Config {
             return Err(format!(
                 "workers must be between 1 and 1024, not {}",
                 self.workers
+            ));
+        }
+        if !self.buffers.is_power_of_two() || self.buffers > MAX_BUFFERS {
+            return Err(format!(
+                "buffers must be a power of two between 1 and {MAX_BUFFERS}, not {}",
+                self.buffers
             ));
         }
         for frontend in &self.frontends {
@@ -520,6 +536,7 @@ mod tests {
     fn a_full_file_resolves_with_defaults() {
         let text = r#"
             workers = 2
+            buffers = 4096
             [[frontend]]
             name = "web"
             listen = "127.0.0.1:8080"
@@ -537,6 +554,7 @@ mod tests {
         "#;
         let config = Config::from_toml(text, "test.toml").expect("valid config");
         assert_eq!(config.workers, 2);
+        assert_eq!(config.buffers, 4096);
         let web = &config.frontends[0];
         assert_eq!(web.mode, Mode::ActiveActive);
         assert_eq!(web.check.interval, DEFAULT_CHECK_INTERVAL);

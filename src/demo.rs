@@ -172,6 +172,7 @@ fn tour() -> Result<Tally, String> {
         DemoBackend::start("app2", loopback).map_err(|e| format!("cannot start app2: {e}"))?;
     let config = Config {
         workers: 2,
+        buffers: crate::config::DEFAULT_BUFFERS,
         drain_timeout: Duration::from_secs(1),
         frontends: vec![
             frontend("web", Mode::ActiveActive, &[&app1, &app2]),

@@ -16,6 +16,9 @@ pub struct FrontendStats {
     pub rejected_maxconn: AtomicU64,
     /// Closed because no backend was up or every one failed to connect.
     pub no_backend: AtomicU64,
+    /// Receives that found the worker's buffers all held (by sends to slow
+    /// peers) and moved to splice: a sign that `buffers` is too small.
+    pub buffers_exhausted: AtomicU64,
 }
 
 /// A metric: name, Prometheus type, and where its value lives.
@@ -24,7 +27,7 @@ type Metric<S> = (&'static str, &'static str, fn(&S) -> &AtomicU64);
 /// All counters of all frontends, one metric family per counter.
 pub fn render(frontends: &[Arc<Frontend>]) -> String {
     let mut out = String::new();
-    let frontend_metrics: [Metric<FrontendStats>; 4] = [
+    let frontend_metrics: [Metric<FrontendStats>; 5] = [
         ("ringlb_frontend_connections_total", "counter", |s| {
             &s.accepted
         }),
@@ -34,6 +37,9 @@ pub fn render(frontends: &[Arc<Frontend>]) -> String {
         }),
         ("ringlb_frontend_no_backend_total", "counter", |s| {
             &s.no_backend
+        }),
+        ("ringlb_frontend_buffers_exhausted_total", "counter", |s| {
+            &s.buffers_exhausted
         }),
     ];
     for (name, kind, get) in frontend_metrics {

@@ -125,12 +125,13 @@ impl Server {
             let frontends = server.frontends.clone();
             let control = Arc::clone(&server.control);
             let ready = ready_tx.clone();
+            let buffers = config.buffers;
             let handle = std::thread::Builder::new()
                 .name(format!("ringlb-worker-{id}"))
                 .spawn(move || {
                     // The ring is made on the thread that uses it: the
                     // single-issuer flag ties it to this thread.
-                    match Worker::new(id, &frontends, worker_sockets, control, wake_fd) {
+                    match Worker::new(id, &frontends, worker_sockets, control, wake_fd, buffers) {
                         Ok(worker) => {
                             let _ = ready.send(Ok(()));
                             worker.run()

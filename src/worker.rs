@@ -20,9 +20,9 @@ use crate::uring::{self, BufRing, Io, Op, PipePool, token, untoken};
 
 /// Submission queue size; the completion queue is four times larger.
 const RING_ENTRIES: u32 = 1024;
-/// Receive buffers per worker: 1024 x 16 KiB. 16 KiB is HAProxy's bufsize;
-/// a receive that fills one switches its direction to splicing.
-const BUFFERS: u16 = 1024;
+/// Size of each receive buffer (their number is the `buffers` setting).
+/// 16 KiB is HAProxy's bufsize; a receive that fills one switches its
+/// direction to splicing.
 const BUFFER_SIZE: usize = 16 * 1024;
 const PIPES_KEPT: usize = 256;
 /// 1 MiB (the default pipe-max-size): measured with iperf3 through one
@@ -76,9 +76,12 @@ impl Worker {
         sockets: Vec<Socket>,
         control: Arc<Control>,
         wake_fd: RawFd,
+        buffers: u32,
     ) -> std::io::Result<Worker> {
         let ring = uring::new_ring(RING_ENTRIES)?;
-        let bufs = BufRing::new(&ring, BUFFERS, BUFFER_SIZE)?;
+        let count = u16::try_from(buffers)
+            .map_err(|_| std::io::Error::other(format!("{buffers} buffers is above the limit")))?;
+        let bufs = BufRing::new(&ring, count, BUFFER_SIZE)?;
         let listeners = frontends
             .iter()
             .zip(sockets)
@@ -209,6 +212,10 @@ impl Worker {
             Op::Recv0 | Op::Recv1 => {
                 conn.last_active = self.now;
                 conn.on_recv(key, dir_of(op), res, flags, io)?;
+                if res == -libc::ENOBUFS {
+                    let stats = &self.listeners[conn.frontend].shared.stats;
+                    stats.buffers_exhausted.fetch_add(1, Relaxed);
+                }
             }
             Op::Send0 | Op::Send1 => {
                 conn.last_active = self.now;

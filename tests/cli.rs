@@ -279,6 +279,9 @@ fn out_of_range_numbers_are_refused() {
     let base = ["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1"];
     for (flag, value, needle) in [
         ("--workers", "0", "workers"),
+        ("--buffers", "0", "buffers must be a power of two"),
+        ("--buffers", "1000", "not 1000"),
+        ("--buffers", "65536", "32768"),
         ("--rise", "0", "rise"),
         ("--fall", "0", "fall"),
         ("--maxconn", "0", "maxconn"),
@@ -348,6 +351,15 @@ fn bad_backend_address_names_address_and_line() {
         "[[frontend]]\nlisten = \"127.0.0.1:0\"\nbackends = [\n  \"127.0.0.1:1\",\n  \"nohost\",\n]\n",
     );
     ringlb(&["--config", file.path()]).assert_error(1, &[&file.at(5), "'nohost'", "backends"]);
+}
+
+#[test]
+fn bad_buffer_count_in_file_is_named() {
+    let file = TempConfig::new(
+        "buffers.toml",
+        "buffers = 1000\n[[frontend]]\nlisten = \"127.0.0.1:0\"\nbackends = [\"127.0.0.1:1\"]\n",
+    );
+    ringlb(&["--config", file.path()]).assert_error(1, &["buffers.toml", "buffers", "1000"]);
 }
 
 #[test]
@@ -547,6 +559,7 @@ fn help_lists_every_option_and_default() {
         "--backend",
         "--mode",
         "--workers",
+        "--buffers",
         "--connect-timeout",
         "--idle-timeout",
         "--check-interval",
@@ -578,6 +591,7 @@ fn help_lists_every_option_and_default() {
         "[default: active-active]",
         "[default: keep]",
         "[default: number of cores]",
+        "[default: 1024]",
         "[default: no limit]",
         "at most 1s",
     ] {

@@ -409,3 +409,126 @@ fn wait_exit(ringlb: &mut Ringlb, timeout: Duration) -> Option<std::process::Exi
     }
     None
 }
+
+/// A backend for the buffer-exhaustion test. A client that sends `S` and an
+/// id gets a stream of 1,000-byte messages, one every 200 us (each arrives
+/// alone, so ringlb copies it through a ring buffer), until a write has
+/// been blocked for 300 ms: the client does not read, so ringlb's send to
+/// it is stuck holding that buffer. The digest of what was written is kept
+/// under the id. A client that sends `E` gets an echo.
+fn stalling_backend(written: Arc<std::sync::Mutex<Vec<(u8, Digest)>>>) -> Backend {
+    Backend::start(Arc::new(move |mut s: TcpStream| {
+        let mut hello = [0u8; 2];
+        if s.read_exact(&mut hello).is_err() {
+            return; // a health check
+        }
+        if hello[0] == b'E' {
+            let _ = s.write_all(&hello[1..]);
+            return echo()(s);
+        }
+        s.set_write_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut payload = Payload::new(u64::from(hello[1]));
+        let mut digest = Digest::default();
+        let mut chunk = [0u8; 1000];
+        let mut sent = chunk.len();
+        loop {
+            if sent == chunk.len() {
+                payload.fill(&mut chunk);
+                sent = 0;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            match s.write(&chunk[sent..]) {
+                Ok(n) => {
+                    digest.update(&chunk[sent..sent + n]);
+                    sent += n;
+                }
+                Err(_) => break,
+            }
+        }
+        written.lock().unwrap().push((hello[1], digest));
+        let _ = s.shutdown(Shutdown::Write);
+        let _ = s.read_to_end(&mut Vec::new());
+    }))
+}
+
+#[test]
+fn exhausted_buffers_fall_back_to_splice_and_lose_nothing() {
+    // One worker with two receive buffers, and streams of small messages
+    // (copied through ring buffers) to clients that do not read: each send
+    // that cannot complete holds its buffer. Streams are added until a
+    // receive finds both buffers held and moves its direction to splice.
+    // Those streams must still deliver every byte once their clients read,
+    // and a new client must be served meanwhile.
+    let written = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let backend = stalling_backend(Arc::clone(&written));
+    let addr = backend.addr_str();
+    let ringlb = Ringlb::start(&[
+        "--backend",
+        &addr,
+        "--workers",
+        "1",
+        "--buffers",
+        "2",
+        "--stats",
+        "127.0.0.1:0",
+    ]);
+    let series = "ringlb_frontend_buffers_exhausted_total{frontend=\"default\"}";
+    let exhausted = || ringlb.metric(series).expect("the exhaustion counter");
+    let mut stalled = Vec::new();
+    for id in 1..=24u8 {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(&ringlb.addr.into()).unwrap();
+        let mut s = TcpStream::from(socket);
+        s.write_all(&[b'S', id]).unwrap();
+        stalled.push((s, id));
+        if id % 4 == 0 {
+            assert!(
+                eventually(Duration::from_secs(10), || written.lock().unwrap().len()
+                    == stalled.len()),
+                "the stalled streams never filled up; logs:\n{}",
+                ringlb.logs()
+            );
+            if exhausted() > 0 {
+                break;
+            }
+        }
+    }
+    assert!(
+        exhausted() > 0,
+        "24 stalled streams never held both buffers"
+    );
+
+    let mut c = ringlb.connect();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(b"E!").unwrap();
+    let mut reader = c.try_clone().unwrap();
+    let back = std::thread::spawn(move || read_digest(&mut reader));
+    send_payload(&mut c, 5, 1 << 20).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut expected = Digest::default();
+    expected.update(b"!");
+    let mut buf = vec![0u8; 1 << 20];
+    Payload::new(5).fill(&mut buf);
+    expected.update(&buf);
+    assert_eq!(
+        back.join().unwrap().expect("echo while buffers are short"),
+        expected
+    );
+
+    for (mut s, id) in stalled {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let got = read_digest(&mut s).expect("the stalled stream completes");
+        let want = written
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, d)| *d)
+            .unwrap();
+        assert!(want.len > 0);
+        assert_eq!(got, want, "stream {id}: every byte, once, in order");
+    }
+}

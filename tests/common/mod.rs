@@ -113,6 +113,40 @@ impl Ringlb {
         }
     }
 
+    /// The stats endpoint's address, from its log line (`--stats ADDR`).
+    pub fn stats_addr(&self) -> SocketAddr {
+        let line = self
+            .wait_log("metrics on http://", Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("no stats endpoint; logs:\n{}", self.logs()));
+        line.split("http://")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .expect("stats address in log")
+    }
+
+    /// GET `path` from the stats endpoint: the status line and the body.
+    pub fn scrape(&self, path: &str) -> (String, String) {
+        let mut s = TcpStream::connect(self.stats_addr()).expect("connect to stats");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .expect("send the request");
+        let mut response = String::new();
+        s.read_to_string(&mut response).expect("stats response");
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        (
+            head.lines().next().unwrap_or("").to_string(),
+            body.to_string(),
+        )
+    }
+
+    /// The value of one metric line (`name{labels}`), if present.
+    pub fn metric(&self, series: &str) -> Option<u64> {
+        let (_, body) = self.scrape("/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    }
+
     pub fn connect(&self) -> TcpStream {
         let s = TcpStream::connect(self.addr).expect("connect to ringlb");
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();

@@ -1,0 +1,75 @@
+//! The stats endpoint over a real socket: Prometheus text that counts what
+//! happened, backend state as health checks see it, and a 404 elsewhere.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn metrics_count_connections_bytes_and_backend_state() {
+    let live = Backend::start(echo());
+    let live_name = live.addr_str();
+    let dead_name = refused_addr().to_string();
+    let ringlb = Ringlb::start(&[
+        "--backend",
+        &live_name,
+        "--backend",
+        &dead_name,
+        "--check-interval",
+        "100ms",
+        "--fall",
+        "1",
+        "--stats",
+        "127.0.0.1:0",
+    ]);
+    ringlb
+        .wait_log(
+            &format!("backend {dead_name} is DOWN"),
+            Duration::from_secs(5),
+        )
+        .expect("the refusing backend is marked down");
+    for _ in 0..3 {
+        let mut s = ringlb.connect();
+        s.write_all(&[7u8; 1000]).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).unwrap();
+        assert_eq!(back.len(), 1000);
+    }
+
+    let frontend = |name: &str| format!("{name}{{frontend=\"default\"}}");
+    let backend = |name: &str, b: &str| format!("{name}{{frontend=\"default\",backend=\"{b}\"}}");
+    // Bytes are added when a connection is freed, just after the client sees
+    // its end of stream.
+    assert!(eventually(Duration::from_secs(5), || {
+        ringlb.metric(&backend("ringlb_backend_bytes_received_total", &live_name)) == Some(3000)
+    }));
+    let expect = [
+        (frontend("ringlb_frontend_connections_total"), 3),
+        (frontend("ringlb_frontend_connections_active"), 0),
+        (frontend("ringlb_frontend_buffers_exhausted_total"), 0),
+        (backend("ringlb_backend_connections_total", &live_name), 3),
+        (backend("ringlb_backend_connections_total", &dead_name), 0),
+        (backend("ringlb_backend_bytes_sent_total", &live_name), 3000),
+        (backend("ringlb_backend_up", &live_name), 1),
+        (backend("ringlb_backend_up", &dead_name), 0),
+        (backend("ringlb_backend_marked_down_total", &dead_name), 1),
+        (backend("ringlb_backend_marked_down_total", &live_name), 0),
+    ];
+    let (status, body) = ringlb.scrape("/metrics");
+    assert!(status.contains("200"), "{status}");
+    for (series, value) in expect {
+        let line = body
+            .lines()
+            .find(|l| l.starts_with(&format!("{series} ")))
+            .unwrap_or_else(|| panic!("no {series} in:\n{body}"));
+        assert_eq!(line, format!("{series} {value}"), "in:\n{body}");
+    }
+    assert!(body.contains("# TYPE ringlb_backend_up gauge"));
+    let (status, _) = ringlb.scrape("/nope");
+    assert!(status.contains("404"), "{status}");
+}
