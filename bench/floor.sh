@@ -15,7 +15,8 @@
 # whole machine's CPU per request (the only fair figure for sockmap, whose
 # work runs in kernel worker threads), and TCP segments sent per request on
 # loopback, both legs and both directions (nginx with sendfile sends a
-# response's header and body as two segments: 4 per request direct).
+# response's header and body as two segments: 4 per request direct), and
+# wrk's errors. Per-request figures divide by wrk's rate x the duration.
 # With --perf it also profiles ringlb's worker once and splits its time into
 # the TCP/IP stack, io_uring, scheduling and the rest.
 #
@@ -59,7 +60,10 @@ LIMIT=$((ROUNDS * 8 * (DURATION + 5) + 600))
     sp=$!
     wait "$sp"
     echo "floor.sh: watchdog: stopping after ${LIMIT}s" >&2
+    # The main shell runs its TERM trap only once its foreground command
+    # returns: end that command (a child of the main shell, by PID) too.
     kill -TERM $$
+    pkill -TERM -P $$
 ) &
 PIDS+=($!)
 
@@ -121,7 +125,7 @@ PID[sockmap]=$!
 PIDS+=("${PID[haproxy]}" "${PID[ringlb]}" "${PID[sockmap]}")
 sleep 1
 for sys in direct haproxy ringlb sockmap; do
-    curl -sf -o /dev/null "http://127.0.0.1:${PORT[$sys]}/1m" ||
+    curl -sf --max-time 5 -o /dev/null "http://127.0.0.1:${PORT[$sys]}/1m" ||
         { echo "floor.sh: $sys does not serve (logs in $WORK)" >&2; exit 1; }
 done
 
@@ -132,21 +136,24 @@ out_segs() { awk '/^Tcp:/ {n++; if (n == 1) for (i = 1; i <= NF; i++) if ($i == 
 HZ=$(getconf CLK_TCK)
 RAW=$WORK/raw.txt
 measure() { # ROUND SCENARIO SYSTEM PATH CONNS
-    local r=$1 sc=$2 sys=$3 path=$4 conns=$5 m0 p0 s0 m1 p1 s1 out rps
+    local r=$1 sc=$2 sys=$3 path=$4 conns=$5 m0 p0 s0 m1 p1 s1 out rps errors
     m0=$(busy_jiffies) p0=$(proc_jiffies "${PID[$sys]:-}") s0=$(out_segs)
     out=$(timeout $((DURATION + 10)) wrk -t1 "-c$conns" "-d${DURATION}s" "http://127.0.0.1:${PORT[$sys]}$path")
     m1=$(busy_jiffies) p1=$(proc_jiffies "${PID[$sys]:-}") s1=$(out_segs)
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    # Socket errors and non-2xx answers are counted in wrk's rate: report them.
+    errors=$(awk '/Socket errors/ {gsub(",", ""); e += $4 + $6 + $8 + $10} /Non-2xx/ {e += $NF} END {print e + 0}' <<<"$out")
+    [[ $errors == 0 ]] || echo "floor.sh: WARNING: $sys $sc round $r: $errors wrk errors" >&2
     awk -v r="$r" -v sc="$sc" -v sys="$sys" -v rps="$rps" -v d="$DURATION" -v hz="$HZ" \
-        -v m=$((m1 - m0)) -v p=$((p1 - p0)) -v s=$((s1 - s0)) 'BEGIN {
+        -v m=$((m1 - m0)) -v p=$((p1 - p0)) -v s=$((s1 - s0)) -v e="$errors" 'BEGIN {
         n = rps * d
-        printf "%d %s %s %.0f %.2f %.2f %.2f\n", r, sc, sys, rps, p / hz * 1e6 / n, m / hz * 1e6 / n, s / n }' |
+        printf "%d %s %s %.0f %.2f %.2f %.2f %d\n", r, sc, sys, rps, p / hz * 1e6 / n, m / hz * 1e6 / n, s / n, e }' |
         tee -a "$RAW"
 }
 
 echo "floor.sh: $(date -u +%FT%TZ), $(nproc) cores, $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 echo "commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'), $ROUNDS rounds x ${DURATION}s, order rotated each round"
-echo "round scenario system req/s proxy_us/req machine_us/req segments/req"
+echo "round scenario system req/s proxy_us/req machine_us/req segments/req wrk_errors"
 systems=(direct haproxy ringlb sockmap)
 for r in $(seq "$ROUNDS"); do
     k=$(((r - 1) % ${#systems[@]}))

@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::metrics;
 use crate::server::Frontend;
@@ -23,19 +23,14 @@ pub fn serve(addr: SocketAddr, frontends: Vec<Arc<Frontend>>) -> std::io::Result
     Ok(bound)
 }
 
+/// How long one scraper may take to send its request line: the endpoint
+/// serves one connection at a time, so a slow client must not hold it.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+
 fn answer(mut stream: TcpStream, frontends: &[Arc<Frontend>]) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
-    // The request line may come in pieces: read until it is whole.
-    let mut request = [0u8; 1024];
-    let mut n = 0;
-    while n < request.len() && !request[..n].windows(2).any(|w| w == b"\r\n") {
-        match stream.read(&mut request[n..]) {
-            Ok(0) | Err(_) => break,
-            Ok(read) => n += read,
-        }
-    }
-    let head = String::from_utf8_lossy(&request[..n]);
+    let _ = stream.set_write_timeout(Some(REQUEST_DEADLINE));
+    let request = read_request_line(&mut stream);
+    let head = String::from_utf8_lossy(&request);
     let path = head.split_whitespace().nth(1).unwrap_or("");
     let (status, body) = match path {
         "/metrics" | "/" => ("200 OK", metrics::render(frontends)),
@@ -46,4 +41,24 @@ fn answer(mut stream: TcpStream, frontends: &[Arc<Frontend>]) {
         body.len()
     );
     let _ = stream.write_all(response.as_bytes());
+}
+
+/// The request line, which may come in pieces, up to its end of line (CRLF
+/// or a bare LF), 1 KiB, end of stream or the deadline, whichever is first.
+fn read_request_line(stream: &mut TcpStream) -> Vec<u8> {
+    let deadline = Instant::now() + REQUEST_DEADLINE;
+    let mut request = vec![0u8; 1024];
+    let mut n = 0;
+    while n < request.len() && !request[..n].contains(&b'\n') {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        match stream.read(&mut request[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(read) => n += read,
+        }
+    }
+    request.truncate(n);
+    request
 }

@@ -42,7 +42,7 @@ pub struct Cli {
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
 
-    /// Receive buffers per worker, 16 KiB each, a power of two; only messages in flight hold one [default: 1024]
+    /// Receive buffers per worker, 16 KiB each, a power of two up to 32768; only messages in flight hold one [default: 1024]
     #[arg(long, value_name = "N")]
     buffers: Option<u32>,
 

@@ -275,8 +275,8 @@ pub fn parse_address(text: &str) -> Result<SocketAddr, String> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawConfig {
-    workers: Option<usize>,
-    buffers: Option<u32>,
+    workers: Option<Spanned<usize>>,
+    buffers: Option<Spanned<u32>>,
     drain_timeout: Option<Spanned<String>>,
     #[serde(default)]
     frontend: Vec<Spanned<RawFrontend>>,
@@ -400,6 +400,22 @@ impl RawFrontend {
     }
 }
 
+fn check_workers(workers: usize) -> Result<(), String> {
+    if workers == 0 || workers > 1024 {
+        return Err(format!("workers must be between 1 and 1024, not {workers}"));
+    }
+    Ok(())
+}
+
+fn check_buffers(buffers: u32) -> Result<(), String> {
+    if !buffers.is_power_of_two() || buffers > MAX_BUFFERS {
+        return Err(format!(
+            "buffers must be a power of two between 1 and {MAX_BUFFERS}, not {buffers}"
+        ));
+    }
+    Ok(())
+}
+
 pub fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -432,13 +448,26 @@ impl Config {
             frontends.push(frontend);
         }
         let config = Config {
-            workers: raw.workers.unwrap_or_else(default_workers),
-            buffers: raw.buffers.unwrap_or(DEFAULT_BUFFERS),
+            workers: raw
+                .workers
+                .as_ref()
+                .map_or_else(default_workers, |w| *w.get_ref()),
+            buffers: raw
+                .buffers
+                .as_ref()
+                .map_or(DEFAULT_BUFFERS, |b| *b.get_ref()),
             drain_timeout: src
                 .duration(&raw.drain_timeout, "drain-timeout")?
                 .unwrap_or(DEFAULT_DRAIN_TIMEOUT),
             frontends,
         };
+        // Checked here too, where the line of the key is known.
+        if let Some(workers) = &raw.workers {
+            check_workers(*workers.get_ref()).map_err(|m| src.invalid(workers, m))?;
+        }
+        if let Some(buffers) = &raw.buffers {
+            check_buffers(*buffers.get_ref()).map_err(|m| src.invalid(buffers, m))?;
+        }
         config.validate().map_err(|message| ConfigError::Invalid {
             origin: origin.to_string(),
             line: None,
@@ -453,18 +482,8 @@ impl Config {
         if self.frontends.is_empty() {
             return Err("no frontend: add a [[frontend]] table with listen and backends".into());
         }
-        if self.workers == 0 || self.workers > 1024 {
-            return Err(format!(
-                "workers must be between 1 and 1024, not {}",
-                self.workers
-            ));
-        }
-        if !self.buffers.is_power_of_two() || self.buffers > MAX_BUFFERS {
-            return Err(format!(
-                "buffers must be a power of two between 1 and {MAX_BUFFERS}, not {}",
-                self.buffers
-            ));
-        }
+        check_workers(self.workers)?;
+        check_buffers(self.buffers)?;
         for frontend in &self.frontends {
             validate_frontend(frontend).map_err(|e| format!("frontend {}: {e}", frontend.name))?;
         }

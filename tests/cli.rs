@@ -359,7 +359,7 @@ fn bad_buffer_count_in_file_is_named() {
         "buffers.toml",
         "buffers = 1000\n[[frontend]]\nlisten = \"127.0.0.1:0\"\nbackends = [\"127.0.0.1:1\"]\n",
     );
-    ringlb(&["--config", file.path()]).assert_error(1, &["buffers.toml", "buffers", "1000"]);
+    ringlb(&["--config", file.path()]).assert_error(1, &[&file.at(1), "buffers", "1000"]);
 }
 
 #[test]

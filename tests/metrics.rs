@@ -5,13 +5,16 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
-use std::time::Duration;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
 
 use common::*;
 
 #[test]
 fn metrics_count_connections_bytes_and_backend_state() {
-    let live = Backend::start(echo());
+    // The backend answers with its name only, so the two byte counters
+    // differ and cannot be swapped unnoticed.
+    let live = Backend::start(named("live"));
     let live_name = live.addr_str();
     let dead_name = refused_addr().to_string();
     let ringlb = Ringlb::start(&[
@@ -38,7 +41,7 @@ fn metrics_count_connections_bytes_and_backend_state() {
         s.shutdown(Shutdown::Write).unwrap();
         let mut back = Vec::new();
         s.read_to_end(&mut back).unwrap();
-        assert_eq!(back.len(), 1000);
+        assert_eq!(back, b"live");
     }
 
     let frontend = |name: &str| format!("{name}{{frontend=\"default\"}}");
@@ -46,7 +49,7 @@ fn metrics_count_connections_bytes_and_backend_state() {
     // Bytes are added when a connection is freed, just after the client sees
     // its end of stream.
     assert!(eventually(Duration::from_secs(5), || {
-        ringlb.metric(&backend("ringlb_backend_bytes_received_total", &live_name)) == Some(3000)
+        ringlb.metric(&backend("ringlb_backend_bytes_sent_total", &live_name)) == Some(3000)
     }));
     let expect = [
         (frontend("ringlb_frontend_connections_total"), 3),
@@ -54,7 +57,10 @@ fn metrics_count_connections_bytes_and_backend_state() {
         (frontend("ringlb_frontend_buffers_exhausted_total"), 0),
         (backend("ringlb_backend_connections_total", &live_name), 3),
         (backend("ringlb_backend_connections_total", &dead_name), 0),
-        (backend("ringlb_backend_bytes_sent_total", &live_name), 3000),
+        (
+            backend("ringlb_backend_bytes_received_total", &live_name),
+            12,
+        ),
         (backend("ringlb_backend_up", &live_name), 1),
         (backend("ringlb_backend_up", &dead_name), 0),
         (backend("ringlb_backend_marked_down_total", &dead_name), 1),
@@ -72,4 +78,56 @@ fn metrics_count_connections_bytes_and_backend_state() {
     assert!(body.contains("# TYPE ringlb_backend_up gauge"));
     let (status, _) = ringlb.scrape("/nope");
     assert!(status.contains("404"), "{status}");
+}
+
+#[test]
+fn stats_endpoint_takes_a_request_in_pieces_and_is_not_held_by_a_slow_client() {
+    let backend = Backend::start(echo());
+    let ringlb = Ringlb::start(&["--backend", &backend.addr_str(), "--stats", "127.0.0.1:0"]);
+    let stats = ringlb.stats_addr();
+    let get = |pieces: &[&[u8]]| {
+        let mut s = TcpStream::connect(stats).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        for piece in pieces {
+            s.write_all(piece).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut response = String::new();
+        s.read_to_string(&mut response).unwrap();
+        response
+    };
+    let pieces = get(&[b"GET /met", b"rics HTTP/1.1\r\n", b"Host: x\r\n\r\n"]);
+    assert!(pieces.starts_with("HTTP/1.1 200"), "{pieces}");
+    assert!(pieces.contains("ringlb_frontend_connections_total"));
+    let started = Instant::now();
+    let bare_lf = get(&[b"GET /metrics\n"]);
+    assert!(bare_lf.starts_with("HTTP/1.1 200"), "{bare_lf}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A client that connects and sends nothing, then one that trickles a
+    // byte at a time: neither may hold the endpoint past its deadline.
+    let _silent = TcpStream::connect(stats).unwrap();
+    let trickle = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(stats).unwrap();
+        for _ in 0..40 {
+            if s.write_all(b"G").is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let started = Instant::now();
+    let after = get(&[b"GET /metrics HTTP/1.1\r\n\r\n"]);
+    assert!(after.starts_with("HTTP/1.1 200"), "{after}");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "a slow scraper held the endpoint for {:?}",
+        started.elapsed()
+    );
+    trickle.join().unwrap();
 }

@@ -9,8 +9,8 @@
  * timeouts, and an end of stream may overtake bytes still queued in the
  * kernel's redirect worker (the reason it could not replace the relay as is).
  *
- * The BPF program is eleven instructions written out by hand, so that no
- * compiler for BPF is needed:
+ * The BPF program is eleven instructions (twelve slots: the map load is two
+ * wide) written out by hand, so that no compiler for BPF is needed:
  *     key = bpf_get_socket_cookie(skb)          // the receiving socket
  *     bpf_sk_redirect_hash(skb, &peers, &key, 0) // to its peer's egress
  *     return SK_PASS                            // not found: stay local
@@ -146,7 +146,12 @@ static void pair(int ep, int client, const struct sockaddr_in *backend)
 	peer[b] = client;
 	if (map_op(BPF_MAP_UPDATE_ELEM, cookie(client), b) ||
 	    map_op(BPF_MAP_UPDATE_ELEM, cookie(b), client)) {
+		/* Not forwarded by the kernel: drop the pair rather than stall. */
 		perror("sockmap-proxy: adding a pair to the sockhash");
+		map_op(BPF_MAP_DELETE_ELEM, cookie(client), 0);
+		close(client);
+		close(b);
+		return;
 	}
 	drain(client);
 	drain(b);
@@ -159,14 +164,22 @@ static void pair(int ep, int client, const struct sockaddr_in *backend)
 	epoll_ctl(ep, EPOLL_CTL_ADD, b, &e);
 }
 
+/* Closed only after the batch of events is handled, so that a second event
+ * for either socket in the same batch never meets a reused fd. */
+static int closing[2 * 64];
+static int nclosing;
+
 static void unpair(int fd)
 {
 	int other = peer[fd];
+	if (other < 0)
+		return; /* its peer's event came first in this batch */
 	drain(fd);
 	map_op(BPF_MAP_DELETE_ELEM, cookie(fd), 0);
 	map_op(BPF_MAP_DELETE_ELEM, cookie(other), 0);
-	close(fd);
-	close(other);
+	peer[fd] = peer[other] = -1;
+	closing[nclosing++] = fd;
+	closing[nclosing++] = other;
 }
 
 int main(int argc, char **argv)
@@ -209,5 +222,7 @@ int main(int argc, char **argv)
 				unpair(fd);
 			}
 		}
+		while (nclosing > 0)
+			close(closing[--nclosing]);
 	}
 }
