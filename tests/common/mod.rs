@@ -214,7 +214,19 @@ impl Backend {
     }
 
     pub fn start_at(addr: SocketAddr, handler: Handler, track: bool) -> Backend {
-        let listener = TcpListener::bind(addr).expect("bind backend");
+        // A deep accept queue (std's is 128): tests open a thousand
+        // connections at once, and an overflowing queue makes the kernel
+        // drop handshakes or answer with SYN cookies, which is noise here.
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )
+        .expect("backend socket");
+        socket.set_reuse_address(true).expect("SO_REUSEADDR");
+        socket.bind(&addr.into()).expect("bind backend");
+        socket.listen(4096).expect("listen");
+        let listener = TcpListener::from(socket);
         let addr = listener.local_addr().unwrap();
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
