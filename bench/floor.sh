@@ -10,15 +10,23 @@
 #   sockmap  bench/experiments/sockmap-proxy.c: the kernel forwards every
 #            segment itself (BPF sk_skb redirect), no byte and no wakeup
 #            reaches user space: the one design that skips the relay's work
-# on keep-alive 100-byte requests (wrk -t1 -c50) and 1 MiB responses (-c10),
-# and reports per run: requests/s, the proxy process's CPU per request, the
-# whole machine's CPU per request (the only fair figure for sockmap, whose
-# work runs in kernel worker threads), and TCP segments sent per request on
-# loopback, both legs and both directions (nginx with sendfile sends a
-# response's header and body as two segments: 4 per request direct), and
-# wrk's errors. Per-request figures divide by wrk's rate x the duration.
-# With --perf it also profiles ringlb's worker once and splits its time into
-# the TCP/IP stack, io_uring, scheduling and the rest.
+# on keep-alive 100-byte requests (wrk -t1 -c50), 1 MiB responses (-c10)
+# and a new connection per 100-byte request (-c50, `Connection: close`;
+# without sockmap, whose connection setup is plain epoll code and whose
+# close handling is only good enough for keep-alive). It reports per run:
+# requests/s, the proxy process's CPU per request, the whole machine's CPU
+# per request (the only fair figure for sockmap, whose work runs in kernel
+# worker threads), TCP segments sent per request on loopback, both legs and
+# both directions (nginx with sendfile sends a response's header and body
+# as two segments: 4 per request direct), and wrk's errors. Per-request
+# figures divide by wrk's rate x the duration.
+# With --perf it also profiles ringlb's worker under keep-alive and under
+# new connections, splits its time into the kernel's socket work, io_uring,
+# its own sleeps, its user code and the rest, and estimates the ceiling:
+# the requests/s ringlb would reach if everything it spends outside the
+# kernel's socket work cost nothing (an upper bound: a real relay must at
+# least sleep and be woken), assuming the machine stays saturated
+# (requests/s inversely proportional to the machine's CPU per request).
 #
 # usage: bench/floor.sh [--rounds N] [--duration S] [--perf]
 # Needs root (BPF), gcc, wrk, nginx, haproxy (installed with apt-get if
@@ -31,7 +39,7 @@ while [[ $# -gt 0 ]]; do
         --rounds) ROUNDS=$2; shift ;;
         --duration) DURATION=$2; shift ;;
         --perf) PERF=yes ;;
-        -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,33p' "$0"; exit 0 ;;
         *) echo "floor.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -50,9 +58,9 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 143' TERM
-# Watchdog: 2 scenarios x 4 systems x rounds x (duration + margin), plus setup.
+# Watchdog: 3 scenarios x 4 systems x rounds x (duration + margin), plus setup.
 # It kills its own sleep when told to stop, so nothing outlives the run.
-LIMIT=$((ROUNDS * 8 * (DURATION + 5) + 600))
+LIMIT=$((ROUNDS * 12 * (DURATION + 5) + 600))
 (
     trap - EXIT
     trap 'kill "$sp" 2>/dev/null; exit 0' TERM
@@ -79,6 +87,7 @@ N1=$((PORT_BASE + 1)) N2=$((PORT_BASE + 2)) HAP=$((PORT_BASE + 10)) RLB=$((PORT_
 mkdir -p "$WORK/www"
 head -c 100 /dev/zero | tr '\0' x >"$WORK/www/100b"
 head -c 1048576 /dev/urandom >"$WORK/www/1m"
+echo 'wrk.headers["Connection"] = "close"' >"$WORK/close.lua"
 for port in $N1 $N2; do
     mkdir -p "$WORK/n$port"
     cat >"$WORK/n$port/nginx.conf" <<EOF
@@ -135,10 +144,11 @@ out_segs() { awk '/^Tcp:/ {n++; if (n == 1) for (i = 1; i <= NF; i++) if ($i == 
 
 HZ=$(getconf CLK_TCK)
 RAW=$WORK/raw.txt
-measure() { # ROUND SCENARIO SYSTEM PATH CONNS
+measure() { # ROUND SCENARIO SYSTEM PATH CONNS [WRK_OPTION...]
     local r=$1 sc=$2 sys=$3 path=$4 conns=$5 m0 p0 s0 m1 p1 s1 out rps errors
+    shift 5
     m0=$(busy_jiffies) p0=$(proc_jiffies "${PID[$sys]:-}") s0=$(out_segs)
-    out=$(timeout $((DURATION + 10)) wrk -t1 "-c$conns" "-d${DURATION}s" "http://127.0.0.1:${PORT[$sys]}$path")
+    out=$(timeout $((DURATION + 10)) wrk -t1 "-c$conns" "-d${DURATION}s" "$@" "http://127.0.0.1:${PORT[$sys]}$path")
     m1=$(busy_jiffies) p1=$(proc_jiffies "${PID[$sys]:-}") s1=$(out_segs)
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     # Socket errors and non-2xx answers are counted in wrk's rate: report them.
@@ -160,6 +170,9 @@ for r in $(seq "$ROUNDS"); do
     order=("${systems[@]:k}" "${systems[@]:0:k}")
     for sys in "${order[@]}"; do measure "$r" keepalive "$sys" /100b 50; done
     for sys in "${order[@]}"; do measure "$r" 1MiB "$sys" /1m 10; done
+    for sys in "${order[@]}"; do
+        [[ $sys == sockmap ]] || measure "$r" newconn "$sys" /100b 50 -s "$WORK/close.lua"
+    done
 done
 
 echo
@@ -173,34 +186,76 @@ awk '
     { k = $2 " " $3; rps[k] = rps[k] " " $4; pc[k] = pc[k] " " $5; mc[k] = mc[k] " " $6; sg[k] = sg[k] " " $7; seen[k] = 1 }
     END {
         printf "%-10s %-8s %10s %7s %14s %16s %13s\n", "scenario", "system", "req/s", "ratio", "proxy_us/req", "machine_us/req", "segments/req"
-        split("keepalive 1MiB", scs, " "); split("direct haproxy ringlb sockmap", syss, " ")
-        for (i = 1; i <= 2; i++) for (j = 1; j <= 4; j++) {
+        split("keepalive 1MiB newconn", scs, " "); split("direct haproxy ringlb sockmap", syss, " ")
+        for (i = 1; i <= 3; i++) for (j = 1; j <= 4; j++) {
             k = scs[i] " " syss[j]; if (!seen[k]) continue
             h = median(rps[scs[i] " haproxy"])
             printf "%-10s %-8s %10.0f %7.2f %14.2f %16.2f %13.2f\n", scs[i], syss[j], median(rps[k]),
                 median(rps[k]) / h, median(pc[k]), median(mc[k]), median(sg[k])
+            print scs[i], syss[j], median(rps[k]), median(pc[k]), median(mc[k]) >"/dev/stderr"
         }
-    }' "$RAW"
+    }' "$RAW" 2>"$WORK/medians.txt"
+
+# Splits ringlb's worker time (perf, cpu-clock, call graphs) under a load
+# by what each sample is part of, reading its call chain from the leaf out:
+# the kernel's work on the sockets (TCP/IP, socket setup and teardown, the
+# wakeups of peers it causes: what any relay must pay) wherever it appears
+# in the chain, else io_uring, else the worker's own sleeps and timers, else
+# its user code (leaf outside the kernel), else the rest (syscall entry).
+# Prints the split, then the share outside socket work as a last line.
+profile_split() { # WRK_OPTION...
+    timeout 20 wrk -t1 -c50 -d8s "$@" "http://127.0.0.1:$RLB/100b" >/dev/null &
+    local load=$!
+    sleep 2
+    perf record -q -g -e cpu-clock -p "${PID[ringlb]}" -o "$WORK/perf.data" -- sleep 4 >/dev/null 2>&1
+    wait "$load" || true
+    perf script -i "$WORK/perf.data" -F comm,ip,sym,dso 2>/dev/null | awk -v comm=ringlb-worker-0 '
+        function classify(   i, k) {
+            if (n == 0) return
+            k = leaf_dso ~ /kernel/ ? "other" : "user"
+            for (i = 1; i <= n && k != "socket"; i++)
+                if (frame[i] ~ /^_*(tcp|inet|ip_|sock|sk_|skb|net|netif|dev_|loopback|sys_socket|sys_shutdown|sys_setsockopt|do_sock_setsockopt|sys_connect|do_accept|fput|filp_close|x64_sys_close|close_fd|splice|do_splice)/)
+                    k = "socket"
+            for (i = 1; i <= n && k != "socket" && k != "io_uring" && k != "sched"; i++)
+                if (frame[i] ~ /^_*io_|uring/) k = "io_uring"
+                else if (frame[i] ~ /schedule|finish_task_switch|try_to_wake|hrtimer|tick_|timer/) k = "sched"
+            count[k]++; total++; n = 0
+        }
+        /^[^ \t]/ { classify(); take = $1 == comm; next }
+        /^$/ { classify(); next }
+        take { if (n == 0) leaf_dso = $NF; frame[++n] = $2 }
+        END {
+            classify()
+            if (total == 0) { print "  no samples (is perf allowed here?)"; exit 1 }
+            printf "  socket work (TCP/IP, setup and teardown, wakeups of peers) %.0f%%, io_uring %.0f%%, own sleeps and timers %.0f%%, user code %.0f%%, other (syscall entry) %.0f%% of %d samples\n",
+                100 * count["socket"] / total, 100 * count["io_uring"] / total, 100 * count["sched"] / total,
+                100 * count["user"] / total, 100 * count["other"] / total, total
+            print 1 - count["socket"] / total
+        }'
+}
+
+# The ceiling estimate for one scenario, from the medians and the split.
+ceiling() { # SCENARIO OUTSIDE_SHARE
+    awk -v sc="$1" -v out="$2" '
+        $1 == sc && $2 == "haproxy" { h = $3 }
+        $1 == sc && $2 == "ringlb" { r = $3; p = $4; m = $5 }
+        END {
+            if (!h || !r) exit
+            c = r * m / (m - p * out)
+            printf "  ceiling: ringlb at zero cost outside socket work: machine %.1f -> %.1f us/req, %.0f req/s = %.2fx HAProxy (now %.2fx)\n",
+                m, m - p * out, c, c / h, r / h
+        }' "$WORK/medians.txt"
+}
 
 if [[ $PERF == yes ]]; then
     command -v perf >/dev/null || { echo "floor.sh: --perf needs perf (linux-perf)" >&2; exit 1; }
-    echo
-    echo "ringlb worker profile (perf, cpu-clock, 4 s of keep-alive):"
-    timeout 20 wrk -t1 -c50 -d8s "http://127.0.0.1:$RLB/100b" >/dev/null &
-    load=$!
-    sleep 2
-    perf record -q -e cpu-clock -a -o "$WORK/perf.data" -- sleep 4 >/dev/null 2>&1
-    wait "$load" || true
-    perf report -i "$WORK/perf.data" --no-children --comms ringlb-worker-0 --sort sym --stdio 2>/dev/null |
-        awk '/^ +[0-9.]+%/ {
-            p = $1; sub("%", "", p); s = $3; total += p
-            if (s ~ /^_*io_|uring|fget|fput/) io += p
-            else if (s ~ /sched|switch|wake|enqueue|dequeue|pick_|update_curr|tsc|ktime|hrtimer|timer|unlock_irq/) sched += p
-            else if (s ~ /tcp|skb|ip_|sk_|sock|net|inet|dev_|loopback|eth_|bbr|cubic|copy|alloc|kmem|slab|raw_local|napi|dst|fib|softirq/) stack += p
-            else other += p
-        } END {
-            if (total == 0) { print "  no samples (is perf allowed here?)"; exit }
-            printf "  TCP/IP stack %.0f%%, io_uring %.0f%%, scheduling and timers %.0f%%, other (syscall entry, user code) %.0f%%\n",
-                100 * stack / total, 100 * io / total, 100 * sched / total, 100 * other / total
-        }'
+    for sc in keepalive newconn; do
+        echo
+        echo "ringlb worker profile (perf, cpu-clock, 4 s of $sc):"
+        opts=()
+        [[ $sc == newconn ]] && opts=(-s "$WORK/close.lua")
+        split=$(profile_split "${opts[@]}") || { echo "$split"; continue; }
+        head -n -1 <<<"$split"
+        ceiling "$sc" "$(tail -n 1 <<<"$split")"
+    done
 fi
