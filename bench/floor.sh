@@ -22,7 +22,8 @@
 # figures divide by wrk's rate x the duration.
 # With --perf it also profiles ringlb's worker under keep-alive and under
 # new connections, splits its time into the kernel's socket work, io_uring,
-# its own sleeps, its user code and the rest, and estimates the ceiling:
+# its own sleeps, its user code and the rest (see profile_split), and
+# estimates the ceiling:
 # the requests/s ringlb would reach if everything it spends outside the
 # kernel's socket work cost nothing (an upper bound: a real relay must at
 # least sleep and be woken), assuming the machine stays saturated
@@ -46,6 +47,8 @@ while [[ $# -gt 0 ]]; do
 done
 [[ $ROUNDS =~ ^[1-9][0-9]*$ && $DURATION =~ ^[1-9][0-9]*$ ]] ||
     { echo "floor.sh: --rounds and --duration take positive integers" >&2; exit 2; }
+[[ $PERF == no ]] || command -v perf >/dev/null ||
+    { echo "floor.sh: --perf needs perf (apt-get install linux-perf)" >&2; exit 1; }
 [[ $(id -u) == 0 ]] || { echo "floor.sh: needs root (loading a BPF program)" >&2; exit 1; }
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -58,7 +61,8 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 143' TERM
-# Watchdog: 3 scenarios x 4 systems x rounds x (duration + margin), plus setup.
+# Watchdog: up to 3 scenarios x 4 systems x rounds x (duration + margin),
+# plus setup and the two --perf profiles.
 # It kills its own sleep when told to stop, so nothing outlives the run.
 LIMIT=$((ROUNDS * 12 * (DURATION + 5) + 600))
 (
@@ -76,7 +80,7 @@ LIMIT=$((ROUNDS * 12 * (DURATION + 5) + 600))
 PIDS+=($!)
 
 need=()
-for tool in wrk nginx haproxy gcc; do command -v "$tool" >/dev/null || need+=("$tool"); done
+for tool in wrk nginx haproxy gcc curl; do command -v "$tool" >/dev/null || need+=("$tool"); done
 if [[ ${#need[@]} -gt 0 ]]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
@@ -197,11 +201,14 @@ awk '
     }' "$RAW" 2>"$WORK/medians.txt"
 
 # Splits ringlb's worker time (perf, cpu-clock, call graphs) under a load
-# by what each sample is part of, reading its call chain from the leaf out:
-# the kernel's work on the sockets (TCP/IP, socket setup and teardown, the
-# wakeups of peers it causes: what any relay must pay) wherever it appears
-# in the chain, else io_uring, else the worker's own sleeps and timers, else
-# its user code (leaf outside the kernel), else the rest (syscall entry).
+# by what each sample is part of, from its call chain: the kernel's work on
+# the sockets (TCP/IP, socket setup and teardown, the wakeups of peers it
+# causes: what a relay sending these segments must pay) if a kernel frame
+# of it appears anywhere in the chain; else io_uring's own work or the
+# worker's sleeps and timers, whichever kernel frame is nearest the sampled
+# function (a sleep in io_uring_enter counts as a sleep); else its user code
+# (sampled outside the kernel); else the rest (kernel code matching none of
+# these, mostly system call entry). Only the worker thread is sampled.
 # Prints the split, then the share outside socket work as a last line.
 profile_split() { # WRK_OPTION...
     timeout 20 wrk -t1 -c50 -d8s "$@" "http://127.0.0.1:$RLB/100b" >/dev/null &
@@ -214,16 +221,17 @@ profile_split() { # WRK_OPTION...
             if (n == 0) return
             k = leaf_dso ~ /kernel/ ? "other" : "user"
             for (i = 1; i <= n && k != "socket"; i++)
-                if (frame[i] ~ /^_*(tcp|inet|ip_|sock|sk_|skb|net|netif|dev_|loopback|sys_socket|sys_shutdown|sys_setsockopt|do_sock_setsockopt|sys_connect|do_accept|fput|filp_close|x64_sys_close|close_fd|splice|do_splice)/)
+                if (kernel[i] && frame[i] ~ /^_*(tcp|inet|ip_|sock|sk_|skb|net|netif|dev_|loopback|sys_socket|sys_shutdown|sys_setsockopt|do_sock_setsockopt|sys_connect|do_accept|fput|filp_close|x64_sys_close|close_fd|splice|do_splice)/)
                     k = "socket"
             for (i = 1; i <= n && k != "socket" && k != "io_uring" && k != "sched"; i++)
-                if (frame[i] ~ /^_*io_|uring/) k = "io_uring"
+                if (!kernel[i]) continue
                 else if (frame[i] ~ /schedule|finish_task_switch|try_to_wake|hrtimer|tick_|timer/) k = "sched"
+                else if (frame[i] ~ /^_*io_|uring/) k = "io_uring"
             count[k]++; total++; n = 0
         }
         /^[^ \t]/ { classify(); take = $1 == comm; next }
         /^$/ { classify(); next }
-        take { if (n == 0) leaf_dso = $NF; frame[++n] = $2 }
+        take { if (n == 0) leaf_dso = $NF; frame[++n] = $2; kernel[n] = $NF ~ /kernel/ }
         END {
             classify()
             if (total == 0) { print "  no samples (is perf allowed here?)"; exit 1 }
@@ -234,7 +242,8 @@ profile_split() { # WRK_OPTION...
         }'
 }
 
-# The ceiling estimate for one scenario, from the medians and the split.
+# The ceiling estimate for one scenario, from the medians (each column's own
+# median) and the split.
 ceiling() { # SCENARIO OUTSIDE_SHARE
     awk -v sc="$1" -v out="$2" '
         $1 == sc && $2 == "haproxy" { h = $3 }
@@ -248,7 +257,6 @@ ceiling() { # SCENARIO OUTSIDE_SHARE
 }
 
 if [[ $PERF == yes ]]; then
-    command -v perf >/dev/null || { echo "floor.sh: --perf needs perf (linux-perf)" >&2; exit 1; }
     for sc in keepalive newconn; do
         echo
         echo "ringlb worker profile (perf, cpu-clock, 4 s of $sc):"
