@@ -275,6 +275,8 @@ impl Conn {
         self.submit(io, entry)
     }
 
+    /// Handles a receive's completion. `Ok(true)` when every ring buffer was
+    /// held and the direction moved to splice, for the worker to count.
     pub fn on_recv(
         &mut self,
         key: usize,
@@ -282,7 +284,7 @@ impl Conn {
         res: i32,
         flags: u32,
         io: &mut Io,
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<bool> {
         self.inflight -= 1;
         // A receive from the buffer ring consumes a buffer even when it
         // returns no data (end of stream): whatever is not kept goes back.
@@ -296,7 +298,7 @@ impl Conn {
             None => None,
         };
         if self.phase == Phase::Closing {
-            return Ok(());
+            return Ok(false);
         }
         match (res, keep) {
             (n, Some(bid)) => {
@@ -305,21 +307,23 @@ impl Conn {
                 d.bytes += len as u64;
                 d.bulk = len == io.bufs.size();
                 d.held = Some(Held { bid, sent: 0, len });
-                self.send_held(key, dir, io)
+                self.send_held(key, dir, io)?;
             }
             (0, None) => {
                 self.dirs[dir].eof = true;
-                self.finish_direction(key, dir, io)
+                self.finish_direction(key, dir, io)?;
             }
             (n, None) if n == -libc::ENOBUFS => {
                 // Every ring buffer is held (by sends to slow peers): splice
                 // needs none, so this direction moves on without waiting
                 // for a buffer that may not come back soon.
                 self.dirs[dir].bulk = true;
-                self.arm_read(key, dir, Ready::Maybe, io)
+                self.arm_read(key, dir, Ready::Maybe, io)?;
+                return Ok(true);
             }
-            _ => self.close(key, Self::reset_of_source(dir), io),
+            _ => self.close(key, Self::reset_of_source(dir), io)?,
         }
+        Ok(false)
     }
 
     pub fn on_send(

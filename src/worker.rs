@@ -211,12 +211,10 @@ impl Worker {
             Op::ConnectTimeout | Op::Cancel => conn.inflight -= 1,
             Op::Recv0 | Op::Recv1 => {
                 conn.last_active = self.now;
-                // Counted only where the direction moves to splice for it.
-                if res == -libc::ENOBUFS && conn.phase == Phase::Relaying {
+                if conn.on_recv(key, dir_of(op), res, flags, io)? {
                     let stats = &self.listeners[conn.frontend].shared.stats;
                     stats.buffers_exhausted.fetch_add(1, Relaxed);
                 }
-                conn.on_recv(key, dir_of(op), res, flags, io)?;
             }
             Op::Send0 | Op::Send1 => {
                 conn.last_active = self.now;
