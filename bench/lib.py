@@ -530,7 +530,7 @@ def med(xs):
 def cmd_table(args) -> int:
     with open(args.raw) as f:
         rows = list(csv.DictReader(f))
-    systems = ["direct", "haproxy", "ringlb"]
+    systems = ["direct", "haproxy", "base", "ringlb"]
     order = [s for s in SCENARIOS if any(r["scenario"] == s for r in rows)]
     out = []
     hdr = (f"{'system':<8} {'runs':>4} {'median':>10} {'min - max':>21} {'p50':>8} {'p99':>8}"
@@ -608,6 +608,28 @@ def cmd_table(args) -> int:
                 continue
             out.append(f"{sysname:<8} {len(good):>2}/{len(rs):<1} {mtxt:>10} {mm:>21} {p50s:>8} {p99s:>8}"
                        f" {cpu_txt:>14} {cpu_x:>9} {x_hap:>9} {x_dir:>8} {noisy:>5}")
+    # A/B (--baseline): the new binary against the old one, run for run in the same rounds.
+    ab = [sc for sc in order if (sc, "base") in medians and (sc, "ringlb") in medians]
+    if ab:
+        out.append("")
+        out.append("== A/B: ringlb (new binary) / base (old binary), ratios of medians; per-round ratios in brackets")
+        for sc in ab:
+            per_round = []
+            for r in sorted({row["round"] for row in rows}, key=int):
+                def val(sysname):
+                    xs = [row for row in rows if row["scenario"] == sc and row["system"] == sysname
+                          and row["round"] == r and row["ok"] == "1" and row["value"] != ""]
+                    if not xs:
+                        return None
+                    return float(xs[0]["p99_us"] if sc == "g" else xs[0]["value"])
+                a, b = val("ringlb"), val("base")
+                if a is not None and b:
+                    per_round.append(f"{a / b:.2f}")
+            cpu = ""
+            if cpu_medians.get((sc, "base")) and (sc, "ringlb") in cpu_medians:
+                cpu = f", CPU per unit {cpu_medians[(sc, 'ringlb')] / cpu_medians[(sc, 'base')]:.2f}x"
+            out.append(f"   {sc:<3} {medians[(sc, 'ringlb')] / medians[(sc, 'base')]:.2f}x{cpu}"
+                       f"  [{' '.join(per_round)}]")
     # f versus a: how each proxy scales from 1 to 2 workers.
     if any(k[0] == "f" for k in medians) and any(k[0] == "a" for k in medians):
         out.append("")

@@ -7,6 +7,8 @@
 #                --systems direct,haproxy,ringlb --workers N --idle-conns N
 #                --port-base P --noisy CORES --out DIR
 #                --ringlb PATH   (another ringlb binary; then nothing is built)
+#                --baseline PATH (A/B: an older ringlb binary, run as system 'base' beside 'ringlb',
+#                                 interleaved in the same rounds; e.g. --systems base,ringlb)
 #
 # Scenarios (all on 127.0.0.1, nginx backends serving a 100-byte and a 1 MiB file):
 #   a  keep-alive, 100 B responses, wrk -t1 -c50
@@ -38,6 +40,7 @@ COMMAND_LINE=$(printf '%q ' "$0" "$@")
 
 ROUNDS= DURATION= SCENARIOS= IDLE_CONNS= IDLE_HOLD=
 SYSTEMS=direct,haproxy,ringlb
+BASE_BIN=
 WORKERS=1          # base workers/threads for a,b,c,d,e,g (design.md's reference is 1)
 WORKERS_F=2        # scenario f
 PORT_BASE=27100
@@ -60,6 +63,7 @@ while (($#)); do
         --noisy) NOISY=$2; shift ;;
         --out) OUT=$2; shift ;;
         --ringlb) BIN=$(realpath "$2"); CUSTOM_BIN=1; shift ;;
+        --baseline) BASE_BIN=$(realpath "$2"); shift ;;
         -h | --help) usage; exit 0 ;;
         *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -78,8 +82,12 @@ for s in "${SCEN[@]}"; do
     [[ $s =~ ^(a|b|c|d|dR|e|f|g)$ ]] || { echo "unknown scenario '$s'" >&2; exit 2; }
 done
 for s in "${SYS[@]}"; do
-    [[ $s =~ ^(direct|haproxy|ringlb)$ ]] || { echo "unknown system '$s'" >&2; exit 2; }
+    [[ $s =~ ^(direct|haproxy|ringlb|base)$ ]] || { echo "unknown system '$s'" >&2; exit 2; }
 done
+if [[ ",$SYSTEMS," == *",base,"* && -z $BASE_BIN ]]; then
+    echo "system 'base' needs --baseline PATH (the older ringlb binary)" >&2; exit 2
+fi
+if [[ -n $BASE_BIN && ",$SYSTEMS," != *",base,"* ]]; then SYSTEMS=$SYSTEMS,base; fi
 [[ $ROUNDS =~ ^[0-9]+$ && $DURATION =~ ^[0-9]+$ && $ROUNDS -ge 1 && $DURATION -ge 1 ]] ||
     { echo "--rounds and --duration take positive integers" >&2; exit 2; }
 
@@ -93,8 +101,12 @@ HAP2_PORT=$((PORT_BASE + 13)) RLB2_PORT=$((PORT_BASE + 14))   # f (2 workers)
 IPERF_PORT=$((PORT_BASE + 20))
 HAPI_PORT=$((PORT_BASE + 21)) RLBI_PORT=$((PORT_BASE + 22))   # d dR (iperf3 server as the only backend)
 HAPE_PORT=$((PORT_BASE + 31)) RLBE_PORT=$((PORT_BASE + 32))   # e (fresh instance each round)
+# The baseline binary of an A/B (--baseline): the same roles on ports of its own.
+BASE1_PORT=$((PORT_BASE + 15)) BASE2_PORT=$((PORT_BASE + 16))
+BASEI_PORT=$((PORT_BASE + 23)) BASEE_PORT=$((PORT_BASE + 33))
 ALL_PORTS=("$NGINX1_PORT" "$NGINX2_PORT" "$HAP1_PORT" "$RLB1_PORT" "$HAP2_PORT" "$RLB2_PORT"
     "$IPERF_PORT" "$HAPI_PORT" "$RLBI_PORT" "$HAPE_PORT" "$RLBE_PORT")
+[[ -z $BASE_BIN ]] || ALL_PORTS+=("$BASE1_PORT" "$BASE2_PORT" "$BASEI_PORT" "$BASEE_PORT")
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 die() { log "ERROR: $*" >&2; exit 1; }
@@ -287,9 +299,9 @@ start_haproxy() { # NAME PORT THREADS CHECKS(yes|no) BACKEND_PORT...
     start_server "$name" "$RESULTS/logs/$name.log" haproxy -db -f "$cfg"
 }
 
-start_ringlb() { # NAME PORT WORKERS CHECKS(yes|no) BACKEND_PORT...
+start_ringlb() { # NAME PORT WORKERS CHECKS(yes|no) BACKEND_PORT...  (binary: $START_BIN or $BIN)
     local name=$1 port=$2 workers=$3 checks=$4 b
-    local cmd=("$BIN" --listen "127.0.0.1:$port")
+    local cmd=("${START_BIN:-$BIN}" --listen "127.0.0.1:$port")
     shift 4
     for b in "$@"; do cmd+=(--backend "127.0.0.1:$b"); done
     # Idle timeout longer than any hold; connect timeout and health checks spelled out
@@ -325,6 +337,9 @@ write_header() {
         echo "nginx:     $(nginx -v 2>&1)"
         echo "wrk:       $(wrk -v 2>&1 | head -1)"
         echo "iperf3:    $(iperf3 -v | head -1)"
+        if has_sys base; then
+            echo "baseline:  $BASE_BIN (built $(date -u -r "$BASE_BIN" '+%Y-%m-%d %H:%M:%S UTC'), sha256 $(sha256sum "$BASE_BIN" | cut -c1-16))"
+        fi
         if has_sys ringlb; then
             echo "ringlb:    $BIN (built $(date -u -r "$BIN" '+%Y-%m-%d %H:%M:%S UTC'), sha256 $(sha256sum "$BIN" | cut -c1-16))"
             echo "git:       $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no commit yet')$(
@@ -354,6 +369,9 @@ target() {
         f:ringlb) T_PORT=$RLB2_PORT T_PID=${PID_OF[rlb_w2]:-} T_WORKERS=$WORKERS_F ;;
         *:haproxy) T_PORT=$HAP1_PORT T_PID=${PID_OF[hap_w1]:-} ;;
         *:ringlb) T_PORT=$RLB1_PORT T_PID=${PID_OF[rlb_w1]:-} ;;
+        d:base | dR:base) T_PORT=$BASEI_PORT T_PID=${PID_OF[base_iperf]:-} ;;
+        f:base) T_PORT=$BASE2_PORT T_PID=${PID_OF[base_w2]:-} T_WORKERS=$WORKERS_F ;;
+        *:base) T_PORT=$BASE1_PORT T_PID=${PID_OF[base_w1]:-} ;;
     esac
 }
 
@@ -413,6 +431,8 @@ run_idle() { # ROUND SYSTEM
             start_haproxy "$name" "$port" "$WORKERS" yes "$NGINX1_PORT" "$NGINX2_PORT" ;;
         ringlb) name=rlb_idle port=$RLBE_PORT
             start_ringlb "$name" "$port" "$WORKERS" yes "$NGINX1_PORT" "$NGINX2_PORT" ;;
+        base) name=base_idle port=$BASEE_PORT
+            START_BIN=$BASE_BIN start_ringlb "$name" "$port" "$WORKERS" yes "$NGINX1_PORT" "$NGINX2_PORT" ;;
     esac
     if [[ -n $name ]]; then
         wait_http "$name" "$port"
@@ -522,6 +542,10 @@ if has_scen a || has_scen b || has_scen c || has_scen g; then
         start_ringlb rlb_w1 "$RLB1_PORT" "$WORKERS" yes "$NGINX1_PORT" "$NGINX2_PORT"
         wait_http rlb_w1 "$RLB1_PORT"
     fi
+    if has_sys base; then
+        START_BIN=$BASE_BIN start_ringlb base_w1 "$BASE1_PORT" "$WORKERS" yes "$NGINX1_PORT" "$NGINX2_PORT"
+        wait_http base_w1 "$BASE1_PORT"
+    fi
 fi
 if has_scen f; then
     if has_sys haproxy; then
@@ -531,6 +555,10 @@ if has_scen f; then
     if has_sys ringlb; then
         start_ringlb rlb_w2 "$RLB2_PORT" "$WORKERS_F" yes "$NGINX1_PORT" "$NGINX2_PORT"
         wait_http rlb_w2 "$RLB2_PORT"
+    fi
+    if has_sys base; then
+        START_BIN=$BASE_BIN start_ringlb base_w2 "$BASE2_PORT" "$WORKERS_F" yes "$NGINX1_PORT" "$NGINX2_PORT"
+        wait_http base_w2 "$BASE2_PORT"
     fi
 fi
 if has_scen d || has_scen dR; then
@@ -547,6 +575,10 @@ if has_scen d || has_scen dR; then
     if has_sys ringlb; then
         start_ringlb rlb_iperf "$RLBI_PORT" "$WORKERS" no "$IPERF_PORT"
         wait_port rlb_iperf "$RLBI_PORT"
+    fi
+    if has_sys base; then
+        START_BIN=$BASE_BIN start_ringlb base_iperf "$BASEI_PORT" "$WORKERS" no "$IPERF_PORT"
+        wait_port base_iperf "$BASEI_PORT"
     fi
 fi
 
