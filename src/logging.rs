@@ -121,8 +121,13 @@ fn block_signals() {
 fn write_lines(rx: &Receiver<Msg>, mut out: impl Write, dropped: &AtomicU64) {
     let mut batch = String::new();
     let mut acks = Vec::new();
+    let mut report = DropReport::default();
     while let Ok(first) = rx.recv() {
         let mut lines = 0u64;
+        if let Some(line) = report.line(dropped.load(Relaxed), Instant::now()) {
+            batch.push_str(&line);
+            lines += 1;
+        }
         let mut next = Ok(first);
         while let Ok(msg) = next {
             match msg {
@@ -148,6 +153,43 @@ fn write_lines(rx: &Receiver<Msg>, mut out: impl Write, dropped: &AtomicU64) {
         for ack in acks.drain(..) {
             let _ = ack.try_send(());
         }
+    }
+}
+
+/// How often the log may say that lines were dropped.
+const DROP_REPORT_PERIOD: Duration = Duration::from_secs(10);
+
+/// A reader of the log should learn from the log itself that lines are
+/// missing, not only from the metric: one line when the count has grown,
+/// at most once per [`DROP_REPORT_PERIOD`].
+#[derive(Default)]
+struct DropReport {
+    reported: u64,
+    last: Option<Instant>,
+}
+
+impl DropReport {
+    fn line(&mut self, dropped: u64, now: Instant) -> Option<String> {
+        let due = self
+            .last
+            .is_none_or(|at| now.saturating_duration_since(at) >= DROP_REPORT_PERIOD);
+        if dropped <= self.reported || !due {
+            return None;
+        }
+        let lost = dropped - self.reported;
+        self.reported = dropped;
+        self.last = Some(now);
+        Some(format_line(
+            SystemTime::now(),
+            &Record::builder()
+                .args(format_args!(
+                    "{lost} log lines dropped: stderr did not keep up \
+                     (ringlb_log_lines_dropped_total counts them all)"
+                ))
+                .level(log::Level::Warn)
+                .target(module_path!())
+                .build(),
+        ))
     }
 }
 
@@ -376,6 +418,37 @@ mod tests {
         drop(logger);
         write_lines(&rx, Refuse, &COUNT);
         assert_eq!(COUNT.load(Relaxed), 2);
+    }
+
+    #[test]
+    fn the_log_says_when_lines_were_dropped() {
+        static COUNT: AtomicU64 = AtomicU64::new(0);
+        let (logger, rx) = logger(16, &COUNT);
+        COUNT.store(5, Relaxed);
+        log_line(&logger, "after the stall");
+        drop(logger);
+        let written = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        write_lines(&rx, SharedVec(std::sync::Arc::clone(&written)), &COUNT);
+        let text = String::from_utf8(written.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0].contains("WARN  ringlb::logging] 5 log lines dropped"),
+            "{text}"
+        );
+        assert!(lines[1].ends_with("] after the stall"), "{text}");
+
+        let mut report = DropReport::default();
+        let t0 = Instant::now();
+        assert!(report.line(0, t0).is_none());
+        assert!(
+            report
+                .line(3, t0)
+                .is_some_and(|l| l.contains("] 3 log lines"))
+        );
+        assert!(report.line(9, t0 + Duration::from_secs(1)).is_none());
+        let later = report.line(9, t0 + DROP_REPORT_PERIOD);
+        assert!(later.is_some_and(|l| l.contains("] 6 log lines")));
     }
 
     struct SharedVec(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);

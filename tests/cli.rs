@@ -732,55 +732,65 @@ fn listen_address_in_use_is_named() {
     drop(taken);
 }
 
+/// Makes each of `syscalls` fail with `errno` in the child, as a
+/// container's seccomp profile or a resource limit would; every other
+/// system call is allowed.
 #[cfg(target_arch = "x86_64")]
-#[test]
-fn io_uring_refused_by_seccomp_is_named() {
+fn refuse_syscalls(command: &mut Command, syscalls: &[libc::c_long], errno: i32) {
     use std::os::unix::process::CommandExt;
 
     const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
     // struct seccomp_data { int nr; __u32 arch; ... }
     const NR_OFFSET: u32 = 0;
     const ARCH_OFFSET: u32 = 4;
-    let stmt = |code: u32, k: u32| libc::sock_filter {
-        code: code as u16,
-        jt: 0,
-        jf: 0,
-        k,
-    };
-    let jump = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
+    let op = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
         code: code as u16,
         jt,
         jf,
         k,
     };
-    // io_uring_setup fails with EPERM, as under a container's seccomp
-    // profile; every other system call is allowed.
-    let filter: [libc::sock_filter; 6] = [
-        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, ARCH_OFFSET),
-        jump(
+    let n = syscalls.len() as u8;
+    let mut filter = vec![
+        op(
+            libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+            ARCH_OFFSET,
+            0,
+            0,
+        ),
+        // Another architecture: jump past the load and the checks to "allow".
+        op(
             libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
             AUDIT_ARCH_X86_64,
             0,
-            3,
+            n + 1,
         ),
-        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, NR_OFFSET),
-        jump(
-            libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
-            libc::SYS_io_uring_setup as u32,
-            0,
-            1,
-        ),
-        stmt(
-            libc::BPF_RET | libc::BPF_K,
-            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
-        ),
-        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+        op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, NR_OFFSET, 0, 0),
     ];
-    let mut command = Command::new(BIN);
-    command.args(["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1"]);
+    for (i, nr) in syscalls.iter().enumerate() {
+        // A match jumps to "refuse", past the remaining checks and "allow".
+        let to_refuse = (syscalls.len() - i) as u8;
+        filter.push(op(
+            libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+            *nr as u32,
+            to_refuse,
+            0,
+        ));
+    }
+    filter.push(op(
+        libc::BPF_RET | libc::BPF_K,
+        libc::SECCOMP_RET_ALLOW,
+        0,
+        0,
+    ));
+    filter.push(op(
+        libc::BPF_RET | libc::BPF_K,
+        libc::SECCOMP_RET_ERRNO | errno as u32,
+        0,
+        0,
+    ));
     // SAFETY: the closure runs in the forked child before exec and only
     // makes two prctl calls (async-signal-safe) on data the child owns:
-    // the filter was copied into the closure before the fork, and the
+    // the filter was moved into the closure before the fork, and the
     // sock_fprog pointing at it lives on the child's stack for the call.
     unsafe {
         command.pre_exec(move || {
@@ -800,7 +810,55 @@ fn io_uring_refused_by_seccomp_is_named() {
             Ok(())
         });
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn io_uring_refused_by_seccomp_is_named() {
+    let mut command = Command::new(BIN);
+    command.args(["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1"]);
+    // io_uring_setup fails with EPERM, as under a container's seccomp profile.
+    refuse_syscalls(&mut command, &[libc::SYS_io_uring_setup], libc::EPERM);
     run(command).assert_error(1, &["io_uring", "disabled"]);
+}
+
+/// A logger thread that cannot start must not cost the log: ringlb says
+/// so and writes its lines to stderr itself.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn without_threads_the_log_goes_straight_to_stderr() {
+    let mut command = Command::new(BIN);
+    command.args(["--config", EXAMPLE, "--check"]);
+    refuse_syscalls(
+        &mut command,
+        &[libc::SYS_clone, libc::SYS_clone3],
+        libc::EAGAIN,
+    );
+    let out = run(command);
+    assert_eq!(out.code, Some(0), "stderr: {:?}", out.stderr);
+    assert!(out.stdout.contains("OK"), "stdout: {:?}", out.stdout);
+    assert!(
+        out.stderr.contains("WARN") && out.stderr.contains("cannot start the logger thread"),
+        "stderr: {:?}",
+        out.stderr
+    );
+    out.assert_no_panic();
+    // With threads refused, a start fails with one clear error.
+    let mut command = Command::new(BIN);
+    command.args(["--listen", "127.0.0.1:0", "--backend", "10.0.0.1:80"]);
+    refuse_syscalls(
+        &mut command,
+        &[libc::SYS_clone, libc::SYS_clone3],
+        libc::EAGAIN,
+    );
+    let out = run(command);
+    assert_eq!(out.code, Some(1), "stderr: {:?}", out.stderr);
+    assert!(
+        out.stderr.contains("ringlb: cannot start a worker"),
+        "stderr: {:?}",
+        out.stderr
+    );
+    out.assert_no_panic();
 }
 
 #[cfg(not(target_arch = "x86_64"))]
