@@ -16,9 +16,11 @@ Examples:
   ringlb --listen 0.0.0.0:5432 --mode active-passive --backend db1:5432 --backend db2:5432
   ringlb --config /etc/ringlb.toml
   ringlb demo
-Signals: SIGTERM or SIGINT drains (stop accepting, let connections finish,
-up to --drain-timeout), a second one stops at once. Logs: RUST_LOG=debug
-adds one line per connection.";
+Signals: SIGTERM, SIGINT or SIGUSR1 drains (stop accepting, let connections
+finish, up to --drain-timeout), a second one stops at once. SIGHUP and
+SIGUSR2 are logged and ignored (reserved for reload); SIGQUIT logs a status
+line per frontend. Logs: RUST_LOG=debug adds one line per connection; a
+stalled stderr never slows traffic (lines are dropped and counted instead).";
 
 #[derive(Parser, Debug)]
 #[command(name = "ringlb", version, about = "A layer-4 TCP load balancer on io_uring", after_help = AFTER_HELP)]
@@ -133,10 +135,13 @@ fn parse_bytes(text: &str) -> Result<Bytes, String> {
 }
 
 fn parse_backend(text: &str) -> Result<BackendConfig, String> {
-    config::parse_address(text).map(|addr| BackendConfig {
+    config::check_name(text)?;
+    let backend = config::parse_address(text).map(|addr| BackendConfig {
         addr,
         name: text.to_string(),
-    })
+    })?;
+    config::check_backend(&backend)?;
+    Ok(backend)
 }
 
 impl Cli {
@@ -161,7 +166,8 @@ impl Cli {
             if let Some(drain_timeout) = self.drain_timeout {
                 config.drain_timeout = drain_timeout;
             }
-            config.validate().map_err(|e| (2, e))?;
+            // The file was checked as it was read; only the flags are new.
+            config.check_settings().map_err(|e| (2, e))?;
             return Ok(Action::Run { config, stats });
         }
         let Some(listen) = self.listen else {

@@ -4,8 +4,11 @@
 //! The command line (`cli.rs`) builds the same [`Config`] for a single
 //! frontend, so every setting has one meaning whichever way it arrives.
 
+use std::cell::OnceCell;
+use std::collections::HashMap;
 use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -28,6 +31,17 @@ pub const DEFAULT_BUFFERS: u32 = 1024;
 /// io_uring's limit for a provided-buffer ring.
 pub const MAX_BUFFERS: u32 = 32768;
 const MAX_DURATION: Duration = Duration::from_secs(365 * 86400);
+/// The size of one receive buffer (worker.rs's `BUFFER_SIZE`), for the
+/// memory the `buffers` setting commits at start.
+pub const BUFFER_BYTES: u64 = 16 * 1024;
+/// The largest config file read: 80,000 frontends take 7 MiB, and a path
+/// such as /dev/zero must end in an error, not in all of memory.
+pub const MAX_CONFIG_BYTES: u64 = 64 * 1024 * 1024;
+/// Frontend and backend names end up in log lines and metric labels: only
+/// characters that need no escaping in either, and that an address written
+/// as a name (`[::1]:80`, `db1.example.com:5432`, `[fe80::1%2]:80`) needs.
+const NAME_PUNCTUATION: &str = "-_.:[]@/%";
+const MAX_NAME_BYTES: usize = 255;
 
 /// How a frontend spreads its connections over its backends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -125,6 +139,9 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    TooLarge {
+        path: PathBuf,
+    },
     Parse {
         origin: String,
         line: usize,
@@ -144,6 +161,12 @@ impl fmt::Display for ConfigError {
             ConfigError::Read { path, source } => {
                 write!(f, "cannot read config file {}: {source}", path.display())
             }
+            ConfigError::TooLarge { path } => write!(
+                f,
+                "config file {} is larger than {} MiB: refused (is it the right file?)",
+                path.display(),
+                MAX_CONFIG_BYTES >> 20
+            ),
             ConfigError::Parse {
                 origin,
                 line,
@@ -285,7 +308,7 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawFrontend {
-    name: Option<String>,
+    name: Option<Spanned<String>>,
     listen: Spanned<String>,
     mode: Option<Mode>,
     #[serde(default)]
@@ -325,6 +348,23 @@ impl Source<'_> {
         }
     }
 
+    /// A fault of one frontend, at the line of the key it is about.
+    fn fault(&self, frontend: &Spanned<RawFrontend>, fault: Fault) -> ConfigError {
+        let raw = frontend.get_ref();
+        let span = match fault.at {
+            At::Name => raw.name.as_ref().map(Spanned::span),
+            At::Listen => Some(raw.listen.span()),
+            At::Backend(k) => raw.backends.get(k).map(Spanned::span),
+            At::Frontend => None,
+        };
+        let start = span.unwrap_or_else(|| frontend.span()).start;
+        ConfigError::Invalid {
+            origin: self.origin.to_string(),
+            line: Some(self.line_col(start).0),
+            message: fault.message,
+        }
+    }
+
     fn duration(
         &self,
         value: &Option<Spanned<String>>,
@@ -358,7 +398,10 @@ impl RawFrontend {
             .backends
             .iter()
             .map(|b| {
-                parse_address(b.get_ref())
+                // Before resolving: a name that cannot be a label is refused
+                // as such, not as a failed lookup.
+                check_name(b.get_ref())
+                    .and_then(|()| parse_address(b.get_ref()))
                     .map(|addr| BackendConfig {
                         addr,
                         name: b.get_ref().clone(),
@@ -372,8 +415,8 @@ impl RawFrontend {
         Ok(FrontendConfig {
             name: self
                 .name
-                .clone()
-                .unwrap_or_else(|| format!("frontend{index}")),
+                .as_ref()
+                .map_or_else(|| format!("frontend{index}"), |n| n.get_ref().clone()),
             listen,
             mode: self.mode.unwrap_or(Mode::ActiveActive),
             backends,
@@ -422,14 +465,12 @@ pub fn default_workers() -> usize {
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = read_capped(path)?;
         Config::from_toml(&text, &path.display().to_string())
     }
 
-    /// `origin` names the file in error messages.
+    /// `origin` names the file in error messages. Every check runs once,
+    /// in time linear in the size of the file.
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let src = Source { origin, text };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
@@ -441,13 +482,28 @@ impl Config {
                 message: e.message().trim().replace('\n', " "),
             }
         })?;
+        if let Some(workers) = &raw.workers {
+            check_workers(*workers.get_ref()).map_err(|m| src.invalid(workers, m))?;
+        }
+        if let Some(buffers) = &raw.buffers {
+            check_buffers(*buffers.get_ref()).map_err(|m| src.invalid(buffers, m))?;
+        }
         let mut frontends = Vec::with_capacity(raw.frontend.len());
         for (index, spanned) in raw.frontend.iter().enumerate() {
             let frontend = spanned.get_ref().resolve(index, &src)?;
-            validate_frontend(&frontend).map_err(|message| src.invalid(spanned, message))?;
+            check_frontend(&frontend).map_err(|fault| src.fault(spanned, fault))?;
             frontends.push(frontend);
         }
-        let config = Config {
+        if frontends.is_empty() {
+            return Err(ConfigError::Invalid {
+                origin: origin.to_string(),
+                line: None,
+                message: NO_FRONTEND.into(),
+            });
+        }
+        check_across(&frontends, &Host::system())
+            .map_err(|(index, fault)| src.fault(&raw.frontend[index], fault))?;
+        Ok(Config {
             workers: raw
                 .workers
                 .as_ref()
@@ -460,67 +516,433 @@ impl Config {
                 .duration(&raw.drain_timeout, "drain-timeout")?
                 .unwrap_or(DEFAULT_DRAIN_TIMEOUT),
             frontends,
-        };
-        // Checked here too, where the line of the key is known.
-        if let Some(workers) = &raw.workers {
-            check_workers(*workers.get_ref()).map_err(|m| src.invalid(workers, m))?;
-        }
-        if let Some(buffers) = &raw.buffers {
-            check_buffers(*buffers.get_ref()).map_err(|m| src.invalid(buffers, m))?;
-        }
-        config.validate().map_err(|message| ConfigError::Invalid {
-            origin: origin.to_string(),
-            line: None,
-            message,
-        })?;
-        Ok(config)
+        })
     }
 
-    /// The checks that span frontends; each frontend was checked on its own
-    /// already (with its line) by [`validate_frontend`].
+    /// Every check, for a config built in code (the command line's). A
+    /// file's config was checked by [`Config::from_toml`] with its lines.
     pub fn validate(&self) -> Result<(), String> {
         if self.frontends.is_empty() {
-            return Err("no frontend: add a [[frontend]] table with listen and backends".into());
+            return Err(NO_FRONTEND.into());
         }
-        check_workers(self.workers)?;
-        check_buffers(self.buffers)?;
+        self.check_settings()?;
+        let named =
+            |f: &FrontendConfig, fault: Fault| format!("frontend {}: {}", f.name, fault.message);
         for frontend in &self.frontends {
-            validate_frontend(frontend).map_err(|e| format!("frontend {}: {e}", frontend.name))?;
+            check_frontend(frontend).map_err(|fault| named(frontend, fault))?;
         }
-        for (i, a) in self.frontends.iter().enumerate() {
-            for b in &self.frontends[i + 1..] {
-                if a.name == b.name {
-                    return Err(format!("two frontends are named {}", a.name));
-                }
-                if a.listen == b.listen && a.listen.port() != 0 {
-                    return Err(format!(
-                        "frontends {} and {} both listen on {}",
-                        a.name, b.name, a.listen
-                    ));
-                }
-            }
+        check_across(&self.frontends, &Host::system())
+            .map_err(|(index, fault)| named(&self.frontends[index], fault))
+    }
+
+    /// The global settings alone: what a flag may change after the file
+    /// was read and checked.
+    pub fn check_settings(&self) -> Result<(), String> {
+        check_workers(self.workers)?;
+        check_buffers(self.buffers)
+    }
+
+    /// Bytes of receive buffers the workers allocate at start.
+    pub fn buffer_bytes(&self) -> u64 {
+        self.workers as u64 * u64::from(self.buffers) * BUFFER_BYTES
+    }
+
+    /// What the buffer settings commit, for the start log.
+    pub fn memory_note(&self) -> String {
+        format!(
+            "receive buffers: {} workers x {} buffers x {} KiB = {} committed at start",
+            self.workers,
+            self.buffers,
+            BUFFER_BYTES / 1024,
+            human_bytes(self.buffer_bytes())
+        )
+    }
+
+    /// Settings that are allowed but probably a mistake.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let cores = default_workers();
+        if self.workers > cores {
+            warnings.push(format!(
+                "{} workers on {cores} cores: workers sharing a core serve less, not more \
+                 (set workers or --workers to at most {cores})",
+                self.workers
+            ));
         }
-        Ok(())
+        let memory = physical_memory();
+        if memory > 0 && self.buffer_bytes() > memory / 2 {
+            warnings.push(format!(
+                "the receive buffers take {} of this host's {} of memory: lower buffers or workers",
+                human_bytes(self.buffer_bytes()),
+                human_bytes(memory)
+            ));
+        }
+        warnings
     }
 }
 
-fn validate_frontend(f: &FrontendConfig) -> Result<(), String> {
+const NO_FRONTEND: &str = "no frontend: add a [[frontend]] table with listen and backends";
+
+/// Reads at most [`MAX_CONFIG_BYTES`]: a device or a runaway generator
+/// must not fill memory.
+fn read_capped(path: &Path) -> Result<String, ConfigError> {
+    let read_error = |source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_error)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge {
+            path: path.to_path_buf(),
+        });
+    }
+    String::from_utf8(bytes).map_err(|_| {
+        read_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not UTF-8 text",
+        ))
+    })
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const MIB: u64 = 1024 * 1024;
+    if bytes >= 10 * 1024 * MIB {
+        format!("{} GiB", bytes / (1024 * MIB))
+    } else {
+        format!("{} MiB", bytes.div_ceil(MIB))
+    }
+}
+
+/// Installed memory, 0 when unknown.
+fn physical_memory() -> u64 {
+    // SAFETY: sysconf only reads system values.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    u64::try_from(pages)
+        .unwrap_or(0)
+        .saturating_mul(u64::try_from(page).unwrap_or(0))
+}
+
+/// Which key of a frontend a fault is about, so a file's error names its line.
+#[derive(Debug, PartialEq, Eq)]
+enum At {
+    Frontend,
+    Name,
+    Listen,
+    Backend(usize),
+}
+
+#[derive(Debug)]
+struct Fault {
+    at: At,
+    message: String,
+}
+
+impl Fault {
+    fn new(at: At, message: String) -> Fault {
+        Fault { at, message }
+    }
+}
+
+/// A name is safe in a log line and a metric label as it is.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let safe = |c: char| c.is_ascii_alphanumeric() || NAME_PUNCTUATION.contains(c);
+    if name.is_empty() || name.len() > MAX_NAME_BYTES || !name.chars().all(safe) {
+        return Err(format!(
+            "invalid name {name:?}: use 1 to {MAX_NAME_BYTES} letters, digits or {NAME_PUNCTUATION}"
+        ));
+    }
+    Ok(())
+}
+
+/// The checks of one frontend on its own.
+fn check_frontend(f: &FrontendConfig) -> Result<(), Fault> {
+    check_name(&f.name).map_err(|e| Fault::new(At::Name, format!("name: {e}")))?;
     if f.backends.is_empty() {
-        return Err("no backend: give at least one backend address".into());
+        return Err(Fault::new(
+            At::Frontend,
+            "no backend: give at least one backend address".into(),
+        ));
     }
     if f.backends.len() > MAX_BACKENDS {
-        return Err(format!(
-            "{} backends: at most {MAX_BACKENDS} per frontend",
-            f.backends.len()
+        return Err(Fault::new(
+            At::Frontend,
+            format!(
+                "{} backends: at most {MAX_BACKENDS} per frontend",
+                f.backends.len()
+            ),
         ));
     }
     if f.check.rise == 0 || f.check.fall == 0 {
-        return Err("rise and fall must be at least 1".into());
+        return Err(Fault::new(
+            At::Frontend,
+            "rise and fall must be at least 1".into(),
+        ));
     }
     if f.maxconn == Some(0) {
-        return Err("maxconn must be at least 1".into());
+        return Err(Fault::new(
+            At::Frontend,
+            "maxconn must be at least 1".into(),
+        ));
+    }
+    check_backends(&f.backends)
+}
+
+/// Names, ports, and no backend twice: a duplicate would get twice the
+/// traffic and two series under one name in the metrics.
+fn check_backends(backends: &[BackendConfig]) -> Result<(), Fault> {
+    let mut names = HashMap::with_capacity(backends.len());
+    let mut addrs = HashMap::with_capacity(backends.len());
+    for (k, backend) in backends.iter().enumerate() {
+        let fault = |message: String| Fault::new(At::Backend(k), message);
+        check_backend(backend).map_err(|e| fault(format!("backends: {e}")))?;
+        if let Some(first) = names.insert(backend.name.as_str(), k) {
+            return Err(fault(format!(
+                "backends: {} is listed twice (backends {} and {})",
+                backend.name,
+                first + 1,
+                k + 1
+            )));
+        }
+        if let Some(first) = addrs.insert(canonical(backend.addr), k) {
+            return Err(fault(format!(
+                "backends: {} is the same address as {} ({})",
+                backend.name, backends[first].name, backend.addr
+            )));
+        }
     }
     Ok(())
+}
+
+/// A backend's own checks, shared with the `--backend` flag.
+pub fn check_backend(backend: &BackendConfig) -> Result<(), String> {
+    check_name(&backend.name)?;
+    if backend.addr.port() == 0 {
+        return Err(format!(
+            "'{}': port 0 is no port a backend can listen on",
+            backend.name
+        ));
+    }
+    Ok(())
+}
+
+/// The same endpoint written one way: an IPv4-mapped IPv6 address is the
+/// IPv4 address on a dual-stack host.
+fn canonical(addr: SocketAddr) -> (IpAddr, u16) {
+    let ip = match addr.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    (ip, addr.port())
+}
+
+/// What the checks across frontends need to know about this host.
+struct Host {
+    /// An IPv6 wildcard listener also takes IPv4 clients. ringlb's listeners
+    /// leave IPV6_V6ONLY to the system default, `net.ipv6.bindv6only`.
+    dual_stack: bool,
+    /// This host's addresses, read only when a wildcard listener shares a
+    /// port with a backend.
+    addrs: OnceCell<Vec<IpAddr>>,
+}
+
+impl Host {
+    fn system() -> Host {
+        let v6only =
+            std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|v| v.trim() == "1");
+        Host {
+            dual_stack: !v6only,
+            addrs: OnceCell::new(),
+        }
+    }
+
+    /// Whether a connect to `ip` reaches this host.
+    fn is_local(&self, ip: IpAddr) -> bool {
+        ip.is_loopback()
+            || ip.is_unspecified()
+            || self.addrs.get_or_init(host_addresses).contains(&ip)
+    }
+}
+
+/// The listen addresses seen so far, indexed so that each check is a few
+/// hash lookups: the checks are linear in the number of frontends.
+struct Listens<'h> {
+    host: &'h Host,
+    exact: HashMap<(IpAddr, u16), usize>,
+    ports: HashMap<u16, PortUse>,
+}
+
+/// The frontends on one port: the first wildcard and the first specific
+/// address of each family are enough to find any overlap.
+#[derive(Default)]
+struct PortUse {
+    any_v4: Option<usize>,
+    any_v6: Option<usize>,
+    some_v4: Option<usize>,
+    some_v6: Option<usize>,
+}
+
+impl Listens<'_> {
+    /// An earlier frontend whose listener would take clients of `ip:port`.
+    fn overlap(&self, (ip, port): (IpAddr, u16)) -> Option<usize> {
+        if let Some(&j) = self.exact.get(&(ip, port)) {
+            return Some(j);
+        }
+        let used = self.ports.get(&port)?;
+        let dual = self.host.dual_stack;
+        match ip {
+            IpAddr::V4(v4) => used
+                .any_v4
+                .or(used.any_v6.filter(|_| dual))
+                .or(used.some_v4.filter(|_| v4.is_unspecified())),
+            IpAddr::V6(v6) if v6.is_unspecified() => used
+                .any_v6
+                .or(used.some_v6)
+                .or(used.some_v4.filter(|_| dual)),
+            IpAddr::V6(_) => used.any_v6,
+        }
+    }
+
+    fn add(&mut self, (ip, port): (IpAddr, u16), index: usize) {
+        self.exact.insert((ip, port), index);
+        let used = self.ports.entry(port).or_default();
+        let (any, some) = match ip {
+            IpAddr::V4(_) => (&mut used.any_v4, &mut used.some_v4),
+            IpAddr::V6(_) => (&mut used.any_v6, &mut used.some_v6),
+        };
+        if ip.is_unspecified() {
+            any.get_or_insert(index);
+        }
+        some.get_or_insert(index);
+    }
+
+    /// The frontend whose listener a connect to `backend` would reach.
+    fn own(&self, backend: SocketAddr) -> Option<usize> {
+        let (mut ip, port) = canonical(backend);
+        // A connect to the unspecified address goes to this host.
+        if ip.is_unspecified() {
+            ip = match ip {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            };
+        }
+        if let Some(&j) = self.exact.get(&(ip, port)) {
+            return Some(j);
+        }
+        let used = self.ports.get(&port)?;
+        let wildcard = match ip {
+            IpAddr::V4(_) => used.any_v4.or(used.any_v6.filter(|_| self.host.dual_stack)),
+            IpAddr::V6(_) => used.any_v6,
+        }?;
+        self.host.is_local(ip).then_some(wildcard)
+    }
+}
+
+/// The checks that span frontends: unique names, listeners that do not
+/// overlap, and no backend that is ringlb itself (a loop that would eat
+/// every fd). `Err` carries the index of the frontend at fault.
+fn check_across(frontends: &[FrontendConfig], host: &Host) -> Result<(), (usize, Fault)> {
+    let mut names = HashMap::with_capacity(frontends.len());
+    let mut listens = Listens {
+        host,
+        exact: HashMap::with_capacity(frontends.len()),
+        ports: HashMap::new(),
+    };
+    for (i, f) in frontends.iter().enumerate() {
+        if let Some(j) = names.insert(f.name.as_str(), i) {
+            let message = format!(
+                "two frontends are named {} (frontends {} and {})",
+                f.name,
+                j + 1,
+                i + 1
+            );
+            return Err((i, Fault::new(At::Name, message)));
+        }
+        // Port 0 picks a free port at start: never one in use.
+        if f.listen.port() == 0 {
+            continue;
+        }
+        let listen = canonical(f.listen);
+        if let Some(j) = listens.overlap(listen) {
+            return Err((i, Fault::new(At::Listen, overlap_message(&frontends[j], f))));
+        }
+        listens.add(listen, i);
+    }
+    for (i, f) in frontends.iter().enumerate() {
+        for (k, backend) in f.backends.iter().enumerate() {
+            if let Some(j) = listens.own(backend.addr) {
+                let message = format!(
+                    "backends: {} is ringlb's own listener (frontend {} listens on {}): \
+                     its connections would loop back into ringlb",
+                    backend.name, frontends[j].name, frontends[j].listen
+                );
+                return Err((i, Fault::new(At::Backend(k), message)));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn overlap_message(first: &FrontendConfig, second: &FrontendConfig) -> String {
+    if first.listen == second.listen {
+        return format!(
+            "listen: frontends {} and {} both listen on {}",
+            first.name, second.name, second.listen
+        );
+    }
+    format!(
+        "listen: frontends {} ({}) and {} ({}) overlap: clients of port {} could reach \
+         either, so neither frontend gets all of its clients; use different ports",
+        first.name,
+        first.listen,
+        second.name,
+        second.listen,
+        second.listen.port()
+    )
+}
+
+/// This host's interface addresses (getifaddrs); empty if they cannot be read.
+fn host_addresses() -> Vec<IpAddr> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates the list and freeifaddrs frees it, once;
+    // each entry is read only in between. An entry's ifa_addr is null or
+    // points to a sockaddr of the family in its sa_family field.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return Vec::new();
+        }
+        let mut addrs = Vec::new();
+        let mut entry = list;
+        while !entry.is_null() {
+            let addr = (*entry).ifa_addr;
+            if !addr.is_null() {
+                match i32::from((*addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*addr.cast::<libc::sockaddr_in>();
+                        addrs.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                            sin.sin_addr.s_addr,
+                        ))));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*addr.cast::<libc::sockaddr_in6>();
+                        addrs.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+                    }
+                    _ => {}
+                }
+            }
+            entry = (*entry).ifa_next;
+        }
+        libc::freeifaddrs(list);
+        addrs
+    }
 }
 
 #[cfg(test)]
@@ -601,5 +1023,172 @@ mod tests {
         let text = "[[frontend]]\nlisten = \"127.0.0.1:80\"\n";
         let err = Config::from_toml(text, "f.toml").unwrap_err().to_string();
         assert!(err.contains("no backend"), "{err}");
+    }
+
+    fn frontend(name: &str, listen: &str, backends: &[&str]) -> FrontendConfig {
+        FrontendConfig {
+            name: name.into(),
+            listen: listen.parse().expect("listen"),
+            mode: Mode::ActiveActive,
+            backends: backends
+                .iter()
+                .map(|b| BackendConfig {
+                    addr: b.parse().expect("backend"),
+                    name: (*b).into(),
+                })
+                .collect(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            check: CheckConfig {
+                interval: DEFAULT_CHECK_INTERVAL,
+                timeout: DEFAULT_CHECK_INTERVAL,
+                rise: 1,
+                fall: 1,
+                send: None,
+                expect: None,
+            },
+            failback: true,
+            on_down: OnDown::Keep,
+            maxconn: None,
+        }
+    }
+
+    fn host(dual_stack: bool, addrs: &[&str]) -> Host {
+        Host {
+            dual_stack,
+            addrs: OnceCell::from(
+                addrs
+                    .iter()
+                    .map(|a| a.parse().expect("ip"))
+                    .collect::<Vec<_>>(),
+            ),
+        }
+    }
+
+    /// The index of the frontend at fault, and where.
+    fn across(listens: &[(&str, &[&str])], host: &Host) -> Option<(usize, At)> {
+        let frontends: Vec<FrontendConfig> = listens
+            .iter()
+            .enumerate()
+            .map(|(i, (listen, backends))| frontend(&format!("f{i}"), listen, backends))
+            .collect();
+        check_across(&frontends, host)
+            .err()
+            .map(|(i, fault)| (i, fault.at))
+    }
+
+    #[test]
+    fn overlapping_listeners_are_found_in_either_order() {
+        let dual = host(true, &[]);
+        let v6only = host(false, &[]);
+        let b: &[&str] = &["10.9.9.9:1"];
+        for (a, z, overlap_dual, overlap_v6only) in [
+            ("0.0.0.0:80", "127.0.0.1:80", true, true),
+            ("[::]:80", "[::1]:80", true, true),
+            ("[::]:80", "0.0.0.0:80", true, false),
+            ("[::]:80", "127.0.0.1:80", true, false),
+            ("[::ffff:127.0.0.1]:80", "127.0.0.1:80", true, true),
+            ("127.0.0.1:80", "127.0.0.2:80", false, false),
+            ("0.0.0.0:80", "0.0.0.0:81", false, false),
+            ("[::1]:80", "127.0.0.1:80", false, false),
+            ("0.0.0.0:0", "127.0.0.1:0", false, false),
+        ] {
+            for (first, second) in [(a, z), (z, a)] {
+                let found = across(&[(first, b), (second, b)], &dual);
+                let expected = overlap_dual.then_some((1, At::Listen));
+                assert_eq!(found, expected, "{first} then {second}, dual stack");
+                let found = across(&[(first, b), (second, b)], &v6only);
+                let expected = overlap_v6only.then_some((1, At::Listen));
+                assert_eq!(found, expected, "{first} then {second}, v6only");
+            }
+        }
+    }
+
+    #[test]
+    fn a_backend_that_is_a_listener_of_ringlb_is_found() {
+        let h = host(true, &["192.0.2.7", "2001:db8::7"]);
+        for (listen, backend, loops) in [
+            ("127.0.0.1:80", "127.0.0.1:80", true),
+            ("0.0.0.0:80", "127.0.0.1:80", true),
+            ("0.0.0.0:80", "127.0.0.5:80", true),
+            ("0.0.0.0:80", "192.0.2.7:80", true),
+            ("0.0.0.0:80", "192.0.2.8:80", false),
+            ("0.0.0.0:80", "127.0.0.1:81", false),
+            ("127.0.0.1:80", "0.0.0.0:80", true),
+            ("127.0.0.1:80", "127.0.0.2:80", false),
+            ("[::]:80", "[2001:db8::7]:80", true),
+            ("[::]:80", "127.0.0.1:80", true),
+            ("[::]:80", "[::ffff:192.0.2.7]:80", true),
+            ("192.0.2.7:80", "192.0.2.7:80", true),
+        ] {
+            let found = across(
+                &[("127.0.0.9:7000", &[backend]), (listen, &["10.9.9.9:1"])],
+                &h,
+            );
+            let expected = loops.then_some((0, At::Backend(0)));
+            assert_eq!(found, expected, "listen {listen}, backend {backend}");
+        }
+        let v6only = host(false, &[]);
+        assert_eq!(across(&[("[::]:80", &["127.0.0.1:80"])], &v6only), None);
+    }
+
+    #[test]
+    fn host_addresses_include_loopback() {
+        assert!(host_addresses().contains(&IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    }
+
+    #[test]
+    fn names_are_a_safe_charset() {
+        for good in [
+            "web",
+            "db-1_a.b",
+            "[::1]:80",
+            "db1.example.com:5432",
+            "a@b/c",
+            "[fe80::1%2]:80",
+        ] {
+            assert_eq!(check_name(good), Ok(()), "{good}");
+        }
+        for bad in ["", "we\"b\nx", "a b", "a{b}", "a\\b", "é", &"x".repeat(256)] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn backend_faults_name_the_backend() {
+        let f = frontend(
+            "f",
+            "127.0.0.1:80",
+            &["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:1"],
+        );
+        assert_eq!(check_frontend(&f).map_err(|e| e.at), Err(At::Backend(2)));
+        let f = frontend(
+            "f",
+            "127.0.0.1:80",
+            &["127.0.0.1:1", "[::ffff:127.0.0.1]:1"],
+        );
+        assert_eq!(check_frontend(&f).map_err(|e| e.at), Err(At::Backend(1)));
+        let f = frontend("f", "127.0.0.1:80", &["127.0.0.1:1", "127.0.0.1:0"]);
+        assert_eq!(check_frontend(&f).map_err(|e| e.at), Err(At::Backend(1)));
+        let f = frontend("a\"b", "127.0.0.1:80", &["127.0.0.1:1"]);
+        assert_eq!(check_frontend(&f).map_err(|e| e.at), Err(At::Name));
+    }
+
+    #[test]
+    fn the_line_named_is_the_key_at_fault() {
+        let text = "[[frontend]]\nname = \"a\"\nlisten = \"0.0.0.0:7001\"\nbackends = [\"10.0.0.1:1\"]\n\
+                    [[frontend]]\nname = \"b\"\nlisten = \"127.0.0.1:7001\"\nbackends = [\"10.0.0.1:1\"]\n";
+        let err = Config::from_toml(text, "f.toml").unwrap_err().to_string();
+        assert!(err.starts_with("f.toml:7: "), "{err}");
+        assert!(
+            err.contains("frontends a (0.0.0.0:7001) and b (127.0.0.1:7001)"),
+            "{err}"
+        );
+        let text = "[[frontend]]\nname = \"a\"\nlisten = \"127.0.0.1:7001\"\nbackends = [\n\"10.0.0.1:1\",\n\"10.0.0.1:1\",\n]\n";
+        let err = Config::from_toml(text, "f.toml").unwrap_err().to_string();
+        assert!(err.starts_with("f.toml:6: "), "{err}");
+        let text = "[[frontend]]\nlisten = \"127.0.0.1:7001\"\nname = \"x y\"\nbackends = [\"10.0.0.1:1\"]\n";
+        let err = Config::from_toml(text, "f.toml").unwrap_err().to_string();
+        assert!(err.starts_with("f.toml:3: "), "{err}");
     }
 }

@@ -1,8 +1,12 @@
 //! `ringlb`: parses the command line, starts the server, and turns signals
-//! into drain (first SIGTERM/SIGINT), stop (second, or drain timeout).
+//! into drain (first SIGTERM/SIGINT/SIGUSR1), stop (second, or drain
+//! timeout). SIGHUP and SIGUSR2 are kept for reload, SIGQUIT logs a status
+//! line per frontend; every signal taken is logged by name.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use ringlb::cli::{self, Action};
@@ -10,9 +14,22 @@ use ringlb::config::Config;
 use ringlb::server::Server;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .init();
+    ignore_sigpipe();
+    ringlb::logging::init();
+    let code = run_action();
+    ringlb::logging::flush();
+    code
+}
+
+/// A peer that closes early must give ringlb EPIPE on that socket, never
+/// end the process; Rust's runtime sets this today, but ringlb must not
+/// depend on a runtime default that can be changed per binary.
+fn ignore_sigpipe() {
+    // SAFETY: installs the ignore disposition, before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+}
+
+fn run_action() -> ExitCode {
     let action = match cli::parse() {
         Ok(action) => action,
         Err((code, message)) => {
@@ -25,8 +42,13 @@ fn main() -> ExitCode {
     match action {
         Action::Check(path) => match Config::from_file(&path) {
             Ok(config) => {
+                for warning in config.warnings() {
+                    eprintln!("ringlb: warning: {warning}");
+                }
                 let names: Vec<&str> = config.frontends.iter().map(|f| f.name.as_str()).collect();
-                println!(
+                // Not println!: a closed stdout (`| head`) must not panic.
+                let _ = writeln!(
+                    std::io::stdout(),
                     "{}: OK ({} frontends: {})",
                     path.display(),
                     names.len(),
@@ -54,10 +76,12 @@ fn run(config: &Config, stats: Option<SocketAddr>) -> ExitCode {
     let server = match Server::start(config) {
         Ok(server) => server,
         Err(e) => {
+            ringlb::logging::flush();
             eprintln!("ringlb: {e}");
             return ExitCode::from(1);
         }
     };
+    log_settings(config);
     if let Some(addr) = stats {
         match ringlb::admin::serve(addr, server.frontends.clone()) {
             Ok(bound) => log::info!("metrics on http://{bound}/metrics"),
@@ -82,29 +106,32 @@ fn run(config: &Config, stats: Option<SocketAddr>) -> ExitCode {
                 return ExitCode::from(1);
             }
         }
-        match signals.wait(Duration::from_millis(200)) {
-            Some(libc::SIGHUP) => log::warn!(
-                "SIGHUP: in-place reload is not supported; start a new ringlb with the new config \
+        let signal = signals.wait(Duration::from_millis(200));
+        match signal.map(|s| (signal_name(s), Request::of(s))) {
+            Some((name, Request::Reload)) => log::warn!(
+                "{name}: in-place reload is not supported; start a new ringlb with the new config \
                  (it shares the port), then send SIGTERM to this one to drain it"
             ),
-            Some(_) if drain_deadline.is_none() => {
+            Some((name, Request::Status)) => log_status(name, &server),
+            Some((name, Request::Stop)) if drain_deadline.is_none() => {
                 log::info!(
-                    "draining: no new connections, {} open ones get up to {:?} to finish",
+                    "{name}: draining: no new connections, {} open ones get up to {:?} to finish",
                     server.active_connections(),
                     config.drain_timeout
                 );
                 server.drain();
                 drain_deadline = Some(Instant::now() + config.drain_timeout);
             }
-            Some(_) if !stopping => {
+            Some((name, Request::Stop)) if !stopping => {
                 log::warn!(
-                    "second signal: closing {} connections now",
+                    "{name}: second signal: closing {} connections now",
                     server.active_connections()
                 );
                 server.stop();
                 stopping = true;
             }
-            _ => {}
+            Some((name, Request::Stop)) => log::info!("{name}: already stopping"),
+            None => {}
         }
         if !stopping && drain_deadline.is_some_and(|d| Instant::now() >= d) {
             log::warn!(
@@ -127,13 +154,87 @@ fn run(config: &Config, stats: Option<SocketAddr>) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("ringlb: worker failed: {e}");
+            // Through the log: stderr may be a stalled pipe, and exit
+            // must not wait on it.
+            log::error!("worker failed: {e}");
             ExitCode::from(1)
         }
     }
 }
 
-/// SIGINT, SIGTERM and SIGHUP, taken synchronously by the main thread.
+/// What the settings cost and where they look careless, after the start
+/// succeeded (a failed start prints its one error line alone).
+fn log_settings(config: &Config) {
+    log::info!("{}", config.memory_note());
+    for warning in config.warnings() {
+        log::warn!("{warning}");
+    }
+}
+
+/// What a signal asks of ringlb.
+enum Request {
+    /// Drain, then stop (HAProxy's soft stop is SIGUSR1).
+    Stop,
+    /// Reserved for an in-place reload (HAProxy: SIGUSR2, systemd: SIGHUP).
+    Reload,
+    /// A status line per frontend in the log (HAProxy dumps stats).
+    Status,
+}
+
+impl Request {
+    fn of(signal: i32) -> Request {
+        match signal {
+            libc::SIGHUP | libc::SIGUSR2 => Request::Reload,
+            libc::SIGQUIT => Request::Status,
+            _ => Request::Stop,
+        }
+    }
+}
+
+/// Every signal ringlb takes; any of them left to its default action
+/// would end the process with no drain and no log line.
+const SIGNALS: [(i32, &str); 6] = [
+    (libc::SIGINT, "SIGINT"),
+    (libc::SIGTERM, "SIGTERM"),
+    (libc::SIGUSR1, "SIGUSR1"),
+    (libc::SIGHUP, "SIGHUP"),
+    (libc::SIGUSR2, "SIGUSR2"),
+    (libc::SIGQUIT, "SIGQUIT"),
+];
+
+fn signal_name(signal: i32) -> &'static str {
+    SIGNALS
+        .iter()
+        .find(|(number, _)| *number == signal)
+        .map_or("signal", |(_, name)| name)
+}
+
+fn log_status(signal: &str, server: &Server) {
+    log::info!(
+        "{signal}: status: {} connections open; ringlb keeps running (SIGTERM or SIGUSR1 drains)",
+        server.active_connections()
+    );
+    for frontend in &server.frontends {
+        let backends = &frontend.pool.backends;
+        let down: Vec<&str> = backends
+            .iter()
+            .filter(|b| !b.is_up())
+            .map(|b| b.name.as_str())
+            .collect();
+        log::info!(
+            "{signal}: frontend {}: {} open, {} accepted, {} of {} backends up{}{}",
+            frontend.config.name,
+            frontend.stats.active.load(Relaxed),
+            frontend.stats.accepted.load(Relaxed),
+            backends.len() - down.len(),
+            backends.len(),
+            if down.is_empty() { "" } else { "; down: " },
+            down.join(", ")
+        );
+    }
+}
+
+/// The signals of [`SIGNALS`], taken synchronously by the main thread.
 struct Signals(libc::sigset_t);
 
 impl Signals {
@@ -143,7 +244,7 @@ impl Signals {
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
-            for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            for (signal, _) in SIGNALS {
                 libc::sigaddset(&mut set, signal);
             }
             libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());

@@ -101,5 +101,10 @@ pub fn render(frontends: &[Arc<Frontend>]) -> String {
             );
         }
     }
+    let _ = writeln!(
+        out,
+        "# TYPE ringlb_log_lines_dropped_total counter\nringlb_log_lines_dropped_total {}",
+        crate::logging::dropped()
+    );
     out
 }

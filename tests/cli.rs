@@ -77,7 +77,11 @@ fn ringlb(args: &[&str]) -> Outcome {
 
 /// Runs `command` with piped output; kills it and fails the test if it
 /// does not exit within [`EXIT_WITHIN`].
-fn run(mut command: Command) -> Outcome {
+fn run(command: Command) -> Outcome {
+    run_within(command, EXIT_WITHIN)
+}
+
+fn run_within(mut command: Command, within: Duration) -> Outcome {
     // A user's RUST_LOG must not add log lines to the one error line.
     command
         .env_remove("RUST_LOG")
@@ -87,7 +91,7 @@ fn run(mut command: Command) -> Outcome {
     let mut child = command.spawn().expect("spawn ringlb");
     let stdout = drain(child.stdout.take().expect("stdout"));
     let stderr = drain(child.stderr.take().expect("stderr"));
-    let code = wait_bounded(&mut child);
+    let code = wait_bounded(&mut child, within);
     let stdout = stdout.join().expect("stdout reader");
     let stderr = stderr.join().expect("stderr reader");
     match code {
@@ -96,9 +100,9 @@ fn run(mut command: Command) -> Outcome {
             stdout,
             stderr,
         },
-        None => panic!(
-            "ringlb did not exit within {EXIT_WITHIN:?}; stdout: {stdout:?}, stderr: {stderr:?}"
-        ),
+        None => {
+            panic!("ringlb did not exit within {within:?}; stdout: {stdout:?}, stderr: {stderr:?}")
+        }
     }
 }
 
@@ -112,8 +116,8 @@ fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String
 
 /// `Some(exit code)` (`None` inside for a signal), or `None` if the child
 /// had to be killed.
-fn wait_bounded(child: &mut Child) -> Option<Option<i32>> {
-    let deadline = Instant::now() + EXIT_WITHIN;
+fn wait_bounded(child: &mut Child, within: Duration) -> Option<Option<i32>> {
+    let deadline = Instant::now() + within;
     loop {
         if let Some(status) = child.try_wait().expect("wait for ringlb") {
             return Some(status.code());
@@ -449,12 +453,271 @@ fn config_file_drain_timeout_is_used() {
     // SAFETY: plain libc call on our own child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     std::thread::spawn(move || lines.for_each(drop));
-    let code = wait_bounded(&mut child).expect("ringlb exits after the drain timeout");
+    let code = wait_bounded(&mut child, EXIT_WITHIN).expect("ringlb exits after the drain timeout");
     assert_eq!(code, Some(0));
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "drained for {:?}",
         started.elapsed()
+    );
+}
+
+// --- Careless configs (issue 9 points 10 and 11) -------------------------
+
+/// One frontend table per `(name, listen, backends)`.
+fn frontends(tables: &[(&str, &str, &[&str])]) -> String {
+    let mut text = String::new();
+    for (name, listen, backends) in tables {
+        text.push_str(&format!(
+            "[[frontend]]\nname = \"{name}\"\nlisten = \"{listen}\"\nbackends = [\n"
+        ));
+        for backend in *backends {
+            text.push_str(&format!("  \"{backend}\",\n"));
+        }
+        text.push_str("]\n");
+    }
+    text
+}
+
+/// A port nothing listens on now (bound and released).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Whether an IPv6 wildcard listener also takes IPv4 clients here.
+fn dual_stack() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").map_or(true, |v| v.trim() != "1")
+}
+
+/// Today's code compared every pair of frontends, twice at start: 80,000
+/// frontends took 51-63 s (over 2 minutes on a busy machine).
+#[test]
+fn eighty_thousand_frontends_validate_quickly() {
+    let mut text = String::with_capacity(8 << 20);
+    for i in 0..80_000u32 {
+        text.push_str(&format!(
+            "[[frontend]]\nname = \"f{i}\"\nlisten = \"127.{}.{}.{}:{}\"\nbackends = [\"10.0.0.1:80\", \"10.0.0.2:80\"]\n",
+            i / 62_500 + 1,
+            i / 250 % 250,
+            i % 250 + 1,
+            10_000 + i % 7
+        ));
+    }
+    let file = TempConfig::new("eighty-thousand.toml", &text);
+    let mut command = Command::new(BIN);
+    command.args(["--config", file.path(), "--check"]);
+    let out = run_within(command, Duration::from_secs(20));
+    assert_eq!(out.code, Some(0), "stderr: {:?}", out.stderr);
+    assert!(
+        out.stdout.contains("OK (80000 frontends"),
+        "{}",
+        &out.stdout[..200.min(out.stdout.len())]
+    );
+    out.assert_no_panic();
+}
+
+/// Runs ringlb with at most 1 GiB of address space, so that a read without
+/// bound (today's, of /dev/zero) ends in an allocation failure rather than
+/// in the machine's memory.
+fn ringlb_memory_capped(args: &[&str]) -> Outcome {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(BIN);
+    command.args(args);
+    // SAFETY: runs in the forked child before exec; setrlimit is
+    // async-signal-safe and the struct lives on the child's stack.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 1 << 30,
+                rlim_max: 1 << 30,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    run(command)
+}
+
+#[test]
+fn config_file_size_is_capped() {
+    ringlb_memory_capped(&["--config", "/dev/zero"]).assert_error(1, &["/dev/zero", "64 MiB"]);
+    ringlb_memory_capped(&["--config", "/dev/zero", "--check"])
+        .assert_error(1, &["/dev/zero", "64 MiB"]);
+    let file = TempConfig::new("huge.toml", "");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file.path)
+        .and_then(|f| f.set_len(65 << 20))
+        .expect("a sparse 65 MiB file");
+    ringlb_memory_capped(&["--config", file.path()]).assert_error(1, &[file.path(), "64 MiB"]);
+}
+
+#[test]
+fn backend_on_port_zero_is_refused() {
+    let file = TempConfig::new(
+        "port0.toml",
+        &frontends(&[("web", "127.0.0.1:0", &["10.0.0.1:80", "10.0.0.2:0"])]),
+    );
+    ringlb(&["--config", file.path()]).assert_error(1, &[&file.at(6), "10.0.0.2:0", "port 0"]);
+    ringlb(&["--listen", "127.0.0.1:0", "--backend", "10.0.0.2:0"])
+        .assert_error(2, &["--backend", "10.0.0.2:0", "port 0"]);
+}
+
+#[test]
+fn overlapping_listeners_are_refused() {
+    let b: &[&str] = &["10.0.0.1:80"];
+    for (first, second, overlap) in [
+        ("0.0.0.0:7001", "127.0.0.1:7001", true),
+        ("127.0.0.1:7001", "0.0.0.0:7001", true),
+        ("[::]:7001", "[::1]:7001", true),
+        ("[::]:7001", "0.0.0.0:7001", dual_stack()),
+        ("127.0.0.1:7001", "127.0.0.1:7001", true),
+        ("127.0.0.1:7001", "127.0.0.2:7001", false),
+        ("0.0.0.0:7001", "0.0.0.0:7002", false),
+    ] {
+        let file = TempConfig::new(
+            "overlap.toml",
+            &frontends(&[("alpha", first, b), ("beta", second, b)]),
+        );
+        let out = ringlb(&["--config", file.path(), "--check"]);
+        if overlap {
+            // Line 9: the second frontend's listen.
+            out.assert_error(1, &[&file.at(9), "alpha", "beta", first, second]);
+        } else {
+            assert_eq!(out.code, Some(0), "{first} and {second}: {:?}", out.stderr);
+        }
+    }
+    // Not only --check: a start with such a file ends at once, before
+    // binding anything.
+    let port = free_port();
+    let (first, second) = (format!("0.0.0.0:{port}"), format!("127.0.0.1:{port}"));
+    let file = TempConfig::new(
+        "overlap-run.toml",
+        &frontends(&[("alpha", &first, b), ("beta", &second, b)]),
+    );
+    ringlb(&["--config", file.path()]).assert_error(1, &[&file.at(9), "alpha", "beta", "overlap"]);
+}
+
+/// A backend that is ringlb's own listener makes every connection (and
+/// every health check) loop through ringlb until it runs out of fds.
+#[test]
+fn a_backend_that_is_ringlb_itself_is_refused() {
+    let port = free_port();
+    let own = format!("127.0.0.1:{port}");
+    let wildcard = format!("0.0.0.0:{port}");
+    let other = format!("127.0.0.1:{}", free_port());
+    // Exact: the frontend's own address.
+    let file = TempConfig::new(
+        "loop.toml",
+        &frontends(&[("web", &own, &["10.0.0.1:80", &own])]),
+    );
+    ringlb(&["--config", file.path()])
+        .assert_error(1, &[&file.at(6), &own, "own listener", "loop"]);
+    // Through a wildcard listener of another frontend.
+    let file = TempConfig::new(
+        "loop-wildcard.toml",
+        &frontends(&[
+            ("any", &wildcard, &["10.0.0.1:80"]),
+            ("web", &other, &[&own]),
+        ]),
+    );
+    ringlb(&["--config", file.path()])
+        .assert_error(1, &[&file.at(11), &own, "frontend any", "loop"]);
+    if dual_stack() {
+        let file = TempConfig::new(
+            "loop-v6.toml",
+            &frontends(&[
+                ("any6", &format!("[::]:{port}"), &["10.0.0.1:80"]),
+                ("web", &other, &[&own]),
+            ]),
+        );
+        ringlb(&["--config", file.path(), "--check"])
+            .assert_error(1, &[&file.at(11), "frontend any6", "loop"]);
+    }
+    ringlb(&["--listen", &own, "--backend", &own]).assert_error(2, &[&own, "own listener"]);
+}
+
+#[test]
+fn names_outside_a_safe_charset_are_refused() {
+    // A quote and a newline in a metric label inject a fake series.
+    let file = TempConfig::new(
+        "name.toml",
+        "[[frontend]]\nlisten = \"127.0.0.1:0\"\nname = \"we\\\"b\\nx\"\nbackends = [\"10.0.0.1:80\"]\n",
+    );
+    ringlb(&["--config", file.path()])
+        .assert_error(1, &[&file.at(3), "invalid name", "we\\\"b\\nx"]);
+    let file = TempConfig::new(
+        "backend-name.toml",
+        &frontends(&[("web", "127.0.0.1:0", &["10.0.0.1:80", "db{1}:80"])]),
+    );
+    ringlb(&["--config", file.path()]).assert_error(1, &[&file.at(6), "invalid name", "db{1}:80"]);
+    ringlb(&["--listen", "127.0.0.1:0", "--backend", "db{1}:80"])
+        .assert_error(2, &["--backend", "invalid name"]);
+    // Every form of address is still a valid name.
+    let file = TempConfig::new(
+        "names-ok.toml",
+        &frontends(&[(
+            "web-1_a.b:c/d@e",
+            "127.0.0.1:0",
+            &["10.0.0.1:80", "[::1]:80", "localhost:8080"],
+        )]),
+    );
+    let out = ringlb(&["--config", file.path(), "--check"]);
+    assert_eq!(out.code, Some(0), "{:?}", out.stderr);
+}
+
+#[test]
+fn duplicate_backends_are_refused() {
+    let file = TempConfig::new(
+        "dup.toml",
+        &frontends(&[(
+            "web",
+            "127.0.0.1:0",
+            &["10.0.0.1:80", "10.0.0.2:80", "10.0.0.1:80"],
+        )]),
+    );
+    ringlb(&["--config", file.path()]).assert_error(1, &[&file.at(7), "10.0.0.1:80", "twice"]);
+    let file = TempConfig::new(
+        "dup-addr.toml",
+        &frontends(&[(
+            "web",
+            "127.0.0.1:0",
+            &["10.0.0.1:80", "[::ffff:10.0.0.1]:80"],
+        )]),
+    );
+    ringlb(&["--config", file.path()]).assert_error(1, &[&file.at(6), "same address"]);
+    ringlb(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        "10.0.0.1:80",
+        "--backend",
+        "10.0.0.1:80",
+    ])
+    .assert_error(2, &["10.0.0.1:80", "twice"]);
+}
+
+#[test]
+fn check_warns_of_more_workers_than_cores() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let text = format!(
+        "workers = {}\n{}",
+        cores + 1,
+        frontends(&[("web", "127.0.0.1:0", &["10.0.0.1:80"])])
+    );
+    let file = TempConfig::new("workers.toml", &text);
+    let out = ringlb(&["--config", file.path(), "--check"]);
+    assert_eq!(out.code, Some(0), "{:?}", out.stderr);
+    assert!(out.stdout.contains("OK"), "{:?}", out.stdout);
+    assert!(
+        out.stderr.contains("warning") && out.stderr.contains(&format!("{cores} cores")),
+        "{:?}",
+        out.stderr
     );
 }
 
@@ -469,55 +732,65 @@ fn listen_address_in_use_is_named() {
     drop(taken);
 }
 
+/// Makes each of `syscalls` fail with `errno` in the child, as a
+/// container's seccomp profile or a resource limit would; every other
+/// system call is allowed.
 #[cfg(target_arch = "x86_64")]
-#[test]
-fn io_uring_refused_by_seccomp_is_named() {
+fn refuse_syscalls(command: &mut Command, syscalls: &[libc::c_long], errno: i32) {
     use std::os::unix::process::CommandExt;
 
     const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
     // struct seccomp_data { int nr; __u32 arch; ... }
     const NR_OFFSET: u32 = 0;
     const ARCH_OFFSET: u32 = 4;
-    let stmt = |code: u32, k: u32| libc::sock_filter {
-        code: code as u16,
-        jt: 0,
-        jf: 0,
-        k,
-    };
-    let jump = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
+    let op = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
         code: code as u16,
         jt,
         jf,
         k,
     };
-    // io_uring_setup fails with EPERM, as under a container's seccomp
-    // profile; every other system call is allowed.
-    let filter: [libc::sock_filter; 6] = [
-        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, ARCH_OFFSET),
-        jump(
+    let n = syscalls.len() as u8;
+    let mut filter = vec![
+        op(
+            libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+            ARCH_OFFSET,
+            0,
+            0,
+        ),
+        // Another architecture: jump past the load and the checks to "allow".
+        op(
             libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
             AUDIT_ARCH_X86_64,
             0,
-            3,
+            n + 1,
         ),
-        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, NR_OFFSET),
-        jump(
-            libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
-            libc::SYS_io_uring_setup as u32,
-            0,
-            1,
-        ),
-        stmt(
-            libc::BPF_RET | libc::BPF_K,
-            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
-        ),
-        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+        op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, NR_OFFSET, 0, 0),
     ];
-    let mut command = Command::new(BIN);
-    command.args(["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1"]);
+    for (i, nr) in syscalls.iter().enumerate() {
+        // A match jumps to "refuse", past the remaining checks and "allow".
+        let to_refuse = (syscalls.len() - i) as u8;
+        filter.push(op(
+            libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+            *nr as u32,
+            to_refuse,
+            0,
+        ));
+    }
+    filter.push(op(
+        libc::BPF_RET | libc::BPF_K,
+        libc::SECCOMP_RET_ALLOW,
+        0,
+        0,
+    ));
+    filter.push(op(
+        libc::BPF_RET | libc::BPF_K,
+        libc::SECCOMP_RET_ERRNO | errno as u32,
+        0,
+        0,
+    ));
     // SAFETY: the closure runs in the forked child before exec and only
     // makes two prctl calls (async-signal-safe) on data the child owns:
-    // the filter was copied into the closure before the fork, and the
+    // the filter was moved into the closure before the fork, and the
     // sock_fprog pointing at it lives on the child's stack for the call.
     unsafe {
         command.pre_exec(move || {
@@ -537,7 +810,55 @@ fn io_uring_refused_by_seccomp_is_named() {
             Ok(())
         });
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn io_uring_refused_by_seccomp_is_named() {
+    let mut command = Command::new(BIN);
+    command.args(["--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1"]);
+    // io_uring_setup fails with EPERM, as under a container's seccomp profile.
+    refuse_syscalls(&mut command, &[libc::SYS_io_uring_setup], libc::EPERM);
     run(command).assert_error(1, &["io_uring", "disabled"]);
+}
+
+/// A logger thread that cannot start must not cost the log: ringlb says
+/// so and writes its lines to stderr itself.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn without_threads_the_log_goes_straight_to_stderr() {
+    let mut command = Command::new(BIN);
+    command.args(["--config", EXAMPLE, "--check"]);
+    refuse_syscalls(
+        &mut command,
+        &[libc::SYS_clone, libc::SYS_clone3],
+        libc::EAGAIN,
+    );
+    let out = run(command);
+    assert_eq!(out.code, Some(0), "stderr: {:?}", out.stderr);
+    assert!(out.stdout.contains("OK"), "stdout: {:?}", out.stdout);
+    assert!(
+        out.stderr.contains("WARN") && out.stderr.contains("cannot start the logger thread"),
+        "stderr: {:?}",
+        out.stderr
+    );
+    out.assert_no_panic();
+    // With threads refused, a start fails with one clear error.
+    let mut command = Command::new(BIN);
+    command.args(["--listen", "127.0.0.1:0", "--backend", "10.0.0.1:80"]);
+    refuse_syscalls(
+        &mut command,
+        &[libc::SYS_clone, libc::SYS_clone3],
+        libc::EAGAIN,
+    );
+    let out = run(command);
+    assert_eq!(out.code, Some(1), "stderr: {:?}", out.stderr);
+    assert!(
+        out.stderr.contains("ringlb: cannot start a worker"),
+        "stderr: {:?}",
+        out.stderr
+    );
+    out.assert_no_panic();
 }
 
 #[cfg(not(target_arch = "x86_64"))]
