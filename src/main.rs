@@ -104,6 +104,12 @@ fn run(config: &Config, stats: Option<SocketAddr>) -> ExitCode {
                 server.stop();
                 stopping = true;
             }
+            Some(signal) => {
+                // Already stopping and asked again: the operator wants out
+                // now, not after the workers' grace period.
+                log::error!("signal {signal} while stopping: exiting now");
+                return ExitCode::from(1);
+            }
             _ => {}
         }
         if !stopping && drain_deadline.is_some_and(|d| Instant::now() >= d) {
