@@ -486,16 +486,16 @@ fn isolated_live_refusals_do_not_mark_a_healthy_backend_down() {
             }
         }
         let refused = ns.matched("REJECT");
-        assert!(refused >= 4, "the rule refused {refused} connects");
-        assert!(
-            failed.is_empty(),
-            "refused connects are retried on b: {failed:?}"
-        );
         assert_eq!(
             ringlb.count_logs("is DOWN"),
             0,
             "{refused} isolated refusals marked a healthy backend down:\n{}",
             ringlb.logs()
+        );
+        assert!(refused >= 4, "the rule refused {refused} connects");
+        assert!(
+            failed.is_empty(),
+            "refused connects are retried on b: {failed:?}"
         );
         assert_eq!(backend_up(&ringlb, "default", &backends[0]), Some(1));
         assert!(
