@@ -710,4 +710,49 @@ mod tests {
         };
         assert!(!Arc::ptr_eq(&a, &targets.health(addr, &other)));
     }
+
+    fn on_runtime<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    #[test]
+    fn probes_tell_refused_silent_and_wrong_replies_apart() {
+        let check = CheckConfig {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(300),
+            rise: 1,
+            fall: 1,
+            send: Some(b"PING\r\n".to_vec()),
+            expect: Some(b"+PONG".to_vec()),
+        };
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let silent_addr = silent.local_addr().expect("addr");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("addr");
+        let wrong = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let wrong_addr = wrong.local_addr().expect("addr");
+        let answer = std::thread::spawn(move || {
+            use std::io::Write;
+            if let Ok((mut s, _)) = wrong.accept() {
+                let _ = s.write_all(b"-ERR\r\n");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        on_runtime(async {
+            assert_eq!(probe(closed, &check).await, Err(Failure::Refused));
+            let started = Instant::now();
+            assert_eq!(probe(silent_addr, &check).await, Err(Failure::NoReply));
+            assert!(started.elapsed() < Duration::from_secs(2));
+            assert!(matches!(
+                probe(wrong_addr, &check).await,
+                Err(Failure::Mismatch { .. })
+            ));
+        });
+        let _ = answer.join();
+    }
 }
