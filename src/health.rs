@@ -1,28 +1,41 @@
 //! The failover watcher: active health checks that mark backends down and
 //! up, HAProxy style (`inter`, `timeout check`, `rise`, `fall`).
 //!
-//! Each backend has its own watcher thread, so a backend that hangs for the
-//! whole timeout never delays the checks of the others, and no check ever
-//! runs on a worker. A watcher is the only writer of its backend's `up`
-//! flag; workers read it on every new connection. Workers also report
-//! connect failures seen on live traffic, which count as failed checks and
-//! wake the watcher at once: a dead backend is marked down as soon as
-//! traffic hits it, not at the next interval.
+//! One scheduler thread ("ringlb-health") runs every check as a
+//! non-blocking probe on its own current-thread tokio runtime, whose timer
+//! is a hierarchical wheel: ten thousand checks cost one thread, and a
+//! backend that hangs for the whole timeout never delays the others. No
+//! check ever runs on a worker.
+//!
+//! A check target is an (address, check settings) pair: every frontend
+//! that lists the same address with the same check shares one [`Health`]
+//! and one probe. The scheduler is the only writer of `up`; workers read
+//! it on every new connection and report the outcome of their connects:
+//! a success clears the live-failure streak, a failure extends it, and
+//! `fall` failures in a row wake the scheduler at once, so a dead backend
+//! is marked down as soon as traffic hits it, not at the next interval.
 //!
 //! Promotion needs nothing more: in active-passive mode the pool sends new
 //! connections to the first backend that is up, so marking the active one
 //! down is the failover, and marking it up again is the fail-back.
 
+use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
 use std::fmt;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::hash::{BuildHasher, Hash};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{Notify, mpsc};
+use tokio::time::{Instant, sleep_until, timeout_at};
 
 use crate::config::CheckConfig;
-use crate::pool::{Backend, ConnectFailure};
+use crate::pool::ConnectFailure;
 use crate::server::Frontend;
 
 /// Why a check failed, as the operator reads it in the DOWN line.
@@ -38,8 +51,6 @@ pub enum Failure {
     /// Connected, but the backend closed before replying.
     Closed,
     Reset,
-    /// Seen on live traffic rather than by a check.
-    Traffic(ConnectFailure),
     Other(String),
 }
 
@@ -69,210 +80,679 @@ impl fmt::Display for Failure {
             }
             Failure::Closed => f.write_str("closed before replying"),
             Failure::Reset => f.write_str("connection reset"),
-            Failure::Traffic(ConnectFailure::Refused) => {
-                f.write_str("connection refused on live traffic")
-            }
-            Failure::Traffic(ConnectFailure::TimedOut) => {
-                f.write_str("connect timed out on live traffic")
-            }
-            Failure::Traffic(ConnectFailure::Other | ConnectFailure::Local) => {
-                f.write_str("connect failed on live traffic")
-            }
             Failure::Other(e) => f.write_str(e),
         }
     }
 }
 
+fn describe_live(failure: ConnectFailure) -> &'static str {
+    match failure {
+        ConnectFailure::Refused => "connection refused",
+        ConnectFailure::TimedOut => "connect timed out",
+        ConnectFailure::Other | ConnectFailure::Local => "connect failed",
+    }
+}
+
+/// What the last check said and when the state last changed: kept for the
+/// operator (an admin page reads it), written only by the scheduler.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    /// `None` until the first check ends; the failure text otherwise.
+    pub last_check: Option<Result<(), String>>,
+    pub last_check_took: Duration,
+    /// When `up` last flipped (or when checking started).
+    pub changed_at: Option<SystemTime>,
+    /// Why it is in its current state, as the UP/DOWN line said it.
+    pub reason: String,
+}
+
+/// The health of one check target, shared by every backend (of any
+/// frontend) with the same address and check settings.
+pub struct Health {
+    /// Read by every new connection; written only by the scheduler.
+    up: AtomicBool,
+    /// Connect failures on live traffic since the last successful connect
+    /// (live or check). Workers write it; a success costs a read, not a
+    /// write, while the streak is already zero.
+    live_failures: AtomicU32,
+    last_live_failure: AtomicU8,
+    fall: u32,
+    /// Wakes the target's task when the live streak reaches `fall`.
+    wake: Notify,
+    status: Mutex<Status>,
+}
+
+impl Health {
+    pub fn new(fall: u32) -> Health {
+        Health {
+            // Up until checks say otherwise, as HAProxy does: traffic
+            // flows from the first second.
+            up: AtomicBool::new(true),
+            live_failures: AtomicU32::new(0),
+            last_live_failure: AtomicU8::new(0),
+            fall: fall.max(1),
+            wake: Notify::new(),
+            status: Mutex::new(Status::default()),
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Relaxed)
+    }
+
+    pub(crate) fn set_up(&self, up: bool) {
+        self.up.store(up, Relaxed);
+    }
+
+    /// Called by a worker for every successful connect: on a healthy
+    /// backend the streak is already zero, and a plain load keeps the cache
+    /// line shared between workers.
+    pub fn report_live_success(&self) {
+        if self.live_failures.load(Relaxed) != 0 {
+            self.live_failures.store(0, Relaxed);
+        }
+    }
+
+    /// Called by a worker for a connect the backend refused or let time
+    /// out. Never blocks: a notify with no waiter stores a permit, with one
+    /// it takes the waiter list's lock for a few instructions.
+    pub fn report_live_failure(&self, failure: ConnectFailure) {
+        self.last_live_failure.store(failure as u8, Relaxed);
+        let streak = self.live_failures.fetch_add(1, Relaxed).saturating_add(1);
+        if streak >= self.fall {
+            self.wake.notify_one();
+        }
+    }
+
+    /// A copy of the last check's outcome and the reason for the state.
+    pub fn status(&self) -> Status {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn update_status(&self, change: impl FnOnce(&mut Status)) {
+        if let Ok(mut status) = self.status.lock() {
+            change(&mut status);
+        }
+    }
+}
+
+/// What makes two backends one check target: same address, same check.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TargetKey {
+    addr: SocketAddr,
+    interval: Duration,
+    timeout: Duration,
+    rise: u32,
+    fall: u32,
+    send: Option<Vec<u8>>,
+    expect: Option<Vec<u8>>,
+}
+
+impl TargetKey {
+    pub fn new(addr: SocketAddr, check: &CheckConfig) -> TargetKey {
+        TargetKey {
+            addr,
+            interval: check.interval,
+            timeout: check.timeout,
+            rise: check.rise,
+            fall: check.fall,
+            send: check.send.clone(),
+            expect: check.expect.clone(),
+        }
+    }
+
+    fn check(&self) -> CheckConfig {
+        CheckConfig {
+            interval: self.interval,
+            timeout: self.timeout,
+            rise: self.rise,
+            fall: self.fall,
+            send: self.send.clone(),
+            expect: self.expect.clone(),
+        }
+    }
+}
+
+/// The health states handed out while the pools are built, so that the
+/// same target in two frontends gets the same `Arc`.
+#[derive(Default)]
+pub struct Targets(HashMap<TargetKey, Arc<Health>>);
+
+impl Targets {
+    pub fn health(&mut self, addr: SocketAddr, check: &CheckConfig) -> Arc<Health> {
+        let key = TargetKey::new(addr, check);
+        Arc::clone(
+            self.0
+                .entry(key)
+                .or_insert_with(|| Arc::new(Health::new(check.fall))),
+        )
+    }
+}
+
 /// One health check: connect within the timeout, then optionally send the
 /// payload and wait for a reply that starts with the expected bytes, all
-/// within the same timeout.
-pub fn probe(addr: SocketAddr, check: &CheckConfig) -> Result<(), Failure> {
+/// within the same timeout. Dropping the future abandons the probe at once.
+pub async fn probe(addr: SocketAddr, check: &CheckConfig) -> Result<(), Failure> {
     let deadline = Instant::now() + check.timeout;
-    let stream =
-        TcpStream::connect_timeout(&addr, check.timeout).map_err(|e| Failure::from_io(&e))?;
-    // Checks end with a reset, as HAProxy's do: thousands of checks must
-    // not leave thousands of TIME_WAIT sockets behind.
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-    let remaining = |failure: Failure| {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            Err(failure)
-        } else {
-            Ok(left)
-        }
+    let stream = match timeout_at(deadline, connect(addr)).await {
+        Ok(connected) => connected.map_err(|e| Failure::from_io(&e))?,
+        Err(_) => return Err(Failure::TimedOut),
     };
+    timeout_at(deadline, exchange(stream, check))
+        .await
+        .unwrap_or(Err(Failure::NoReply))
+}
+
+async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // Checks end with a reset, as HAProxy's do: thousands of checks must
+    // not leave thousands of TIME_WAIT sockets behind. A zero linger never
+    // blocks the close (tokio deprecates only the blocking, non-zero kind).
+    socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO))?;
+    socket.connect(addr).await
+}
+
+async fn exchange(mut stream: TcpStream, check: &CheckConfig) -> Result<(), Failure> {
     if let Some(payload) = &check.send {
-        let _ = stream.set_write_timeout(Some(remaining(Failure::NoReply)?));
-        (&stream)
+        stream
             .write_all(payload)
+            .await
             .map_err(|e| Failure::from_io(&e))?;
     }
-    if let Some(expect) = &check.expect {
-        let mut got = Vec::with_capacity(expect.len());
-        let mut buf = [0u8; 512];
-        while got.len() < expect.len() {
-            let _ = stream.set_read_timeout(Some(remaining(Failure::NoReply)?));
-            match (&stream).read(&mut buf) {
-                Ok(0) => return Err(Failure::Closed),
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Err(Failure::NoReply);
-                }
-                Err(e) => return Err(Failure::from_io(&e)),
-            }
-            let compared = got.len().min(expect.len());
-            if got[..compared] != expect[..compared] {
-                return Err(Failure::Mismatch { got });
-            }
+    let Some(expect) = &check.expect else {
+        return Ok(());
+    };
+    let mut got = Vec::with_capacity(expect.len());
+    let mut buf = [0u8; 512];
+    while got.len() < expect.len() {
+        match stream.read(&mut buf).await {
+            Ok(0) => return Err(Failure::Closed),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => return Err(Failure::from_io(&e)),
+        }
+        let compared = got.len().min(expect.len());
+        if got[..compared] != expect[..compared] {
+            return Err(Failure::Mismatch { got });
         }
     }
     Ok(())
 }
 
-/// Consecutive results, as HAProxy counts them for `rise` and `fall`.
-#[derive(Default)]
-struct Streak {
+/// The first check of each target comes at a random point of the first
+/// interval (at most a second in), and each later one after the interval
+/// +/-10%, so that thousands of checks never fire in the same millisecond
+/// (HAProxy's spread-checks) while every backend is known within a second.
+struct Jitter(u64);
+
+impl Jitter {
+    fn new(key: &TargetKey) -> Jitter {
+        Jitter(RandomState::new().hash_one(key) | 1)
+    }
+
+    /// A fraction in [0, 1) (xorshift).
+    fn next(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn first(&mut self, interval: Duration) -> Duration {
+        interval.min(Duration::from_secs(1)).mul_f64(self.next())
+    }
+
+    fn interval(&mut self, interval: Duration) -> Duration {
+        interval.mul_f64(0.9 + 0.2 * self.next())
+    }
+}
+
+/// A backend entry (frontend, index) that uses a target: its counters and
+/// names are per frontend, its health is the target's.
+type User = (Arc<Frontend>, usize);
+
+/// One target as the scheduler runs it.
+struct Target {
+    key: TargetKey,
+    check: CheckConfig,
+    health: Arc<Health>,
+    users: Vec<User>,
+    /// Consecutive check results, as HAProxy counts them for rise and fall.
     good: u32,
     bad: u32,
 }
 
-struct Watch {
-    frontend: Arc<Frontend>,
-    index: usize,
-    streak: Streak,
-}
-
-impl Watch {
-    fn backend(&self) -> &Backend {
-        &self.frontend.pool.backends[self.index]
+impl Target {
+    /// The backend's name as the user wrote it (in the first frontend that
+    /// lists it).
+    fn name(&self) -> String {
+        match self.users.first() {
+            Some((frontend, index)) => frontend.pool.backends[*index].name.clone(),
+            None => self.key.addr.to_string(),
+        }
     }
 
-    fn check(&self) -> &CheckConfig {
-        &self.frontend.config.check
+    /// "frontend web", or "frontends web, db, api and 197 more".
+    fn frontends(&self) -> String {
+        let mut names: Vec<&str> = self
+            .users
+            .iter()
+            .map(|(f, _)| f.config.name.as_str())
+            .collect();
+        names.dedup();
+        let shown = names.len().min(3);
+        let more = match names.len() - shown {
+            0 => String::new(),
+            n => format!(" and {n} more"),
+        };
+        let label = if names.len() == 1 {
+            "frontend"
+        } else {
+            "frontends"
+        };
+        format!("{label} {}{more}", names[..shown].join(", "))
     }
 
-    fn record(&mut self, result: Result<(), Failure>, took: Duration) {
+    fn record_check(&mut self, result: Result<(), Failure>, took: Duration) {
+        let text = result.as_ref().map_err(|f| f.to_string()).cloned();
+        self.health.update_status(|s| {
+            s.last_check = Some(text);
+            s.last_check_took = took;
+        });
+        let ms = took.as_secs_f64() * 1000.0;
         match result {
             Ok(()) => {
-                self.streak.bad = 0;
-                self.streak.good = self.streak.good.saturating_add(1);
-                let backend = self.backend();
-                if !backend.is_up() && self.streak.good >= self.check().rise {
-                    backend.set_up(true);
-                    backend.stats.went_up.fetch_add(1, Relaxed);
-                    log::info!(
-                        "backend {} is UP (frontend {}): {} good checks in a row, check took {:.1}ms",
-                        backend.name,
-                        self.frontend.config.name,
-                        self.streak.good,
-                        took.as_secs_f64() * 1000.0
-                    );
+                // A check is a successful connect too: the live failures
+                // before it were not in a row with the ones after it.
+                self.health.report_live_success();
+                self.bad = 0;
+                self.good = self.good.saturating_add(1);
+                if !self.health.is_up() && self.good >= self.check.rise {
+                    let reason = format!("{} good checks in a row, last took {ms:.1}ms", self.good);
+                    self.mark(true, reason);
                 }
             }
             Err(failure) => {
-                self.streak.good = 0;
-                self.streak.bad = self.streak.bad.saturating_add(1);
-                let backend = self.backend();
-                backend.stats.checks_failed.fetch_add(1, Relaxed);
-                if backend.is_up() && self.streak.bad >= self.check().fall {
-                    backend.set_up(false);
-                    backend.stats.went_down.fetch_add(1, Relaxed);
-                    let how = match failure {
-                        Failure::Traffic(_) => "seen on live traffic".to_string(),
-                        _ => format!("check took {:.1}ms", took.as_secs_f64() * 1000.0),
-                    };
-                    log::warn!(
-                        "backend {} is DOWN (frontend {}): {failure}, {} failures in a row, {how}",
-                        backend.name,
-                        self.frontend.config.name,
-                        self.streak.bad,
+                self.good = 0;
+                self.bad = self.bad.saturating_add(1);
+                self.for_each_user(|b| b.stats.checks_failed.fetch_add(1, Relaxed));
+                if self.health.is_up() && self.bad >= self.check.fall {
+                    let reason = format!(
+                        "{} failed checks in a row (last: {failure}, took {ms:.1}ms)",
+                        self.bad
                     );
-                    self.warn_if_none_left();
+                    self.mark(false, reason);
                 } else {
-                    log::debug!("check of backend {} failed: {failure}", backend.name);
+                    log::debug!("check of backend {} failed: {failure}", self.name());
                 }
             }
+        }
+    }
+
+    /// Woken by a worker: the live streak reached `fall` (or did, before a
+    /// success cleared it again).
+    fn record_live(&mut self) {
+        let streak = self.health.live_failures.load(Relaxed);
+        if streak < self.health.fall {
+            return;
+        }
+        self.health.live_failures.store(0, Relaxed);
+        if !self.health.is_up() {
+            return;
+        }
+        let last = ConnectFailure::from_u8(self.health.last_live_failure.load(Relaxed));
+        // Coming back will take `rise` good checks, as after failed checks.
+        self.good = 0;
+        let reason = format!(
+            "{streak} connect failures in a row on live traffic (last: {})",
+            describe_live(last)
+        );
+        self.mark(false, reason);
+    }
+
+    fn mark(&mut self, up: bool, reason: String) {
+        self.health.set_up(up);
+        self.health.update_status(|s| {
+            s.changed_at = Some(SystemTime::now());
+            s.reason.clone_from(&reason);
+        });
+        if up {
+            self.for_each_user(|b| b.stats.went_up.fetch_add(1, Relaxed));
+            log::info!(
+                "backend {} is UP ({}): {reason}",
+                self.name(),
+                self.frontends()
+            );
+        } else {
+            self.for_each_user(|b| b.stats.went_down.fetch_add(1, Relaxed));
+            log::warn!(
+                "backend {} is DOWN ({}): {reason}",
+                self.name(),
+                self.frontends()
+            );
+            self.warn_if_none_left();
+        }
+    }
+
+    fn for_each_user(&self, f: impl Fn(&crate::pool::Backend) -> u64) {
+        for (frontend, index) in &self.users {
+            f(&frontend.pool.backends[*index]);
         }
     }
 
     fn warn_if_none_left(&self) {
-        let pool = &self.frontend.pool;
-        if !pool.backends.iter().any(Backend::is_up) {
+        let mut warned: Vec<&str> = Vec::new();
+        for (frontend, _) in &self.users {
+            let name = frontend.config.name.as_str();
+            if warned.contains(&name) || frontend.pool.backends.iter().any(|b| b.is_up()) {
+                continue;
+            }
+            warned.push(name);
             log::error!(
-                "frontend {} has no backend up: new connections are closed until one comes back",
-                self.frontend.config.name
+                "frontend {name} has no backend up: new connections are closed until one comes back"
             );
         }
     }
 
-    fn run(mut self, stop: &AtomicBool) {
-        let interval = self.check().interval;
-        let mut next_check = Instant::now();
-        while !stop.load(Relaxed) {
-            let (failures, kind) = self.backend().take_passive_failures();
-            for _ in 0..failures {
-                self.record(Err(Failure::Traffic(kind)), Duration::ZERO);
-            }
-            if Instant::now() >= next_check {
-                let started = Instant::now();
-                let result = probe(self.backend().addr, self.check());
-                self.record(result, started.elapsed());
-                next_check = (started + interval).max(Instant::now());
-            }
-            std::thread::park_timeout(next_check.saturating_duration_since(Instant::now()));
+    /// Checks on a jittered interval and reacts to live failures at once,
+    /// even while a probe is in flight.
+    async fn run(mut self) {
+        let mut jitter = Jitter::new(&self.key);
+        let health = Arc::clone(&self.health);
+        let check = self.check.clone();
+        let addr = self.key.addr;
+        let mut next = Instant::now() + jitter.first(check.interval);
+        self.health
+            .update_status(|s| s.changed_at = Some(SystemTime::now()));
+        loop {
+            let started = {
+                let due = sleep_until(next);
+                tokio::pin!(due);
+                loop {
+                    tokio::select! {
+                        _ = &mut due => break Instant::now(),
+                        _ = health.wake.notified() => self.record_live(),
+                    }
+                }
+            };
+            let probe = probe(addr, &check);
+            tokio::pin!(probe);
+            let result = loop {
+                tokio::select! {
+                    result = &mut probe => break result,
+                    _ = health.wake.notified() => self.record_live(),
+                }
+            };
+            self.record_check(result, started.elapsed());
+            next = (started + jitter.interval(check.interval)).max(Instant::now());
         }
     }
 }
 
-/// The watcher threads of every backend of every frontend.
-pub struct Watchers {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+/// Orders for the scheduler thread. Targets are keyed by (address, check),
+/// so a later reload can add and remove targets while the ones that stay
+/// keep their state.
+enum Command {
+    Watch(Target),
 }
 
-impl Watchers {
-    pub fn spawn(frontends: &[Arc<Frontend>]) -> Watchers {
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
-        for frontend in frontends {
-            for index in 0..frontend.pool.backends.len() {
-                let watch = Watch {
-                    frontend: Arc::clone(frontend),
-                    index,
-                    streak: Streak::default(),
-                };
-                let stop = Arc::clone(&stop);
-                let spawned = std::thread::Builder::new()
-                    .name(format!("ringlb-check-{index}"))
-                    .stack_size(128 * 1024)
-                    .spawn(move || watch.run(&stop));
-                match spawned {
-                    Ok(handle) => {
-                        frontend.pool.backends[index].set_watcher(handle.thread().clone());
-                        threads.push(handle);
+/// Why the health checks could not start; ringlb refuses to run then.
+#[derive(Debug)]
+pub struct StartError(pub std::io::Error);
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cannot start health checks: {}", self.0)
+    }
+}
+
+/// The one health scheduler thread. Dropping it stops every check at once:
+/// probes in flight are abandoned, never waited for.
+pub struct Scheduler {
+    commands: Option<mpsc::UnboundedSender<Command>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// How long a stop waits for the scheduler thread to notice; it only has
+/// to drop its tasks, and a process about to exit need not wait longer.
+const STOP_WAIT: Duration = Duration::from_millis(500);
+
+impl Scheduler {
+    /// Starts the thread and its runtime, and hands it every backend of
+    /// every frontend, grouped by the `Health` they share.
+    pub fn start(frontends: &[Arc<Frontend>]) -> Result<Scheduler, StartError> {
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("ringlb-health".into())
+            .spawn(move || run_thread(receiver, ready_tx))
+            .map_err(StartError)?;
+        let mut scheduler = Scheduler {
+            commands: Some(commands),
+            thread: Some(thread),
+        };
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(StartError(e)),
+            Err(_) => {
+                return Err(StartError(std::io::Error::other(
+                    "the health thread ended at start",
+                )));
+            }
+        }
+        for target in group(frontends) {
+            scheduler.send(Command::Watch(target))?;
+        }
+        Ok(scheduler)
+    }
+
+    fn send(&mut self, command: Command) -> Result<(), StartError> {
+        self.commands
+            .as_ref()
+            .and_then(|c| c.send(command).ok())
+            .ok_or_else(|| StartError(std::io::Error::other("the health thread has stopped")))
+    }
+
+    /// Ends every check now. Waits briefly for the thread to drop its
+    /// tasks; a stuck one is left behind rather than holding up the stop.
+    pub fn stop(&mut self) {
+        self.commands = None;
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        let deadline = std::time::Instant::now() + STOP_WAIT;
+        while !thread.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if thread.is_finished() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run_thread(
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    ready: std::sync::mpsc::Sender<std::io::Result<()>>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    runtime.block_on(async move {
+        let mut tasks = HashMap::new();
+        while let Some(command) = commands.recv().await {
+            match command {
+                Command::Watch(target) => {
+                    let key = target.key.clone();
+                    let task = tokio::spawn(target.run());
+                    if let Some(old) = tasks.insert(key, task) {
+                        old.abort();
                     }
-                    Err(e) => log::error!(
-                        "cannot start the health checks of backend {}: {e}; it stays up",
-                        frontend.pool.backends[index].name
-                    ),
                 }
             }
         }
-        Watchers { stop, threads }
+    });
+    // Dropping the runtime here drops every task and its probe: sockets
+    // close, nothing is awaited.
+}
+
+/// One target per distinct `Health`, with every backend that shares it.
+fn group(frontends: &[Arc<Frontend>]) -> Vec<Target> {
+    let mut order: Vec<TargetKey> = Vec::new();
+    let mut targets: HashMap<TargetKey, Target> = HashMap::new();
+    for frontend in frontends {
+        for (index, backend) in frontend.pool.backends.iter().enumerate() {
+            let key = TargetKey::new(backend.addr, &frontend.config.check);
+            let target = targets.entry(key.clone()).or_insert_with(|| {
+                order.push(key.clone());
+                Target {
+                    check: key.check(),
+                    key,
+                    health: Arc::clone(&backend.health),
+                    users: Vec::new(),
+                    good: 0,
+                    bad: 0,
+                }
+            });
+            target.users.push((Arc::clone(frontend), index));
+        }
+    }
+    order
+        .into_iter()
+        .filter_map(|k| targets.remove(&k))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_ten_percent_and_spreads_first_checks() {
+        let key = TargetKey::new(
+            "127.0.0.1:1".parse().expect("addr"),
+            &CheckConfig {
+                interval: Duration::from_secs(2),
+                timeout: Duration::from_secs(1),
+                rise: 2,
+                fall: 3,
+                send: None,
+                expect: None,
+            },
+        );
+        let mut jitter = Jitter::new(&key);
+        let firsts: Vec<Duration> = (0..1000)
+            .map(|_| jitter.first(Duration::from_secs(2)))
+            .collect();
+        assert!(firsts.iter().all(|d| *d < Duration::from_secs(1)));
+        let early = firsts
+            .iter()
+            .filter(|d| **d < Duration::from_millis(500))
+            .count();
+        assert!(
+            (350..650).contains(&early),
+            "{early} of 1000 in the first half"
+        );
+        for _ in 0..1000 {
+            let d = jitter.interval(Duration::from_secs(2));
+            assert!(d >= Duration::from_millis(1800) && d <= Duration::from_millis(2200));
+        }
     }
 
-    pub fn stop(self) {
-        self.stop.store(true, Relaxed);
-        for thread in &self.threads {
-            thread.thread().unpark();
-        }
-        for thread in self.threads {
-            let _ = thread.join();
-        }
+    #[test]
+    fn live_streak_needs_fall_failures_in_a_row() {
+        let health = Health::new(3);
+        health.report_live_failure(ConnectFailure::Refused);
+        health.report_live_failure(ConnectFailure::Refused);
+        health.report_live_success();
+        health.report_live_failure(ConnectFailure::Refused);
+        assert_eq!(health.live_failures.load(Relaxed), 1);
+        health.report_live_failure(ConnectFailure::Refused);
+        health.report_live_failure(ConnectFailure::TimedOut);
+        assert_eq!(health.live_failures.load(Relaxed), 3);
+    }
+
+    #[test]
+    fn same_address_and_check_share_one_health() {
+        let check = CheckConfig {
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            send: None,
+            expect: None,
+        };
+        let addr: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let mut targets = Targets::default();
+        let a = targets.health(addr, &check);
+        let b = targets.health(addr, &check);
+        assert!(Arc::ptr_eq(&a, &b));
+        let other = CheckConfig {
+            send: Some(b"PING".to_vec()),
+            ..check
+        };
+        assert!(!Arc::ptr_eq(&a, &targets.health(addr, &other)));
+    }
+
+    fn on_runtime<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    #[test]
+    fn probes_tell_refused_silent_and_wrong_replies_apart() {
+        let check = CheckConfig {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(300),
+            rise: 1,
+            fall: 1,
+            send: Some(b"PING\r\n".to_vec()),
+            expect: Some(b"+PONG".to_vec()),
+        };
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let silent_addr = silent.local_addr().expect("addr");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("addr");
+        let wrong = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let wrong_addr = wrong.local_addr().expect("addr");
+        let answer = std::thread::spawn(move || {
+            use std::io::Write;
+            if let Ok((mut s, _)) = wrong.accept() {
+                let _ = s.write_all(b"-ERR\r\n");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        on_runtime(async {
+            assert_eq!(probe(closed, &check).await, Err(Failure::Refused));
+            let started = Instant::now();
+            assert_eq!(probe(silent_addr, &check).await, Err(Failure::NoReply));
+            assert!(started.elapsed() < Duration::from_secs(2));
+            assert!(matches!(
+                probe(wrong_addr, &check).await,
+                Err(Failure::Mismatch { .. })
+            ));
+        });
+        let _ = answer.join();
     }
 }

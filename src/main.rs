@@ -130,7 +130,12 @@ fn run(config: &Config, stats: Option<SocketAddr>) -> ExitCode {
                 server.stop();
                 stopping = true;
             }
-            Some((name, Request::Stop)) => log::info!("{name}: already stopping"),
+            Some((name, Request::Stop)) => {
+                // Already stopping and asked again: the operator wants out
+                // now, not after the workers' grace period.
+                log::error!("{name} while stopping: exiting now");
+                return ExitCode::from(1);
+            }
             None => {}
         }
         if !stopping && drain_deadline.is_some_and(|d| Instant::now() >= d) {

@@ -3,19 +3,18 @@
 //!
 //! The pool is the only state the data path shares with the control plane,
 //! and it is all atomics: workers read `up` and bump counters, the health
-//! watcher (one writer per backend) flips `up`. No lock is ever taken here.
+//! scheduler (the one writer of each target's health) flips `up`. No lock
+//! is ever taken here.
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
-use std::sync::atomic::{
-    AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed,
-};
-use std::thread::Thread;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use crate::config::{FrontendConfig, Mode};
+use crate::health::{Health, Targets};
 
-/// Why a live connection could not reach a backend; the watcher reports it
-/// when the failures mark the backend down.
+/// Why a live connection could not reach a backend; the health scheduler
+/// reports it when the failures mark the backend down.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum ConnectFailure {
@@ -43,7 +42,7 @@ impl ConnectFailure {
         }
     }
 
-    fn from_u8(v: u8) -> ConnectFailure {
+    pub(crate) fn from_u8(v: u8) -> ConnectFailure {
         match v {
             1 => ConnectFailure::Refused,
             2 => ConnectFailure::TimedOut,
@@ -68,47 +67,30 @@ pub struct BackendStats {
 pub struct Backend {
     pub addr: SocketAddr,
     pub name: String,
-    /// Read by every new connection; written only by this backend's watcher.
-    up: AtomicBool,
-    /// Connect failures seen on live traffic since the watcher last looked:
-    /// the watcher counts each as a failed check, so a dead backend is
-    /// marked down as soon as traffic hits it, not at the next interval.
-    passive_failures: AtomicU32,
-    last_passive_failure: AtomicU8,
-    /// The watcher thread, woken when traffic reports a failure.
-    watcher: OnceLock<Thread>,
+    /// Shared with every backend of any frontend that has the same address
+    /// and check settings: one probe, one state.
+    pub health: Arc<Health>,
     pub stats: BackendStats,
 }
 
 impl Backend {
     pub fn is_up(&self) -> bool {
-        self.up.load(Relaxed)
+        self.health.is_up()
     }
 
-    pub(crate) fn set_up(&self, up: bool) {
-        self.up.store(up, Relaxed);
+    #[cfg(test)]
+    fn set_up(&self, up: bool) {
+        self.health.set_up(up);
+    }
+
+    /// A connect on live traffic succeeded: the failure streak ends.
+    pub fn report_connect_success(&self) {
+        self.health.report_live_success();
     }
 
     pub fn report_connect_failure(&self, failure: ConnectFailure) {
         self.stats.connect_failures.fetch_add(1, Relaxed);
-        self.last_passive_failure.store(failure as u8, Relaxed);
-        self.passive_failures.fetch_add(1, Relaxed);
-        if let Some(thread) = self.watcher.get() {
-            thread.unpark();
-        }
-    }
-
-    /// The failures reported since the last call, and the kind of the last.
-    pub(crate) fn take_passive_failures(&self) -> (u32, ConnectFailure) {
-        let count = self.passive_failures.swap(0, Relaxed);
-        (
-            count,
-            ConnectFailure::from_u8(self.last_passive_failure.load(Relaxed)),
-        )
-    }
-
-    pub(crate) fn set_watcher(&self, thread: Thread) {
-        let _ = self.watcher.set(thread);
+        self.health.report_live_failure(failure);
     }
 }
 
@@ -140,7 +122,9 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(config: &FrontendConfig) -> Pool {
+    /// Takes each backend's health from `targets`, so that frontends
+    /// sharing an address and a check share its state.
+    pub fn new(config: &FrontendConfig, targets: &mut Targets) -> Pool {
         Pool {
             frontend: config.name.clone(),
             mode: config.mode,
@@ -151,12 +135,7 @@ impl Pool {
                 .map(|b| Backend {
                     addr: b.addr,
                     name: b.name.clone(),
-                    // Up until checks say otherwise, as HAProxy does: traffic
-                    // flows from the first second.
-                    up: AtomicBool::new(true),
-                    passive_failures: AtomicU32::new(0),
-                    last_passive_failure: AtomicU8::new(0),
-                    watcher: OnceLock::new(),
+                    health: targets.health(b.addr, &config.check),
                     stats: BackendStats::default(),
                 })
                 .collect(),
@@ -180,7 +159,7 @@ impl Pool {
 
     /// Counts only usable backends, so that with one of three down the other
     /// two still share evenly instead of the next one in line taking double.
-    /// The up flags are read once: a watcher flipping one mid-choice must
+    /// The up flags are read once: the scheduler flipping one mid-choice must
     /// not leave the turn pointing past the end.
     fn select_round_robin(&self, tried: Tried) -> Option<usize> {
         let usable = (0..self.backends.len())
@@ -223,7 +202,10 @@ mod tests {
             "[[frontend]]\nlisten = \"127.0.0.1:1\"\nmode = \"{mode}\"\nfailback = {failback}\nbackends = [{}]\n",
             backends.join(",")
         );
-        Pool::new(&Config::from_toml(&text, "t").expect("config").frontends[0])
+        Pool::new(
+            &Config::from_toml(&text, "t").expect("config").frontends[0],
+            &mut Targets::default(),
+        )
     }
 
     #[test]

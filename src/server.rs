@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use socket2::{Domain, Socket, Type};
 
 use crate::config::{Config, FrontendConfig};
-use crate::health::Watchers;
+use crate::health::{Scheduler, Targets};
 use crate::metrics::FrontendStats;
 use crate::pool::Pool;
 use crate::worker::Worker;
@@ -42,6 +42,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     Worker(std::io::Error),
+    Health(crate::health::StartError),
 }
 
 impl fmt::Display for StartError {
@@ -55,6 +56,7 @@ impl fmt::Display for StartError {
                 write!(f, "cannot listen on {addr} (frontend {frontend}): {source}")
             }
             StartError::Worker(e) => write!(f, "cannot start a worker: {e}"),
+            StartError::Health(e) => e.fmt(f),
         }
     }
 }
@@ -69,19 +71,20 @@ pub struct Server {
     /// One eventfd per worker: writing to it wakes the worker's ring.
     wake_fds: Vec<OwnedFd>,
     workers: Vec<JoinHandle<std::io::Result<()>>>,
-    watchers: Option<Watchers>,
+    health: Option<Scheduler>,
 }
 
 impl Server {
     pub fn start(config: &Config) -> Result<Server, StartError> {
         raise_fd_limit();
+        let mut targets = Targets::default();
         let frontends: Vec<Arc<Frontend>> = config
             .frontends
             .iter()
             .map(|c| {
                 Arc::new(Frontend {
                     config: c.clone(),
-                    pool: Pool::new(c),
+                    pool: Pool::new(c, &mut targets),
                     stats: FrontendStats::default(),
                 })
             })
@@ -115,7 +118,7 @@ impl Server {
             control,
             wake_fds: Vec::new(),
             workers: Vec::new(),
-            watchers: None,
+            health: None,
         };
         let (ready_tx, ready_rx) = mpsc::channel();
         for (id, worker_sockets) in sockets.into_iter().enumerate() {
@@ -158,7 +161,15 @@ impl Server {
                 Err(_) => break,
             }
         }
-        server.watchers = Some(Watchers::spawn(&server.frontends));
+        match Scheduler::start(&server.frontends) {
+            Ok(scheduler) => server.health = Some(scheduler),
+            Err(e) => {
+                // Never run with a backend nobody checks.
+                server.stop();
+                let _ = server.join();
+                return Err(StartError::Health(e));
+            }
+        }
         for (frontend, addr) in server.frontends.iter().zip(&server.local_addrs) {
             let backends: Vec<&str> = frontend
                 .pool
@@ -213,9 +224,18 @@ impl Server {
         self.workers.iter().any(|w| w.is_finished())
     }
 
+    /// Ends every health check now, abandoning probes in flight: a stop
+    /// never waits for a check's timeout.
+    pub fn stop_health(&mut self) {
+        if let Some(mut scheduler) = self.health.take() {
+            scheduler.stop();
+        }
+    }
+
     /// Waits for the workers (after `drain` or `stop`), then stops the
-    /// watcher. The first worker error, if any, is returned.
+    /// health checks. The first worker error, if any, is returned.
     pub fn join(mut self) -> std::io::Result<()> {
+        self.stop_health();
         let mut result = Ok(());
         for worker in self.workers.drain(..) {
             let outcome = worker
@@ -224,9 +244,6 @@ impl Server {
             if let (Err(e), Ok(())) = (outcome, &result) {
                 result = Err(e);
             }
-        }
-        if let Some(watchers) = self.watchers.take() {
-            watchers.stop();
         }
         result
     }

@@ -386,6 +386,7 @@ impl Worker {
         }
         let backend = &self.listeners[conn.frontend].shared.pool.backends[conn.backend_index];
         if res == 0 {
+            backend.report_connect_success();
             conn.connected = true;
             backend.stats.connections.fetch_add(1, Relaxed);
             backend.stats.active.fetch_add(1, Relaxed);

@@ -447,3 +447,175 @@ pub fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
     }
     condition()
 }
+
+// ---- Added for the health scheduler tests (tests/health.rs). ----
+
+impl Ringlb {
+    /// Spawns `command` (ringlb itself, or a wrapper such as prlimit or
+    /// setpriv that ends by running it) with the harness's log capture,
+    /// without waiting for it to listen: for runs that must fail to start.
+    pub fn spawn(mut command: Command) -> Ringlb {
+        let mut child = command
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ringlb");
+        let stderr = child.stderr.take().expect("stderr");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&logs);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Ringlb {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            logs,
+        }
+    }
+
+    /// Waits until ringlb logs its (first) listen line and takes the
+    /// address from it; `Err` with the logs if it exits or never listens.
+    pub fn wait_listening(&mut self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.wait_log("listening on", Duration::ZERO) {
+                let addr = line
+                    .split("listening on ")
+                    .nth(1)
+                    .and_then(|r| r.split(' ').next())
+                    .and_then(|a| a.parse().ok());
+                if let Some(addr) = addr {
+                    self.addr = addr;
+                    return Ok(());
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("exited with {status}; logs:\n{}", self.logs()));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("did not listen; logs:\n{}", self.logs()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The process's thread count (`Threads:` in /proc/PID/status).
+    pub fn threads(&self) -> Option<usize> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|n| n.trim().parse().ok())
+    }
+}
+
+/// A network namespace of the test's own (loopback up, nothing else),
+/// deleted on drop, also when the test panics. `run` executes a closure on
+/// a thread inside it: sockets it opens and processes it spawns (ringlb,
+/// backends) live in the namespace.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let name = format!("rlb-{tag}-{}", std::process::id());
+        // A leftover from a killed run with the same pid would fail `add`.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        let netns = Netns { name };
+        netns.ip(&["netns", "add", &netns.name]);
+        netns.ip(&["-n", &netns.name, "link", "set", "lo", "up"]);
+        netns
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .expect("iproute2's ip is installed (see .ci/run)");
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `iptables ARGS` inside the namespace.
+    pub fn iptables(&self, args: &[&str]) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "iptables"])
+            .args(args)
+            .output()
+            .expect("ip netns exec iptables");
+        assert!(
+            out.status.success(),
+            "iptables {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Packets matched so far by the INPUT rules whose line contains
+    /// `pattern` (e.g. "DROP"), from `iptables -L -v -x`.
+    pub fn matched(&self, pattern: &str) -> u64 {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "iptables"])
+            .args(["-L", "INPUT", "-v", "-n", "-x"])
+            .output()
+            .expect("ip netns exec iptables -L");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(pattern))
+            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// Runs `f` on a thread that has joined the namespace; a panic in `f`
+    /// is the caller's panic (after which drop deletes the namespace).
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|scope| {
+            let joined = scope.spawn(|| {
+                let file = std::fs::File::open(&path).expect("namespace file");
+                use std::os::fd::AsRawFd;
+                // SAFETY: setns on a valid namespace fd; it changes only
+                // this thread's network namespace.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                f()
+            });
+            match joined.join() {
+                Ok(value) => value,
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
