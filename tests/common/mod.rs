@@ -447,3 +447,69 @@ pub fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
     }
     condition()
 }
+
+impl Ringlb {
+    /// Starts `ringlb --listen 127.0.0.1:0 ARGS` as `start` does, under
+    /// RLIMIT_NOFILE = `nofile`, soft and hard (as `prlimit --nofile=N`
+    /// sets it: ringlb's own raise to the hard limit changes nothing).
+    pub fn start_with_nofile(nofile: u64, args: &[&str]) -> Ringlb {
+        use std::os::unix::process::CommandExt;
+        let mut command = Command::new(BIN);
+        command
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let limit = libc::rlimit {
+            rlim_cur: nofile,
+            rlim_max: nofile,
+        };
+        // SAFETY: runs in the child between fork and exec, where only
+        // async-signal-safe calls are allowed; setrlimit is one, and
+        // `limit` is a plain copy owned by the closure.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        Ringlb::spawn_and_wait(command)
+    }
+
+    fn spawn_and_wait(mut command: Command) -> Ringlb {
+        let mut child = command.spawn().expect("spawn ringlb");
+        let stderr = child.stderr.take().expect("stderr");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&logs);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut ringlb = Ringlb {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            logs,
+        };
+        let line = ringlb
+            .wait_log("listening on", Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("ringlb did not start; logs:\n{}", ringlb.logs()));
+        ringlb.addr = line
+            .split("listening on ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|a| a.parse().ok())
+            .expect("listen address in log");
+        ringlb
+    }
+}
+
+/// The digest of `len` payload bytes from `seed`, as `send_payload` makes
+/// them.
+pub fn payload_digest(seed: u64, len: u64) -> Digest {
+    send_payload(&mut std::io::sink(), seed, len).expect("writing to a sink cannot fail")
+}
