@@ -21,7 +21,6 @@
 //! that cannot go on is reset on both sides, so neither peer mistakes a
 //! prefix for the whole stream.
 
-use std::io;
 use std::os::fd::RawFd;
 use std::time::Instant;
 
@@ -252,7 +251,13 @@ impl Conn {
 
     /// A direction's source failed with `errno`: a peer's reset is passed
     /// on, anything else is a local failure.
-    fn source_failed(&mut self, key: usize, dir: usize, errno: i32, io: &mut Io) -> io::Result<()> {
+    fn source_failed(
+        &mut self,
+        key: usize,
+        dir: usize,
+        errno: i32,
+        io: &mut Io,
+    ) -> std::io::Result<()> {
         if peer_error(errno) {
             return self.close(key, Self::reset_of_source(dir), io);
         }
@@ -266,7 +271,7 @@ impl Conn {
         what: LocalFailure,
         errno: i32,
         io: &mut Io,
-    ) -> io::Result<()> {
+    ) -> std::io::Result<()> {
         if self.phase != Phase::Closing {
             self.local = Some((what, errno));
         }
@@ -277,7 +282,7 @@ impl Conn {
         self.phase == Phase::Closing && self.inflight == 0
     }
 
-    fn submit(&mut self, io: &mut Io, entry: squeue::Entry) -> io::Result<()> {
+    fn submit(&mut self, io: &mut Io, entry: squeue::Entry) -> std::io::Result<()> {
         io.push(&entry)?;
         self.inflight += 1;
         Ok(())
@@ -289,7 +294,7 @@ impl Conn {
         io: &mut Io,
         first: squeue::Entry,
         second: squeue::Entry,
-    ) -> io::Result<()> {
+    ) -> std::io::Result<()> {
         io.push_linked(&first, &second)?;
         self.inflight += 2;
         Ok(())
@@ -297,7 +302,7 @@ impl Conn {
 
     /// The backend answered the connect: start moving bytes both ways. The
     /// client may have sent already; the backend has not answered yet.
-    pub fn start_relay(&mut self, key: usize, io: &mut Io) -> io::Result<()> {
+    pub fn start_relay(&mut self, key: usize, io: &mut Io) -> std::io::Result<()> {
         self.phase = Phase::Relaying;
         self.arm_read(key, UPSTREAM, Ready::Maybe, io)?;
         self.arm_read(key, DOWNSTREAM, Ready::Unlikely, io)
@@ -313,7 +318,7 @@ impl Conn {
         dir: usize,
         ready: Ready,
         io: &mut Io,
-    ) -> io::Result<()> {
+    ) -> std::io::Result<()> {
         log::trace!(
             "conn {key}: dir {dir} waits for data (bulk: {})",
             self.dirs[dir].bulk
@@ -339,7 +344,7 @@ impl Conn {
         self.submit(io, entry)
     }
 
-    fn send_held(&mut self, key: usize, dir: usize, io: &mut Io) -> io::Result<()> {
+    fn send_held(&mut self, key: usize, dir: usize, io: &mut Io) -> std::io::Result<()> {
         let Some(held) = self.dirs[dir].held else {
             return Ok(());
         };
@@ -365,7 +370,7 @@ impl Conn {
         res: i32,
         flags: u32,
         io: &mut Io,
-    ) -> io::Result<Event> {
+    ) -> std::io::Result<Event> {
         self.inflight -= 1;
         // A receive from the buffer ring consumes a buffer even when it
         // returns no data (end of stream): whatever is not kept goes back.
@@ -413,7 +418,13 @@ impl Conn {
         Ok(Event::None)
     }
 
-    pub fn on_send(&mut self, key: usize, dir: usize, res: i32, io: &mut Io) -> io::Result<()> {
+    pub fn on_send(
+        &mut self,
+        key: usize,
+        dir: usize,
+        res: i32,
+        io: &mut Io,
+    ) -> std::io::Result<()> {
         self.inflight -= 1;
         let Some(mut held) = self.dirs[dir].held.take() else {
             return Ok(());
@@ -443,7 +454,13 @@ impl Conn {
     /// A poll completed: the source has data (or ended), or the sink has
     /// room again. A negative result is the poll's own failure (socket
     /// errors come back as POLLERR in a positive mask): a local one.
-    pub fn on_poll(&mut self, key: usize, dir: usize, res: i32, io: &mut Io) -> io::Result<Event> {
+    pub fn on_poll(
+        &mut self,
+        key: usize,
+        dir: usize,
+        res: i32,
+        io: &mut Io,
+    ) -> std::io::Result<Event> {
         self.inflight -= 1;
         if self.phase == Phase::Closing {
             return Ok(Event::None);
@@ -476,7 +493,7 @@ impl Conn {
 
     /// Moves what can move without blocking, then waits for the side that
     /// blocked: readable source or writable sink.
-    fn pump(&mut self, key: usize, dir: usize, pipe: Pipe, io: &mut Io) -> io::Result<()> {
+    fn pump(&mut self, key: usize, dir: usize, pipe: Pipe, io: &mut Io) -> std::io::Result<()> {
         let (source, sink) = (self.source(dir), self.sink(dir));
         let mut moved = 0;
         loop {
@@ -540,7 +557,7 @@ impl Conn {
         }
     }
 
-    fn wait_writable(&mut self, key: usize, dir: usize, io: &mut Io) -> io::Result<()> {
+    fn wait_writable(&mut self, key: usize, dir: usize, io: &mut Io) -> std::io::Result<()> {
         let entry = opcode::PollAdd::new(types::Fd(self.sink(dir)), libc::POLLOUT as u32)
             .build()
             .user_data(token(Op::poll_out(dir), key));
@@ -549,7 +566,7 @@ impl Conn {
 
     /// The source ended and every byte before the end was delivered: pass
     /// the end on, and close once both directions are done.
-    fn finish_direction(&mut self, key: usize, dir: usize, io: &mut Io) -> io::Result<()> {
+    fn finish_direction(&mut self, key: usize, dir: usize, io: &mut Io) -> std::io::Result<()> {
         self.dirs[dir].done = true;
         uring::shutdown_write(self.sink(dir));
         if self.dirs[1 - dir].done {
@@ -563,7 +580,13 @@ impl Conn {
     /// before its reset and then sees the reset itself; only if it has
     /// already ended does the connection close here. Any other failure is
     /// local, and nothing would ever tell the peers: reset both.
-    fn sink_failed(&mut self, key: usize, dir: usize, errno: i32, io: &mut Io) -> io::Result<()> {
+    fn sink_failed(
+        &mut self,
+        key: usize,
+        dir: usize,
+        errno: i32,
+        io: &mut Io,
+    ) -> std::io::Result<()> {
         if !peer_error(errno) {
             return self.fail(key, LocalFailure::Relay, errno, io);
         }
@@ -577,7 +600,7 @@ impl Conn {
     /// Starts closing: resets are passed on, every operation still in
     /// flight on either socket is cancelled, and the worker frees the
     /// connection when the last completion arrives.
-    pub fn close(&mut self, key: usize, end: End, io: &mut Io) -> io::Result<()> {
+    pub fn close(&mut self, key: usize, end: End, io: &mut Io) -> std::io::Result<()> {
         if self.phase == Phase::Closing {
             if end == End::Stopped {
                 // A stop does not wait for a reset's flush: reset now.
@@ -639,7 +662,7 @@ impl Conn {
 
     /// The tick's retry: the next full buffer may splice again, and a
     /// parked direction tries a pipe now (no buffer was free for it).
-    pub fn retry_pipe(&mut self, key: usize, io: &mut Io) -> io::Result<()> {
+    pub fn retry_pipe(&mut self, key: usize, io: &mut Io) -> std::io::Result<()> {
         for dir in [UPSTREAM, DOWNSTREAM] {
             let d = &mut self.dirs[dir];
             d.no_pipe = false;
@@ -723,6 +746,6 @@ fn peer_error(errno: i32) -> bool {
     )
 }
 
-fn errno(e: &io::Error) -> i32 {
+fn errno(e: &std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(0)
 }

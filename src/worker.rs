@@ -65,6 +65,8 @@ enum Sweep {
     Fail(LocalFailure),
     /// A direction short of a pipe may try one again.
     RetryPipe,
+    /// A connection waiting for an fd for its backend socket tries again.
+    Connect,
 }
 
 /// One rate limit per kind of warning the data path can repeat.
@@ -411,17 +413,27 @@ impl Worker {
             self.free_if_finished(key);
             return Ok(());
         };
-        conn.tried = conn.tried.with(index);
         let addr = &listener.backend_addrs[index];
         let fd = match backend_socket(addr.is_ipv6(), &mut self.io.pipes) {
             Ok(fd) => fd,
             Err(e) => {
                 let errno = e.raw_os_error().unwrap_or(0);
-                conn.fail(key, LocalFailure::BackendSocket, errno, &mut self.io)?;
-                self.free_if_finished(key);
+                conn.local = Some((LocalFailure::BackendSocket, errno));
+                if !matches!(
+                    errno,
+                    libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS
+                ) {
+                    conn.close(key, End::LocalError, &mut self.io)?;
+                    self.free_if_finished(key);
+                }
+                // Out of fds or memory, which ending connections give back:
+                // the client waits and the tick tries again, up to the
+                // connect timeout; then it is reset.
                 return Ok(());
             }
         };
+        conn.local = None;
+        conn.tried = conn.tried.with(index);
         uring::set_nodelay(fd);
         conn.backend = fd;
         conn.backend_index = index;
@@ -622,6 +634,7 @@ impl Worker {
                 Sweep::Close(end) => conn.close(key, end, io)?,
                 Sweep::Fail(what) => conn.fail(key, what, 0, io)?,
                 Sweep::RetryPipe => conn.retry_pipe(key, io)?,
+                Sweep::Connect => self.connect_next(key)?,
             }
             self.free_if_finished(key);
         }
@@ -642,6 +655,11 @@ fn sweep_action(frontend: &Frontend, conn: &Conn, now: Instant) -> Option<Sweep>
     let idle = now.saturating_duration_since(conn.last_active);
     let config = &frontend.config;
     match conn.phase {
+        // No backend socket yet: out of fds when it was tried.
+        Phase::Connecting if conn.backend < 0 && idle > config.connect_timeout => {
+            Some(Sweep::Close(End::LocalError))
+        }
+        Phase::Connecting if conn.backend < 0 => Some(Sweep::Connect),
         // The linked timeout ends every connect; this is the net under it,
         // should the kernel ever not deliver it.
         Phase::Connecting => (idle > config.connect_timeout + Duration::from_secs(1))

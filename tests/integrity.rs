@@ -172,10 +172,21 @@ fn bulk_transfers_under_a_low_fd_limit_are_exact_or_reset_on_both_sides() {
             },
         }
     }
+    for l in ringlb
+        .logs()
+        .lines()
+        .filter(|l| l.contains("was reset") || l.contains("were reset"))
+    {
+        eprintln!("{l}");
+    }
     let fallbacks = ringlb
         .metric("ringlb_frontend_pipe_fallbacks_total{frontend=\"default\"}")
         .expect("the pipe fallback counter");
-    eprintln!("{complete} of 40 transfers complete, {fallbacks} pipe fallbacks");
+    let local_errors = ringlb.metric("ringlb_frontend_local_errors_total{frontend=\"default\"}");
+    eprintln!(
+        "{complete} of 40 transfers complete, {fallbacks} pipe fallbacks, {local_errors:?} \
+         connections reset for a local failure"
+    );
     assert!(
         fallbacks > 0,
         "no direction ever lacked a pipe: the test did not exercise the limit; logs:\n{}",
@@ -248,10 +259,12 @@ fn connect_with_one_fd_left(ringlb: &Ringlb) -> Result<usize, ErrorKind> {
 }
 
 /// Issue 9, point 1: a backend socket that cannot be created (EMFILE) must
-/// reset the client, not end its stream cleanly with 0 bytes. The fd limit
-/// is lowered on the running process (prlimit --pid) to one above its
-/// lowest free fd, so a connection-count cap computed at start cannot keep
-/// the accept from taking that last fd.
+/// reset the client, not end its stream cleanly with 0 bytes. ringlb first
+/// retries on its tick for the connect timeout (fds come back as other
+/// connections end); this one never gets an fd. The fd limit is lowered on
+/// the running process (prlimit --pid) to one above its lowest free fd, so
+/// a connection-count cap computed at start cannot keep the accept from
+/// taking that last fd.
 #[test]
 fn no_fd_for_a_backend_socket_resets_the_client() {
     let backend = Backend::start(echo());
@@ -262,6 +275,8 @@ fn no_fd_for_a_backend_socket_resets_the_client() {
         "1",
         "--check-interval",
         "1h",
+        "--connect-timeout",
+        "500ms",
         "--stats",
         "127.0.0.1:0",
     ]);
