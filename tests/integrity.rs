@@ -454,3 +454,42 @@ fn unacked(s: &TcpStream) -> i32 {
     };
     queued
 }
+
+/// A stop cuts transfers in the middle: each peer must see a reset, never a
+/// clean end that passes the bytes so far off as the whole stream.
+#[test]
+fn a_stop_resets_a_transfer_in_flight() {
+    let backend = Backend::start(Arc::new(|mut s: TcpStream| {
+        let mut req = [0u8; 3];
+        if s.read_exact(&mut req).is_err() {
+            return; // a health check
+        }
+        // An endless stream, until ringlb goes away (bounded all the same).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline && s.write_all(&[7u8; 1024]).is_ok() {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }));
+    let mut ringlb = Ringlb::start(&["--backend", &backend.addr_str(), "--workers", "1"]);
+    let mut s = ringlb.connect();
+    s.write_all(b"req").unwrap();
+    s.read_exact(&mut [0u8; 4096]).unwrap();
+    ringlb.signal(libc::SIGTERM);
+    assert!(
+        ringlb
+            .wait_log("draining", Duration::from_secs(5))
+            .is_some()
+    );
+    ringlb.signal(libc::SIGTERM);
+    let status = wait_exit(&mut ringlb, Duration::from_secs(10)).expect("ringlb exits");
+    assert!(status.success(), "{status:?}");
+    let mut buf = [0u8; 64 << 10];
+    let end = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(_) => {}
+            Err(e) => break Err(e.kind()),
+        }
+    };
+    assert_eq!(end, Err(ErrorKind::ConnectionReset), "a clean end at stop");
+}
