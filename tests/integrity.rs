@@ -13,6 +13,12 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// The digest of `len` payload bytes from `seed`, as `send_payload` makes
+/// them.
+fn payload_digest(seed: u64, len: u64) -> Digest {
+    send_payload(&mut std::io::sink(), seed, len).expect("writing to a sink cannot fail")
+}
+
 /// Bytes of each bulk transfer.
 const BULK: u64 = 20 << 20;
 
@@ -107,9 +113,11 @@ fn client(addr: std::net::SocketAddr, kind: u8, seed: u64) -> Result<String, Err
 fn bulk_transfers_under_a_low_fd_limit_are_exact_or_reset_on_both_sides() {
     let outcomes = Arc::new(Mutex::new(HashMap::new()));
     let backend = bulk_backend(Arc::clone(&outcomes));
-    let ringlb = Ringlb::start_with_nofile(
+    let ringlb = Ringlb::start_command(ringlb_with_nofile(
         112,
         &[
+            "--listen",
+            "127.0.0.1:0",
             "--backend",
             &backend.addr_str(),
             "--workers",
@@ -119,7 +127,7 @@ fn bulk_transfers_under_a_low_fd_limit_are_exact_or_reset_on_both_sides() {
             "--check-interval",
             "1h",
         ],
-    );
+    ));
     let addr = ringlb.addr;
     let transfers: Vec<(u8, u64)> = (0..40u64)
         .map(|i| (if i % 2 == 0 { b'D' } else { b'U' }, 100 + i))

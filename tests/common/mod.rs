@@ -448,40 +448,41 @@ pub fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
     condition()
 }
 
+/// `ringlb ARGS` with RLIMIT_NOFILE (soft and hard) at `nofile`, as
+/// `prlimit --nofile=N ringlb ARGS` starts it (without needing util-linux).
+pub fn ringlb_with_nofile(nofile: u64, args: &[&str]) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(BIN);
+    command.args(args);
+    let limit = libc::rlimit {
+        rlim_cur: nofile,
+        rlim_max: nofile,
+    };
+    // SAFETY: the closure runs in the forked child before exec and makes one
+    // setrlimit call (async-signal-safe) on a struct copied into it.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    command
+}
+
 impl Ringlb {
-    /// Starts `ringlb --listen 127.0.0.1:0 ARGS` as `start` does, under
-    /// RLIMIT_NOFILE = `nofile`, soft and hard (as `prlimit --nofile=N`
-    /// sets it: ringlb's own raise to the hard limit changes nothing).
-    pub fn start_with_nofile(nofile: u64, args: &[&str]) -> Ringlb {
-        use std::os::unix::process::CommandExt;
-        let mut command = Command::new(BIN);
-        command
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
+    /// Starts a prepared ringlb command (which must include `--listen`) and
+    /// waits for its listen line, as `start_raw` does.
+    pub fn start_command(mut command: Command) -> Ringlb {
+        let mut child = command
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let limit = libc::rlimit {
-            rlim_cur: nofile,
-            rlim_max: nofile,
-        };
-        // SAFETY: runs in the child between fork and exec, where only
-        // async-signal-safe calls are allowed; setrlimit is one, and
-        // `limit` is a plain copy owned by the closure.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            })
-        };
-        Ringlb::spawn_and_wait(command)
-    }
-
-    fn spawn_and_wait(mut command: Command) -> Ringlb {
-        let mut child = command.spawn().expect("spawn ringlb");
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ringlb");
         let stderr = child.stderr.take().expect("stderr");
         let logs = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&logs);
@@ -498,18 +499,12 @@ impl Ringlb {
         let line = ringlb
             .wait_log("listening on", Duration::from_secs(10))
             .unwrap_or_else(|| panic!("ringlb did not start; logs:\n{}", ringlb.logs()));
-        ringlb.addr = line
+        let addr = line
             .split("listening on ")
             .nth(1)
             .and_then(|r| r.split(' ').next())
-            .and_then(|a| a.parse().ok())
-            .expect("listen address in log");
+            .expect("address in log");
+        ringlb.addr = addr.parse().expect("listen address");
         ringlb
     }
-}
-
-/// The digest of `len` payload bytes from `seed`, as `send_payload` makes
-/// them.
-pub fn payload_digest(seed: u64, len: u64) -> Digest {
-    send_payload(&mut std::io::sink(), seed, len).expect("writing to a sink cannot fail")
 }
