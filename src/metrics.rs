@@ -19,6 +19,12 @@ pub struct FrontendStats {
     /// Receives that found the worker's buffers all held (by sends to slow
     /// peers) and moved to splice: a sign that `buffers` is too small.
     pub buffers_exhausted: AtomicU64,
+    /// Directions that could not get a splice pipe (out of fds or pipe
+    /// memory) and went on copying through buffers.
+    pub pipe_fallbacks: AtomicU64,
+    /// Connections reset on both sides because ringlb could not carry them
+    /// on (no fd for a backend socket, a local connect or relay error).
+    pub local_errors: AtomicU64,
 }
 
 /// A metric: name, Prometheus type, and where its value lives.
@@ -27,7 +33,7 @@ type Metric<S> = (&'static str, &'static str, fn(&S) -> &AtomicU64);
 /// All counters of all frontends, one metric family per counter.
 pub fn render(frontends: &[Arc<Frontend>]) -> String {
     let mut out = String::new();
-    let frontend_metrics: [Metric<FrontendStats>; 5] = [
+    let frontend_metrics: [Metric<FrontendStats>; 7] = [
         ("ringlb_frontend_connections_total", "counter", |s| {
             &s.accepted
         }),
@@ -40,6 +46,12 @@ pub fn render(frontends: &[Arc<Frontend>]) -> String {
         }),
         ("ringlb_frontend_buffers_exhausted_total", "counter", |s| {
             &s.buffers_exhausted
+        }),
+        ("ringlb_frontend_pipe_fallbacks_total", "counter", |s| {
+            &s.pipe_fallbacks
+        }),
+        ("ringlb_frontend_local_errors_total", "counter", |s| {
+            &s.local_errors
         }),
     ];
     for (name, kind, get) in frontend_metrics {

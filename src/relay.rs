@@ -15,6 +15,11 @@
 //! End of stream on one side is passed on as `shutdown(SHUT_WR)` on the
 //! other once every byte before it is delivered; a reset on one side is
 //! passed on as a reset (close with zero linger) on the other.
+//!
+//! A local failure never becomes a clean end of stream: a direction that
+//! cannot get a pipe keeps copying through ring buffers, and a connection
+//! that cannot go on is reset on both sides, so neither peer mistakes a
+//! prefix for the whole stream.
 
 use std::os::fd::RawFd;
 use std::time::Instant;
@@ -57,8 +62,45 @@ pub enum End {
     BackendDown,
     /// The balancer is stopping.
     Stopped,
-    /// A local failure (out of fds, of memory).
+    /// A local failure (out of fds, of memory); `Conn::local` says which.
     LocalError,
+}
+
+/// What failed locally, for the worker's rate-limited log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LocalFailure {
+    /// socket(2) for the backend side.
+    BackendSocket,
+    /// connect(2) failed for a local reason (ports, memory).
+    Connect,
+    /// An io_uring operation or splice(2) of the relay failed for a reason
+    /// that is not the peer's.
+    Relay,
+    /// A direction had neither a receive buffer nor a pipe until the idle
+    /// timeout.
+    Starved,
+    /// A connect outlived its timeout: the kernel never reported it.
+    Stuck,
+}
+
+impl LocalFailure {
+    pub const ALL: [LocalFailure; 5] = [
+        LocalFailure::BackendSocket,
+        LocalFailure::Connect,
+        LocalFailure::Relay,
+        LocalFailure::Starved,
+        LocalFailure::Stuck,
+    ];
+}
+
+/// Something a relay step did that the worker counts or logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    None,
+    /// A receive found every ring buffer held.
+    BuffersExhausted,
+    /// No pipe could be made (the errno): the direction keeps copying.
+    PipeFallback(i32),
 }
 
 impl End {
@@ -100,7 +142,17 @@ pub struct Direction {
     /// The source ended with a reset: once the pipe is flushed, the reset is
     /// passed on instead of an end of stream.
     source_reset: bool,
+    /// The last attempt to make a pipe failed: the direction copies, and
+    /// tries a pipe again only after the worker's next tick, so a lasting
+    /// shortage costs one failed pipe2(2) per tick, not one per buffer.
+    no_pipe: bool,
+    /// Neither a ring buffer nor a pipe was to be had: nothing is armed on
+    /// this direction until the tick retries it.
+    parked: bool,
+    /// Bytes received from the source.
     pub bytes: u64,
+    /// Of those, the bytes already added to the shared counters.
+    pub counted: u64,
 }
 
 pub struct Conn {
@@ -128,6 +180,10 @@ pub struct Conn {
     /// The socket that gets the reset passed on, once the bytes already
     /// queued to it are delivered (or the deadline passes).
     reset_to: Option<(RawFd, Instant)>,
+    /// A stop cut the reset's flush short.
+    flush_cut: bool,
+    /// Why the connection ended with `End::LocalError`, and the errno.
+    pub local: Option<(LocalFailure, i32)>,
 }
 
 /// IORING_RECVSEND_POLL_FIRST (the crate keeps its `sys` module private).
@@ -158,6 +214,8 @@ impl Conn {
             connected: false,
             client_addr: None,
             reset_to: None,
+            flush_cut: false,
+            local: None,
         }
     }
 
@@ -189,6 +247,35 @@ impl Conn {
 
     fn reset_of_sink(dir: usize) -> End {
         Self::reset_of_source(1 - dir)
+    }
+
+    /// A direction's source failed with `errno`: a peer's reset is passed
+    /// on, anything else is a local failure.
+    fn source_failed(
+        &mut self,
+        key: usize,
+        dir: usize,
+        errno: i32,
+        io: &mut Io,
+    ) -> std::io::Result<()> {
+        if peer_error(errno) {
+            return self.close(key, Self::reset_of_source(dir), io);
+        }
+        self.fail(key, LocalFailure::Relay, errno, io)
+    }
+
+    /// Ends the connection for a local reason: both peers get a reset.
+    pub fn fail(
+        &mut self,
+        key: usize,
+        what: LocalFailure,
+        errno: i32,
+        io: &mut Io,
+    ) -> std::io::Result<()> {
+        if self.phase != Phase::Closing {
+            self.local = Some((what, errno));
+        }
+        self.close(key, End::LocalError, io)
     }
 
     pub fn is_finished(&self) -> bool {
@@ -275,8 +362,7 @@ impl Conn {
         self.submit(io, entry)
     }
 
-    /// Handles a receive's completion. `Ok(true)` when every ring buffer was
-    /// held and the direction moved to splice, for the worker to count.
+    /// Handles a receive's completion.
     pub fn on_recv(
         &mut self,
         key: usize,
@@ -284,7 +370,7 @@ impl Conn {
         res: i32,
         flags: u32,
         io: &mut Io,
-    ) -> std::io::Result<bool> {
+    ) -> std::io::Result<Event> {
         self.inflight -= 1;
         // A receive from the buffer ring consumes a buffer even when it
         // returns no data (end of stream): whatever is not kept goes back.
@@ -298,14 +384,14 @@ impl Conn {
             None => None,
         };
         if self.phase == Phase::Closing {
-            return Ok(false);
+            return Ok(Event::None);
         }
         match (res, keep) {
             (n, Some(bid)) => {
                 let len = n as usize;
                 let d = &mut self.dirs[dir];
                 d.bytes += len as u64;
-                d.bulk = len == io.bufs.size();
+                d.bulk = len == io.bufs.size() && !d.no_pipe;
                 d.held = Some(Held { bid, sent: 0, len });
                 self.send_held(key, dir, io)?;
             }
@@ -316,14 +402,20 @@ impl Conn {
             (n, None) if n == -libc::ENOBUFS => {
                 // Every ring buffer is held (by sends to slow peers): splice
                 // needs none, so this direction moves on without waiting
-                // for a buffer that may not come back soon.
-                self.dirs[dir].bulk = true;
-                self.arm_read(key, dir, Ready::Maybe, io)?;
-                return Ok(true);
+                // for a buffer that may not come back soon. Without a pipe
+                // either, it waits for the tick rather than spin.
+                let d = &mut self.dirs[dir];
+                if d.no_pipe {
+                    d.parked = true;
+                } else {
+                    d.bulk = true;
+                    self.arm_read(key, dir, Ready::Maybe, io)?;
+                }
+                return Ok(Event::BuffersExhausted);
             }
-            _ => self.close(key, Self::reset_of_source(dir), io)?,
+            (n, _) => self.source_failed(key, dir, -n, io)?,
         }
-        Ok(false)
+        Ok(Event::None)
     }
 
     pub fn on_send(
@@ -340,7 +432,7 @@ impl Conn {
         if self.phase == Phase::Closing || res < 0 {
             io.bufs.give_back(held.bid);
             if self.phase != Phase::Closing {
-                return self.sink_failed(key, dir, io);
+                return self.sink_failed(key, dir, -res, io);
             }
             return Ok(());
         }
@@ -360,25 +452,48 @@ impl Conn {
     }
 
     /// A poll completed: the source has data (or ended), or the sink has
-    /// room again.
-    pub fn on_poll(&mut self, key: usize, dir: usize, io: &mut Io) -> std::io::Result<()> {
+    /// room again. A negative result is the poll's own failure (socket
+    /// errors come back as POLLERR in a positive mask): a local one.
+    pub fn on_poll(
+        &mut self,
+        key: usize,
+        dir: usize,
+        res: i32,
+        io: &mut Io,
+    ) -> std::io::Result<Event> {
         self.inflight -= 1;
         if self.phase == Phase::Closing {
-            return Ok(());
+            return Ok(Event::None);
         }
-        self.pump(key, dir, io)
+        if res < 0 {
+            self.fail(key, LocalFailure::Relay, -res, io)?;
+            return Ok(Event::None);
+        }
+        let pipe = match self.dirs[dir].pipe {
+            Some(pipe) => pipe,
+            None => match io.pipes.take() {
+                Ok(pipe) => {
+                    self.dirs[dir].no_pipe = false;
+                    *self.dirs[dir].pipe.insert(pipe)
+                }
+                Err(e) => {
+                    // Out of fds or pipe memory: the pipe was an
+                    // optimisation, the ring buffers still carry the bytes.
+                    let d = &mut self.dirs[dir];
+                    d.bulk = false;
+                    d.no_pipe = true;
+                    self.arm_read(key, dir, Ready::Maybe, io)?;
+                    return Ok(Event::PipeFallback(e.raw_os_error().unwrap_or(0)));
+                }
+            },
+        };
+        self.pump(key, dir, pipe, io)?;
+        Ok(Event::None)
     }
 
     /// Moves what can move without blocking, then waits for the side that
     /// blocked: readable source or writable sink.
-    fn pump(&mut self, key: usize, dir: usize, io: &mut Io) -> std::io::Result<()> {
-        let pipe = match self.dirs[dir].pipe {
-            Some(pipe) => pipe,
-            None => match io.pipes.take() {
-                Ok(pipe) => *self.dirs[dir].pipe.insert(pipe),
-                Err(_) => return self.close(key, End::LocalError, io),
-            },
-        };
+    fn pump(&mut self, key: usize, dir: usize, pipe: Pipe, io: &mut Io) -> std::io::Result<()> {
         let (source, sink) = (self.source(dir), self.sink(dir));
         let mut moved = 0;
         loop {
@@ -401,22 +516,25 @@ impl Conn {
                         d.bytes += n as u64;
                         moved += n;
                     }
-                    Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => dry = true,
-                    Err(_) => {
+                    Err(e) => match errno(&e) {
+                        libc::EAGAIN => dry = true,
                         // Deliver what the pipe holds, then pass the reset on.
-                        d.eof = true;
-                        d.source_reset = true;
-                    }
+                        e if peer_error(e) => {
+                            d.eof = true;
+                            d.source_reset = true;
+                        }
+                        e => return self.fail(key, LocalFailure::Relay, e, io),
+                    },
                 }
             }
             if d.in_pipe > 0 {
                 match uring::splice(pipe.read, sink, d.in_pipe) {
                     Ok(n) if n > 0 => d.in_pipe -= n,
                     Ok(_) => return self.wait_writable(key, dir, io),
-                    Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    Err(e) if errno(&e) == libc::EAGAIN => {
                         return self.wait_writable(key, dir, io);
                     }
-                    Err(_) => return self.sink_failed(key, dir, io),
+                    Err(e) => return self.sink_failed(key, dir, errno(&e), io),
                 }
                 continue;
             }
@@ -457,11 +575,21 @@ impl Conn {
         Ok(())
     }
 
-    /// Writing to a direction's sink failed: that peer reset. The other
+    /// Writing to a direction's sink failed. If that peer reset, the other
     /// direction reads from the same socket, drains what the peer sent
     /// before its reset and then sees the reset itself; only if it has
-    /// already ended does the connection close here.
-    fn sink_failed(&mut self, key: usize, dir: usize, io: &mut Io) -> std::io::Result<()> {
+    /// already ended does the connection close here. Any other failure is
+    /// local, and nothing would ever tell the peers: reset both.
+    fn sink_failed(
+        &mut self,
+        key: usize,
+        dir: usize,
+        errno: i32,
+        io: &mut Io,
+    ) -> std::io::Result<()> {
+        if !peer_error(errno) {
+            return self.fail(key, LocalFailure::Relay, errno, io);
+        }
         self.dirs[dir].done = true;
         if self.dirs[1 - dir].done {
             return self.close(key, Self::reset_of_sink(dir), io);
@@ -474,6 +602,10 @@ impl Conn {
     /// connection when the last completion arrives.
     pub fn close(&mut self, key: usize, end: End, io: &mut Io) -> std::io::Result<()> {
         if self.phase == Phase::Closing {
+            if end == End::Stopped {
+                // A stop does not wait for a reset's flush: reset now.
+                self.flush_cut = true;
+            }
             return Ok(());
         }
         self.phase = Phase::Closing;
@@ -484,14 +616,19 @@ impl Conn {
                 self.reset_to = Some((self.backend, flush_until()))
             }
             End::BackendReset => self.reset_to = Some((self.client, flush_until())),
-            End::BackendDown => {
-                // Cut off at once: that is what the operator asked for.
+            // Cut off at once, with a reset each peer sees: the operator
+            // asked for it, or ringlb cannot carry the stream on. A clean
+            // end here would pass a prefix off as the whole stream.
+            End::BackendDown | End::LocalError | End::Stopped => {
                 uring::set_linger_zero(self.client);
                 if self.backend >= 0 {
                     uring::set_linger_zero(self.backend);
                 }
             }
             _ => {}
+        }
+        if let Some((fd, _)) = self.reset_to {
+            log_flush(key, end, fd);
         }
         if self.inflight > 0 {
             for fd in [self.client, self.backend] {
@@ -509,12 +646,48 @@ impl Conn {
 
     /// A reset is about to be passed on while the other peer has not yet
     /// received every byte queued to it: the connection waits (the worker
-    /// looks again each tick), up to a limit.
+    /// looks again each tick), up to a limit, and never past a stop.
     pub fn flushing(&self, now: Instant) -> bool {
         let Some((fd, deadline)) = self.reset_to else {
             return false;
         };
-        now < deadline && uring::unsent_bytes(fd) > 0
+        !self.flush_cut && now < deadline && uring::unsent_bytes(fd) > 0
+    }
+
+    /// A direction is short of a pipe (and maybe parked for want of
+    /// buffers too): the tick lets it try again.
+    pub fn wants_pipe(&self) -> bool {
+        self.phase == Phase::Relaying && self.dirs.iter().any(|d| d.no_pipe)
+    }
+
+    /// The tick's retry: the next full buffer may splice again, and a
+    /// parked direction tries a pipe now (no buffer was free for it).
+    pub fn retry_pipe(&mut self, key: usize, io: &mut Io) -> std::io::Result<()> {
+        for dir in [UPSTREAM, DOWNSTREAM] {
+            let d = &mut self.dirs[dir];
+            d.no_pipe = false;
+            if std::mem::take(&mut d.parked) {
+                d.bulk = true;
+                self.arm_read(key, dir, Ready::Maybe, io)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes received up and down since the last call, for the shared
+    /// counters.
+    pub fn take_uncounted(&mut self) -> [u64; 2] {
+        self.dirs.each_mut().map(|d| {
+            let new = d.bytes - d.counted;
+            d.counted = d.bytes;
+            new
+        })
+    }
+
+    /// A direction is parked: idle only because ringlb has nothing to
+    /// carry its bytes with.
+    pub fn starved(&self) -> bool {
+        self.dirs.iter().any(|d| d.parked)
     }
 
     /// Closes the fds and gives back the pipes; only once nothing is in
@@ -537,4 +710,42 @@ impl Conn {
             uring::close(self.backend);
         }
     }
+}
+
+/// Says when a reset waits for queued bytes (debug only: the ioctl is not
+/// worth it otherwise).
+fn log_flush(key: usize, end: End, fd: RawFd) {
+    if !log::log_enabled!(log::Level::Debug) {
+        return;
+    }
+    let queued = uring::unsent_bytes(fd);
+    if queued > 0 {
+        log::debug!(
+            "conn {key}: {}; passing the reset on once {queued} queued bytes are delivered \
+             (at most {RESET_FLUSH_LIMIT:?})",
+            end.describe()
+        );
+    }
+}
+
+/// Errors that mean the peer is gone (reset, unreachable, timed out), as
+/// opposed to a local failure (memory, fds, a cancelled operation).
+fn peer_error(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::ECONNRESET
+            | libc::EPIPE
+            | libc::ENOTCONN
+            | libc::ETIMEDOUT
+            | libc::ECONNABORTED
+            | libc::ECONNREFUSED
+            | libc::EHOSTUNREACH
+            | libc::ENETUNREACH
+            | libc::ENETDOWN
+            | libc::EHOSTDOWN
+    )
+}
+
+fn errno(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
 }

@@ -330,6 +330,17 @@ impl PipePool {
         })
     }
 
+    /// Closes the pipes kept for reuse, for their fds to serve something
+    /// more needed; returns how many.
+    pub fn release_idle(&mut self) -> usize {
+        let count = self.free.len();
+        for pipe in self.free.drain(..) {
+            close(pipe.read);
+            close(pipe.write);
+        }
+        count
+    }
+
     /// `empty` says whether the pipe holds no bytes; a pipe with leftovers
     /// is closed, never reused.
     pub fn give_back(&mut self, pipe: Pipe, empty: bool) {
@@ -344,10 +355,7 @@ impl PipePool {
 
 impl Drop for PipePool {
     fn drop(&mut self) {
-        for pipe in self.free.drain(..) {
-            close(pipe.read);
-            close(pipe.write);
-        }
+        self.release_idle();
     }
 }
 

@@ -13,8 +13,9 @@ use slab::Slab;
 use socket2::{SockAddr, Socket};
 
 use crate::config::OnDown;
+use crate::logging::RateLimit;
 use crate::pool::ConnectFailure;
-use crate::relay::{Conn, DOWNSTREAM, End, Phase, UPSTREAM};
+use crate::relay::{Conn, DOWNSTREAM, End, Event, LocalFailure, Phase, UPSTREAM};
 use crate::server::{Control, Frontend};
 use crate::uring::{self, BufRing, Io, Op, PipePool, token, untoken};
 
@@ -34,6 +35,9 @@ const PIPE_SIZE: usize = 1024 * 1024;
 const TICK: Duration = Duration::from_millis(100);
 /// design.md: on EMFILE, pause a listener instead of spinning on it.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// A warning that can repeat per connection is written at most this often
+/// per worker and kind, with the count held back.
+const WARN_PERIOD: Duration = Duration::from_secs(10);
 
 /// A frontend as one worker sees it.
 struct Listener {
@@ -47,6 +51,37 @@ struct Listener {
     connect_timeout: types::Timespec,
     /// Addresses in the form connect(2) takes, built once.
     backend_addrs: Vec<SockAddr>,
+    /// Bytes moved to and from each backend since the last tick: added to
+    /// the shared counters once per tick, not once per message.
+    bytes: Vec<[u64; 2]>,
+}
+
+/// What the tick does to a connection.
+#[derive(Clone, Copy, Debug)]
+enum Sweep {
+    /// Only free it if it is finished (a reset's flush may be over).
+    Free,
+    Close(End),
+    Fail(LocalFailure),
+    /// A direction short of a pipe may try one again.
+    RetryPipe,
+    /// A connection waiting for an fd for its backend socket tries again.
+    Connect,
+}
+
+/// One rate limit per kind of warning the data path can repeat.
+struct Warnings {
+    local: [RateLimit; LocalFailure::ALL.len()],
+    pipe: RateLimit,
+}
+
+impl Warnings {
+    fn new() -> Warnings {
+        Warnings {
+            local: std::array::from_fn(|_| RateLimit::new(WARN_PERIOD)),
+            pipe: RateLimit::new(WARN_PERIOD),
+        }
+    }
 }
 
 pub struct Worker {
@@ -63,10 +98,10 @@ pub struct Worker {
     now: Instant,
     draining: bool,
     stopping: bool,
-    last_local_warning: Option<Instant>,
+    warnings: Warnings,
     batch: Vec<(u64, i32, u32)>,
-    /// Connections the tick closes (with why), or only retries to free.
-    sweep: Vec<(usize, Option<End>)>,
+    /// Connections the tick acts on.
+    sweep: Vec<(usize, Sweep)>,
 }
 
 impl Worker {
@@ -93,6 +128,7 @@ impl Worker {
                     .iter()
                     .map(|b| SockAddr::from(b.addr))
                     .collect(),
+                bytes: vec![[0; 2]; frontend.config.backends.len()],
                 shared: Arc::clone(frontend),
                 socket: Some(socket),
                 accepting: false,
@@ -115,7 +151,7 @@ impl Worker {
             now: Instant::now(),
             draining: false,
             stopping: false,
-            last_local_warning: None,
+            warnings: Warnings::new(),
             batch: Vec::with_capacity(RING_ENTRIES as usize * 4),
             sweep: Vec::new(),
         })
@@ -205,16 +241,15 @@ impl Worker {
             "worker {} conn {key}: {op:?} res={res} flags={flags:#x}",
             self.id
         );
+        let frontend = conn.frontend;
         let io = &mut self.io;
         match op {
             Op::Connect => return self.on_connect(key, res),
             Op::ConnectTimeout | Op::Cancel => conn.inflight -= 1,
             Op::Recv0 | Op::Recv1 => {
                 conn.last_active = self.now;
-                if conn.on_recv(key, dir_of(op), res, flags, io)? {
-                    let stats = &self.listeners[conn.frontend].shared.stats;
-                    stats.buffers_exhausted.fetch_add(1, Relaxed);
-                }
+                let event = conn.on_recv(key, dir_of(op), res, flags, io)?;
+                self.note(frontend, event);
             }
             Op::Send0 | Op::Send1 => {
                 conn.last_active = self.now;
@@ -222,11 +257,37 @@ impl Worker {
             }
             _ => {
                 conn.last_active = self.now;
-                conn.on_poll(key, dir_of(op), io)?;
+                let event = conn.on_poll(key, dir_of(op), res, io)?;
+                self.note(frontend, event);
             }
         }
         self.free_if_finished(key);
         Ok(())
+    }
+
+    /// Counts (and logs, rate-limited) what a relay step reports.
+    fn note(&mut self, frontend: usize, event: Event) {
+        let shared = &self.listeners[frontend].shared;
+        match event {
+            Event::None => {}
+            Event::BuffersExhausted => {
+                shared.stats.buffers_exhausted.fetch_add(1, Relaxed);
+            }
+            Event::PipeFallback(errno) => {
+                shared.stats.pipe_fallbacks.fetch_add(1, Relaxed);
+                let Some(held_back) = self.warnings.pipe.allow(self.now) else {
+                    return;
+                };
+                log::warn!(
+                    "worker {}: frontend {}: cannot create a splice pipe ({}); copying through \
+                     buffers instead (raise the fd limit, or see fs.pipe-user-pages-*){}",
+                    self.id,
+                    shared.config.name,
+                    std::io::Error::from_raw_os_error(errno),
+                    self.warnings.pipe.suffix(held_back)
+                );
+            }
+        }
     }
 
     fn arm_accept(&mut self, index: usize) -> std::io::Result<()> {
@@ -352,17 +413,27 @@ impl Worker {
             self.free_if_finished(key);
             return Ok(());
         };
-        conn.tried = conn.tried.with(index);
         let addr = &listener.backend_addrs[index];
-        let fd = match uring::tcp_socket(addr.is_ipv6()) {
+        let fd = match backend_socket(addr.is_ipv6(), &mut self.io.pipes) {
             Ok(fd) => fd,
             Err(e) => {
-                log::warn!("worker {}: cannot create a backend socket: {e}", self.id);
-                conn.close(key, End::LocalError, &mut self.io)?;
-                self.free_if_finished(key);
+                let errno = e.raw_os_error().unwrap_or(0);
+                conn.local = Some((LocalFailure::BackendSocket, errno));
+                if !matches!(
+                    errno,
+                    libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS
+                ) {
+                    conn.close(key, End::LocalError, &mut self.io)?;
+                    self.free_if_finished(key);
+                }
+                // Out of fds or memory, which ending connections give back:
+                // the client waits and the tick tries again, up to the
+                // connect timeout; then it is reset.
                 return Ok(());
             }
         };
+        conn.local = None;
+        conn.tried = conn.tried.with(index);
         uring::set_nodelay(fd);
         conn.backend = fd;
         conn.backend_index = index;
@@ -398,8 +469,7 @@ impl Worker {
             // another backend would fail the same way.
             uring::close(conn.backend);
             conn.backend = -1;
-            conn.close(key, End::LocalError, &mut self.io)?;
-            self.warn_local_connect_failure(-res);
+            conn.fail(key, LocalFailure::Connect, -res, &mut self.io)?;
             self.free_if_finished(key);
             return Ok(());
         }
@@ -412,24 +482,6 @@ impl Worker {
         uring::close(conn.backend);
         conn.backend = -1;
         self.connect_next(key)
-    }
-
-    /// At most one warning a second: when ports run out, every connection
-    /// fails the same way.
-    fn warn_local_connect_failure(&mut self, errno: i32) {
-        if self
-            .last_local_warning
-            .is_some_and(|at| self.now.saturating_duration_since(at) < Duration::from_secs(1))
-        {
-            return;
-        }
-        self.last_local_warning = Some(self.now);
-        log::warn!(
-            "worker {}: cannot connect to backends: {} (local ports or memory exhausted? see \
-             net.ipv4.ip_local_port_range and net.ipv4.tcp_tw_reuse); backends are not marked down for it",
-            self.id,
-            std::io::Error::from_raw_os_error(errno)
-        );
     }
 
     fn free_if_finished(&mut self, key: usize) {
@@ -447,17 +499,57 @@ impl Worker {
         if conn.connected {
             let stats = &frontend.pool.backends[conn.backend_index].stats;
             stats.active.fetch_sub(1, Relaxed);
-            stats
-                .bytes_to_backend
-                .fetch_add(conn.dirs[UPSTREAM].bytes, Relaxed);
-            stats
-                .bytes_from_backend
-                .fetch_add(conn.dirs[DOWNSTREAM].bytes, Relaxed);
+            let [up, down] = conn.take_uncounted();
+            stats.bytes_to_backend.fetch_add(up, Relaxed);
+            stats.bytes_from_backend.fetch_add(down, Relaxed);
+        }
+        if conn.end == Some(End::LocalError) {
+            frontend.stats.local_errors.fetch_add(1, Relaxed);
         }
         if log::log_enabled!(log::Level::Debug) {
             log_connection(frontend, &conn, self.now);
         }
+        if let Some((what, errno)) = conn.local {
+            self.warn_local(conn.frontend, what, errno);
+        }
         conn.release(&mut self.io);
+    }
+
+    /// One line per kind and period: when fds or ports run out, every
+    /// connection fails the same way.
+    fn warn_local(&mut self, frontend: usize, what: LocalFailure, errno: i32) {
+        let limit = &mut self.warnings.local[what as usize];
+        let Some(held_back) = limit.allow(self.now) else {
+            return;
+        };
+        let suffix = limit.suffix(held_back);
+        let err = std::io::Error::from_raw_os_error(errno);
+        let prefix = format!(
+            "worker {}: frontend {}",
+            self.id, self.listeners[frontend].shared.config.name
+        );
+        match what {
+            LocalFailure::BackendSocket => log::warn!(
+                "{prefix}: cannot create a backend socket ({err}); the client was reset{suffix}"
+            ),
+            LocalFailure::Connect => log::warn!(
+                "{prefix}: cannot connect to backends: {err} (local ports or memory exhausted? \
+                 see net.ipv4.ip_local_port_range and net.ipv4.tcp_tw_reuse); backends are not \
+                 marked down for it; the client was reset{suffix}"
+            ),
+            LocalFailure::Relay => {
+                log::warn!(
+                    "{prefix}: relaying failed locally ({err}); both sides were reset{suffix}"
+                )
+            }
+            LocalFailure::Starved => log::warn!(
+                "{prefix}: a connection had neither a receive buffer nor a pipe until its idle \
+                 timeout (raise buffers or the fd limit); both sides were reset{suffix}"
+            ),
+            LocalFailure::Stuck => log::error!(
+                "{prefix}: a connect outlived its timeout; the client was reset{suffix}"
+            ),
+        }
     }
 
     fn arm_wake(&mut self) -> std::io::Result<()> {
@@ -516,54 +608,109 @@ impl Worker {
     }
 
     /// Closes connections idle too long, and those on a backend marked down
-    /// when the frontend asks for it.
+    /// when the frontend asks for it; adds the bytes moved since the last
+    /// tick to the shared counters.
     fn on_tick(&mut self) -> std::io::Result<()> {
         self.apply_control()?;
         let mut sweep = std::mem::take(&mut self.sweep);
-        for (key, conn) in self.conns.iter() {
-            let frontend = &self.listeners[conn.frontend].shared;
-            if conn.is_finished() {
-                // Waiting for queued bytes before passing a reset on.
-                sweep.push((key, None));
-                continue;
+        for (key, conn) in self.conns.iter_mut() {
+            let listener = &mut self.listeners[conn.frontend];
+            if conn.connected {
+                let [up, down] = conn.take_uncounted();
+                let moved = &mut listener.bytes[conn.backend_index];
+                moved[0] += up;
+                moved[1] += down;
             }
-            if conn.phase == Phase::Connecting {
-                // The linked timeout ends every connect; this is the net
-                // under it, should the kernel ever not deliver it.
-                let limit = frontend.config.connect_timeout + Duration::from_secs(1);
-                if self.now.saturating_duration_since(conn.last_active) > limit {
-                    log::error!(
-                        "worker {}: a connect outlived its timeout; closing it",
-                        self.id
-                    );
-                    sweep.push((key, Some(End::LocalError)));
-                }
-                continue;
-            }
-            if conn.phase != Phase::Relaying {
-                continue;
-            }
-            if self.now.saturating_duration_since(conn.last_active) >= frontend.config.idle_timeout
-            {
-                sweep.push((key, Some(End::IdleTimeout)));
-            } else if frontend.config.on_down == OnDown::Shutdown
-                && !frontend.pool.backends[conn.backend_index].is_up()
-            {
-                sweep.push((key, Some(End::BackendDown)));
+            if let Some(action) = sweep_action(&listener.shared, conn, self.now) {
+                sweep.push((key, action));
             }
         }
-        for &(key, end) in &sweep {
-            if let Some(end) = end {
-                self.conns[key].close(key, end, &mut self.io)?;
+        for listener in &mut self.listeners {
+            flush_bytes(listener);
+        }
+        for (key, action) in sweep.drain(..) {
+            let (conn, io) = (&mut self.conns[key], &mut self.io);
+            match action {
+                Sweep::Free => {}
+                Sweep::Close(end) => conn.close(key, end, io)?,
+                Sweep::Fail(what) => conn.fail(key, what, 0, io)?,
+                Sweep::RetryPipe => conn.retry_pipe(key, io)?,
+                Sweep::Connect => self.connect_next(key)?,
             }
             self.free_if_finished(key);
         }
-        sweep.clear();
         self.sweep = sweep;
         if !self.finished() {
             self.arm_tick()?;
         }
         Ok(())
+    }
+}
+
+/// What the tick does to one connection, if anything.
+fn sweep_action(frontend: &Frontend, conn: &Conn, now: Instant) -> Option<Sweep> {
+    if conn.is_finished() {
+        // Waiting for queued bytes before passing a reset on.
+        return Some(Sweep::Free);
+    }
+    let idle = now.saturating_duration_since(conn.last_active);
+    let config = &frontend.config;
+    match conn.phase {
+        // No backend socket yet: out of fds when it was tried.
+        Phase::Connecting if conn.backend < 0 && idle > config.connect_timeout => {
+            Some(Sweep::Close(End::LocalError))
+        }
+        Phase::Connecting if conn.backend < 0 => Some(Sweep::Connect),
+        // The linked timeout ends every connect; this is the net under it,
+        // should the kernel ever not deliver it.
+        Phase::Connecting => (idle > config.connect_timeout + Duration::from_secs(1))
+            .then_some(Sweep::Fail(LocalFailure::Stuck)),
+        Phase::Closing => None,
+        // Idle only for want of a buffer or pipe is ringlb's failure, and a
+        // clean end would hide it.
+        Phase::Relaying if idle >= config.idle_timeout && conn.starved() => {
+            Some(Sweep::Fail(LocalFailure::Starved))
+        }
+        Phase::Relaying if idle >= config.idle_timeout => Some(Sweep::Close(End::IdleTimeout)),
+        Phase::Relaying
+            if config.on_down == OnDown::Shutdown
+                && !frontend.pool.backends[conn.backend_index].is_up() =>
+        {
+            Some(Sweep::Close(End::BackendDown))
+        }
+        Phase::Relaying if conn.wants_pipe() => Some(Sweep::RetryPipe),
+        Phase::Relaying => None,
+    }
+}
+
+/// Adds one tick's bytes to the backends' shared counters.
+fn flush_bytes(listener: &mut Listener) {
+    for (backend, moved) in listener
+        .shared
+        .pool
+        .backends
+        .iter()
+        .zip(&mut listener.bytes)
+    {
+        if *moved != [0, 0] {
+            let [up, down] = std::mem::take(moved);
+            backend.stats.bytes_to_backend.fetch_add(up, Relaxed);
+            backend.stats.bytes_from_backend.fetch_add(down, Relaxed);
+        }
+    }
+}
+
+/// A backend socket; when fds run out, the pipes kept idle for splicing
+/// are given up first, since a connection needs its socket more.
+fn backend_socket(ipv6: bool, pipes: &mut PipePool) -> std::io::Result<RawFd> {
+    match uring::tcp_socket(ipv6) {
+        Err(e)
+            if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+                && pipes.release_idle() > 0 =>
+        {
+            uring::tcp_socket(ipv6)
+        }
+        other => other,
     }
 }
 
