@@ -364,3 +364,43 @@ async fn linger(stream: TcpStream, until: Instant) {
 fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// The connection deadline is what frees a slot from a client that is
+    /// slow after its request head (a reader of a page larger than the
+    /// socket buffers); with a head deadline longer than it, a slow head
+    /// shows the same cut without a page of megabytes.
+    #[test]
+    fn a_connection_past_its_deadline_is_reset() {
+        let limits = Limits {
+            max_connections: 4,
+            head: Duration::from_secs(60),
+            connection: Duration::from_millis(500),
+            linger: Duration::from_secs(1),
+        };
+        let state = State {
+            frontends: Vec::new(),
+        };
+        let addr = serve_with(SocketAddr::from(([127, 0, 0, 1], 0)), state, limits)
+            .expect("bind on loopback");
+        let mut client = std::net::TcpStream::connect(addr).expect("connect");
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        client
+            .write_all(b"GET /metrics HTTP/1.1\r\n")
+            .expect("send");
+        let started = std::time::Instant::now();
+        let mut rest = Vec::new();
+        let error = client
+            .read_to_end(&mut rest)
+            .expect_err("a reset, not an end");
+        assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
+        assert!(rest.is_empty());
+        assert!(started.elapsed() < Duration::from_secs(15));
+    }
+}

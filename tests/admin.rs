@@ -163,9 +163,7 @@ fn a_scrape_is_quick_and_whole_while_2000_idle_and_10_slowloris_clients_hold_con
     let backend = Backend::start(echo());
     let ringlb = Ringlb::start(&["--backend", &backend.addr_str(), "--stats", "127.0.0.1:0"]);
     let stats = ringlb.stats_addr();
-    let idle: Vec<TcpStream> = (0..2000)
-        .map(|i| TcpStream::connect(stats).unwrap_or_else(|e| panic!("idle {i}: {e}")))
-        .collect();
+    let idle = open_idle(stats, 2000, Duration::from_secs(30));
     let stop = Arc::new(AtomicBool::new(false));
     let (started_tx, started_rx) = std::sync::mpsc::channel();
     let slowloris: Vec<_> = (0..10)
@@ -211,6 +209,24 @@ fn a_scrape_is_quick_and_whole_while_2000_idle_and_10_slowloris_clients_hold_con
         );
     }
     drop(idle);
+}
+
+/// `n` connections that send nothing. A server that takes them one at a
+/// time leaves the rest to the kernel's queue and then to SYN retries:
+/// opening them all must not take more than `bound`.
+fn open_idle(addr: SocketAddr, n: usize, bound: Duration) -> Vec<TcpStream> {
+    let deadline = Instant::now() + bound;
+    (0..n)
+        .map(|i| {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "{i} of {n} idle clients connected in {bound:?}"
+            );
+            TcpStream::connect_timeout(&addr, left)
+                .unwrap_or_else(|e| panic!("idle client {i} could not connect: {e}"))
+        })
+        .collect()
 }
 
 /// Sends a request head one byte every 500 ms until ringlb cuts it off or
