@@ -227,13 +227,15 @@ fn http_builder(limits: &Limits) -> http1::Builder {
 }
 
 /// A connection's hold on the cap, released however the connection ends.
-struct Slot(#[allow(dead_code)] OwnedSemaphorePermit);
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+}
 
 impl Slot {
     fn new(permit: OwnedSemaphorePermit) -> Slot {
         STATS.accepted.fetch_add(1, Relaxed);
         STATS.active.fetch_add(1, Relaxed);
-        Slot(permit)
+        Slot { _permit: permit }
     }
 }
 
