@@ -557,6 +557,13 @@ impl Worker {
                 std::io::Error::from_raw_os_error(errno),
                 self.accept_failures.suffix(held_back)
             );
+        } else {
+            log::debug!(
+                "worker {}: accept on {} failed again: {}",
+                self.id,
+                frontend.config.name,
+                std::io::Error::from_raw_os_error(errno)
+            );
         }
         let pause = opcode::Timeout::new(&self.pause)
             .build()

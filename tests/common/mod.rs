@@ -447,3 +447,64 @@ pub fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
     }
     condition()
 }
+
+/// `ringlb ARGS` with RLIMIT_NOFILE (soft and hard) at `nofile`, as
+/// `prlimit --nofile=N ringlb ARGS` starts it (without needing util-linux).
+pub fn ringlb_with_nofile(nofile: u64, args: &[&str]) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(BIN);
+    command.args(args);
+    let limit = libc::rlimit {
+        rlim_cur: nofile,
+        rlim_max: nofile,
+    };
+    // SAFETY: the closure runs in the forked child before exec and makes one
+    // setrlimit call (async-signal-safe) on a struct copied into it.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    command
+}
+
+impl Ringlb {
+    /// Starts a prepared ringlb command (which must include `--listen`) and
+    /// waits for its listen line, as `start_raw` does.
+    pub fn start_command(mut command: Command) -> Ringlb {
+        let mut child = command
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ringlb");
+        let stderr = child.stderr.take().expect("stderr");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&logs);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut ringlb = Ringlb {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            logs,
+        };
+        let line = ringlb
+            .wait_log("listening on", Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("ringlb did not start; logs:\n{}", ringlb.logs()));
+        let addr = line
+            .split("listening on ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .expect("address in log");
+        ringlb.addr = addr.parse().expect("listen address");
+        ringlb
+    }
+}
