@@ -71,6 +71,11 @@ pub struct Global {
     pub limit: u64,
     /// RLIMIT_NOFILE (soft, after raising it to the hard limit).
     pub nofile: u64,
+    /// Splice pipes the budget allows, all workers together: more would
+    /// take fds promised to connections.
+    pub pipes: u64,
+    /// Fds the budget leaves the stats server (listener and connections).
+    pub stats_fds: u64,
     /// Client connections open, all frontends together (plus, for an
     /// instant, the one a worker is accepting).
     pub active: AtomicU64,
@@ -94,6 +99,10 @@ impl Global {
         self.wake_fds[worker].as_raw_fd()
     }
 
+    pub fn workers(&self) -> usize {
+        self.wake_fds.len()
+    }
+
     pub fn wake(&self, worker: usize) {
         let one = 1u64;
         // SAFETY: writes 8 bytes from a local u64 to an eventfd this struct
@@ -103,7 +112,7 @@ impl Global {
 
     /// Wakes the workers in `bits` except `me`.
     pub fn wake_others(&self, bits: u64, me: usize) {
-        for worker in 0..self.wake_fds.len() {
+        for worker in 0..self.workers() {
             if worker != me && Waiting::includes(bits, worker) {
                 self.wake(worker);
             }
@@ -111,26 +120,34 @@ impl Global {
     }
 }
 
-/// Where the fds go, for the connection limit. Each connection costs two
-/// sockets; splice pipes get HAProxy's default share (one pipe, two fds,
-/// per four connections; a direction that finds none copies instead); the
-/// rest is fixed: stdio, one listener per frontend and worker, a ring and
-/// a wake eventfd per worker, one health probe per backend at a time plus
-/// the checker's own, the stats server (listener and connections), and a
-/// reserve for everything else (config files, logs, /proc reads). The
-/// reserves grow with the limit but stay small when it is small, so a tight
-/// `ulimit -n` still leaves room for a few connections.
+/// Where the fds go, for the connection limit: fixed costs first (stdio,
+/// one listener per frontend and worker, a ring and a wake eventfd per
+/// worker, one health probe per backend at a time plus the checker's own,
+/// the stats server's listener and connections, a reserve for everything
+/// else: config files, logs, /proc reads), then splice pipes (two fds each:
+/// at most a tenth of what is left, and no more than the workers keep,
+/// since a direction that finds no pipe copies instead), then two sockets
+/// per connection. The reserves grow with the limit but stay small when it
+/// is small, so a tight `ulimit -n` still leaves room for connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FdBudget {
     pub nofile: u64,
     pub fixed: u64,
+    /// For the stats server: its listener and connections.
+    pub stats: u64,
+    /// Splice pipes, all workers together.
+    pub pipes: u64,
     pub connections: u64,
 }
 
 /// Most fds set aside for the stats server's listener and connections.
-const STATS_FDS_MAX: u64 = 1024;
+const STATS_FDS_MAX: u64 = 256;
+/// Most fds set aside for everything ringlb does not count.
+const RESERVE_FDS_MAX: u64 = 1024;
 /// Health checking besides one probe socket per backend (event loop, timers).
 const CHECKER_FDS: u64 = 8;
+/// Most pipes budgeted per worker (what a worker's pool keeps at most).
+pub const PIPES_PER_WORKER: u64 = 256;
 
 impl FdBudget {
     pub fn new(nofile: u64, frontends: u64, workers: u64, backends: u64) -> FdBudget {
@@ -138,15 +155,17 @@ impl FdBudget {
         let listeners = frontends * workers;
         let per_worker = 2 * workers;
         let checks = backends + CHECKER_FDS;
-        let stats = (nofile / 16).clamp(4, STATS_FDS_MAX);
-        let reserve = (nofile / 16).max(8);
+        let stats = (nofile / 64).clamp(4, STATS_FDS_MAX);
+        let reserve = (nofile / 64).clamp(8, RESERVE_FDS_MAX);
         let fixed = stdio + listeners + per_worker + checks + stats + reserve;
-        // 2 sockets + 1/4 pipe of 2 fds: 2.5 fds, so 2 connections per 5 fds.
-        let connections = nofile.saturating_sub(fixed) * 2 / 5;
+        let left = nofile.saturating_sub(fixed);
+        let pipes = (left / 10).min(PIPES_PER_WORKER * workers);
         FdBudget {
             nofile,
             fixed,
-            connections,
+            stats,
+            pipes,
+            connections: (left - 2 * pipes) / 2,
         }
     }
 }
@@ -229,6 +248,8 @@ impl Server {
         let global = Arc::new(Global {
             limit: budget.connections,
             nofile,
+            pipes: budget.pipes,
+            stats_fds: budget.stats,
             active: AtomicU64::new(0),
             limit_reached: AtomicU64::new(0),
             cq_dropped: AtomicU64::new(0),
@@ -318,10 +339,11 @@ impl Server {
         }
         server.watchers = Some(Watchers::spawn(&server.frontends));
         log::info!(
-            "connection limit {} (from RLIMIT_NOFILE {nofile}: 2 sockets per connection, a pipe \
-             per 4, {} fds kept for listeners, workers, checks, the stats server and a reserve); \
-             beyond it new clients wait in the kernel's accept queue",
+            "connection limit {} (from RLIMIT_NOFILE {nofile}: 2 sockets per connection, {} fds \
+             for splice pipes, {} for listeners, workers, checks, the stats server and a \
+             reserve); beyond it new clients wait in the kernel's accept queue",
             budget.connections,
+            2 * budget.pipes,
             budget.fixed
         );
         for (frontend, addr) in server.frontends.iter().zip(&server.local_addrs) {
@@ -474,23 +496,26 @@ mod tests {
 
     #[test]
     fn the_budget_keeps_fds_for_everything_but_connections() {
-        // One frontend, one worker, one backend, ulimit -n 256.
-        let budget = FdBudget::new(256, 1, 1, 1);
-        // stdio 3, listener 1, ring + eventfd 2, probe 1 + checker 8,
-        // stats 16, reserve 16.
-        assert_eq!(budget.fixed, 47);
-        assert_eq!(budget.connections, (256 - 47) * 2 / 5);
-        // Two sockets per connection and a pipe per four fit with the rest.
-        let per_conn_fds = budget.connections * 2 + budget.connections.div_ceil(4) * 2;
-        assert!(per_conn_fds + budget.fixed <= 256);
+        // One frontend, two workers, one backend, ulimit -n 256.
+        let budget = FdBudget::new(256, 1, 2, 1);
+        // stdio 3, listeners 2, rings + eventfds 4, probe 1 + checker 8,
+        // stats 4, reserve 8.
+        assert_eq!(budget.fixed, 30);
+        assert_eq!(budget.pipes, 22);
+        assert_eq!(budget.connections, 91);
+        assert!(budget.fixed + 2 * budget.pipes + 2 * budget.connections <= 256);
     }
 
     #[test]
     fn a_tight_or_a_generous_limit_still_makes_sense() {
         assert!(FdBudget::new(64, 1, 1, 2).connections >= 10);
         assert_eq!(FdBudget::new(16, 1, 1, 1).connections, 0);
+        // The default hard limit here: about as many as HAProxy's bench
+        // config (maxconn 9644 with 512 pipe fds set aside).
+        let here = FdBudget::new(20_000, 1, 2, 2);
+        assert!(here.connections > 9_000, "{here:?}");
         let big = FdBudget::new(1 << 20, 4, 2, 16);
-        assert!(big.connections > 350_000, "{big:?}");
-        assert!(big.fixed < 70_000, "{big:?}");
+        assert!(big.connections > 500_000, "{big:?}");
+        assert_eq!(big.pipes, 2 * PIPES_PER_WORKER);
     }
 }

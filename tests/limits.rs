@@ -217,6 +217,15 @@ fn maxconn_holds_clients_in_the_queue_and_serves_them_as_others_close() {
             .metric("ringlb_frontend_maxconn_reached_total{frontend=\"default\"}")
             .is_some_and(|n| n >= 1)
     );
+    // The completion queue's counters are there (and nothing overflowed).
+    assert_eq!(
+        ringlb.metric("ringlb_completion_queue_dropped_total "),
+        Some(0)
+    );
+    assert_eq!(
+        ringlb.metric("ringlb_completion_queue_overflowed_total "),
+        Some(0)
+    );
     // The first five leave; the other five are served.
     for client in clients.iter_mut().filter(|c| c.got.len() == 4) {
         client.close();
