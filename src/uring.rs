@@ -600,6 +600,15 @@ mod tests {
     }
 
     #[test]
+    fn a_dropped_completion_is_explained_not_just_numbered() {
+        let message = dropped_completion_error(3, 65536).to_string();
+        for part in ["worker 3", "EBADR", "65536 entries", "stops", "memory"] {
+            assert!(message.contains(part), "{part}: {message}");
+        }
+        assert!(!message.contains("os error 53"), "{message}");
+    }
+
+    #[test]
     fn a_ring_sized_for_the_limit_can_be_built() {
         let ring = new_ring(1024, cq_entries(1 << 20, 1024)).expect("io_uring");
         assert_eq!(ring.params().cq_entries(), MAX_CQ_ENTRIES);
