@@ -496,7 +496,13 @@ impl Worker {
     /// on another worker (which then wakes this one). New clients wait in
     /// the kernel's accept queue meanwhile, never accepted and closed.
     fn hold(&mut self, index: usize) {
-        let global_full = self.global.active.load(Relaxed) >= self.global.limit;
+        // Which limit, as far as one can tell now: the frontend's when it is
+        // full (it is the operator's own setting), else the global one.
+        let frontend = &self.listeners[index].shared;
+        let frontend_full = frontend
+            .config
+            .maxconn
+            .is_some_and(|max| frontend.stats.active.load(Relaxed) >= u64::from(max));
         let listener = &mut self.listeners[index];
         let already = std::mem::replace(&mut listener.held, true);
         self.global.waiting.mark(self.id);
@@ -510,18 +516,18 @@ impl Worker {
             return;
         }
         let frontend = &self.listeners[index].shared;
-        let what = if global_full {
-            self.global.limit_reached.fetch_add(1, Relaxed);
-            format!(
-                "the connection limit ({}, from RLIMIT_NOFILE {})",
-                self.global.limit, self.global.nofile
-            )
-        } else {
+        let what = if frontend_full {
             frontend.stats.maxconn_reached.fetch_add(1, Relaxed);
             format!(
                 "frontend {}'s maxconn ({})",
                 frontend.config.name,
                 frontend.config.maxconn.unwrap_or(0)
+            )
+        } else {
+            self.global.limit_reached.fetch_add(1, Relaxed);
+            format!(
+                "the connection limit ({}, from RLIMIT_NOFILE {})",
+                self.global.limit, self.global.nofile
             )
         };
         if let Some(held_back) = self.limit_warnings.allow(self.now) {
