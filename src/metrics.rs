@@ -13,8 +13,11 @@ use crate::server::Frontend;
 pub struct FrontendStats {
     pub accepted: AtomicU64,
     pub active: AtomicU64,
-    /// Closed at accept because the frontend was at maxconn.
-    pub rejected_maxconn: AtomicU64,
+    /// Times a worker stopped accepting because the frontend was at its
+    /// maxconn (new clients then wait in the kernel's accept queue).
+    pub maxconn_reached: AtomicU64,
+    /// Accepts that failed (out of fds or memory): the listener pauses.
+    pub accept_errors: AtomicU64,
     /// Closed because no backend was up or every one failed to connect.
     pub no_backend: AtomicU64,
     /// Receives that found the worker's buffers all held (by sends to slow
@@ -43,13 +46,17 @@ type Global = (&'static str, &'static str, fn() -> u64);
 /// one thing its encoder would add, label escaping, is [`escape_label`].
 pub fn render(frontends: &[Arc<Frontend>]) -> String {
     let mut out = Exposition::default();
+    render_global(&mut out, frontends);
     let frontend_metrics: &[Metric<FrontendStats>] = &[
         ("ringlb_frontend_connections_total", "counter", |s| {
             &s.accepted
         }),
         ("ringlb_frontend_connections_active", "gauge", |s| &s.active),
-        ("ringlb_frontend_rejected_maxconn_total", "counter", |s| {
-            &s.rejected_maxconn
+        ("ringlb_frontend_maxconn_reached_total", "counter", |s| {
+            &s.maxconn_reached
+        }),
+        ("ringlb_frontend_accept_errors_total", "counter", |s| {
+            &s.accept_errors
         }),
         ("ringlb_frontend_no_backend_total", "counter", |s| {
             &s.no_backend
@@ -176,6 +183,41 @@ pub fn escape_label(out: &mut String, value: &str) {
             '\n' => out.push_str("\\n"),
             c => out.push(c),
         }
+    }
+}
+
+/// The process-wide series: the connection limit, its use, and the
+/// workers' completion queues.
+fn render_global(out: &mut Exposition, frontends: &[Arc<Frontend>]) {
+    let Some(global) = frontends.first().map(|f| &f.global) else {
+        return;
+    };
+    let series: [(&str, &str, u64); 5] = [
+        ("ringlb_connection_limit", "gauge", global.limit),
+        (
+            "ringlb_connections_active",
+            "gauge",
+            global.active.load(Relaxed),
+        ),
+        (
+            "ringlb_connection_limit_reached_total",
+            "counter",
+            global.limit_reached.load(Relaxed),
+        ),
+        (
+            "ringlb_completion_queue_dropped_total",
+            "counter",
+            global.cq_dropped.load(Relaxed),
+        ),
+        (
+            "ringlb_completion_queue_overflowed_total",
+            "counter",
+            global.cq_overflowed.load(Relaxed),
+        ),
+    ];
+    for (name, kind, value) in series {
+        out.family(name, kind);
+        out.sample(name, &[], value);
     }
 }
 

@@ -1,12 +1,13 @@
 //! Starting and stopping ringlb: listeners bound up front (so a busy port
 //! is reported before anything runs), one worker thread per core, the
 //! failover watcher, and the drain/stop controls the signal handler uses.
+//! Also the global connection limit, derived from the fd limit.
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -24,6 +25,149 @@ pub struct Frontend {
     pub config: FrontendConfig,
     pub pool: Pool,
     pub stats: FrontendStats,
+    /// Workers that stopped accepting on this frontend at its maxconn.
+    pub waiting: Waiting,
+    /// What every frontend shares: the global limit and the workers' wake
+    /// fds (so the metrics, which see only frontends, reach it too).
+    pub global: Arc<Global>,
+}
+
+/// Workers (bit `id % 64`) that stopped accepting at a limit and wait for
+/// a connection to end. A superset is harmless: a woken worker that finds
+/// no room goes back to waiting.
+#[derive(Default)]
+pub struct Waiting(AtomicU64);
+
+impl Waiting {
+    fn bit(worker: usize) -> u64 {
+        1 << (worker % 64)
+    }
+
+    /// Sequentially consistent with `take`: a worker that marks itself and
+    /// then finds no room, and a worker that frees room and then takes the
+    /// marks, cannot both miss each other.
+    pub fn mark(&self, worker: usize) {
+        self.0.fetch_or(Self::bit(worker), SeqCst);
+    }
+
+    /// The marked workers, cleared; one plain load when none waits (the
+    /// common case, on every connection's end).
+    pub fn take(&self) -> u64 {
+        if self.0.load(SeqCst) == 0 {
+            return 0;
+        }
+        self.0.swap(0, SeqCst)
+    }
+
+    pub fn includes(bits: u64, worker: usize) -> bool {
+        bits & Self::bit(worker) != 0
+    }
+}
+
+/// Shared by every worker: the connection ceiling and its counters, and
+/// the eventfds that wake each worker's ring.
+pub struct Global {
+    /// Most client connections at once, all frontends together.
+    pub limit: u64,
+    /// RLIMIT_NOFILE (soft, after raising it to the hard limit).
+    pub nofile: u64,
+    /// Splice pipes the budget allows, all workers together: more would
+    /// take fds promised to connections.
+    pub pipes: u64,
+    /// Fds the budget leaves the stats server (listener and connections).
+    pub stats_fds: u64,
+    /// Client connections open, all frontends together (plus, for an
+    /// instant, the one a worker is accepting).
+    pub active: AtomicU64,
+    /// Times a worker stopped accepting because `active` reached `limit`.
+    pub limit_reached: AtomicU64,
+    /// Completions the kernel dropped (io_uring's cq_overflow), all workers.
+    pub cq_dropped: AtomicU64,
+    /// Times a worker found its completion queue overflowed into kernel
+    /// memory: a sign the queue is too small for the load.
+    pub cq_overflowed: AtomicU64,
+    /// Workers waiting for room under `limit`.
+    pub waiting: Waiting,
+    /// One eventfd per worker: writing to it wakes the worker's ring. Owned
+    /// here, and the workers hold this `Arc`, so a worker's fd stays open
+    /// as long as the worker runs, whatever happens to the `Server`.
+    wake_fds: Vec<OwnedFd>,
+}
+
+impl Global {
+    pub fn wake_fd(&self, worker: usize) -> RawFd {
+        self.wake_fds[worker].as_raw_fd()
+    }
+
+    pub fn workers(&self) -> usize {
+        self.wake_fds.len()
+    }
+
+    pub fn wake(&self, worker: usize) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a local u64 to an eventfd this struct
+        // owns; a full counter (EAGAIN) already means "wake up".
+        unsafe { libc::write(self.wake_fd(worker), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Wakes the workers in `bits` except `me`.
+    pub fn wake_others(&self, bits: u64, me: usize) {
+        for worker in 0..self.workers() {
+            if worker != me && Waiting::includes(bits, worker) {
+                self.wake(worker);
+            }
+        }
+    }
+}
+
+/// Where the fds go, for the connection limit: fixed costs first (stdio,
+/// one listener per frontend and worker, a ring and a wake eventfd per
+/// worker, one health probe per backend at a time plus the checker's own,
+/// the stats server's listener and connections, a reserve for everything
+/// else: config files, logs, /proc reads), then splice pipes (two fds each:
+/// at most a tenth of what is left, and no more than the workers keep,
+/// since a direction that finds no pipe copies instead), then two sockets
+/// per connection. The reserves grow with the limit but stay small when it
+/// is small, so a tight `ulimit -n` still leaves room for connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdBudget {
+    pub nofile: u64,
+    pub fixed: u64,
+    /// For the stats server: its listener and connections.
+    pub stats: u64,
+    /// Splice pipes, all workers together.
+    pub pipes: u64,
+    pub connections: u64,
+}
+
+/// Most fds set aside for the stats server's listener and connections.
+const STATS_FDS_MAX: u64 = 256;
+/// Most fds set aside for everything ringlb does not count.
+const RESERVE_FDS_MAX: u64 = 1024;
+/// Health checking besides one probe socket per backend (event loop, timers).
+const CHECKER_FDS: u64 = 8;
+/// Most pipes budgeted per worker (what a worker's pool keeps at most).
+pub const PIPES_PER_WORKER: u64 = 256;
+
+impl FdBudget {
+    pub fn new(nofile: u64, frontends: u64, workers: u64, backends: u64) -> FdBudget {
+        let stdio = 3;
+        let listeners = frontends * workers;
+        let per_worker = 2 * workers;
+        let checks = backends + CHECKER_FDS;
+        let stats = (nofile / 64).clamp(4, STATS_FDS_MAX);
+        let reserve = (nofile / 64).clamp(8, RESERVE_FDS_MAX);
+        let fixed = stdio + listeners + per_worker + checks + stats + reserve;
+        let left = nofile.saturating_sub(fixed);
+        let pipes = (left / 10).min(PIPES_PER_WORKER * workers);
+        FdBudget {
+            nofile,
+            fixed,
+            stats,
+            pipes,
+            connections: (left - 2 * pipes) / 2,
+        }
+    }
 }
 
 /// Flags the control plane raises; workers read them when woken.
@@ -43,6 +187,8 @@ pub enum StartError {
     },
     Worker(std::io::Error),
     Health(crate::health::StartError),
+    /// The fd limit is too low for even one connection.
+    Limit(FdBudget),
 }
 
 impl fmt::Display for StartError {
@@ -57,6 +203,13 @@ impl fmt::Display for StartError {
             }
             StartError::Worker(e) => write!(f, "cannot start a worker: {e}"),
             StartError::Health(e) => e.fmt(f),
+            StartError::Limit(budget) => write!(
+                f,
+                "RLIMIT_NOFILE is {}, which leaves no file descriptor for client connections \
+                 (ringlb keeps {} for listeners, workers, checks, the stats server and a reserve); \
+                 raise it (ulimit -n, or LimitNOFILE= in a systemd unit)",
+                budget.nofile, budget.fixed
+            ),
         }
     }
 }
@@ -68,16 +221,45 @@ pub struct Server {
     /// The addresses really bound (a port 0 in the config becomes a real one).
     pub local_addrs: Vec<SocketAddr>,
     control: Arc<Control>,
-    /// One eventfd per worker: writing to it wakes the worker's ring.
-    wake_fds: Vec<OwnedFd>,
+    pub global: Arc<Global>,
     workers: Vec<JoinHandle<std::io::Result<()>>>,
     health: Option<Scheduler>,
 }
 
 impl Server {
     pub fn start(config: &Config) -> Result<Server, StartError> {
-        raise_fd_limit();
+        let nofile = raise_fd_limit();
         let mut targets = Targets::default();
+        let backends = config
+            .frontends
+            .iter()
+            .map(|f| f.backends.len())
+            .sum::<usize>();
+        let budget = FdBudget::new(
+            nofile,
+            config.frontends.len() as u64,
+            config.workers as u64,
+            backends as u64,
+        );
+        if budget.connections == 0 {
+            return Err(StartError::Limit(budget));
+        }
+        let wake_fds = (0..config.workers)
+            .map(|_| eventfd())
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(StartError::Worker)?;
+        let global = Arc::new(Global {
+            limit: budget.connections,
+            nofile,
+            pipes: budget.pipes,
+            stats_fds: budget.stats,
+            active: AtomicU64::new(0),
+            limit_reached: AtomicU64::new(0),
+            cq_dropped: AtomicU64::new(0),
+            cq_overflowed: AtomicU64::new(0),
+            waiting: Waiting::default(),
+            wake_fds,
+        });
         let frontends: Vec<Arc<Frontend>> = config
             .frontends
             .iter()
@@ -86,6 +268,8 @@ impl Server {
                     config: c.clone(),
                     pool: Pool::new(c, &mut targets),
                     stats: FrontendStats::default(),
+                    waiting: Waiting::default(),
+                    global: Arc::clone(&global),
                 })
             })
             .collect();
@@ -116,17 +300,15 @@ impl Server {
             frontends,
             local_addrs,
             control,
-            wake_fds: Vec::new(),
+            global,
             workers: Vec::new(),
             health: None,
         };
         let (ready_tx, ready_rx) = mpsc::channel();
         for (id, worker_sockets) in sockets.into_iter().enumerate() {
-            let wake = eventfd().map_err(StartError::Worker)?;
-            let wake_fd = wake.as_raw_fd();
-            server.wake_fds.push(wake);
             let frontends = server.frontends.clone();
             let control = Arc::clone(&server.control);
+            let global = Arc::clone(&server.global);
             let ready = ready_tx.clone();
             let buffers = config.buffers;
             let handle = std::thread::Builder::new()
@@ -134,7 +316,7 @@ impl Server {
                 .spawn(move || {
                     // The ring is made on the thread that uses it: the
                     // single-issuer flag ties it to this thread.
-                    match Worker::new(id, &frontends, worker_sockets, control, wake_fd, buffers) {
+                    match Worker::new(id, &frontends, worker_sockets, control, global, buffers) {
                         Ok(worker) => {
                             let _ = ready.send(Ok(()));
                             worker.run()
@@ -153,11 +335,8 @@ impl Server {
         for _ in 0..server.workers.len() {
             match ready_rx.recv() {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    server.stop();
-                    let _ = server.join();
-                    return Err(StartError::Worker(e));
-                }
+                // Dropping the server stops and joins the workers started.
+                Ok(Err(e)) => return Err(StartError::Worker(e)),
                 Err(_) => break,
             }
         }
@@ -170,6 +349,14 @@ impl Server {
                 return Err(StartError::Health(e));
             }
         }
+        log::info!(
+            "connection limit {} (from RLIMIT_NOFILE {nofile}: 2 sockets per connection, {} fds \
+             for splice pipes, {} for listeners, workers, checks, the stats server and a \
+             reserve); beyond it new clients wait in the kernel's accept queue",
+            budget.connections,
+            2 * budget.pipes,
+            budget.fixed
+        );
         for (frontend, addr) in server.frontends.iter().zip(&server.local_addrs) {
             let backends: Vec<&str> = frontend
                 .pool
@@ -189,10 +376,8 @@ impl Server {
     }
 
     fn wake_workers(&self) {
-        for fd in &self.wake_fds {
-            let one = 1u64;
-            // SAFETY: writes 8 bytes from a local u64 to an eventfd we own.
-            unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        for worker in 0..self.workers.len() {
+            self.global.wake(worker);
         }
     }
 
@@ -236,6 +421,10 @@ impl Server {
     /// health checks. The first worker error, if any, is returned.
     pub fn join(mut self) -> std::io::Result<()> {
         self.stop_health();
+        self.join_all()
+    }
+
+    fn join_all(&mut self) -> std::io::Result<()> {
         let mut result = Ok(());
         for worker in self.workers.drain(..) {
             let outcome = worker
@@ -249,6 +438,22 @@ impl Server {
     }
 }
 
+/// A server dropped without `join` (an early return in `start`, a panic in
+/// the caller) stops its workers rather than leaving them running behind
+/// it. After `join` there is nothing left to stop.
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.workers.is_empty() && self.health.is_none() {
+            return;
+        }
+        self.stop();
+        self.stop_health();
+        // Whoever returned early reports why (start returns the worker's
+        // error); a second line here would only repeat it.
+        let _ = self.join_all();
+    }
+}
+
 fn bind(addr: SocketAddr) -> std::io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
     socket.set_reuse_address(true)?;
@@ -257,6 +462,9 @@ fn bind(addr: SocketAddr) -> std::io::Result<Socket> {
     socket.set_reuse_port(true)?;
     // Accepted sockets inherit it: no setsockopt per client connection.
     socket.set_tcp_nodelay(true)?;
+    // Workers accept with non-blocking accept4(2) near a limit, and while
+    // draining, to know when the queue is empty.
+    socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     Ok(socket)
@@ -273,18 +481,59 @@ fn eventfd() -> std::io::Result<OwnedFd> {
 }
 
 /// Two fds per connection plus pipes: the default soft limit of 1024 would
-/// cap ringlb near 500 connections, so take what the hard limit allows.
-fn raise_fd_limit() {
+/// cap ringlb near 400 connections, so take what the hard limit allows.
+/// Returns the soft limit in force afterwards.
+fn raise_fd_limit() -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: the pointer is to a valid rlimit struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        // Cannot happen for RLIMIT_NOFILE; Linux's default is a safe guess.
+        return 1024;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: the pointer is to a valid rlimit struct.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
         }
+    }
+    // RLIM_INFINITY is refused for NOFILE by Linux; cap anyway so the
+    // arithmetic stays sane.
+    limit.rlim_cur.min(1 << 30)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_keeps_fds_for_everything_but_connections() {
+        // One frontend, two workers, one backend, ulimit -n 256.
+        let budget = FdBudget::new(256, 1, 2, 1);
+        // stdio 3, listeners 2, rings + eventfds 4, probe 1 + checker 8,
+        // stats 4, reserve 8.
+        assert_eq!(budget.fixed, 30);
+        assert_eq!(budget.pipes, 22);
+        assert_eq!(budget.connections, 91);
+        assert!(budget.fixed + 2 * budget.pipes + 2 * budget.connections <= 256);
+    }
+
+    #[test]
+    fn a_tight_or_a_generous_limit_still_makes_sense() {
+        assert!(FdBudget::new(64, 1, 1, 2).connections >= 10);
+        assert_eq!(FdBudget::new(16, 1, 1, 1).connections, 0);
+        // The default hard limit here: about as many as HAProxy's bench
+        // config (maxconn 9644 with 512 pipe fds set aside).
+        let here = FdBudget::new(20_000, 1, 2, 2);
+        assert!(here.connections > 9_000, "{here:?}");
+        let big = FdBudget::new(1 << 20, 4, 2, 16);
+        assert!(big.connections > 500_000, "{big:?}");
+        assert_eq!(big.pipes, 2 * PIPES_PER_WORKER);
     }
 }

@@ -5,7 +5,7 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types};
@@ -16,15 +16,17 @@ use crate::config::OnDown;
 use crate::logging::RateLimit;
 use crate::pool::ConnectFailure;
 use crate::relay::{Conn, DOWNSTREAM, End, Event, LocalFailure, Phase, UPSTREAM};
-use crate::server::{Control, Frontend};
-use crate::uring::{self, BufRing, Io, Op, PipePool, token, untoken};
+use crate::server::{Control, Frontend, Global};
+use crate::uring::{self, Io, Op, PipePool, token, untoken};
 
-/// Submission queue size; the completion queue is four times larger.
+/// Submission queue size; the completion queue is sized from the
+/// connection limit (`uring::cq_entries`).
 const RING_ENTRIES: u32 = 1024;
 /// Size of each receive buffer (their number is the `buffers` setting).
 /// 16 KiB is HAProxy's bufsize; a receive that fills one switches its
 /// direction to splicing.
 const BUFFER_SIZE: usize = 16 * 1024;
+/// Most idle pipes a worker keeps (fewer under a small fd limit).
 const PIPES_KEPT: usize = 256;
 /// 1 MiB (the default pipe-max-size): measured with iperf3 through one
 /// worker, the same throughput as 256 KiB at 25-40% less CPU, since each
@@ -38,14 +40,50 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// A warning that can repeat per connection is written at most this often
 /// per worker and kind, with the count held back.
 const WARN_PERIOD: Duration = Duration::from_secs(10);
+/// A multishot accept takes every client queued when it runs, however many:
+/// it is used only while this many connections still fit under the limits,
+/// and cancelled below that. Closer to a limit, the worker accepts with
+/// accept4(2), counting each client against the limits before taking it.
+const MULTISHOT_HEADROOM: u64 = 1024;
+/// Most clients taken with accept4(2) in one turn (HAProxy's
+/// tune.maxaccept), so a deep queue does not starve the connections.
+const ACCEPT_BATCH: usize = 64;
+
+/// The accept-side operation in flight on a listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Armed {
+    Multishot,
+    /// A poll for readability, then accept4(2).
+    Poll,
+    /// A timeout after an accept error.
+    Pause,
+}
+
+/// How a turn of accept4(2) ended.
+enum Batch {
+    /// The queue is empty.
+    Empty,
+    /// The turn's budget is spent; more may be queued.
+    Full,
+    /// A limit is reached; more may be queued.
+    Limit,
+    /// accept4 failed (out of fds, memory): errno.
+    Failed(i32),
+}
 
 /// A frontend as one worker sees it.
 struct Listener {
     shared: Arc<Frontend>,
-    /// `None` once the worker stopped accepting (drain).
+    /// `None` once the worker stopped accepting (drain, stop).
     socket: Option<Socket>,
-    /// A multishot accept is in flight.
-    accepting: bool,
+    armed: Option<Armed>,
+    /// A cancel of the armed operation is on its way.
+    cancelling: bool,
+    /// Stopped at a limit: nothing is armed until a connection ends.
+    held: bool,
+    /// The last turn left clients queued: a multishot accept would take
+    /// them all at once, past the limit.
+    backlogged: bool,
     /// Kept here because the kernel reads it when the connect is submitted;
     /// the vector of listeners never grows, so the address is stable.
     connect_timeout: types::Timespec,
@@ -90,8 +128,18 @@ pub struct Worker {
     conns: Slab<Conn>,
     listeners: Vec<Listener>,
     control: Arc<Control>,
-    /// Written by the control plane to wake this loop when a flag changes.
+    /// The connection limit, and the wake fds (this worker's is written by
+    /// the control plane when a flag changes, and by other workers when a
+    /// connection ends while this one waits at a limit).
+    global: Arc<Global>,
     wake_fd: RawFd,
+    cq_entries: u32,
+    /// The kernel's count of dropped completions, as last seen.
+    cq_dropped: u32,
+    /// A connection of this worker ended while a listener was held.
+    resume: bool,
+    accept_failures: RateLimit,
+    limit_warnings: RateLimit,
     tick: types::Timespec,
     pause: types::Timespec,
     /// The loop's clock, read once per batch of completions.
@@ -110,13 +158,21 @@ impl Worker {
         frontends: &[Arc<Frontend>],
         sockets: Vec<Socket>,
         control: Arc<Control>,
-        wake_fd: RawFd,
+        global: Arc<Global>,
         buffers: u32,
     ) -> std::io::Result<Worker> {
-        let ring = uring::new_ring(RING_ENTRIES)?;
+        let cq_entries = uring::cq_entries(global.limit, RING_ENTRIES);
+        let ring = uring::new_ring(RING_ENTRIES, cq_entries)?;
+        // The kernel may clamp it: keep what it really gave, for messages.
+        let cq_entries = ring.params().cq_entries();
         let count = u16::try_from(buffers)
             .map_err(|_| std::io::Error::other(format!("{buffers} buffers is above the limit")))?;
-        let bufs = BufRing::new(&ring, count, BUFFER_SIZE)?;
+        let io = Io::new(
+            ring,
+            count,
+            BUFFER_SIZE,
+            PipePool::new(pipes_kept(&global), PIPE_SIZE),
+        )?;
         let listeners = frontends
             .iter()
             .zip(sockets)
@@ -131,46 +187,46 @@ impl Worker {
                 bytes: vec![[0; 2]; frontend.config.backends.len()],
                 shared: Arc::clone(frontend),
                 socket: Some(socket),
-                accepting: false,
+                armed: None,
+                cancelling: false,
+                held: false,
+                backlogged: false,
             })
             .collect();
         Ok(Worker {
             id,
-            io: Io {
-                ring,
-                bufs,
-                pipes: PipePool::new(PIPES_KEPT, PIPE_SIZE),
-                backlog: Vec::new(),
-            },
+            io,
             conns: Slab::with_capacity(1024),
             listeners,
             control,
-            wake_fd,
+            wake_fd: global.wake_fd(id),
+            global,
+            cq_entries,
+            cq_dropped: 0,
+            resume: false,
+            accept_failures: RateLimit::new(WARN_PERIOD),
+            limit_warnings: RateLimit::new(WARN_PERIOD),
             tick: types::Timespec::from(TICK),
             pause: types::Timespec::from(ACCEPT_PAUSE),
             now: Instant::now(),
             draining: false,
             stopping: false,
             warnings: Warnings::new(),
-            batch: Vec::with_capacity(RING_ENTRIES as usize * 4),
+            batch: Vec::with_capacity(cq_entries.min(4 * RING_ENTRIES) as usize),
             sweep: Vec::new(),
         })
     }
 
+    /// Runs until drained or stopped. On an error, operations may still be
+    /// in flight: dropping the worker is safe all the same, as `Io`'s Drop
+    /// cancels them before freeing what they use.
     pub fn run(mut self) -> std::io::Result<()> {
-        let result = self.event_loop();
-        if result.is_err() {
-            // Operations may still be in flight (a send reading a ring
-            // buffer): never free what the kernel may still touch. The
-            // process is going down anyway.
-            std::mem::forget(self);
-        }
-        result
+        self.event_loop()
     }
 
     fn event_loop(&mut self) -> std::io::Result<()> {
         for index in 0..self.listeners.len() {
-            self.arm_accept(index)?;
+            self.serve_listener(index)?;
         }
         self.arm_wake()?;
         self.arm_tick()?;
@@ -188,6 +244,10 @@ impl Worker {
                         e.raw_os_error(),
                         Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
                     ) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBADR) => {
+                    self.count_overflows();
+                    return Err(uring::dropped_completion_error(self.id, self.cq_entries));
+                }
                 Err(e) => return Err(e),
             }
             self.now = Instant::now();
@@ -199,20 +259,28 @@ impl Worker {
                     .completion()
                     .map(|c| (c.user_data(), c.result(), c.flags())),
             );
+            if batch.len() >= self.cq_entries as usize || self.io.ring.submission().cq_overflow() {
+                self.global.cq_overflowed.fetch_add(1, Relaxed);
+            }
             for &(user_data, res, flags) in &batch {
                 self.dispatch(user_data, res, flags)?;
             }
             batch.clear();
             self.batch = batch;
+            if std::mem::take(&mut self.resume) {
+                self.resume_held()?;
+            }
         }
         log::debug!("worker {} stopped", self.id);
         Ok(())
     }
 
+    /// Done once draining or stopping with no connection left and every
+    /// listener closed (a listener closes only with nothing armed on it).
     fn finished(&self) -> bool {
         (self.draining || self.stopping)
             && self.conns.is_empty()
-            && !self.listeners.iter().any(|l| l.accepting)
+            && self.listeners.iter().all(|l| l.socket.is_none())
     }
 
     fn dispatch(&mut self, user_data: u64, res: i32, flags: u32) -> std::io::Result<()> {
@@ -221,7 +289,7 @@ impl Worker {
         };
         match op {
             Op::Accept => self.on_accept(slot, res, flags),
-            Op::AcceptPause => self.close_or_rearm(slot),
+            Op::AcceptPoll | Op::AcceptPause => self.on_accept_ready(slot),
             Op::Wake => self.on_wake(),
             Op::Tick => self.on_tick(),
             Op::Ignore => Ok(()),
@@ -290,7 +358,171 @@ impl Worker {
         }
     }
 
-    fn arm_accept(&mut self, index: usize) -> std::io::Result<()> {
+    /// Room for more clients on listener `index` under the global limit and
+    /// its frontend's maxconn.
+    fn headroom(&self, index: usize) -> u64 {
+        let global = &self.global;
+        let room = global.limit.saturating_sub(global.active.load(Relaxed));
+        let frontend = &self.listeners[index].shared;
+        match frontend.config.maxconn {
+            Some(max) => {
+                room.min(u64::from(max).saturating_sub(frontend.stats.active.load(Relaxed)))
+            }
+            None => room,
+        }
+    }
+
+    /// Counts a client against both limits before it is accepted; `false`
+    /// (and nothing counted) when either is reached. A compare-and-swap, so
+    /// workers sharing a limit never take more than it together.
+    fn claim(&mut self, index: usize) -> bool {
+        let global = &self.global;
+        let limit = global.limit;
+        if global
+            .active
+            .fetch_update(SeqCst, Relaxed, |n| (n < limit).then_some(n + 1))
+            .is_err()
+        {
+            return false;
+        }
+        let frontend = &self.listeners[index].shared;
+        let Some(max) = frontend.config.maxconn.map(u64::from) else {
+            frontend.stats.active.fetch_add(1, SeqCst);
+            return true;
+        };
+        let fits = frontend
+            .stats
+            .active
+            .fetch_update(SeqCst, Relaxed, |n| (n < max).then_some(n + 1))
+            .is_ok();
+        if !fits {
+            global.active.fetch_sub(1, SeqCst);
+            self.wake_waiters(index);
+        }
+        fits
+    }
+
+    /// Counts a client a multishot accept already took: far from the
+    /// limits, no check is needed (see MULTISHOT_HEADROOM).
+    fn count_taken(&self, index: usize) {
+        self.global.active.fetch_add(1, SeqCst);
+        self.listeners[index]
+            .shared
+            .stats
+            .active
+            .fetch_add(1, SeqCst);
+    }
+
+    /// A connection ended (or a claim went unused): its room goes to
+    /// whichever worker waits for it.
+    fn release(&mut self, index: usize) {
+        self.listeners[index]
+            .shared
+            .stats
+            .active
+            .fetch_sub(1, SeqCst);
+        self.global.active.fetch_sub(1, SeqCst);
+        self.wake_waiters(index);
+    }
+
+    fn wake_waiters(&mut self, index: usize) {
+        let waiting = self.global.waiting.take() | self.listeners[index].shared.waiting.take();
+        if waiting == 0 {
+            return;
+        }
+        if crate::server::Waiting::includes(waiting, self.id) {
+            self.resume = true;
+        }
+        self.global.wake_others(waiting, self.id);
+    }
+
+    /// Takes clients on a listener the way its headroom allows, whenever
+    /// nothing is armed on it: far from the limits a multishot accept;
+    /// near them accept4(2) one counted client at a time, then a poll for
+    /// more; at a limit nothing (held) until a connection ends. Draining,
+    /// it takes what is queued (within the limits) and closes the listener
+    /// once the queue is empty: closing it earlier would reset those
+    /// clients.
+    fn serve_listener(&mut self, index: usize) -> std::io::Result<()> {
+        let listener = &mut self.listeners[index];
+        if listener.socket.is_none() || listener.armed.is_some() {
+            return Ok(());
+        }
+        if self.stopping {
+            listener.socket = None;
+            return Ok(());
+        }
+        let backlogged = listener.backlogged;
+        if !self.draining && !backlogged && self.headroom(index) >= MULTISHOT_HEADROOM {
+            self.listeners[index].held = false;
+            return self.arm_multishot(index);
+        }
+        let batch = self.accept_batch(index)?;
+        if !matches!(batch, Batch::Limit) {
+            self.listeners[index].held = false;
+        }
+        match batch {
+            Batch::Empty if self.draining => {
+                self.listeners[index].socket = None;
+                Ok(())
+            }
+            Batch::Empty => {
+                self.listeners[index].backlogged = false;
+                if self.headroom(index) >= MULTISHOT_HEADROOM {
+                    self.arm_multishot(index)
+                } else {
+                    self.arm_poll(index)
+                }
+            }
+            Batch::Full => {
+                self.listeners[index].backlogged = true;
+                self.arm_poll(index)
+            }
+            Batch::Limit => {
+                self.listeners[index].backlogged = true;
+                self.hold(index);
+                Ok(())
+            }
+            Batch::Failed(errno) => self.pause(index, errno),
+        }
+    }
+
+    /// One turn of accept4(2), each client counted before it is taken.
+    fn accept_batch(&mut self, index: usize) -> std::io::Result<Batch> {
+        let Some(listener) = self.listeners[index].socket.as_ref().map(|s| s.as_raw_fd()) else {
+            return Ok(Batch::Empty);
+        };
+        for _ in 0..ACCEPT_BATCH {
+            if !self.claim(index) {
+                return Ok(Batch::Limit);
+            }
+            // SAFETY: plain syscall on our non-blocking listening socket; the
+            // new fd is owned by the connection admit() makes.
+            let fd = unsafe {
+                libc::accept4(
+                    listener,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                )
+            };
+            if fd >= 0 {
+                self.admit(index, fd)?;
+                continue;
+            }
+            self.release(index);
+            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            match errno {
+                libc::EAGAIN => return Ok(Batch::Empty),
+                // The client gave up while queued, or a signal: next one.
+                libc::ECONNABORTED | libc::EINTR | libc::EPROTO => {}
+                _ => return Ok(Batch::Failed(errno)),
+            }
+        }
+        Ok(Batch::Full)
+    }
+
+    fn arm_multishot(&mut self, index: usize) -> std::io::Result<()> {
         let listener = &mut self.listeners[index];
         let Some(socket) = &listener.socket else {
             return Ok(());
@@ -302,98 +534,172 @@ impl Worker {
             .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
             .build()
             .user_data(token(Op::Accept, index));
-        listener.accepting = true;
+        listener.armed = Some(Armed::Multishot);
         self.io.push(&entry)
+    }
+
+    fn arm_poll(&mut self, index: usize) -> std::io::Result<()> {
+        let listener = &mut self.listeners[index];
+        let Some(socket) = &listener.socket else {
+            return Ok(());
+        };
+        let entry = opcode::PollAdd::new(types::Fd(socket.as_raw_fd()), libc::POLLIN as u32)
+            .build()
+            .user_data(token(Op::AcceptPoll, index));
+        listener.armed = Some(Armed::Poll);
+        self.io.push(&entry)
+    }
+
+    /// At a limit: arm nothing and wait for a connection to end, here or
+    /// on another worker (which then wakes this one). New clients wait in
+    /// the kernel's accept queue meanwhile, never accepted and closed.
+    fn hold(&mut self, index: usize) {
+        // Which limit, as far as one can tell now: the frontend's when it is
+        // full (it is the operator's own setting), else the global one.
+        let frontend = &self.listeners[index].shared;
+        let frontend_full = frontend
+            .config
+            .maxconn
+            .is_some_and(|max| frontend.stats.active.load(Relaxed) >= u64::from(max));
+        let listener = &mut self.listeners[index];
+        let already = std::mem::replace(&mut listener.held, true);
+        self.global.waiting.mark(self.id);
+        listener.shared.waiting.mark(self.id);
+        // A connection may have ended after the claim failed and before the
+        // marks were set, seeing nobody to wake: look once more.
+        if self.headroom(index) > 0 {
+            self.resume = true;
+        }
+        if already {
+            return;
+        }
+        let frontend = &self.listeners[index].shared;
+        let what = if frontend_full {
+            frontend.stats.maxconn_reached.fetch_add(1, Relaxed);
+            format!(
+                "frontend {}'s maxconn ({})",
+                frontend.config.name,
+                frontend.config.maxconn.unwrap_or(0)
+            )
+        } else {
+            self.global.limit_reached.fetch_add(1, Relaxed);
+            format!(
+                "the connection limit ({}, from RLIMIT_NOFILE {})",
+                self.global.limit, self.global.nofile
+            )
+        };
+        if let Some(held_back) = self.limit_warnings.allow(self.now) {
+            log::warn!(
+                "worker {}: at {what}: new clients wait in the accept queue until connections end{}",
+                self.id,
+                self.limit_warnings.suffix(held_back)
+            );
+        }
+    }
+
+    /// Takes clients again on every held listener that has room.
+    fn resume_held(&mut self) -> std::io::Result<()> {
+        for index in 0..self.listeners.len() {
+            if self.listeners[index].held && self.headroom(index) > 0 {
+                self.serve_listener(index)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Accepting failed (out of fds or memory, or refused by a security
+    /// policy): pause before trying again, so a lasting error never spins,
+    /// and say so once per period, not once per attempt.
+    fn pause(&mut self, index: usize, errno: i32) -> std::io::Result<()> {
+        let frontend = &self.listeners[index].shared;
+        frontend.stats.accept_errors.fetch_add(1, Relaxed);
+        if let Some(held_back) = self.accept_failures.allow(self.now) {
+            log::warn!(
+                "worker {}: accept on {} failed: {}; pausing it {ACCEPT_PAUSE:?}, clients wait in \
+                 the queue{}",
+                self.id,
+                frontend.config.name,
+                std::io::Error::from_raw_os_error(errno),
+                self.accept_failures.suffix(held_back)
+            );
+        } else {
+            log::debug!(
+                "worker {}: accept on {} failed again: {}",
+                self.id,
+                frontend.config.name,
+                std::io::Error::from_raw_os_error(errno)
+            );
+        }
+        let pause = opcode::Timeout::new(&self.pause)
+            .build()
+            .user_data(token(Op::AcceptPause, index));
+        self.listeners[index].armed = Some(Armed::Pause);
+        self.io.push(&pause)
+    }
+
+    /// Asks the armed multishot accept or poll to end; its completion then
+    /// decides what comes next. A pause just runs out.
+    fn cancel_accept(&mut self, index: usize) -> std::io::Result<()> {
+        let listener = &mut self.listeners[index];
+        let op = match listener.armed {
+            Some(Armed::Multishot) => Op::Accept,
+            Some(Armed::Poll) => Op::AcceptPoll,
+            Some(Armed::Pause) | None => return Ok(()),
+        };
+        if listener.cancelling {
+            return Ok(());
+        }
+        listener.cancelling = true;
+        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(token(op, index)))
+            .build()
+            .user_data(token(Op::Ignore, 0));
+        self.io.push(&cancel)
     }
 
     fn on_accept(&mut self, index: usize, res: i32, flags: u32) -> std::io::Result<()> {
         if res >= 0 {
+            self.count_taken(index);
             self.admit(index, res)?;
         }
         if cqueue::more(flags) {
-            return Ok(());
-        }
-        self.listeners[index].accepting = false;
-        if res >= 0 || res == -libc::ECANCELED || self.draining {
-            return self.close_or_rearm(index);
-        }
-        // Ended by an error (out of fds, memory, or refused by a security
-        // policy): pause before re-arming, so a lasting error never spins.
-        log::warn!(
-            "worker {}: accept on {} failed: {}; retrying in {ACCEPT_PAUSE:?}",
-            self.id,
-            self.listeners[index].shared.config.name,
-            std::io::Error::from_raw_os_error(-res)
-        );
-        let pause = opcode::Timeout::new(&self.pause)
-            .build()
-            .user_data(token(Op::AcceptPause, index));
-        self.io.push(&pause)
-    }
-
-    /// A multishot accept ended: re-arm it, or when draining close the
-    /// listener, so the kernel sends new clients to another instance that
-    /// shares the port (or refuses them).
-    fn close_or_rearm(&mut self, index: usize) -> std::io::Result<()> {
-        if !self.draining {
-            return self.arm_accept(index);
-        }
-        self.take_queued_clients(index)?;
-        self.listeners[index].socket = None;
-        Ok(())
-    }
-
-    /// Closing a listener resets the clients waiting in its accept queue
-    /// (unless net.ipv4.tcp_migrate_req hands them to another listener on
-    /// the port): take them first, and serve them.
-    fn take_queued_clients(&mut self, index: usize) -> std::io::Result<()> {
-        let Some(socket) = &self.listeners[index].socket else {
-            return Ok(());
-        };
-        if self.stopping || socket.set_nonblocking(true).is_err() {
-            return Ok(());
-        }
-        let listener = socket.as_raw_fd();
-        loop {
-            // SAFETY: plain syscall on our non-blocking listening socket; the
-            // new fd is owned by the connection admit() makes.
-            let fd = unsafe {
-                libc::accept4(
-                    listener,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                )
-            };
-            if fd < 0 {
-                return Ok(());
+            if self.headroom(index) < MULTISHOT_HEADROOM {
+                self.cancel_accept(index)?;
             }
-            self.admit(index, fd)?;
+            return Ok(());
         }
+        if res < 0 && res != -libc::ECANCELED {
+            let listener = &mut self.listeners[index];
+            listener.armed = None;
+            listener.cancelling = false;
+            return self.pause(index, -res);
+        }
+        self.on_accept_ready(index)
     }
 
-    /// A new client: count it, enforce maxconn, pick a backend.
+    /// A poll, a pause or a multishot accept ended: go on as the limits and
+    /// the drain state say.
+    fn on_accept_ready(&mut self, index: usize) -> std::io::Result<()> {
+        let listener = &mut self.listeners[index];
+        listener.armed = None;
+        listener.cancelling = false;
+        self.serve_listener(index)
+    }
+
+    /// A new client, already counted against the limits: pick a backend.
     fn admit(&mut self, index: usize, fd: RawFd) -> std::io::Result<()> {
-        let frontend = &self.listeners[index].shared;
         // A client accepted while draining (the accept completed before its
         // cancel did) is served like any other: closing it would drop it.
         // Only a hard stop turns it away.
         if self.stopping {
             uring::close(fd);
+            self.release(index);
             return Ok(());
         }
-        frontend.stats.accepted.fetch_add(1, Relaxed);
-        let active = frontend.stats.active.fetch_add(1, Relaxed);
-        if frontend
-            .config
-            .maxconn
-            .is_some_and(|max| active >= u64::from(max))
-        {
-            frontend.stats.active.fetch_sub(1, Relaxed);
-            frontend.stats.rejected_maxconn.fetch_add(1, Relaxed);
-            uring::close(fd);
-            return Ok(());
-        }
+        self.listeners[index]
+            .shared
+            .stats
+            .accepted
+            .fetch_add(1, Relaxed);
         let mut conn = Conn::new(index, fd, self.now);
         if log::log_enabled!(log::Level::Debug) {
             conn.client_addr = peer_addr(fd);
@@ -494,8 +800,8 @@ impl Worker {
             return;
         }
         let mut conn = self.conns.remove(key);
+        self.release(conn.frontend);
         let frontend = &self.listeners[conn.frontend].shared;
-        frontend.stats.active.fetch_sub(1, Relaxed);
         if conn.connected {
             let stats = &frontend.pool.backends[conn.backend_index].stats;
             stats.active.fetch_sub(1, Relaxed);
@@ -561,36 +867,33 @@ impl Worker {
 
     fn on_wake(&mut self) -> std::io::Result<()> {
         let mut value = 0u64;
-        // SAFETY: reads 8 bytes into a local u64 from the eventfd the
-        // control plane keeps open until this worker has stopped.
+        // SAFETY: reads 8 bytes into a local u64 from this worker's eventfd,
+        // owned by `self.global`, which lives as long as the worker.
         unsafe { libc::read(self.wake_fd, (&mut value as *mut u64).cast(), 8) };
         self.apply_control()?;
+        self.resume_held()?;
         if !self.finished() {
             self.arm_wake()?;
         }
         Ok(())
     }
 
-    /// Drain: stop accepting and let connections finish. Stop: close them.
+    /// Drain: stop taking new clients (once those already queued are
+    /// served) and let connections finish. Stop: close everything.
     fn apply_control(&mut self) -> std::io::Result<()> {
-        if self.control.draining.load(Relaxed) && !self.draining {
-            self.draining = true;
+        let drain = self.control.draining.load(Relaxed) && !self.draining;
+        let stop = self.control.stopping.load(Relaxed) && !self.stopping;
+        self.draining |= drain;
+        self.stopping |= stop;
+        if drain || stop {
             for index in 0..self.listeners.len() {
-                if self.listeners[index].accepting {
-                    let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(token(
-                        Op::Accept,
-                        index,
-                    )))
-                    .build()
-                    .user_data(token(Op::Ignore, 0));
-                    self.io.push(&cancel)?;
-                } else {
-                    self.listeners[index].socket = None;
-                }
+                // Whatever is armed ends and goes through serve_listener,
+                // which now drains or closes; an idle listener goes now.
+                self.cancel_accept(index)?;
+                self.serve_listener(index)?;
             }
         }
-        if self.control.stopping.load(Relaxed) && !self.stopping {
-            self.stopping = true;
+        if stop {
             let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
             for key in keys {
                 self.conns[key].close(key, End::Stopped, &mut self.io)?;
@@ -612,6 +915,9 @@ impl Worker {
     /// tick to the shared counters.
     fn on_tick(&mut self) -> std::io::Result<()> {
         self.apply_control()?;
+        // The net under the wake-ups between workers.
+        self.resume_held()?;
+        self.count_overflows();
         let mut sweep = std::mem::take(&mut self.sweep);
         for (key, conn) in self.conns.iter_mut() {
             let listener = &mut self.listeners[conn.frontend];
@@ -700,6 +1006,18 @@ fn flush_bytes(listener: &mut Listener) {
     }
 }
 
+impl Worker {
+    /// Publishes the completions the kernel dropped since last time.
+    fn count_overflows(&mut self) {
+        let dropped = self.io.ring.completion().overflow();
+        let new = dropped.wrapping_sub(self.cq_dropped);
+        if new > 0 {
+            self.cq_dropped = dropped;
+            self.global.cq_dropped.fetch_add(u64::from(new), Relaxed);
+        }
+    }
+}
+
 /// A backend socket; when fds run out, the pipes kept idle for splicing
 /// are given up first, since a connection needs its socket more.
 fn backend_socket(ipv6: bool, pipes: &mut PipePool) -> std::io::Result<RawFd> {
@@ -712,6 +1030,13 @@ fn backend_socket(ipv6: bool, pipes: &mut PipePool) -> std::io::Result<RawFd> {
         }
         other => other,
     }
+}
+
+/// Idle pipes a worker keeps: no more than its part of the fd budget's
+/// pipes, so spare pipes never take the fds promised to connections.
+fn pipes_kept(global: &Global) -> usize {
+    let share = global.pipes / global.workers().max(1) as u64;
+    share.min(PIPES_KEPT as u64) as usize
 }
 
 fn dir_of(op: Op) -> usize {
