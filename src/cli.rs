@@ -117,10 +117,7 @@ enum Command {
 
 /// What the command line asks for.
 pub enum Action {
-    Run {
-        config: Config,
-        stats: Option<SocketAddr>,
-    },
+    Run { config: Config },
     Check(PathBuf),
     Demo,
 }
@@ -166,9 +163,12 @@ impl Cli {
             if let Some(drain_timeout) = self.drain_timeout {
                 config.drain_timeout = drain_timeout;
             }
+            if stats.is_some() {
+                config.stats = stats;
+            }
             // The file was checked as it was read; only the flags are new.
             config.check_settings().map_err(|e| (2, e))?;
-            return Ok(Action::Run { config, stats });
+            return Ok(Action::Run { config });
         }
         let Some(listen) = self.listen else {
             let hint = "nothing to do: give --listen ADDR and --backend ADDR, or --config FILE, or try 'ringlb demo'";
@@ -202,10 +202,11 @@ impl Cli {
             workers: self.workers.unwrap_or_else(config::default_workers),
             buffers: self.buffers.unwrap_or(config::DEFAULT_BUFFERS),
             drain_timeout: self.drain_timeout.unwrap_or(config::DEFAULT_DRAIN_TIMEOUT),
+            stats,
             frontends: vec![frontend],
         };
         config.validate().map_err(|e| (2, e))?;
-        Ok(Action::Run { config, stats })
+        Ok(Action::Run { config })
     }
 }
 

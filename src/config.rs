@@ -128,6 +128,8 @@ pub struct Config {
     /// by a send to a slow peer, receives move to splice, which needs none.
     pub buffers: u32,
     pub drain_timeout: Duration,
+    /// Where the admin HTTP server (metrics) listens, if anywhere.
+    pub stats: Option<SocketAddr>,
     pub frontends: Vec<FrontendConfig>,
 }
 
@@ -301,6 +303,7 @@ struct RawConfig {
     workers: Option<Spanned<usize>>,
     buffers: Option<Spanned<u32>>,
     drain_timeout: Option<Spanned<String>>,
+    stats: Option<Spanned<String>>,
     #[serde(default)]
     frontend: Vec<Spanned<RawFrontend>>,
 }
@@ -515,6 +518,13 @@ impl Config {
             drain_timeout: src
                 .duration(&raw.drain_timeout, "drain-timeout")?
                 .unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+            stats: raw
+                .stats
+                .as_ref()
+                .map(|a| {
+                    parse_address(a.get_ref()).map_err(|e| src.invalid(a, format!("stats: {e}")))
+                })
+                .transpose()?,
             frontends,
         })
     }

@@ -4,7 +4,6 @@
 //! line per frontend; every signal taken is logged by name.
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -62,14 +61,14 @@ fn run_action() -> ExitCode {
             }
         },
         Action::Demo => ringlb::demo::run(),
-        Action::Run { config, stats } => run(&config, stats),
+        Action::Run { config } => run(&config),
     }
 }
 
 /// How long workers get to close their connections after a stop.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
-fn run(config: &Config, stats: Option<SocketAddr>) -> ExitCode {
+fn run(config: &Config) -> ExitCode {
     // Blocked before any thread starts, so every thread inherits the mask
     // and the signals wait here for sigtimedwait instead of killing us.
     let signals = Signals::block();
@@ -82,10 +81,11 @@ fn run(config: &Config, stats: Option<SocketAddr>) -> ExitCode {
         }
     };
     log_settings(config);
-    if let Some(addr) = stats {
+    if let Some(addr) = config.stats {
         match ringlb::admin::serve(addr, server.frontends.clone()) {
             Ok(bound) => log::info!("metrics on http://{bound}/metrics"),
             Err(e) => {
+                ringlb::logging::flush();
                 eprintln!("ringlb: cannot serve stats on {addr}: {e}");
                 server.stop();
                 let _ = server.join();
