@@ -452,7 +452,7 @@ impl Target {
             }
             warned.push(name);
             log::error!(
-                "frontend {name} has no backend up: new connections are closed until one comes back"
+                "frontend {name} has no backend up: new connections are reset until one comes back"
             );
         }
     }
