@@ -506,7 +506,7 @@ impl Config {
         }
         check_across(&frontends, &Host::system())
             .map_err(|(index, fault)| src.fault(&raw.frontend[index], fault))?;
-        Ok(Config {
+        let config = Config {
             workers: raw
                 .workers
                 .as_ref()
@@ -526,7 +526,11 @@ impl Config {
                 })
                 .transpose()?,
             frontends,
-        })
+        };
+        if let (Err(message), Some(at)) = (config.check_stats(), &raw.stats) {
+            return Err(src.invalid(at, message));
+        }
+        Ok(config)
     }
 
     /// Every check, for a config built in code (the command line's). A
@@ -549,7 +553,34 @@ impl Config {
     /// was read and checked.
     pub fn check_settings(&self) -> Result<(), String> {
         check_workers(self.workers)?;
-        check_buffers(self.buffers)
+        check_buffers(self.buffers)?;
+        self.check_stats()
+    }
+
+    /// The stats server must not share a port with a frontend's listener:
+    /// one of them would fail to bind, or take the other's clients.
+    pub fn check_stats(&self) -> Result<(), String> {
+        let Some(stats) = self.stats.filter(|a| a.port() != 0) else {
+            return Ok(());
+        };
+        let host = Host::system();
+        let mut listens = Listens {
+            host: &host,
+            exact: HashMap::new(),
+            ports: HashMap::new(),
+        };
+        for (i, f) in self.frontends.iter().enumerate() {
+            if f.listen.port() == stats.port() {
+                listens.add(canonical(f.listen), i);
+            }
+        }
+        match listens.overlap(canonical(stats)) {
+            Some(j) => Err(format!(
+                "stats: {stats} overlaps the listener of frontend {} ({}); use another port",
+                self.frontends[j].name, self.frontends[j].listen
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Bytes of receive buffers the workers allocate at start.
@@ -600,6 +631,16 @@ fn read_capped(path: &Path) -> Result<String, ConfigError> {
         path: path.to_path_buf(),
         source,
     };
+    // open(2) of a FIFO blocks until a writer comes, maybe forever; and a
+    // config must be there to read again on reload.
+    use std::os::unix::fs::FileTypeExt;
+    let kind = std::fs::metadata(path).map_err(read_error)?.file_type();
+    if kind.is_fifo() || kind.is_socket() {
+        return Err(read_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "a pipe or socket, not a file (give a regular file)",
+        )));
+    }
     let file = std::fs::File::open(path).map_err(read_error)?;
     let mut bytes = Vec::new();
     file.take(MAX_CONFIG_BYTES + 1)

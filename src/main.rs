@@ -103,7 +103,7 @@ fn run(config: &Config) -> ExitCode {
                 // Closing every connection takes milliseconds; a worker
                 // still running now is stuck, and a stop must not hang.
                 log::error!("workers did not stop within {STOP_GRACE:?}; exiting");
-                return ExitCode::from(1);
+                exit_now(1);
             }
         }
         let signal = signals.wait(Duration::from_millis(200));
@@ -113,6 +113,9 @@ fn run(config: &Config) -> ExitCode {
                  (it shares the port), then send SIGTERM to this one to drain it"
             ),
             Some((name, Request::Status)) => log_status(name, &server),
+            Some((name, Request::Ignore)) => {
+                log::warn!("{name}: not a signal ringlb acts on; ignored")
+            }
             Some((name, Request::Stop)) if drain_deadline.is_none() => {
                 log::info!(
                     "{name}: draining: no new connections, {} open ones get up to {:?} to finish",
@@ -134,7 +137,7 @@ fn run(config: &Config) -> ExitCode {
                 // Already stopping and asked again: the operator wants out
                 // now, not after the workers' grace period.
                 log::error!("{name} while stopping: exiting now");
-                return ExitCode::from(1);
+                exit_now(1);
             }
             None => {}
         }
@@ -184,6 +187,8 @@ enum Request {
     Reload,
     /// A status line per frontend in the log (HAProxy dumps stats).
     Status,
+    /// Would kill the process by default, and means nothing to ringlb.
+    Ignore,
 }
 
 impl Request {
@@ -191,6 +196,10 @@ impl Request {
         match signal {
             libc::SIGHUP | libc::SIGUSR2 => Request::Reload,
             libc::SIGQUIT => Request::Status,
+            libc::SIGALRM | libc::SIGVTALRM | libc::SIGPROF | libc::SIGIO | libc::SIGSTKFLT => {
+                Request::Ignore
+            }
+            // SIGPWR is how LXC asks a container for a clean shutdown.
             _ => Request::Stop,
         }
     }
@@ -198,14 +207,27 @@ impl Request {
 
 /// Every signal ringlb takes; any of them left to its default action
 /// would end the process with no drain and no log line.
-const SIGNALS: [(i32, &str); 6] = [
+const SIGNALS: [(i32, &str); 12] = [
     (libc::SIGINT, "SIGINT"),
     (libc::SIGTERM, "SIGTERM"),
     (libc::SIGUSR1, "SIGUSR1"),
     (libc::SIGHUP, "SIGHUP"),
     (libc::SIGUSR2, "SIGUSR2"),
     (libc::SIGQUIT, "SIGQUIT"),
+    (libc::SIGPWR, "SIGPWR"),
+    (libc::SIGALRM, "SIGALRM"),
+    (libc::SIGVTALRM, "SIGVTALRM"),
+    (libc::SIGPROF, "SIGPROF"),
+    (libc::SIGIO, "SIGIO"),
+    (libc::SIGSTKFLT, "SIGSTKFLT"),
 ];
+
+/// Leaves at once, without waiting for workers (Server's Drop would join
+/// them, and a stuck one would hang the exit the operator asked for).
+fn exit_now(code: i32) -> ! {
+    ringlb::logging::flush();
+    std::process::exit(code)
+}
 
 fn signal_name(signal: i32) -> &'static str {
     SIGNALS

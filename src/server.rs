@@ -69,6 +69,11 @@ impl Waiting {
 pub struct Global {
     /// Most client connections at once, all frontends together.
     pub limit: u64,
+    /// Room under `limit` a multishot accept needs: every listener's accept
+    /// queue taken whole at once (frontends x workers x queue length).
+    pub multishot_room: u64,
+    /// The same under a frontend's maxconn: its listeners, one per worker.
+    pub frontend_multishot_room: u64,
     /// RLIMIT_NOFILE (soft, after raising it to the hard limit).
     pub nofile: u64,
     /// Splice pipes the budget allows, all workers together: more would
@@ -255,8 +260,11 @@ impl Server {
             .map(|_| eventfd())
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(StartError::Worker)?;
+        let queue = accept_queue_len();
         let global = Arc::new(Global {
             limit: budget.connections,
+            multishot_room: config.frontends.len() as u64 * config.workers as u64 * queue,
+            frontend_multishot_room: config.workers as u64 * queue,
             nofile,
             pipes: budget.pipes,
             stats_fds: budget.stats,
@@ -473,8 +481,22 @@ fn bind(addr: SocketAddr) -> std::io::Result<Socket> {
     // draining, to know when the queue is empty.
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    socket.listen(4096)?;
+    socket.listen(LISTEN_BACKLOG as i32)?;
     Ok(socket)
+}
+
+/// The accept queue asked for each listener; the kernel caps it at
+/// net.core.somaxconn.
+const LISTEN_BACKLOG: u64 = 4096;
+
+/// How many clients one listener's accept queue really holds (plus one:
+/// the kernel lets the queue reach backlog + 1).
+fn accept_queue_len() -> u64 {
+    let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(LISTEN_BACKLOG);
+    LISTEN_BACKLOG.min(somaxconn) + 1
 }
 
 fn eventfd() -> std::io::Result<OwnedFd> {

@@ -40,11 +40,6 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// A warning that can repeat per connection is written at most this often
 /// per worker and kind, with the count held back.
 const WARN_PERIOD: Duration = Duration::from_secs(10);
-/// A multishot accept takes every client queued when it runs, however many:
-/// it is used only while this many connections still fit under the limits,
-/// and cancelled below that. Closer to a limit, the worker accepts with
-/// accept4(2), counting each client against the limits before taking it.
-const MULTISHOT_HEADROOM: u64 = 1024;
 /// Most clients taken with accept4(2) in one turn (HAProxy's
 /// tune.maxaccept), so a deep queue does not starve the connections.
 const ACCEPT_BATCH: usize = 64;
@@ -379,6 +374,26 @@ impl Worker {
         }
     }
 
+    /// Whether a multishot accept may run on listener `index`. It takes
+    /// every client queued when it runs, however many, without asking: so
+    /// only while every listener's full accept queue still fits under the
+    /// global limit (all workers' multishots could fire at once) and every
+    /// worker's queue for this frontend under its maxconn. Closer to a
+    /// limit, the worker accepts with accept4(2), counting each client
+    /// against the limits before taking it.
+    fn multishot_fits(&self, index: usize) -> bool {
+        let global = &self.global;
+        let room = global.limit.saturating_sub(global.active.load(Relaxed));
+        if room < global.multishot_room {
+            return false;
+        }
+        let frontend = &self.listeners[index].shared;
+        frontend.config.maxconn.is_none_or(|max| {
+            let used = frontend.stats.active.load(Relaxed);
+            u64::from(max).saturating_sub(used) >= global.frontend_multishot_room
+        })
+    }
+
     /// Counts a client against both limits before it is accepted; `false`
     /// (and nothing counted) when either is reached. A compare-and-swap, so
     /// workers sharing a limit never take more than it together.
@@ -410,7 +425,7 @@ impl Worker {
     }
 
     /// Counts a client a multishot accept already took: far from the
-    /// limits, no check is needed (see MULTISHOT_HEADROOM).
+    /// limits, no check is needed (see `multishot_fits`).
     fn count_taken(&self, index: usize) {
         self.global.active.fetch_add(1, SeqCst);
         self.listeners[index]
@@ -460,7 +475,7 @@ impl Worker {
             return Ok(());
         }
         let backlogged = listener.backlogged;
-        if !self.draining && !backlogged && self.headroom(index) >= MULTISHOT_HEADROOM {
+        if !self.draining && !backlogged && self.multishot_fits(index) {
             self.listeners[index].held = false;
             return self.arm_multishot(index);
         }
@@ -475,7 +490,7 @@ impl Worker {
             }
             Batch::Empty => {
                 self.listeners[index].backlogged = false;
-                if self.headroom(index) >= MULTISHOT_HEADROOM {
+                if self.multishot_fits(index) {
                     self.arm_multishot(index)
                 } else {
                     self.arm_poll(index)
@@ -484,6 +499,22 @@ impl Worker {
             Batch::Full => {
                 self.listeners[index].backlogged = true;
                 self.arm_poll(index)
+            }
+            Batch::Limit if self.draining => {
+                // Waiting for room would keep the listener open, and the
+                // kernel sending it new clients, for the whole drain: close
+                // it now (HAProxy unbinds at once too). What is still queued
+                // goes to another instance on the port with
+                // net.ipv4.tcp_migrate_req=1, or is reset: never left
+                // hanging for the drain timeout.
+                log::info!(
+                    "worker {}: frontend {} at its connection limit while draining: closing \
+                     its listener with clients still queued",
+                    self.id,
+                    self.listeners[index].shared.config.name
+                );
+                self.listeners[index].socket = None;
+                Ok(())
             }
             Batch::Limit => {
                 self.listeners[index].backlogged = true;
@@ -669,7 +700,7 @@ impl Worker {
             self.admit(index, res)?;
         }
         if cqueue::more(flags) {
-            if self.headroom(index) < MULTISHOT_HEADROOM {
+            if !self.multishot_fits(index) {
                 self.cancel_accept(index)?;
             }
             return Ok(());

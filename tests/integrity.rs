@@ -513,3 +513,47 @@ fn a_stop_resets_a_transfer_in_flight() {
     };
     assert_eq!(end, Err(ErrorKind::ConnectionReset), "a clean end at stop");
 }
+
+/// A client that stops reading for longer than the idle timeout while a
+/// download is under way must not be handed a clean end of stream after a
+/// prefix: either every byte arrives or the client sees an error. (Found
+/// by review: a send blocked on a stalled reader counts as idle, and the
+/// idle close used to send a FIN with bytes still undelivered.)
+#[test]
+fn an_idle_timeout_with_bytes_still_to_deliver_is_not_a_clean_end() {
+    const LEN: usize = 32 << 20;
+    let backend = Backend::start(Arc::new(|mut s: TcpStream| {
+        let chunk = vec![7u8; 1 << 20];
+        for _ in 0..LEN / chunk.len() {
+            if s.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+        let _ = s.shutdown(Shutdown::Write);
+        let _ = s.read(&mut [0u8; 1]);
+    }));
+    let ringlb = Ringlb::start(&[
+        "--backend",
+        &backend.addr_str(),
+        "--workers",
+        "1",
+        "--idle-timeout",
+        "1s",
+    ]);
+    let mut client = ringlb.connect();
+    // The client stalls (a paused consumer, a full disk, a GC pause).
+    std::thread::sleep(Duration::from_secs(3));
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    let outcome = loop {
+        match client.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => got += n,
+            Err(e) => break Err(e.kind()),
+        }
+    };
+    assert!(
+        got == LEN || outcome.is_err(),
+        "clean end of stream after {got} of {LEN} bytes: a truncated download that looks complete"
+    );
+}

@@ -7,6 +7,7 @@ mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -385,4 +386,63 @@ fn a_draining_worker_serves_the_clients_queued_on_a_listener_paused_by_an_accept
     // The worker's teardown confirmed with the kernel that its buffers
     // were free before freeing them.
     assert_eq!(ringlb.count_logs("leaking"), 0, "{}", ringlb.logs());
+}
+
+/// A burst of clients queued while a worker cannot run (descheduled: CPU
+/// quota, SIGSTOP, a long batch) must not take it past the connection limit
+/// into EMFILE and resets. (Found by review: a multishot accept armed 1,024
+/// connections below the limit took the whole 3,000-deep queue at once.
+/// Now a multishot accept runs only while every listener's full queue fits
+/// under the limit.)
+#[test]
+fn a_burst_queued_under_a_multishot_accept_stays_within_the_limit() {
+    raise_fd_limit();
+    let backend = Backend::start(Arc::new(|mut s: TcpStream| {
+        let _ = s.read(&mut [0u8; 1]);
+    }));
+    let mut ringlb = Ringlb::start_command(ringlb_with_nofile(
+        4096,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            &backend.addr_str(),
+            "--workers",
+            "1",
+            "--stats",
+            "127.0.0.1:0",
+        ],
+    ));
+    let limit = ringlb.metric("ringlb_connection_limit ").expect("limit");
+    ringlb.signal(libc::SIGSTOP);
+    let clients: Vec<TcpStream> = (0..limit as usize + 1500)
+        .map(|_| TcpStream::connect(ringlb.addr).expect("queued by the kernel"))
+        .collect();
+    ringlb.signal(libc::SIGCONT);
+    // Connect timeout (2 s) for the clients that found no fd, and a margin.
+    std::thread::sleep(Duration::from_secs(4));
+    let active = ringlb.metric("ringlb_connections_active ").expect("active");
+    let local = ringlb
+        .metric("ringlb_frontend_local_errors_total{frontend=\"default\"} ")
+        .expect("local errors");
+    let mut closed = 0;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    for mut c in clients {
+        c.set_nonblocking(true).unwrap();
+        match c.read(&mut [0u8; 1]) {
+            Ok(0) => closed += 1,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            _ => closed += 1,
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+    }
+    let _ = ringlb.child.kill();
+    assert!(
+        local == 0 && closed == 0 && active <= limit,
+        "limit {limit}: {active} active, {local} local errors, {closed} clients closed or reset; \
+         logs:\n{}",
+        ringlb.logs()
+    );
 }
