@@ -7,10 +7,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::metrics;
-use crate::server::Frontend;
+use crate::model::{Published, ReloadStats};
+
+/// What the endpoint reads: the snapshot in force, and the control plane's
+/// own counters.
+#[derive(Clone)]
+pub struct View {
+    pub published: Arc<Published>,
+    pub reloads: Arc<ReloadStats>,
+}
 
 /// Binds now (so a busy port is a start-up error), serves in the background.
-pub fn serve(addr: SocketAddr, frontends: Vec<Arc<Frontend>>) -> std::io::Result<SocketAddr> {
+pub fn serve(addr: SocketAddr, frontends: View) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
     std::thread::Builder::new()
@@ -27,13 +35,16 @@ pub fn serve(addr: SocketAddr, frontends: Vec<Arc<Frontend>>) -> std::io::Result
 /// serves one connection at a time, so a slow client must not hold it.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 
-fn answer(mut stream: TcpStream, frontends: &[Arc<Frontend>]) {
+fn answer(mut stream: TcpStream, view: &View) {
     let _ = stream.set_write_timeout(Some(REQUEST_DEADLINE));
     let request = read_request_line(&mut stream);
     let head = String::from_utf8_lossy(&request);
     let path = head.split_whitespace().nth(1).unwrap_or("");
     let (status, body) = match path {
-        "/metrics" | "/" => ("200 OK", metrics::render(frontends)),
+        "/metrics" | "/" => (
+            "200 OK",
+            metrics::render(&view.published.load(), &view.reloads),
+        ),
         _ => ("404 Not Found", "try /metrics\n".to_string()),
     };
     let response = format!(

@@ -3,35 +3,17 @@
 //! control plane's business.
 
 use std::fmt::Write;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use crate::server::Frontend;
-
-#[derive(Default)]
-pub struct FrontendStats {
-    pub accepted: AtomicU64,
-    pub active: AtomicU64,
-    /// Closed at accept because the frontend was at maxconn.
-    pub rejected_maxconn: AtomicU64,
-    /// Closed because no backend was up or every one failed to connect.
-    pub no_backend: AtomicU64,
-    /// Receives that found the worker's buffers all held (by sends to slow
-    /// peers) and moved to splice: a sign that `buffers` is too small.
-    pub buffers_exhausted: AtomicU64,
-    /// Directions that could not get a splice pipe (out of fds or pipe
-    /// memory) and went on copying through buffers.
-    pub pipe_fallbacks: AtomicU64,
-    /// Connections reset on both sides because ringlb could not carry them
-    /// on (no fd for a backend socket, a local connect or relay error).
-    pub local_errors: AtomicU64,
-}
+pub use crate::model::{BackendStats, FrontendStats};
+use crate::model::{ReloadStats, Snapshot};
 
 /// A metric: name, Prometheus type, and where its value lives.
 type Metric<S> = (&'static str, &'static str, fn(&S) -> &AtomicU64);
 
 /// All counters of all frontends, one metric family per counter.
-pub fn render(frontends: &[Arc<Frontend>]) -> String {
+pub fn render(snapshot: &Snapshot, reloads: &ReloadStats) -> String {
+    let frontends = &snapshot.frontends;
     let mut out = String::new();
     let frontend_metrics: [Metric<FrontendStats>; 7] = [
         ("ringlb_frontend_connections_total", "counter", |s| {
@@ -61,11 +43,11 @@ pub fn render(frontends: &[Arc<Frontend>]) -> String {
                 out,
                 "{name}{{frontend=\"{}\"}} {}",
                 f.config.name,
-                get(&f.stats).load(Relaxed)
+                get(&f.shared.stats).load(Relaxed)
             );
         }
     }
-    let backend_metrics: [Metric<crate::pool::BackendStats>; 8] = [
+    let backend_metrics: [Metric<BackendStats>; 8] = [
         ("ringlb_backend_connections_total", "counter", |s| {
             &s.connections
         }),
@@ -90,7 +72,7 @@ pub fn render(frontends: &[Arc<Frontend>]) -> String {
     for (name, kind, get) in backend_metrics {
         let _ = writeln!(out, "# TYPE {name} {kind}");
         for f in frontends {
-            for b in &f.pool.backends {
+            for b in &f.backends {
                 let _ = writeln!(
                     out,
                     "{name}{{frontend=\"{}\",backend=\"{}\"}} {}",
@@ -103,7 +85,7 @@ pub fn render(frontends: &[Arc<Frontend>]) -> String {
     }
     let _ = writeln!(out, "# TYPE ringlb_backend_up gauge");
     for f in frontends {
-        for b in &f.pool.backends {
+        for b in &f.backends {
             let _ = writeln!(
                 out,
                 "ringlb_backend_up{{frontend=\"{}\",backend=\"{}\"}} {}",
@@ -112,6 +94,20 @@ pub fn render(frontends: &[Arc<Frontend>]) -> String {
                 u8::from(b.is_up())
             );
         }
+    }
+    let reload_metrics: [Metric<ReloadStats>; 3] = [
+        ("ringlb_reloads_total", "counter", |s| &s.reloads),
+        ("ringlb_reload_failures_total", "counter", |s| &s.failures),
+        ("ringlb_last_reload_timestamp_seconds", "gauge", |s| {
+            &s.last_success
+        }),
+    ];
+    for (name, kind, get) in reload_metrics {
+        let _ = writeln!(
+            out,
+            "# TYPE {name} {kind}\n{name} {}",
+            get(reloads).load(Relaxed)
+        );
     }
     let _ = writeln!(
         out,

@@ -1,37 +1,23 @@
-//! Starting and stopping ringlb: listeners bound up front (so a busy port
-//! is reported before anything runs), one worker thread per core, the
-//! failover watcher, and the drain/stop controls the signal handler uses.
+//! Starting, changing and stopping ringlb: the worker threads with their
+//! command channels, the health scheduler, and the control plane that
+//! binds listeners, publishes snapshots and waits for the workers to take
+//! them. Starting is a reload from nothing: the same steps bring the first
+//! config into force as every later one.
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Socket, Type};
 
-use crate::config::{Config, FrontendConfig};
-use crate::health::{Scheduler, Targets};
-use crate::metrics::FrontendStats;
-use crate::pool::Pool;
-use crate::worker::Worker;
-
-/// A frontend at run time: its settings, its pool, its counters; shared
-/// by every worker and the control plane.
-pub struct Frontend {
-    pub config: FrontendConfig,
-    pub pool: Pool,
-    pub stats: FrontendStats,
-}
-
-/// Flags the control plane raises; workers read them when woken.
-#[derive(Default)]
-pub struct Control {
-    pub draining: AtomicBool,
-    pub stopping: AtomicBool,
-}
+use crate::config::Config;
+use crate::health::Scheduler;
+use crate::model::{FrontendSnapshot, Published, ReloadStats, Snapshot};
+use crate::reload::{self, Plan};
+use crate::worker::{Ack, Command, Commands, Worker};
 
 /// Why ringlb could not start.
 #[derive(Debug)]
@@ -63,157 +49,171 @@ impl fmt::Display for StartError {
 
 impl std::error::Error for StartError {}
 
-pub struct Server {
-    pub frontends: Vec<Arc<Frontend>>,
-    /// The addresses really bound (a port 0 in the config becomes a real one).
-    pub local_addrs: Vec<SocketAddr>,
-    control: Arc<Control>,
-    /// One eventfd per worker: writing to it wakes the worker's ring.
-    wake_fds: Vec<OwnedFd>,
-    workers: Vec<JoinHandle<std::io::Result<()>>>,
+/// How long the control plane waits for every worker to acknowledge a
+/// change; a worker that takes longer is named in the log.
+const ACK_WAIT: Duration = Duration::from_secs(5);
+
+/// The control plane's end of one worker's channel.
+struct Link {
+    commands: mpsc::Sender<(u64, Command)>,
+    /// Written after each command to wake the worker's ring. Kept open
+    /// until the worker has stopped.
+    wake: OwnedFd,
+}
+
+/// One frontend's listening sockets (one per worker), as bound.
+pub struct Bound {
+    pub id: u64,
+    pub frontend: String,
+    /// As the config gives it (port 0 stays 0: a reload keeps the port).
+    pub configured: SocketAddr,
+    /// As bound.
+    pub local: SocketAddr,
+}
+
+/// Everything a change goes through; one change at a time.
+pub(crate) struct ControlPlane {
+    /// The config in force (with the worker count and buffers the process
+    /// really runs with).
+    pub config: Config,
+    pub snapshot: Arc<Snapshot>,
+    pub listeners: Vec<Bound>,
+    next_listener: u64,
+    links: Vec<Link>,
+    acks: mpsc::Receiver<Ack>,
+    seq: u64,
     health: Option<Scheduler>,
+    pub reload_count: u64,
+}
+
+pub struct Server {
+    published: Arc<Published>,
+    reloads: Arc<ReloadStats>,
+    control: Mutex<ControlPlane>,
+    workers: Vec<JoinHandle<std::io::Result<()>>>,
 }
 
 impl Server {
     pub fn start(config: &Config) -> Result<Server, StartError> {
         raise_fd_limit();
-        let mut targets = Targets::default();
-        let frontends: Vec<Arc<Frontend>> = config
-            .frontends
-            .iter()
-            .map(|c| {
-                Arc::new(Frontend {
-                    config: c.clone(),
-                    pool: Pool::new(c, &mut targets),
-                    stats: FrontendStats::default(),
-                })
-            })
-            .collect();
-        let mut local_addrs = Vec::new();
-        // sockets[worker][frontend]
-        let mut sockets: Vec<Vec<Socket>> = (0..config.workers).map(|_| Vec::new()).collect();
-        for frontend in &frontends {
-            let mut addr = frontend.config.listen;
-            for per_worker in sockets.iter_mut() {
-                let socket = bind(addr).map_err(|source| StartError::Listen {
-                    frontend: frontend.config.name.clone(),
-                    addr,
-                    source,
-                })?;
-                // With port 0 the first bind picks the port; the other
-                // workers join it.
-                addr = socket
-                    .local_addr()
-                    .ok()
-                    .and_then(|a| a.as_socket())
-                    .unwrap_or(addr);
-                per_worker.push(socket);
-            }
-            local_addrs.push(addr);
-        }
-        let control = Arc::new(Control::default());
-        let mut server = Server {
-            frontends,
-            local_addrs,
-            control,
-            wake_fds: Vec::new(),
-            workers: Vec::new(),
+        let empty = Arc::new(Snapshot {
+            generation: 0,
+            frontends: Vec::new(),
+        });
+        let (ack_tx, acks) = mpsc::channel();
+        let mut control = ControlPlane {
+            config: config.clone(),
+            snapshot: Arc::clone(&empty),
+            listeners: Vec::new(),
+            next_listener: 1,
+            links: Vec::new(),
+            acks,
+            seq: 0,
             health: None,
+            reload_count: 0,
         };
-        let (ready_tx, ready_rx) = mpsc::channel();
-        for (id, worker_sockets) in sockets.into_iter().enumerate() {
-            let wake = eventfd().map_err(StartError::Worker)?;
-            let wake_fd = wake.as_raw_fd();
-            server.wake_fds.push(wake);
-            let frontends = server.frontends.clone();
-            let control = Arc::clone(&server.control);
-            let ready = ready_tx.clone();
-            let buffers = config.buffers;
-            let handle = std::thread::Builder::new()
-                .name(format!("ringlb-worker-{id}"))
-                .spawn(move || {
-                    // The ring is made on the thread that uses it: the
-                    // single-issuer flag ties it to this thread.
-                    match Worker::new(id, &frontends, worker_sockets, control, wake_fd, buffers) {
-                        Ok(worker) => {
-                            let _ = ready.send(Ok(()));
-                            worker.run()
-                        }
-                        Err(e) => {
-                            let message = std::io::Error::new(e.kind(), e.to_string());
-                            let _ = ready.send(Err(e));
-                            Err(message)
-                        }
-                    }
-                })
-                .map_err(StartError::Worker)?;
-            server.workers.push(handle);
-        }
-        drop(ready_tx);
-        for _ in 0..server.workers.len() {
-            match ready_rx.recv() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    server.stop();
-                    let _ = server.join();
-                    return Err(StartError::Worker(e));
-                }
-                Err(_) => break,
-            }
-        }
-        match Scheduler::start(&server.frontends) {
-            Ok(scheduler) => server.health = Some(scheduler),
-            Err(e) => {
-                // Never run with a backend nobody checks.
-                server.stop();
-                let _ = server.join();
-                return Err(StartError::Health(e));
-            }
-        }
-        for (frontend, addr) in server.frontends.iter().zip(&server.local_addrs) {
-            let backends: Vec<&str> = frontend
-                .pool
-                .backends
-                .iter()
-                .map(|b| b.name.as_str())
-                .collect();
-            log::info!(
-                "frontend {} listening on {addr} ({}, {} workers): {}",
-                frontend.config.name,
-                frontend.config.mode,
-                config.workers,
-                backends.join(", ")
-            );
+        let mut workers = Vec::new();
+        let started = start_workers(config, &mut control, &mut workers, ack_tx);
+        let mut server = Server {
+            published: Arc::new(Published::new(empty)),
+            reloads: Arc::new(ReloadStats::default()),
+            control: Mutex::new(control),
+            workers,
+        };
+        if let Err(e) = started.and_then(|()| server.bring_up(config)) {
+            server.stop();
+            let _ = server.join();
+            return Err(e);
         }
         Ok(server)
     }
 
-    fn wake_workers(&self) {
-        for fd in &self.wake_fds {
-            let one = 1u64;
-            // SAFETY: writes 8 bytes from a local u64 to an eventfd we own.
-            unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    /// The health scheduler, then the first config, as a reload from an
+    /// empty one.
+    fn bring_up(&mut self, config: &Config) -> Result<(), StartError> {
+        let published = Arc::clone(&self.published);
+        let control = self
+            .control
+            .get_mut()
+            .map_err(|_| StartError::Worker(std::io::Error::other("control plane poisoned")))?;
+        // Never run with a backend nobody checks.
+        control.health = Some(Scheduler::start().map_err(StartError::Health)?);
+        let plan = Plan::new(&control.snapshot, &control.listeners, config);
+        let bound = plan.bind(config.workers).map_err(|e| StartError::Listen {
+            frontend: e.frontend,
+            addr: e.addr,
+            source: e.source,
+        })?;
+        let applied = control.apply(plan, bound, config);
+        published.store(Arc::clone(&control.snapshot));
+        applied.map_err(StartError::Health)?;
+        for frontend in &control.snapshot.frontends {
+            log_listening(
+                frontend,
+                control.local_addr(frontend.name()),
+                config.workers,
+            );
         }
+        Ok(())
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, ControlPlane> {
+        match self.control.lock() {
+            Ok(guard) => guard,
+            // A panic mid-change leaves the last published state: workers
+            // serve it; the next change starts from it.
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// The snapshot in force, for the read-only endpoints.
+    pub fn published(&self) -> Arc<Published> {
+        Arc::clone(&self.published)
+    }
+
+    pub fn reload_stats(&self) -> Arc<ReloadStats> {
+        Arc::clone(&self.reloads)
+    }
+
+    /// Each frontend in force with the address it listens on.
+    pub fn frontends(&self) -> Vec<(Arc<FrontendSnapshot>, SocketAddr)> {
+        let control = self.lock();
+        control
+            .snapshot
+            .frontends
+            .iter()
+            .map(|f| (Arc::clone(f), control.local_addr(f.name())))
+            .collect()
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        self.lock().config.drain_timeout
+    }
+
+    /// Re-reads the config and applies the difference; see [`reload`].
+    pub fn reload(
+        &self,
+        source: &crate::config::ConfigSource,
+    ) -> Result<reload::Summary, reload::Error> {
+        reload::reload(self, source)
+    }
+
+    pub(crate) fn publish(&self, snapshot: &Arc<Snapshot>) {
+        self.published.store(Arc::clone(snapshot));
     }
 
     /// Stops accepting; open connections carry on until they end.
     pub fn drain(&self) {
-        self.control.draining.store(true, Relaxed);
-        self.wake_workers();
+        self.lock().send_all(|| Some(Command::Drain));
     }
 
     /// Stops accepting and closes every connection.
     pub fn stop(&self) {
-        self.control.draining.store(true, Relaxed);
-        self.control.stopping.store(true, Relaxed);
-        self.wake_workers();
+        self.lock().send_all(|| Some(Command::Stop));
     }
 
     pub fn active_connections(&self) -> u64 {
-        self.frontends
-            .iter()
-            .map(|f| f.stats.active.load(Relaxed))
-            .sum()
+        self.published.load().active_connections()
     }
 
     pub fn workers_running(&self) -> bool {
@@ -227,7 +227,7 @@ impl Server {
     /// Ends every health check now, abandoning probes in flight: a stop
     /// never waits for a check's timeout.
     pub fn stop_health(&mut self) {
-        if let Some(mut scheduler) = self.health.take() {
+        if let Some(mut scheduler) = self.lock().health.take() {
             scheduler.stop();
         }
     }
@@ -249,7 +249,203 @@ impl Server {
     }
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<Socket> {
+/// One thread per worker, each with its channel and eventfd; returns once
+/// every ring is up (or the first failure).
+fn start_workers(
+    config: &Config,
+    control: &mut ControlPlane,
+    workers: &mut Vec<JoinHandle<std::io::Result<()>>>,
+    acks: mpsc::Sender<Ack>,
+) -> Result<(), StartError> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    for id in 0..config.workers {
+        let wake = eventfd().map_err(StartError::Worker)?;
+        let (commands, receiver) = mpsc::channel();
+        let channel = Commands {
+            receiver,
+            acks: acks.clone(),
+            wake_fd: wake.as_raw_fd(),
+        };
+        control.links.push(Link { commands, wake });
+        let ready = ready_tx.clone();
+        let buffers = config.buffers;
+        let handle = std::thread::Builder::new()
+            .name(format!("ringlb-worker-{id}"))
+            .spawn(move || {
+                // The ring is made on the thread that uses it: the
+                // single-issuer flag ties it to this thread.
+                match Worker::new(id, channel, buffers) {
+                    Ok(worker) => {
+                        let _ = ready.send(Ok(()));
+                        worker.run()
+                    }
+                    Err(e) => {
+                        let message = std::io::Error::new(e.kind(), e.to_string());
+                        let _ = ready.send(Err(e));
+                        Err(message)
+                    }
+                }
+            })
+            .map_err(StartError::Worker)?;
+        workers.push(handle);
+    }
+    drop(ready_tx);
+    for _ in 0..workers.len() {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(StartError::Worker(e)),
+            Err(_) => break,
+        }
+    }
+    Ok(())
+}
+
+impl ControlPlane {
+    pub fn workers(&self) -> usize {
+        self.links.len()
+    }
+
+    pub fn local_addr(&self, frontend: &str) -> SocketAddr {
+        self.listeners
+            .iter()
+            .rev()
+            .find(|b| b.frontend == frontend)
+            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |b| b.local)
+    }
+
+    pub fn next_listener_id(&mut self) -> u64 {
+        self.next_listener += 1;
+        self.next_listener
+    }
+
+    /// Sends a command to every worker (`make` is called once per worker)
+    /// and wakes it. Returns the sequence number of the last one.
+    pub fn send_all(&mut self, mut make: impl FnMut() -> Option<Command>) -> u64 {
+        let mut commands: Vec<Command> = Vec::with_capacity(self.links.len());
+        for _ in 0..self.links.len() {
+            match make() {
+                Some(command) => commands.push(command),
+                None => return self.seq,
+            }
+        }
+        self.send_each(commands)
+    }
+
+    /// Sends one command per worker, in worker order, and wakes them.
+    pub fn send_each(&mut self, commands: Vec<Command>) -> u64 {
+        self.seq += 1;
+        for (link, command) in self.links.iter().zip(commands) {
+            // A worker that has stopped is reported by the ack wait.
+            let _ = link.commands.send((self.seq, command));
+            wake(&link.wake);
+        }
+        self.seq
+    }
+
+    /// Waits until every worker has acknowledged `seq` (commands are taken
+    /// in order, so every one before it too), up to [`ACK_WAIT`]. Returns
+    /// the workers that did not.
+    pub fn wait_acks(&mut self, seq: u64) -> Vec<usize> {
+        let mut done = vec![false; self.links.len()];
+        let deadline = Instant::now() + ACK_WAIT;
+        while done.iter().any(|d| !d) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.acks.recv_timeout(left) {
+                Ok(ack) if ack.seq >= seq => {
+                    if let Some(d) = done.get_mut(ack.worker) {
+                        *d = true;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        let late: Vec<usize> = (0..done.len()).filter(|&w| !done[w]).collect();
+        for worker in &late {
+            log::error!(
+                "worker {worker} did not acknowledge change {seq} within {ACK_WAIT:?}; \
+                 it may still serve the previous config"
+            );
+        }
+        late
+    }
+
+    /// Brings a plan into force: listeners first (already bound), then the
+    /// snapshot, then removals, then the health checks' new target set.
+    pub fn apply(
+        &mut self,
+        plan: Plan,
+        bound: Vec<reload::NewListener>,
+        config: &Config,
+    ) -> Result<(), crate::health::StartError> {
+        let Plan {
+            snapshot,
+            removed_listeners,
+            closed_backends,
+            ..
+        } = plan;
+        for listener in bound {
+            let id = self.next_listener_id();
+            let frontend = listener.frontend.clone();
+            let commands = listener
+                .sockets
+                .into_iter()
+                .map(|socket| Command::AddListener {
+                    id,
+                    frontend: frontend.clone(),
+                    socket,
+                })
+                .collect();
+            self.send_each(commands);
+            self.listeners.retain(|b| b.frontend != frontend);
+            self.listeners.push(Bound {
+                id,
+                frontend,
+                configured: listener.configured,
+                local: listener.local,
+            });
+        }
+        let mut last = self.send_all(|| Some(Command::Publish(Arc::clone(&snapshot))));
+        for (id, retire) in removed_listeners {
+            let grace = config.drain_timeout;
+            last = self.send_all(|| {
+                Some(Command::RemoveListener {
+                    id,
+                    retire: retire.as_ref().map(|s| (Arc::clone(s), grace)),
+                })
+            });
+        }
+        for backend in closed_backends {
+            last = self.send_all(|| Some(Command::CloseBackend(Arc::clone(&backend))));
+        }
+        self.wait_acks(last);
+        self.snapshot = Arc::clone(&snapshot);
+        self.listeners
+            .retain(|b| snapshot.frontend(&b.frontend).is_some());
+        match &mut self.health {
+            Some(health) => health.watch(&snapshot),
+            None => Ok(()),
+        }
+    }
+}
+
+pub(crate) fn log_listening(frontend: &FrontendSnapshot, addr: SocketAddr, workers: usize) {
+    let backends: Vec<&str> = frontend.backends.iter().map(|b| b.name.as_str()).collect();
+    log::info!(
+        "frontend {} listening on {addr} ({}, {workers} workers): {}",
+        frontend.name(),
+        frontend.config.mode,
+        backends.join(", ")
+    );
+}
+
+fn wake(fd: &OwnedFd) {
+    let one = 1u64;
+    // SAFETY: writes 8 bytes from a local u64 to an eventfd we own.
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
     socket.set_reuse_address(true)?;
     // Each worker has its own listener on the same port and the kernel

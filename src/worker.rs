@@ -1,11 +1,20 @@
 //! The per-core event loop: one thread, one io_uring, one SO_REUSEPORT
-//! listener per frontend, one slab of connections. Connections never move
-//! between workers, so nothing here is shared but the pool's atomics and
-//! the control flags.
+//! listener per frontend, one slab of sessions. Sessions never move
+//! between workers.
+//!
+//! The worker touches the control plane in three ways only: the snapshot
+//! it was last given (frontends, backend sets, selectors), the atomics in
+//! it (health, admin state, counters), and the [`Command`]s it takes from
+//! its channel when its wake eventfd fires, each acknowledged with an
+//! [`Ack`] so the control plane knows when a change is in force.
 
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types};
@@ -14,9 +23,10 @@ use socket2::{SockAddr, Socket};
 
 use crate::config::OnDown;
 use crate::logging::RateLimit;
-use crate::pool::ConnectFailure;
+use crate::model::{
+    BackendShared, ConnectFailure, FrontendShared, FrontendSnapshot, Snapshot, Tried,
+};
 use crate::relay::{Conn, DOWNSTREAM, End, Event, LocalFailure, Phase, UPSTREAM};
-use crate::server::{Control, Frontend};
 use crate::uring::{self, BufRing, Io, Op, PipePool, token, untoken};
 
 /// Submission queue size; the completion queue is four times larger.
@@ -39,21 +49,159 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// per worker and kind, with the count held back.
 const WARN_PERIOD: Duration = Duration::from_secs(10);
 
-/// A frontend as one worker sees it.
+/// What the control plane asks of a worker.
+pub enum Command {
+    /// Serve new connections from this snapshot; those already open keep
+    /// the one they started with.
+    Publish(Arc<Snapshot>),
+    /// Accept on this socket (bound by the control plane) for the frontend
+    /// of that name, once a published snapshot has it.
+    AddListener {
+        id: u64,
+        frontend: String,
+        socket: Socket,
+    },
+    /// Stop accepting on a listener; serve the clients already queued on
+    /// it. With `retire`, the frontend is gone: its connections get the
+    /// duration to finish, then they are reset.
+    RemoveListener {
+        id: u64,
+        retire: Option<(Arc<FrontendShared>, Duration)>,
+    },
+    /// Reset every connection to this backend.
+    CloseBackend(Arc<BackendShared>),
+    /// Stop accepting; open connections carry on until they end.
+    Drain,
+    /// Stop accepting and close every connection.
+    Stop,
+}
+
+/// A command done: `seq` is the control plane's number for it, and
+/// `generation` the snapshot the worker serves from now.
+#[derive(Clone, Copy, Debug)]
+pub struct Ack {
+    pub worker: usize,
+    pub seq: u64,
+    pub generation: u64,
+}
+
+/// The worker's end of its command channel.
+pub struct Commands {
+    pub receiver: mpsc::Receiver<(u64, Command)>,
+    pub acks: mpsc::Sender<Ack>,
+    /// Written by the control plane after each command, to wake the ring.
+    pub wake_fd: RawFd,
+}
+
+/// A frontend snapshot as this worker uses it: what the kernel reads when
+/// a connect is submitted (the timeout, the addresses) built once per
+/// snapshot, in an `Rc` that each session holds: nothing it points to
+/// moves or goes away while the session lives, whatever reloads do, and
+/// taking it per accept costs no atomic on a shared cache line.
+struct View {
+    snap: Arc<FrontendSnapshot>,
+    connect_timeout: types::Timespec,
+    /// In the form connect(2) takes, one per backend of the snapshot.
+    addrs: Vec<SockAddr>,
+    /// Bytes moved to and from each backend since the last tick: added to
+    /// the shared counters once per tick, not once per message.
+    bytes: RefCell<Vec<[u64; 2]>>,
+    /// Already in the tick's list of views to flush.
+    dirty: Cell<bool>,
+}
+
+impl View {
+    fn new(snap: &Arc<FrontendSnapshot>) -> View {
+        View {
+            connect_timeout: types::Timespec::from(snap.config.connect_timeout),
+            addrs: snap
+                .backends
+                .iter()
+                .map(|b| SockAddr::from(b.addr))
+                .collect(),
+            bytes: RefCell::new(vec![[0; 2]; snap.backends.len()]),
+            dirty: Cell::new(false),
+            snap: Arc::clone(snap),
+        }
+    }
+
+    fn name(&self) -> &str {
+        self.snap.name()
+    }
+
+    fn backend(&self, index: usize) -> &BackendShared {
+        &self.snap.backends[index]
+    }
+
+    /// Adds one tick's bytes to the backends' shared counters.
+    fn flush_bytes(&self) {
+        self.dirty.set(false);
+        let mut bytes = self.bytes.borrow_mut();
+        for (backend, moved) in self.snap.backends.iter().zip(bytes.iter_mut()) {
+            if *moved != [0, 0] {
+                let [up, down] = std::mem::take(moved);
+                backend.stats.bytes_to_backend.fetch_add(up, Relaxed);
+                backend.stats.bytes_from_backend.fetch_add(down, Relaxed);
+            }
+        }
+    }
+}
+
+/// A listening socket of this worker.
 struct Listener {
-    shared: Arc<Frontend>,
-    /// `None` once the worker stopped accepting (drain).
+    id: u64,
+    frontend: String,
+    /// `None` until a snapshot with the frontend is published.
+    view: Option<Rc<View>>,
+    /// `None` once the worker stopped accepting on it.
     socket: Option<Socket>,
     /// A multishot accept is in flight.
     accepting: bool,
-    /// Kept here because the kernel reads it when the connect is submitted;
-    /// the vector of listeners never grows, so the address is stable.
-    connect_timeout: types::Timespec,
-    /// Addresses in the form connect(2) takes, built once.
-    backend_addrs: Vec<SockAddr>,
-    /// Bytes moved to and from each backend since the last tick: added to
-    /// the shared counters once per tick, not once per message.
-    bytes: Vec<[u64; 2]>,
+    /// A pause after a failed accept is in flight.
+    paused: bool,
+    /// Removed by the control plane: closed once its accept has ended.
+    removed: bool,
+}
+
+/// The connect stage: what only matters until a backend accepted.
+#[derive(Default)]
+struct Connecting {
+    /// Backends of the session's snapshot already tried, so a retry never
+    /// repeats one.
+    tried: Tried,
+}
+
+/// Where a session is, for what is not the relay's business. Later stages
+/// before connect (a PROXY header, a TLS ClientHello) slot in here.
+enum Stage {
+    Connect(Connecting),
+    /// The backend accepted: its active count drops when this ends.
+    Relay,
+}
+
+/// One client connection: the frontend snapshot and backend it started
+/// with (never an index into a table a reload may change), its stage, and
+/// the sockets with their relay state.
+struct Session {
+    view: Rc<View>,
+    /// Index into `view`'s backends, once one was chosen.
+    backend: Option<usize>,
+    stage: Stage,
+    conn: Conn,
+}
+
+impl Session {
+    fn connected(&self) -> bool {
+        matches!(self.stage, Stage::Relay)
+    }
+
+    /// The backend it relays to, if it got that far.
+    fn relaying_to(&self) -> Option<&BackendShared> {
+        match (self.connected(), self.backend) {
+            (true, Some(index)) => Some(self.view.backend(index)),
+            _ => None,
+        }
+    }
 }
 
 /// What the tick does to a connection.
@@ -87,11 +235,13 @@ impl Warnings {
 pub struct Worker {
     id: usize,
     io: Io,
-    conns: Slab<Conn>,
-    listeners: Vec<Listener>,
-    control: Arc<Control>,
-    /// Written by the control plane to wake this loop when a flag changes.
-    wake_fd: RawFd,
+    sessions: Slab<Session>,
+    listeners: Slab<Listener>,
+    commands: Commands,
+    generation: u64,
+    /// Frontends removed by a reload: their sessions are reset once the
+    /// deadline passes.
+    retired: Vec<(Arc<FrontendShared>, Instant)>,
     tick: types::Timespec,
     pause: types::Timespec,
     /// The loop's clock, read once per batch of completions.
@@ -102,38 +252,16 @@ pub struct Worker {
     batch: Vec<(u64, i32, u32)>,
     /// Connections the tick acts on.
     sweep: Vec<(usize, Sweep)>,
+    /// Views with bytes to flush at this tick.
+    dirty: Vec<Rc<View>>,
 }
 
 impl Worker {
-    pub fn new(
-        id: usize,
-        frontends: &[Arc<Frontend>],
-        sockets: Vec<Socket>,
-        control: Arc<Control>,
-        wake_fd: RawFd,
-        buffers: u32,
-    ) -> std::io::Result<Worker> {
+    pub fn new(id: usize, commands: Commands, buffers: u32) -> std::io::Result<Worker> {
         let ring = uring::new_ring(RING_ENTRIES)?;
         let count = u16::try_from(buffers)
             .map_err(|_| std::io::Error::other(format!("{buffers} buffers is above the limit")))?;
         let bufs = BufRing::new(&ring, count, BUFFER_SIZE)?;
-        let listeners = frontends
-            .iter()
-            .zip(sockets)
-            .map(|(frontend, socket)| Listener {
-                connect_timeout: types::Timespec::from(frontend.config.connect_timeout),
-                backend_addrs: frontend
-                    .config
-                    .backends
-                    .iter()
-                    .map(|b| SockAddr::from(b.addr))
-                    .collect(),
-                bytes: vec![[0; 2]; frontend.config.backends.len()],
-                shared: Arc::clone(frontend),
-                socket: Some(socket),
-                accepting: false,
-            })
-            .collect();
         Ok(Worker {
             id,
             io: Io {
@@ -142,10 +270,11 @@ impl Worker {
                 pipes: PipePool::new(PIPES_KEPT, PIPE_SIZE),
                 backlog: Vec::new(),
             },
-            conns: Slab::with_capacity(1024),
-            listeners,
-            control,
-            wake_fd,
+            sessions: Slab::with_capacity(1024),
+            listeners: Slab::new(),
+            commands,
+            generation: 0,
+            retired: Vec::new(),
             tick: types::Timespec::from(TICK),
             pause: types::Timespec::from(ACCEPT_PAUSE),
             now: Instant::now(),
@@ -154,6 +283,7 @@ impl Worker {
             warnings: Warnings::new(),
             batch: Vec::with_capacity(RING_ENTRIES as usize * 4),
             sweep: Vec::new(),
+            dirty: Vec::new(),
         })
     }
 
@@ -169,12 +299,9 @@ impl Worker {
     }
 
     fn event_loop(&mut self) -> std::io::Result<()> {
-        for index in 0..self.listeners.len() {
-            self.arm_accept(index)?;
-        }
         self.arm_wake()?;
         self.arm_tick()?;
-        self.apply_control()?;
+        self.take_commands()?;
         while !self.finished() {
             let waited = if self.io.backlog.is_empty() {
                 self.io.ring.submit_and_wait(1)
@@ -211,8 +338,8 @@ impl Worker {
 
     fn finished(&self) -> bool {
         (self.draining || self.stopping)
-            && self.conns.is_empty()
-            && !self.listeners.iter().any(|l| l.accepting)
+            && self.sessions.is_empty()
+            && !self.listeners.iter().any(|(_, l)| l.accepting || l.paused)
     }
 
     fn dispatch(&mut self, user_data: u64, res: i32, flags: u32) -> std::io::Result<()> {
@@ -221,7 +348,12 @@ impl Worker {
         };
         match op {
             Op::Accept => self.on_accept(slot, res, flags),
-            Op::AcceptPause => self.close_or_rearm(slot),
+            Op::AcceptPause => {
+                if let Some(listener) = self.listeners.get_mut(slot) {
+                    listener.paused = false;
+                }
+                self.close_or_rearm(slot)
+            }
             Op::Wake => self.on_wake(),
             Op::Tick => self.on_tick(),
             Op::Ignore => Ok(()),
@@ -230,7 +362,7 @@ impl Worker {
     }
 
     fn on_conn_event(&mut self, op: Op, key: usize, res: i32, flags: u32) -> std::io::Result<()> {
-        let Some(conn) = self.conns.get_mut(key) else {
+        let Some(session) = self.sessions.get_mut(key) else {
             log::error!(
                 "worker {}: completion {op:?} for unknown connection {key}",
                 self.id
@@ -241,40 +373,46 @@ impl Worker {
             "worker {} conn {key}: {op:?} res={res} flags={flags:#x}",
             self.id
         );
-        let frontend = conn.frontend;
+        let conn = &mut session.conn;
         let io = &mut self.io;
-        match op {
+        let event = match op {
             Op::Connect => return self.on_connect(key, res),
-            Op::ConnectTimeout | Op::Cancel => conn.inflight -= 1,
+            Op::ConnectTimeout | Op::Cancel => {
+                conn.inflight -= 1;
+                Event::None
+            }
             Op::Recv0 | Op::Recv1 => {
                 conn.last_active = self.now;
-                let event = conn.on_recv(key, dir_of(op), res, flags, io)?;
-                self.note(frontend, event);
+                conn.on_recv(key, dir_of(op), res, flags, io)?
             }
             Op::Send0 | Op::Send1 => {
                 conn.last_active = self.now;
                 conn.on_send(key, dir_of(op), res, io)?;
+                Event::None
             }
             _ => {
                 conn.last_active = self.now;
-                let event = conn.on_poll(key, dir_of(op), res, io)?;
-                self.note(frontend, event);
+                conn.on_poll(key, dir_of(op), res, io)?
             }
+        };
+        if event != Event::None {
+            let view = Rc::clone(&session.view);
+            self.note(&view, event);
         }
         self.free_if_finished(key);
         Ok(())
     }
 
     /// Counts (and logs, rate-limited) what a relay step reports.
-    fn note(&mut self, frontend: usize, event: Event) {
-        let shared = &self.listeners[frontend].shared;
+    fn note(&mut self, view: &View, event: Event) {
+        let stats = &view.snap.shared.stats;
         match event {
             Event::None => {}
             Event::BuffersExhausted => {
-                shared.stats.buffers_exhausted.fetch_add(1, Relaxed);
+                stats.buffers_exhausted.fetch_add(1, Relaxed);
             }
             Event::PipeFallback(errno) => {
-                shared.stats.pipe_fallbacks.fetch_add(1, Relaxed);
+                stats.pipe_fallbacks.fetch_add(1, Relaxed);
                 let Some(held_back) = self.warnings.pipe.allow(self.now) else {
                     return;
                 };
@@ -282,7 +420,7 @@ impl Worker {
                     "worker {}: frontend {}: cannot create a splice pipe ({}); copying through \
                      buffers instead (raise the fd limit, or see fs.pipe-user-pages-*){}",
                     self.id,
-                    shared.config.name,
+                    view.name(),
                     std::io::Error::from_raw_os_error(errno),
                     self.warnings.pipe.suffix(held_back)
                 );
@@ -290,11 +428,23 @@ impl Worker {
         }
     }
 
+    /// Arms a listener's accept if it can take clients: it has a socket
+    /// and a frontend snapshot, and the worker is not draining.
     fn arm_accept(&mut self, index: usize) -> std::io::Result<()> {
-        let listener = &mut self.listeners[index];
+        let Some(listener) = self.listeners.get_mut(index) else {
+            return Ok(());
+        };
         let Some(socket) = &listener.socket else {
             return Ok(());
         };
+        if listener.accepting
+            || listener.paused
+            || listener.removed
+            || listener.view.is_none()
+            || self.draining
+        {
+            return Ok(());
+        }
         // Non-blocking: splice(2) honours only the socket's own O_NONBLOCK
         // (not SPLICE_F_NONBLOCK), and a blocking socket would stall the
         // whole worker the moment a client pauses a bulk upload.
@@ -313,8 +463,11 @@ impl Worker {
         if cqueue::more(flags) {
             return Ok(());
         }
-        self.listeners[index].accepting = false;
-        if res >= 0 || res == -libc::ECANCELED || self.draining {
+        let Some(listener) = self.listeners.get_mut(index) else {
+            return Ok(());
+        };
+        listener.accepting = false;
+        if res >= 0 || res == -libc::ECANCELED || self.draining || listener.removed {
             return self.close_or_rearm(index);
         }
         // Ended by an error (out of fds, memory, or refused by a security
@@ -322,24 +475,36 @@ impl Worker {
         log::warn!(
             "worker {}: accept on {} failed: {}; retrying in {ACCEPT_PAUSE:?}",
             self.id,
-            self.listeners[index].shared.config.name,
+            listener.frontend,
             std::io::Error::from_raw_os_error(-res)
         );
+        listener.paused = true;
         let pause = opcode::Timeout::new(&self.pause)
             .build()
             .user_data(token(Op::AcceptPause, index));
         self.io.push(&pause)
     }
 
-    /// A multishot accept ended: re-arm it, or when draining close the
-    /// listener, so the kernel sends new clients to another instance that
-    /// shares the port (or refuses them).
+    /// A multishot accept ended (or its pause did): re-arm it, or when
+    /// draining or removed close the listener, so the kernel sends new
+    /// clients to another listener that shares the port (or refuses them).
     fn close_or_rearm(&mut self, index: usize) -> std::io::Result<()> {
-        if !self.draining {
+        let Some(listener) = self.listeners.get(index) else {
+            return Ok(());
+        };
+        if !self.draining && !listener.removed {
             return self.arm_accept(index);
         }
+        if listener.accepting || listener.paused {
+            // Its own completion comes later and closes it then.
+            return Ok(());
+        }
         self.take_queued_clients(index)?;
-        self.listeners[index].socket = None;
+        if self.listeners[index].removed {
+            self.listeners.remove(index);
+        } else {
+            self.listeners[index].socket = None;
+        }
         Ok(())
     }
 
@@ -374,46 +539,59 @@ impl Worker {
 
     /// A new client: count it, enforce maxconn, pick a backend.
     fn admit(&mut self, index: usize, fd: RawFd) -> std::io::Result<()> {
-        let frontend = &self.listeners[index].shared;
         // A client accepted while draining (the accept completed before its
         // cancel did) is served like any other: closing it would drop it.
         // Only a hard stop turns it away.
-        if self.stopping {
-            uring::close(fd);
-            return Ok(());
-        }
-        frontend.stats.accepted.fetch_add(1, Relaxed);
-        let active = frontend.stats.active.fetch_add(1, Relaxed);
-        if frontend
+        let view = match self.listeners.get(index).and_then(|l| l.view.as_ref()) {
+            Some(view) if !self.stopping => Rc::clone(view),
+            _ => {
+                uring::close(fd);
+                return Ok(());
+            }
+        };
+        let stats = &view.snap.shared.stats;
+        stats.accepted.fetch_add(1, Relaxed);
+        let active = stats.active.fetch_add(1, Relaxed);
+        if view
+            .snap
             .config
             .maxconn
             .is_some_and(|max| active >= u64::from(max))
         {
-            frontend.stats.active.fetch_sub(1, Relaxed);
-            frontend.stats.rejected_maxconn.fetch_add(1, Relaxed);
+            stats.active.fetch_sub(1, Relaxed);
+            stats.rejected_maxconn.fetch_add(1, Relaxed);
             uring::close(fd);
             return Ok(());
         }
-        let mut conn = Conn::new(index, fd, self.now);
+        let mut conn = Conn::new(fd, self.now);
         if log::log_enabled!(log::Level::Debug) {
             conn.client_addr = peer_addr(fd);
         }
-        let key = self.conns.insert(conn);
+        let key = self.sessions.insert(Session {
+            view,
+            backend: None,
+            stage: Stage::Connect(Connecting::default()),
+            conn,
+        });
         self.connect_next(key)
     }
 
     /// Connects to the next backend this connection has not tried, with the
     /// frontend's connect timeout linked to the connect.
     fn connect_next(&mut self, key: usize) -> std::io::Result<()> {
-        let conn = &mut self.conns[key];
-        let listener = &self.listeners[conn.frontend];
-        let Some(index) = listener.shared.pool.select(conn.tried) else {
-            listener.shared.stats.no_backend.fetch_add(1, Relaxed);
+        let session = &mut self.sessions[key];
+        let Stage::Connect(connecting) = &mut session.stage else {
+            return Ok(());
+        };
+        let view = &session.view;
+        let conn = &mut session.conn;
+        let Some(index) = view.snap.select(&connecting.tried) else {
+            view.snap.shared.stats.no_backend.fetch_add(1, Relaxed);
             conn.close(key, End::NoBackend, &mut self.io)?;
             self.free_if_finished(key);
             return Ok(());
         };
-        let addr = &listener.backend_addrs[index];
+        let addr = &view.addrs[index];
         let fd = match backend_socket(addr.is_ipv6(), &mut self.io.pipes) {
             Ok(fd) => fd,
             Err(e) => {
@@ -433,15 +611,17 @@ impl Worker {
             }
         };
         conn.local = None;
-        conn.tried = conn.tried.with(index);
+        connecting.tried.insert(index);
         uring::set_nodelay(fd);
         conn.backend = fd;
-        conn.backend_index = index;
+        session.backend = Some(index);
+        // The address and the timespec live in the view, which this
+        // session holds until the connect and its timeout have completed.
         let connect = opcode::Connect::new(types::Fd(fd), addr.as_ptr().cast(), addr.len())
             .build()
             .flags(squeue::Flags::IO_LINK)
             .user_data(token(Op::Connect, key));
-        let timeout = opcode::LinkTimeout::new(&listener.connect_timeout)
+        let timeout = opcode::LinkTimeout::new(&view.connect_timeout)
             .build()
             .user_data(token(Op::ConnectTimeout, key));
         conn.last_active = self.now;
@@ -449,18 +629,22 @@ impl Worker {
     }
 
     fn on_connect(&mut self, key: usize, res: i32) -> std::io::Result<()> {
-        let conn = &mut self.conns[key];
+        let session = &mut self.sessions[key];
+        let conn = &mut session.conn;
         conn.inflight -= 1;
+        let Some(index) = session.backend else {
+            return Ok(());
+        };
         if conn.phase == Phase::Closing {
             self.free_if_finished(key);
             return Ok(());
         }
-        let backend = &self.listeners[conn.frontend].shared.pool.backends[conn.backend_index];
+        let backend = session.view.backend(index);
         if res == 0 {
             backend.report_connect_success();
-            conn.connected = true;
             backend.stats.connections.fetch_add(1, Relaxed);
             backend.stats.active.fetch_add(1, Relaxed);
+            session.stage = Stage::Relay;
             return conn.start_relay(key, &mut self.io);
         }
         let failure = ConnectFailure::from_errno(-res);
@@ -487,47 +671,43 @@ impl Worker {
     fn free_if_finished(&mut self, key: usize) {
         let now = self.now;
         if !self
-            .conns
+            .sessions
             .get(key)
-            .is_some_and(|c| c.is_finished() && !c.flushing(now))
+            .is_some_and(|s| s.conn.is_finished() && !s.conn.flushing(now))
         {
             return;
         }
-        let mut conn = self.conns.remove(key);
-        let frontend = &self.listeners[conn.frontend].shared;
-        frontend.stats.active.fetch_sub(1, Relaxed);
-        if conn.connected {
-            let stats = &frontend.pool.backends[conn.backend_index].stats;
-            stats.active.fetch_sub(1, Relaxed);
-            let [up, down] = conn.take_uncounted();
-            stats.bytes_to_backend.fetch_add(up, Relaxed);
-            stats.bytes_from_backend.fetch_add(down, Relaxed);
+        let mut session = self.sessions.remove(key);
+        let stats = &session.view.snap.shared.stats;
+        stats.active.fetch_sub(1, Relaxed);
+        let [up, down] = session.conn.take_uncounted();
+        if let Some(backend) = session.relaying_to() {
+            backend.stats.active.fetch_sub(1, Relaxed);
+            backend.stats.bytes_to_backend.fetch_add(up, Relaxed);
+            backend.stats.bytes_from_backend.fetch_add(down, Relaxed);
         }
-        if conn.end == Some(End::LocalError) {
-            frontend.stats.local_errors.fetch_add(1, Relaxed);
+        if session.conn.end == Some(End::LocalError) {
+            stats.local_errors.fetch_add(1, Relaxed);
         }
         if log::log_enabled!(log::Level::Debug) {
-            log_connection(frontend, &conn, self.now);
+            log_connection(&session, self.now);
         }
-        if let Some((what, errno)) = conn.local {
-            self.warn_local(conn.frontend, what, errno);
+        if let Some((what, errno)) = session.conn.local {
+            self.warn_local(session.view.name(), what, errno);
         }
-        conn.release(&mut self.io);
+        session.conn.release(&mut self.io);
     }
 
     /// One line per kind and period: when fds or ports run out, every
     /// connection fails the same way.
-    fn warn_local(&mut self, frontend: usize, what: LocalFailure, errno: i32) {
+    fn warn_local(&mut self, frontend: &str, what: LocalFailure, errno: i32) {
         let limit = &mut self.warnings.local[what as usize];
         let Some(held_back) = limit.allow(self.now) else {
             return;
         };
         let suffix = limit.suffix(held_back);
         let err = std::io::Error::from_raw_os_error(errno);
-        let prefix = format!(
-            "worker {}: frontend {}",
-            self.id, self.listeners[frontend].shared.config.name
-        );
+        let prefix = format!("worker {}: frontend {frontend}", self.id);
         match what {
             LocalFailure::BackendSocket => log::warn!(
                 "{prefix}: cannot create a backend socket ({err}); the client was reset{suffix}"
@@ -553,7 +733,7 @@ impl Worker {
     }
 
     fn arm_wake(&mut self) -> std::io::Result<()> {
-        let entry = opcode::PollAdd::new(types::Fd(self.wake_fd), libc::POLLIN as u32)
+        let entry = opcode::PollAdd::new(types::Fd(self.commands.wake_fd), libc::POLLIN as u32)
             .build()
             .user_data(token(Op::Wake, 0));
         self.io.push(&entry)
@@ -563,39 +743,158 @@ impl Worker {
         let mut value = 0u64;
         // SAFETY: reads 8 bytes into a local u64 from the eventfd the
         // control plane keeps open until this worker has stopped.
-        unsafe { libc::read(self.wake_fd, (&mut value as *mut u64).cast(), 8) };
-        self.apply_control()?;
+        unsafe { libc::read(self.commands.wake_fd, (&mut value as *mut u64).cast(), 8) };
+        self.take_commands()?;
         if !self.finished() {
             self.arm_wake()?;
         }
         Ok(())
     }
 
-    /// Drain: stop accepting and let connections finish. Stop: close them.
-    fn apply_control(&mut self) -> std::io::Result<()> {
-        if self.control.draining.load(Relaxed) && !self.draining {
-            self.draining = true;
-            for index in 0..self.listeners.len() {
-                if self.listeners[index].accepting {
-                    let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(token(
-                        Op::Accept,
-                        index,
-                    )))
-                    .build()
-                    .user_data(token(Op::Ignore, 0));
-                    self.io.push(&cancel)?;
-                } else {
-                    self.listeners[index].socket = None;
+    /// Applies every command waiting, in order, acknowledging each.
+    fn take_commands(&mut self) -> std::io::Result<()> {
+        while let Ok((seq, command)) = self.commands.receiver.try_recv() {
+            self.apply(command)?;
+            let ack = Ack {
+                worker: self.id,
+                seq,
+                generation: self.generation,
+            };
+            // The control plane may have stopped waiting: nothing to do.
+            let _ = self.commands.acks.send(ack);
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, command: Command) -> std::io::Result<()> {
+        match command {
+            Command::Publish(snapshot) => self.publish(&snapshot),
+            Command::AddListener {
+                id,
+                frontend,
+                socket,
+            } => {
+                self.listeners.insert(Listener {
+                    id,
+                    frontend,
+                    view: None,
+                    socket: Some(socket),
+                    accepting: false,
+                    paused: false,
+                    removed: false,
+                });
+                Ok(())
+            }
+            Command::RemoveListener { id, retire } => {
+                if let Some((shared, grace)) = retire {
+                    self.retired.push((shared, self.now + grace));
+                }
+                let found = self.listeners.iter().find(|(_, l)| l.id == id);
+                match found.map(|(index, _)| index) {
+                    Some(index) => self.remove_listener(index),
+                    None => Ok(()),
                 }
             }
+            Command::CloseBackend(backend) => self.close_backend(&backend),
+            Command::Drain => self.drain(),
+            Command::Stop => self.stop(),
         }
-        if self.control.stopping.load(Relaxed) && !self.stopping {
-            self.stopping = true;
-            let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
-            for key in keys {
-                self.conns[key].close(key, End::Stopped, &mut self.io)?;
-                self.free_if_finished(key);
+    }
+
+    /// New sessions start from the new snapshot; listeners of frontends it
+    /// has start accepting.
+    fn publish(&mut self, snapshot: &Arc<Snapshot>) -> std::io::Result<()> {
+        self.generation = snapshot.generation;
+        let views: HashMap<&str, Rc<View>> = snapshot
+            .frontends
+            .iter()
+            .map(|f| (f.name(), Rc::new(View::new(f))))
+            .collect();
+        let mut arm = Vec::new();
+        for (index, listener) in self.listeners.iter_mut() {
+            // A listener whose frontend left the snapshot keeps its view
+            // until its removal, which follows.
+            if let Some(view) = views.get(listener.frontend.as_str()) {
+                listener.view = Some(Rc::clone(view));
+                arm.push(index);
             }
+        }
+        for index in arm {
+            self.arm_accept(index)?;
+        }
+        Ok(())
+    }
+
+    fn remove_listener(&mut self, index: usize) -> std::io::Result<()> {
+        let listener = &mut self.listeners[index];
+        listener.removed = true;
+        if listener.accepting {
+            self.cancel_accept(index)
+        } else {
+            self.close_or_rearm(index)
+        }
+    }
+
+    fn cancel_accept(&mut self, index: usize) -> std::io::Result<()> {
+        let cancel =
+            opcode::AsyncCancel2::new(types::CancelBuilder::user_data(token(Op::Accept, index)))
+                .build()
+                .user_data(token(Op::Ignore, 0));
+        self.io.push(&cancel)
+    }
+
+    /// Resets the sessions on a backend (those still connecting to it too:
+    /// the operator wants nothing more sent there).
+    fn close_backend(&mut self, backend: &Arc<BackendShared>) -> std::io::Result<()> {
+        let keys: Vec<usize> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                s.backend
+                    .is_some_and(|i| std::ptr::eq(s.view.backend(i), Arc::as_ptr(backend)))
+            })
+            .map(|(key, _)| key)
+            .collect();
+        for key in keys {
+            self.sessions[key]
+                .conn
+                .close(key, End::BackendClosed, &mut self.io)?;
+            self.free_if_finished(key);
+        }
+        Ok(())
+    }
+
+    /// Stop accepting and let connections finish.
+    fn drain(&mut self) -> std::io::Result<()> {
+        if self.draining {
+            return Ok(());
+        }
+        self.draining = true;
+        let indexes: Vec<usize> = self.listeners.iter().map(|(index, _)| index).collect();
+        for index in indexes {
+            if self.listeners[index].accepting {
+                self.cancel_accept(index)?;
+            } else {
+                self.close_or_rearm(index)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stop accepting and close every connection. The flag goes first, so
+    /// that closing the listeners takes no queued client only to reset it.
+    fn stop(&mut self) -> std::io::Result<()> {
+        if self.stopping {
+            return Ok(());
+        }
+        self.stopping = true;
+        self.drain()?;
+        let keys: Vec<usize> = self.sessions.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            self.sessions[key]
+                .conn
+                .close(key, End::Stopped, &mut self.io)?;
+            self.free_if_finished(key);
         }
         Ok(())
     }
@@ -607,29 +906,37 @@ impl Worker {
         self.io.push(&entry)
     }
 
-    /// Closes connections idle too long, and those on a backend marked down
-    /// when the frontend asks for it; adds the bytes moved since the last
-    /// tick to the shared counters.
+    /// Closes connections idle too long, those on a backend marked down
+    /// when the frontend asks for it, and those of a removed frontend past
+    /// its drain time; adds the bytes moved since the last tick to the
+    /// shared counters.
     fn on_tick(&mut self) -> std::io::Result<()> {
-        self.apply_control()?;
+        let now = self.now;
         let mut sweep = std::mem::take(&mut self.sweep);
-        for (key, conn) in self.conns.iter_mut() {
-            let listener = &mut self.listeners[conn.frontend];
-            if conn.connected {
-                let [up, down] = conn.take_uncounted();
-                let moved = &mut listener.bytes[conn.backend_index];
-                moved[0] += up;
-                moved[1] += down;
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for (key, session) in self.sessions.iter_mut() {
+            if let (Stage::Relay, Some(index)) = (&session.stage, session.backend) {
+                let [up, down] = session.conn.take_uncounted();
+                if up | down != 0 {
+                    let view = &session.view;
+                    let mut bytes = view.bytes.borrow_mut();
+                    bytes[index][0] += up;
+                    bytes[index][1] += down;
+                    if !view.dirty.replace(true) {
+                        dirty.push(Rc::clone(view));
+                    }
+                }
             }
-            if let Some(action) = sweep_action(&listener.shared, conn, self.now) {
+            if let Some(action) = sweep_action(session, &self.retired, now) {
                 sweep.push((key, action));
             }
         }
-        for listener in &mut self.listeners {
-            flush_bytes(listener);
+        for view in dirty.drain(..) {
+            view.flush_bytes();
         }
+        self.dirty = dirty;
         for (key, action) in sweep.drain(..) {
-            let (conn, io) = (&mut self.conns[key], &mut self.io);
+            let (conn, io) = (&mut self.sessions[key].conn, &mut self.io);
             match action {
                 Sweep::Free => {}
                 Sweep::Close(end) => conn.close(key, end, io)?,
@@ -640,6 +947,7 @@ impl Worker {
             self.free_if_finished(key);
         }
         self.sweep = sweep;
+        self.retired.retain(|(_, deadline)| *deadline > now);
         if !self.finished() {
             self.arm_tick()?;
         }
@@ -648,13 +956,26 @@ impl Worker {
 }
 
 /// What the tick does to one connection, if anything.
-fn sweep_action(frontend: &Frontend, conn: &Conn, now: Instant) -> Option<Sweep> {
+fn sweep_action(
+    session: &Session,
+    retired: &[(Arc<FrontendShared>, Instant)],
+    now: Instant,
+) -> Option<Sweep> {
+    let conn = &session.conn;
     if conn.is_finished() {
         // Waiting for queued bytes before passing a reset on.
         return Some(Sweep::Free);
     }
+    let shared = &session.view.snap.shared;
+    if conn.phase != Phase::Closing
+        && retired
+            .iter()
+            .any(|(r, deadline)| Arc::ptr_eq(r, shared) && now >= *deadline)
+    {
+        return Some(Sweep::Close(End::FrontendRemoved));
+    }
     let idle = now.saturating_duration_since(conn.last_active);
-    let config = &frontend.config;
+    let config = &session.view.snap.config;
     match conn.phase {
         // No backend socket yet: out of fds when it was tried.
         Phase::Connecting if conn.backend < 0 && idle > config.connect_timeout => {
@@ -674,29 +995,12 @@ fn sweep_action(frontend: &Frontend, conn: &Conn, now: Instant) -> Option<Sweep>
         Phase::Relaying if idle >= config.idle_timeout => Some(Sweep::Close(End::IdleTimeout)),
         Phase::Relaying
             if config.on_down == OnDown::Shutdown
-                && !frontend.pool.backends[conn.backend_index].is_up() =>
+                && session.relaying_to().is_some_and(|b| !b.is_up()) =>
         {
             Some(Sweep::Close(End::BackendDown))
         }
         Phase::Relaying if conn.wants_pipe() => Some(Sweep::RetryPipe),
         Phase::Relaying => None,
-    }
-}
-
-/// Adds one tick's bytes to the backends' shared counters.
-fn flush_bytes(listener: &mut Listener) {
-    for (backend, moved) in listener
-        .shared
-        .pool
-        .backends
-        .iter()
-        .zip(&mut listener.bytes)
-    {
-        if *moved != [0, 0] {
-            let [up, down] = std::mem::take(moved);
-            backend.stats.bytes_to_backend.fetch_add(up, Relaxed);
-            backend.stats.bytes_from_backend.fetch_add(down, Relaxed);
-        }
     }
 }
 
@@ -721,18 +1025,15 @@ fn dir_of(op: Op) -> usize {
     }
 }
 
-fn log_connection(frontend: &Frontend, conn: &Conn, now: Instant) {
+fn log_connection(session: &Session, now: Instant) {
+    let conn = &session.conn;
     let client = conn
         .client_addr
         .map_or_else(|| "?".to_string(), |a| a.to_string());
-    let backend = if conn.connected {
-        frontend.pool.backends[conn.backend_index].name.as_str()
-    } else {
-        "-"
-    };
+    let backend = session.relaying_to().map_or("-", |b| b.name.as_str());
     log::debug!(
         "{} {client} -> {backend}: {} bytes up, {} bytes down, {:.3}s, {}",
-        frontend.config.name,
+        session.view.name(),
         conn.dirs[UPSTREAM].bytes,
         conn.dirs[DOWNSTREAM].bytes,
         now.saturating_duration_since(conn.started).as_secs_f64(),
