@@ -87,11 +87,11 @@ fn run(config: &Config, stats: Option<SocketAddr>, source: Option<&ConfigSource>
     };
     log_settings(config);
     if let Some(addr) = stats {
-        let view = ringlb::admin::View {
+        let state = ringlb::admin::State {
             published: server.published(),
             reloads: server.reload_stats(),
         };
-        match ringlb::admin::serve(addr, view) {
+        match ringlb::admin::serve(addr, state) {
             Ok(bound) => log::info!("metrics on http://{bound}/metrics"),
             Err(e) => {
                 eprintln!("ringlb: cannot serve stats on {addr}: {e}");

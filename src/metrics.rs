@@ -5,17 +5,27 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use crate::admin::STATS as ADMIN;
 pub use crate::model::{BackendStats, FrontendStats};
 use crate::model::{ReloadStats, Snapshot};
 
 /// A metric: name, Prometheus type, and where its value lives.
 type Metric<S> = (&'static str, &'static str, fn(&S) -> &AtomicU64);
 
+/// A process-wide metric (no labels): name, type, and how to read it.
+type Global = (&'static str, &'static str, fn() -> u64);
+
 /// All counters of all frontends, one metric family per counter.
+///
+/// Prometheus' own text encoder (the `prometheus-client` crate) is not
+/// used: it wants its own metric types in its registry and writes the
+/// OpenMetrics flavour (it appends `_total` itself and ends with `# EOF`),
+/// which would rename our series; our counters are plain atomics, and the
+/// one thing its encoder would add, label escaping, is [`escape_label`].
 pub fn render(snapshot: &Snapshot, reloads: &ReloadStats) -> String {
     let frontends = &snapshot.frontends;
-    let mut out = String::new();
-    let frontend_metrics: [Metric<FrontendStats>; 7] = [
+    let mut out = Exposition::default();
+    let frontend_metrics: &[Metric<FrontendStats>] = &[
         ("ringlb_frontend_connections_total", "counter", |s| {
             &s.accepted
         }),
@@ -36,18 +46,14 @@ pub fn render(snapshot: &Snapshot, reloads: &ReloadStats) -> String {
             &s.local_errors
         }),
     ];
-    for (name, kind, get) in frontend_metrics {
-        let _ = writeln!(out, "# TYPE {name} {kind}");
+    for &(name, kind, get) in frontend_metrics {
+        out.family(name, kind);
         for f in frontends {
-            let _ = writeln!(
-                out,
-                "{name}{{frontend=\"{}\"}} {}",
-                f.config.name,
-                get(&f.shared.stats).load(Relaxed)
-            );
+            let labels = [("frontend", f.config.name.as_str())];
+            out.sample(name, &labels, get(&f.shared.stats).load(Relaxed));
         }
     }
-    let backend_metrics: [Metric<BackendStats>; 8] = [
+    let backend_metrics: &[Metric<BackendStats>] = &[
         ("ringlb_backend_connections_total", "counter", |s| {
             &s.connections
         }),
@@ -69,50 +75,137 @@ pub fn render(snapshot: &Snapshot, reloads: &ReloadStats) -> String {
             &s.checks_failed
         }),
     ];
-    for (name, kind, get) in backend_metrics {
-        let _ = writeln!(out, "# TYPE {name} {kind}");
+    for &(name, kind, get) in backend_metrics {
+        out.family(name, kind);
         for f in frontends {
             for b in &f.backends {
-                let _ = writeln!(
-                    out,
-                    "{name}{{frontend=\"{}\",backend=\"{}\"}} {}",
-                    f.config.name,
-                    b.name,
-                    get(&b.stats).load(Relaxed)
-                );
+                let labels = [("frontend", f.config.name.as_str()), ("backend", &b.name)];
+                out.sample(name, &labels, get(&b.stats).load(Relaxed));
             }
         }
     }
-    let _ = writeln!(out, "# TYPE ringlb_backend_up gauge");
+    out.family("ringlb_backend_up", "gauge");
     for f in frontends {
         for b in &f.backends {
-            let _ = writeln!(
-                out,
-                "ringlb_backend_up{{frontend=\"{}\",backend=\"{}\"}} {}",
-                f.config.name,
-                b.name,
-                u8::from(b.is_up())
-            );
+            let labels = [("frontend", f.config.name.as_str()), ("backend", &b.name)];
+            out.sample("ringlb_backend_up", &labels, u64::from(b.is_up()));
         }
     }
-    let reload_metrics: [Metric<ReloadStats>; 3] = [
+    let reload_metrics: &[Metric<ReloadStats>] = &[
         ("ringlb_reloads_total", "counter", |s| &s.reloads),
         ("ringlb_reload_failures_total", "counter", |s| &s.failures),
         ("ringlb_last_reload_timestamp_seconds", "gauge", |s| {
             &s.last_success
         }),
     ];
-    for (name, kind, get) in reload_metrics {
-        let _ = writeln!(
-            out,
-            "# TYPE {name} {kind}\n{name} {}",
-            get(reloads).load(Relaxed)
-        );
+    for &(name, kind, get) in reload_metrics {
+        out.family(name, kind);
+        out.sample(name, &[], get(reloads).load(Relaxed));
     }
-    let _ = writeln!(
-        out,
-        "# TYPE ringlb_log_lines_dropped_total counter\nringlb_log_lines_dropped_total {}",
-        crate::logging::dropped()
-    );
-    out
+    let global: &[Global] = &[
+        (
+            "ringlb_log_lines_dropped_total",
+            "counter",
+            crate::logging::dropped,
+        ),
+        ("ringlb_admin_connections_total", "counter", || {
+            ADMIN.accepted.load(Relaxed)
+        }),
+        ("ringlb_admin_connections_active", "gauge", || {
+            ADMIN.active.load(Relaxed)
+        }),
+        ("ringlb_admin_connection_limit", "gauge", || {
+            ADMIN.limit.load(Relaxed)
+        }),
+        ("ringlb_admin_limit_reached_total", "counter", || {
+            ADMIN.limit_reached.load(Relaxed)
+        }),
+        ("ringlb_admin_timeouts_total", "counter", || {
+            ADMIN.timeouts.load(Relaxed)
+        }),
+    ];
+    for &(name, kind, get) in global {
+        out.family(name, kind);
+        out.sample(name, &[], get());
+    }
+    out.0
+}
+
+/// A page in the Prometheus text format (version 0.0.4) being written.
+#[derive(Default)]
+struct Exposition(String);
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str) {
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+    }
+
+    /// One series. Label values come from the config (names an operator
+    /// chose), so each is escaped: a quote or newline in one must not end
+    /// the value and start a series of its own.
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
+        self.0.push_str(name);
+        for (i, (label, text)) in labels.iter().enumerate() {
+            self.0.push(if i == 0 { '{' } else { ',' });
+            self.0.push_str(label);
+            self.0.push_str("=\"");
+            escape_label(&mut self.0, text);
+            self.0.push('"');
+        }
+        if !labels.is_empty() {
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {value}");
+    }
+}
+
+/// Appends `value` as the text format wants a label value inside its
+/// quotes: backslash, double quote and line feed escaped, nothing else.
+pub fn escape_label(out: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn escaped(value: &str) -> String {
+        let mut out = String::new();
+        escape_label(&mut out, value);
+        out
+    }
+
+    #[test]
+    fn label_values_escape_backslash_quote_and_newline_only() {
+        assert_eq!(escaped("web"), "web");
+        assert_eq!(escaped(r#"we"b"#), r#"we\"b"#);
+        assert_eq!(escaped("a\\b"), "a\\\\b");
+        assert_eq!(escaped("a\nb"), "a\\nb");
+        // Already-escaped text is escaped again, not taken as an escape.
+        assert_eq!(escaped("a\\nb"), "a\\\\nb");
+        assert_eq!(escaped("tab\there, é, [::1]:80"), "tab\there, é, [::1]:80");
+    }
+
+    #[test]
+    fn a_hostile_label_value_stays_inside_its_series() {
+        let mut out = Exposition::default();
+        out.family("m", "gauge");
+        let hostile = "we\"} 1\nfake_metric{a=\"b\\";
+        out.sample("m", &[("frontend", hostile), ("backend", "x")], 7);
+        let lines: Vec<&str> = out.0.lines().collect();
+        assert_eq!(lines.len(), 2, "{}", out.0);
+        assert_eq!(
+            lines[1],
+            r#"m{frontend="we\"} 1\nfake_metric{a=\"b\\",backend="x"} 7"#
+        );
+        out.sample("plain", &[], 3);
+        assert!(out.0.ends_with("\nplain 3\n"), "{}", out.0);
+    }
 }

@@ -99,8 +99,10 @@ fn stats_endpoint_takes_a_request_in_pieces_and_is_not_held_by_a_slow_client() {
     let pieces = get(&[b"GET /met", b"rics HTTP/1.1\r\n", b"Host: x\r\n\r\n"]);
     assert!(pieces.starts_with("HTTP/1.1 200"), "{pieces}");
     assert!(pieces.contains("ringlb_frontend_connections_total"));
+    // Bare line feeds, as some hand-written clients send (HTTP/0.9's
+    // versionless request line is not HTTP/1 and gets a 400).
     let started = Instant::now();
-    let bare_lf = get(&[b"GET /metrics\n"]);
+    let bare_lf = get(&[b"GET /metrics HTTP/1.1\nHost: x\n\n"]);
     assert!(bare_lf.starts_with("HTTP/1.1 200"), "{bare_lf}");
     assert!(
         started.elapsed() < Duration::from_secs(1),

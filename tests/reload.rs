@@ -366,6 +366,12 @@ fn twenty_reloads_under_load_lose_no_connection() {
     assert_eq!(bulk_count.load(SeqCst), 1);
 }
 
+/// The line number (from 1) where `needle` starts in `text`.
+fn line_of(text: &str, needle: &str) -> usize {
+    let at = text.find(needle).expect("needle in text");
+    text[..at].matches('\n').count() + 1
+}
+
 /// Bad files change nothing: a syntax error, an invalid backend address, a
 /// listen port another process holds. Each is logged with the file and
 /// line and counted; the old config keeps serving; a new frontend listed
@@ -380,10 +386,12 @@ fn a_bad_reload_keeps_the_old_config_serving() {
     let main = listening(&ringlb, "main", 1);
     exchange(main, 1).expect("serves before");
 
-    file.write(&format!("{good}\n[[frontend]\nlisten = \"127.0.0.1:0\"\n"));
+    let broken = format!("{good}\n[[frontend]\nlisten = \"127.0.0.1:0\"\n");
+    file.write(&broken);
     let line = reload(&ringlb, 1);
     assert!(line.contains("failed"), "{line}");
-    assert!(line.contains(&format!("{}:6", file.path())), "{line}");
+    let at = line_of(&broken, "[[frontend]\n");
+    assert!(line.contains(&format!("{}:{at}:", file.path())), "{line}");
     exchange(main, 2).expect("serves after a syntax error");
 
     file.write(&format!(
@@ -400,16 +408,17 @@ fn a_bad_reload_keeps_the_old_config_serving() {
     let free = TcpListener::bind("127.0.0.1:0").expect("find a free port");
     let free_addr = free.local_addr().unwrap();
     drop(free);
-    file.write(&format!(
+    let busy = format!(
         "{good}{}{}",
         frontend("fresh", &free_addr.to_string(), &[&b], ""),
         frontend("busy", &taken_addr, &[&b], "")
-    ));
+    );
+    file.write(&busy);
     let line = reload(&ringlb, 3);
     assert!(line.contains("failed"), "{line}");
     assert!(line.contains("cannot listen on"), "{line}");
-    // The busy frontend's listen key is on line 14 of the file.
-    assert!(line.contains(&format!("{}:14", file.path())), "{line}");
+    let at = line_of(&busy, &format!("listen = \"{taken_addr}\""));
+    assert!(line.contains(&format!("{}:{at}:", file.path())), "{line}");
     assert!(
         TcpStream::connect(free_addr).is_err(),
         "a failed reload left a listener bound"
