@@ -760,4 +760,42 @@ mod tests {
         });
         let _ = answer.join();
     }
+
+    #[test]
+    fn checks_are_suspended_only_when_every_user_is_in_maintenance() {
+        use crate::model::{FrontendShared, FrontendSnapshot};
+        let text = "[[frontend]]\nlisten = \"127.0.0.1:1\"\nbackends = [\"127.0.0.1:9\"]\n";
+        let config = crate::config::Config::from_toml(text, "t")
+            .expect("config")
+            .frontends[0]
+            .clone();
+        let health = Arc::new(Health::new(3));
+        let backend = |name: &str| {
+            Arc::new(BackendShared::new(
+                name,
+                "b",
+                config.backends[0].addr,
+                Arc::clone(&health),
+            ))
+        };
+        let (a, b) = (backend("a"), backend("b"));
+        let snapshot = Arc::new(Snapshot {
+            generation: 1,
+            frontends: vec![Arc::new(FrontendSnapshot::new(
+                config.clone(),
+                Arc::new(FrontendShared::new("a")),
+                vec![Arc::clone(&a), Arc::clone(&b)],
+            ))],
+        });
+        let targets = group(&snapshot);
+        assert_eq!(targets.len(), 1);
+        let target = &targets[0];
+        assert!(!target.suspended());
+        a.set_admin(AdminState::Maint);
+        assert!(!target.suspended(), "b still needs its checks");
+        b.set_admin(AdminState::Drain);
+        assert!(!target.suspended(), "a draining backend is still checked");
+        b.set_admin(AdminState::Maint);
+        assert!(target.suspended());
+    }
 }

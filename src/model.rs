@@ -197,7 +197,11 @@ impl fmt::Display for AdminState {
 }
 
 /// Counters an operator reads from the stats endpoint and the logs.
+/// Aligned to their own cache lines: every worker writes them on every
+/// connection, and the fields read at pick time (admin state, the health
+/// pointer) must not share a line with them.
 #[derive(Default)]
+#[repr(align(128))]
 pub struct BackendStats {
     pub connections: AtomicU64,
     pub active: AtomicU64,
@@ -271,7 +275,9 @@ impl BackendShared {
     }
 }
 
+/// Aligned as [`BackendStats`], for the same reason.
 #[derive(Default)]
+#[repr(align(128))]
 pub struct FrontendStats {
     pub accepted: AtomicU64,
     pub active: AtomicU64,

@@ -326,11 +326,12 @@ pub fn reload(server: &Server, source: &ConfigSource) -> Result<Summary, Error> 
         summary.number = number;
         summary.restart_needed = restart;
         let snapshot = Arc::clone(&plan.snapshot);
+        let listening: Vec<String> = bound.iter().map(|l| l.frontend.clone()).collect();
         let applied = control.apply(plan, bound, &config);
         control.config = config;
         server.publish(&snapshot);
         applied.map_err(|e| Error::Health(e.to_string()))?;
-        for name in &summary.frontends_added {
+        for name in &listening {
             if let Some(f) = snapshot.frontend(name) {
                 log_listening(f, control.local_addr(name), control.workers());
             }

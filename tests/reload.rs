@@ -618,3 +618,63 @@ fn sigusr2_reloads() {
         .unwrap_or_else(|| panic!("no reload; logs:\n{}", ringlb.logs()));
     assert_eq!(which(main).expect("served"), "b");
 }
+
+/// A frontend whose listen address and mode change: the new address
+/// serves in the new mode, the old one stops accepting, and a connection
+/// open on the old address goes on.
+#[test]
+fn a_changed_frontend_moves_its_listener_and_mode() {
+    let (a, _) = echo_backend();
+    let first = Backend::start(named("first"));
+    let second = Backend::start(named("second"));
+    let backends = [first.addr_str(), second.addr_str()];
+    let backends: Vec<&str> = backends.iter().map(String::as_str).collect();
+    let old_port = TcpListener::bind("127.0.0.1:0").expect("free port");
+    let old_addr = old_port.local_addr().unwrap();
+    drop(old_port);
+    let file = ConfigFile::new(
+        "move",
+        &format!(
+            "{}{}",
+            frontend("main", &old_addr.to_string(), &backends, ""),
+            frontend("echo", "127.0.0.1:0", &[&a.addr_str()], "")
+        ),
+    );
+    let ringlb = start(&file, &[]);
+    let main = listening(&ringlb, "main", 1);
+    assert_eq!(main, old_addr);
+    let mut seen: Vec<String> = (0..4).map(|_| which(main).expect("served")).collect();
+    seen.sort();
+    assert_eq!(seen, ["first", "first", "second", "second"]);
+    let mut open = TcpStream::connect(main).expect("connect");
+    open.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut name = [0u8; 5];
+    open.read_exact(&mut name).expect("a name before the move");
+
+    file.write(&format!(
+        "{}{}",
+        frontend(
+            "main",
+            "127.0.0.1:0",
+            &backends,
+            "mode = \"active-passive\""
+        ),
+        frontend("echo", "127.0.0.1:0", &[&a.addr_str()], "")
+    ));
+    assert!(reload(&ringlb, 1).contains("applied"));
+    let moved = listening(&ringlb, "main", 2);
+    assert_ne!(moved, old_addr);
+    assert!(
+        eventually(Duration::from_secs(10), || TcpStream::connect(old_addr)
+            .is_err()),
+        "the old address still accepts"
+    );
+    for _ in 0..4 {
+        assert_eq!(which(moved).expect("served"), "first");
+    }
+    open.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    open.read_to_end(&mut rest)
+        .expect("the connection on the old address ends cleanly");
+}
