@@ -91,7 +91,7 @@ pub struct Cli {
     #[arg(long, value_enum, value_name = "ACTION", default_value_t = OnDown::Keep, conflicts_with = "config")]
     on_down: OnDown,
 
-    /// Most client connections at once; more are closed at accept [default: no limit]
+    /// Most client connections at once; more wait in the accept queue [default: no limit]
     #[arg(long, value_name = "N", conflicts_with = "config")]
     maxconn: Option<u32>,
 

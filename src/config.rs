@@ -112,8 +112,8 @@ pub struct FrontendConfig {
     /// Active-passive: return to the active backend once it is up again.
     pub failback: bool,
     pub on_down: OnDown,
-    /// Most client connections at once on this frontend; more are closed
-    /// at accept so the backends are never swamped.
+    /// Most client connections at once on this frontend; more wait in the
+    /// kernel's accept queue until one ends, so backends are never swamped.
     pub maxconn: Option<u32>,
 }
 

@@ -89,6 +89,7 @@ fn run(config: &Config, stats: Option<SocketAddr>, source: Option<&ConfigSource>
     if let Some(addr) = stats {
         let state = ringlb::admin::State {
             published: server.published(),
+            global: Some(server.global()),
             reloads: server.reload_stats(),
         };
         match ringlb::admin::serve(addr, state) {
