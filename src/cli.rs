@@ -122,7 +122,6 @@ enum Command {
 pub enum Action {
     Run {
         config: Config,
-        stats: Option<SocketAddr>,
         /// `None` when started from flags alone: nothing to reload.
         source: Option<ConfigSource>,
     },
@@ -166,6 +165,7 @@ impl Cli {
                 workers: self.workers,
                 buffers: self.buffers,
                 drain_timeout: self.drain_timeout,
+                stats,
             };
             let config = source.load().map_err(|e| match e {
                 // A flag out of range is a usage error; the file's are 1.
@@ -178,7 +178,6 @@ impl Cli {
             })?;
             return Ok(Action::Run {
                 config,
-                stats,
                 source: Some(source),
             });
         }
@@ -214,12 +213,12 @@ impl Cli {
             workers: self.workers.unwrap_or_else(config::default_workers),
             buffers: self.buffers.unwrap_or(config::DEFAULT_BUFFERS),
             drain_timeout: self.drain_timeout.unwrap_or(config::DEFAULT_DRAIN_TIMEOUT),
+            stats,
             frontends: vec![frontend],
         };
         config.validate().map_err(|e| (2, e))?;
         Ok(Action::Run {
             config,
-            stats,
             source: None,
         })
     }

@@ -124,6 +124,8 @@ pub struct Config {
     /// by a send to a slow peer, receives move to splice, which needs none.
     pub buffers: u32,
     pub drain_timeout: Duration,
+    /// Where the admin HTTP server (metrics) listens, if anywhere.
+    pub stats: Option<SocketAddr>,
     pub frontends: Vec<FrontendConfig>,
 }
 
@@ -297,6 +299,7 @@ struct RawConfig {
     workers: Option<Spanned<usize>>,
     buffers: Option<Spanned<u32>>,
     drain_timeout: Option<Spanned<String>>,
+    stats: Option<Spanned<String>>,
     #[serde(default)]
     frontend: Vec<Spanned<RawFrontend>>,
 }
@@ -511,6 +514,13 @@ impl Config {
             drain_timeout: src
                 .duration(&raw.drain_timeout, "drain-timeout")?
                 .unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+            stats: raw
+                .stats
+                .as_ref()
+                .map(|a| {
+                    parse_address(a.get_ref()).map_err(|e| src.invalid(a, format!("stats: {e}")))
+                })
+                .transpose()?,
             frontends,
         })
     }
@@ -586,6 +596,7 @@ pub struct ConfigSource {
     pub workers: Option<usize>,
     pub buffers: Option<u32>,
     pub drain_timeout: Option<Duration>,
+    pub stats: Option<SocketAddr>,
 }
 
 impl ConfigSource {
@@ -599,6 +610,9 @@ impl ConfigSource {
         }
         if let Some(drain_timeout) = self.drain_timeout {
             config.drain_timeout = drain_timeout;
+        }
+        if self.stats.is_some() {
+            config.stats = self.stats;
         }
         // The file was checked as it was read; only the flags are new.
         config

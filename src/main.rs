@@ -4,7 +4,6 @@
 //! status line per frontend; every signal taken is logged by name.
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -62,18 +61,14 @@ fn run_action() -> ExitCode {
             }
         },
         Action::Demo => ringlb::demo::run(),
-        Action::Run {
-            config,
-            stats,
-            source,
-        } => run(&config, stats, source.as_ref()),
+        Action::Run { config, source } => run(&config, source.as_ref()),
     }
 }
 
 /// How long workers get to close their connections after a stop.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
-fn run(config: &Config, stats: Option<SocketAddr>, source: Option<&ConfigSource>) -> ExitCode {
+fn run(config: &Config, source: Option<&ConfigSource>) -> ExitCode {
     // Blocked before any thread starts, so every thread inherits the mask
     // and the signals wait here for sigtimedwait instead of killing us.
     let signals = Signals::block();
@@ -86,7 +81,7 @@ fn run(config: &Config, stats: Option<SocketAddr>, source: Option<&ConfigSource>
         }
     };
     log_settings(config);
-    if let Some(addr) = stats {
+    if let Some(addr) = config.stats {
         let state = ringlb::admin::State {
             published: server.published(),
             global: Some(server.global()),
@@ -95,6 +90,7 @@ fn run(config: &Config, stats: Option<SocketAddr>, source: Option<&ConfigSource>
         match ringlb::admin::serve(addr, state) {
             Ok(bound) => log::info!("metrics on http://{bound}/metrics"),
             Err(e) => {
+                ringlb::logging::flush();
                 eprintln!("ringlb: cannot serve stats on {addr}: {e}");
                 server.stop();
                 let _ = server.join();

@@ -616,13 +616,15 @@ impl Conn {
             }
             End::BackendReset => self.reset_to = Some((self.client, flush_until())),
             // Cut off at once, with a reset each peer sees: the operator
-            // asked for it, or ringlb cannot carry the stream on. A clean
-            // end here would pass a prefix off as the whole stream.
+            // asked for it, or ringlb cannot carry the stream on (no
+            // backend to take it is one such case). A clean end here would
+            // pass a prefix (or nothing) off as the whole stream.
             End::BackendDown
             | End::BackendClosed
             | End::FrontendRemoved
             | End::LocalError
-            | End::Stopped => {
+            | End::Stopped
+            | End::NoBackend => {
                 uring::set_linger_zero(self.client);
                 if self.backend >= 0 {
                     uring::set_linger_zero(self.backend);

@@ -295,6 +295,15 @@ fn restart_needed(running: &Config, new: &Config) -> Vec<String> {
             running.buffers, new.buffers, running.buffers
         ));
     }
+    if running.stats != new.stats {
+        let show = |a: Option<SocketAddr>| a.map_or_else(|| "none".to_string(), |a| a.to_string());
+        lines.push(format!(
+            "stats: {} -> {} needs a restart (still {})",
+            show(running.stats),
+            show(new.stats),
+            show(running.stats)
+        ));
+    }
     lines
 }
 
@@ -314,6 +323,7 @@ pub fn reload(server: &Server, source: &ConfigSource) -> Result<Summary, Error> 
         // again on every reload until the restart).
         config.workers = control.config.workers;
         config.buffers = control.config.buffers;
+        config.stats = control.config.stats;
         let mut plan = Plan::new(&control.snapshot, &control.listeners, &config);
         let bound = plan.bind(control.workers()).map_err(|e| {
             let message = format!(

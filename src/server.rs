@@ -78,8 +78,6 @@ pub struct FdBudget {
     pub connections: u64,
 }
 
-/// Most fds set aside for the stats server's listener and connections.
-const STATS_FDS_MAX: u64 = 256;
 /// Most fds set aside for everything ringlb does not count.
 const RESERVE_FDS_MAX: u64 = 1024;
 /// Health checking besides one probe socket per backend (event loop, timers).
@@ -88,12 +86,20 @@ const CHECKER_FDS: u64 = 8;
 pub const PIPES_PER_WORKER: u64 = 256;
 
 impl FdBudget {
-    pub fn new(nofile: u64, frontends: u64, workers: u64, backends: u64) -> FdBudget {
+    /// `stats`: whether the admin HTTP server runs (its connections are
+    /// budgeted only then).
+    pub fn new(nofile: u64, frontends: u64, workers: u64, backends: u64, stats: bool) -> FdBudget {
         let stdio = 3;
         let listeners = frontends * workers;
         let per_worker = 2 * workers;
         let checks = backends + CHECKER_FDS;
-        let stats = (nofile / 64).clamp(4, STATS_FDS_MAX);
+        // Its listener and its connection cap, which it takes from the
+        // same limit (admin::max_connections).
+        let stats = if stats {
+            1 + crate::admin::max_connections(nofile) as u64
+        } else {
+            0
+        };
         let reserve = (nofile / 64).clamp(8, RESERVE_FDS_MAX);
         let fixed = stdio + listeners + per_worker + checks + stats + reserve;
         let left = nofile.saturating_sub(fixed);
@@ -166,6 +172,7 @@ impl Server {
             config.frontends.len() as u64,
             config.workers as u64,
             backends as u64,
+            config.stats.is_some(),
         );
         if budget.connections == 0 {
             return Err(StartError::Limit(budget));
@@ -616,24 +623,32 @@ mod tests {
     #[test]
     fn the_budget_keeps_fds_for_everything_but_connections() {
         // One frontend, two workers, one backend, ulimit -n 256.
-        let budget = FdBudget::new(256, 1, 2, 1);
+        let budget = FdBudget::new(256, 1, 2, 1, false);
         // stdio 3, listeners 2, rings + eventfds 4, probe 1 + checker 8,
-        // stats 4, reserve 8.
-        assert_eq!(budget.fixed, 30);
-        assert_eq!(budget.pipes, 22);
-        assert_eq!(budget.connections, 91);
+        // reserve 8.
+        assert_eq!(budget.fixed, 26);
+        assert_eq!(budget.pipes, 23);
+        assert_eq!(budget.connections, 92);
+        assert!(budget.fixed + 2 * budget.pipes + 2 * budget.connections <= 256);
+        // With the stats server: its listener and its cap of 256 / 8.
+        let budget = FdBudget::new(256, 1, 2, 1, true);
+        assert_eq!(budget.stats, 33);
+        assert_eq!(budget.fixed, 26 + 33);
         assert!(budget.fixed + 2 * budget.pipes + 2 * budget.connections <= 256);
     }
 
     #[test]
     fn a_tight_or_a_generous_limit_still_makes_sense() {
-        assert!(FdBudget::new(64, 1, 1, 2).connections >= 10);
-        assert_eq!(FdBudget::new(16, 1, 1, 1).connections, 0);
+        assert!(FdBudget::new(64, 1, 1, 2, true).connections >= 10);
+        assert_eq!(FdBudget::new(16, 1, 1, 1, false).connections, 0);
         // The default hard limit here: about as many as HAProxy's bench
         // config (maxconn 9644 with 512 pipe fds set aside).
-        let here = FdBudget::new(20_000, 1, 2, 2);
+        let here = FdBudget::new(20_000, 1, 2, 2, false);
         assert!(here.connections > 9_000, "{here:?}");
-        let big = FdBudget::new(1 << 20, 4, 2, 16);
+        // The stats server's 2,500 connections come out of the same fds.
+        let with_stats = FdBudget::new(20_000, 1, 2, 2, true);
+        assert!(with_stats.connections > 8_000, "{with_stats:?}");
+        let big = FdBudget::new(1 << 20, 4, 2, 16, true);
         assert!(big.connections > 500_000, "{big:?}");
         assert_eq!(big.pipes, 2 * PIPES_PER_WORKER);
     }

@@ -427,25 +427,41 @@ pub struct Pipe {
 }
 
 /// Pipes cost two fds and a syscall to make: a worker keeps the empty ones
-/// for the next bulk transfer.
+/// for the next bulk transfer. It never has more than `max_open` at once
+/// (its part of the fd budget's pipes), so bulk transfers cannot take the
+/// fds promised to connections: beyond it a direction keeps copying.
 pub struct PipePool {
     free: Vec<Pipe>,
     keep: usize,
     size: usize,
+    /// Pipes this pool made and has not closed (in use or kept).
+    open: usize,
+    max_open: usize,
 }
 
 impl PipePool {
-    pub fn new(keep: usize, size: usize) -> PipePool {
+    pub fn new(keep: usize, max_open: usize, size: usize) -> PipePool {
         PipePool {
             free: Vec::new(),
-            keep,
+            keep: keep.min(max_open),
             size,
+            open: 0,
+            max_open,
         }
     }
 
+    pub fn max_open(&self) -> usize {
+        self.max_open
+    }
+
+    /// A pipe, or an error: the kernel's (out of fds or pipe memory), or
+    /// [`PIPE_BUDGET_SPENT`] when this worker's share is all in use.
     pub fn take(&mut self) -> io::Result<Pipe> {
         if let Some(pipe) = self.free.pop() {
             return Ok(pipe);
+        }
+        if self.open >= self.max_open {
+            return Err(io::Error::from_raw_os_error(PIPE_BUDGET_SPENT));
         }
         let mut fds = [0 as RawFd; 2];
         // SAFETY: fds is a valid array of two ints for pipe2 to fill.
@@ -455,6 +471,7 @@ impl PipePool {
         // SAFETY: fds[1] is the pipe we just made. A failure leaves the
         // default size, which still works.
         unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, self.size as libc::c_int) };
+        self.open += 1;
         Ok(Pipe {
             read: fds[0],
             write: fds[1],
@@ -466,6 +483,7 @@ impl PipePool {
     pub fn release_idle(&mut self) -> usize {
         let count = self.free.len();
         for pipe in self.free.drain(..) {
+            self.open -= 1;
             close(pipe.read);
             close(pipe.write);
         }
@@ -478,11 +496,16 @@ impl PipePool {
         if empty && self.free.len() < self.keep {
             self.free.push(pipe);
         } else {
+            self.open -= 1;
             close(pipe.read);
             close(pipe.write);
         }
     }
 }
+
+/// The "errno" [`PipePool::take`] reports when its budget is spent: no
+/// kernel error has this number (errnos are below 4096).
+pub const PIPE_BUDGET_SPENT: i32 = 1 << 20;
 
 impl Drop for PipePool {
     fn drop(&mut self) {
@@ -586,6 +609,24 @@ pub fn tcp_socket(ipv6: bool) -> io::Result<RawFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pipe_pool_never_opens_more_than_its_share() {
+        let mut pool = PipePool::new(1, 2, 4096);
+        let a = pool.take().expect("first pipe");
+        let b = pool.take().expect("second pipe");
+        let spent = pool.take().expect_err("a third is beyond the share");
+        assert_eq!(spent.raw_os_error(), Some(PIPE_BUDGET_SPENT));
+        // Kept for reuse, it still counts; closed (with leftovers), it does not.
+        pool.give_back(a, true);
+        assert!(pool.take().is_ok_and(|p| p.read == a.read));
+        pool.give_back(b, false);
+        let c = pool.take().expect("room again once one is closed");
+        pool.give_back(c, true);
+        pool.give_back(a, true);
+        assert_eq!(pool.release_idle(), 1, "keeps at most `keep`");
+        assert!(pool.take().is_ok());
+    }
 
     #[test]
     fn tokens_round_trip() {

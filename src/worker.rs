@@ -321,7 +321,7 @@ impl Worker {
             ring,
             count,
             BUFFER_SIZE,
-            PipePool::new(pipes_kept(&global), PIPE_SIZE),
+            PipePool::new(PIPES_KEPT, pipe_share(&global), PIPE_SIZE),
         )?;
         Ok(Worker {
             id,
@@ -482,12 +482,19 @@ impl Worker {
                 let Some(held_back) = self.warnings.pipe.allow(self.now) else {
                     return;
                 };
+                let why = if errno == uring::PIPE_BUDGET_SPENT {
+                    format!(
+                        "all {} pipes of this worker's fd budget are in use",
+                        self.io.pipes.max_open()
+                    )
+                } else {
+                    std::io::Error::from_raw_os_error(errno).to_string()
+                };
                 log::warn!(
-                    "worker {}: frontend {}: cannot create a splice pipe ({}); copying through \
+                    "worker {}: frontend {}: cannot get a splice pipe ({why}); copying through \
                      buffers instead (raise the fd limit, or see fs.pipe-user-pages-*){}",
                     self.id,
                     view.name(),
-                    std::io::Error::from_raw_os_error(errno),
                     self.warnings.pipe.suffix(held_back)
                 );
             }
@@ -1272,13 +1279,6 @@ impl Worker {
     }
 }
 
-/// Idle pipes a worker keeps: no more than its part of the fd budget's
-/// pipes, so spare pipes never take the fds promised to connections.
-fn pipes_kept(global: &Global) -> usize {
-    let share = global.pipes / global.workers().max(1) as u64;
-    share.min(PIPES_KEPT as u64) as usize
-}
-
 /// What the tick does to one connection, if anything.
 fn sweep_action(
     session: &Session,
@@ -1340,6 +1340,12 @@ fn backend_socket(ipv6: bool, pipes: &mut PipePool) -> std::io::Result<RawFd> {
         }
         other => other,
     }
+}
+
+/// The pipes a worker may have open at once: its part of the fd budget's
+/// pipes, so pipes never take the fds promised to connections.
+fn pipe_share(global: &Global) -> usize {
+    (global.pipes / global.workers().max(1) as u64) as usize
 }
 
 fn dir_of(op: Op) -> usize {

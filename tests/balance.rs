@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -152,7 +153,15 @@ fn with_every_backend_down_clients_are_closed_at_once_and_served_again_later() {
     );
     for _ in 0..20 {
         let started = Instant::now();
-        assert!(which(ringlb.addr).is_err(), "no backend, no answer");
+        // A reset, not a clean end: the client must not take "nothing" for
+        // a whole (empty) answer.
+        let mut s = TcpStream::connect(ringlb.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 1];
+        match s.read(&mut buf) {
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+            Ok(n) => panic!("no backend, yet a clean end after {n} bytes"),
+        }
         assert!(
             started.elapsed() < Duration::from_millis(500),
             "closed at once, not left hanging"
