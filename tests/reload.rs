@@ -450,7 +450,10 @@ fn a_bad_reload_keeps_the_old_config_serving() {
     assert!(line.contains(&format!("{}:{at}:", file.path())), "{line}");
     // Another test may take the freed port meanwhile: ask whether ringlb
     // itself listens there, not whether anyone does.
-    assert!(listens_on(&ringlb, main.port()), "the check sees ringlb's own");
+    assert!(
+        listens_on(&ringlb, main.port()),
+        "the check sees ringlb's own"
+    );
     assert!(
         !listens_on(&ringlb, free_addr.port()),
         "a failed reload left a listener bound"
