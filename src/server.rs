@@ -316,8 +316,13 @@ impl Server {
         self.lock().send_all(|| Some(Command::Stop));
     }
 
+    /// Every client connection open, including those of frontends a
+    /// reload removed that are still draining.
     pub fn active_connections(&self) -> u64 {
-        self.published.load().active_connections()
+        self.lock()
+            .global
+            .active
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn workers_running(&self) -> bool {
