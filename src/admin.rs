@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use crate::logging::RateLimit;
 use crate::metrics;
-use crate::server::Frontend;
+use crate::model::{Global, Published, ReloadStats, Snapshot};
 
 /// The admin server's own counters, for the metrics page.
 pub struct AdminStats {
@@ -59,9 +59,27 @@ pub static STATS: AdminStats = AdminStats {
     timeouts: AtomicU64::new(0),
 };
 
-/// What the pages read; shared by every connection.
+/// What the pages read; shared by every connection: the snapshot in
+/// force (replaced by each reload) and the control plane's counters.
 pub struct State {
-    pub frontends: Vec<Arc<Frontend>>,
+    pub published: Arc<Published>,
+    /// `None` only for a server tested alone.
+    pub global: Option<Arc<Global>>,
+    pub reloads: Arc<ReloadStats>,
+}
+
+impl State {
+    /// An empty state, for tests of the server alone.
+    pub fn empty() -> State {
+        State {
+            published: Arc::new(Published::new(Arc::new(Snapshot {
+                generation: 0,
+                frontends: Vec::new(),
+            }))),
+            global: None,
+            reloads: Arc::new(ReloadStats::default()),
+        }
+    }
 }
 
 /// The bounds of the admin server.
@@ -112,8 +130,8 @@ fn fd_limit() -> u64 {
 }
 
 /// Binds now (so a busy port is a start-up error), serves in the background.
-pub fn serve(addr: SocketAddr, frontends: Vec<Arc<Frontend>>) -> std::io::Result<SocketAddr> {
-    serve_with(addr, State { frontends }, Limits::for_this_process())
+pub fn serve(addr: SocketAddr, state: State) -> std::io::Result<SocketAddr> {
+    serve_with(addr, state, Limits::for_this_process())
 }
 
 /// [`serve`] with explicit state and bounds.
@@ -300,7 +318,11 @@ fn route(state: &State, request: &Request<Incoming>) -> Response<Full<Bytes>> {
             text(
                 StatusCode::OK,
                 PROMETHEUS_TEXT,
-                metrics::render(&state.frontends),
+                metrics::render(
+                    &state.published.load(),
+                    state.global.as_deref(),
+                    &state.reloads,
+                ),
             )
         },
         _ => {
@@ -384,9 +406,7 @@ mod tests {
             connection: Duration::from_millis(500),
             linger: Duration::from_secs(1),
         };
-        let state = State {
-            frontends: Vec::new(),
-        };
+        let state = State::empty();
         let addr = serve_with(SocketAddr::from(([127, 0, 0, 1], 0)), state, limits)
             .expect("bind on loopback");
         let mut client = std::net::TcpStream::connect(addr).expect("connect");

@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{self, BackendConfig, CheckConfig, Config, FrontendConfig, Mode, OnDown};
+use crate::config::{
+    self, BackendConfig, CheckConfig, Config, ConfigError, ConfigSource, FrontendConfig, Mode,
+    OnDown,
+};
 
 const AFTER_HELP: &str = "\
 Durations are written 500ms, 2s, 5m, 1h; a bare number is milliseconds.
@@ -117,7 +120,11 @@ enum Command {
 
 /// What the command line asks for.
 pub enum Action {
-    Run { config: Config },
+    Run {
+        config: Config,
+        /// `None` when started from flags alone: nothing to reload.
+        source: Option<ConfigSource>,
+    },
     Check(PathBuf),
     Demo,
 }
@@ -153,22 +160,26 @@ impl Cli {
             if self.check {
                 return Ok(Action::Check(path));
             }
-            let mut config = Config::from_file(&path).map_err(|e| (1, e.to_string()))?;
-            if let Some(workers) = self.workers {
-                config.workers = workers;
-            }
-            if let Some(buffers) = self.buffers {
-                config.buffers = buffers;
-            }
-            if let Some(drain_timeout) = self.drain_timeout {
-                config.drain_timeout = drain_timeout;
-            }
-            if stats.is_some() {
-                config.stats = stats;
-            }
-            // The file was checked as it was read; only the flags are new.
-            config.check_settings().map_err(|e| (2, e))?;
-            return Ok(Action::Run { config });
+            let source = ConfigSource {
+                path,
+                workers: self.workers,
+                buffers: self.buffers,
+                drain_timeout: self.drain_timeout,
+                stats,
+            };
+            let config = source.load().map_err(|e| match e {
+                // A flag out of range is a usage error; the file's are 1.
+                ConfigError::Invalid {
+                    line: None,
+                    origin,
+                    message,
+                } if origin == "command line" => (2, message),
+                e => (1, e.to_string()),
+            })?;
+            return Ok(Action::Run {
+                config,
+                source: Some(source),
+            });
         }
         let Some(listen) = self.listen else {
             let hint = "nothing to do: give --listen ADDR and --backend ADDR, or --config FILE, or try 'ringlb demo'";
@@ -206,7 +217,10 @@ impl Cli {
             frontends: vec![frontend],
         };
         config.validate().map_err(|e| (2, e))?;
-        Ok(Action::Run { config })
+        Ok(Action::Run {
+            config,
+            source: None,
+        })
     }
 }
 

@@ -15,10 +15,6 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-/// The most backends one frontend may have: a connection remembers which
-/// backends it already tried in a 64-bit mask, so a retry never loops.
-pub const MAX_BACKENDS: usize = 64;
-
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
@@ -622,6 +618,65 @@ impl Config {
     }
 }
 
+/// Where a running ringlb's config comes from, so a reload reads it the
+/// same way: the file, and the flags that override its global settings
+/// (they keep overriding it on every reload).
+#[derive(Clone, Debug)]
+pub struct ConfigSource {
+    pub path: PathBuf,
+    pub workers: Option<usize>,
+    pub buffers: Option<u32>,
+    pub drain_timeout: Option<Duration>,
+    pub stats: Option<SocketAddr>,
+}
+
+impl ConfigSource {
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut config = Config::from_file(&self.path)?;
+        if let Some(workers) = self.workers {
+            config.workers = workers;
+        }
+        if let Some(buffers) = self.buffers {
+            config.buffers = buffers;
+        }
+        if let Some(drain_timeout) = self.drain_timeout {
+            config.drain_timeout = drain_timeout;
+        }
+        if self.stats.is_some() {
+            config.stats = self.stats;
+        }
+        // The file was checked as it was read; only the flags are new.
+        config
+            .check_settings()
+            .map_err(|message| ConfigError::Invalid {
+                origin: "command line".into(),
+                line: None,
+                message,
+            })?;
+        Ok(config)
+    }
+
+    /// An error about a frontend's listen address found after the file
+    /// was read (it cannot be bound), at the line of its `listen` key.
+    pub fn listen_error(&self, frontend: usize, message: String) -> ConfigError {
+        let origin = self.path.display().to_string();
+        let line = read_capped(&self.path).ok().and_then(|text| {
+            let raw: RawConfig = toml::from_str(&text).ok()?;
+            let start = raw.frontend.get(frontend)?.get_ref().listen.span().start;
+            let src = Source {
+                origin: &origin,
+                text: &text,
+            };
+            Some(src.line_col(start).0)
+        });
+        ConfigError::Invalid {
+            origin,
+            line,
+            message,
+        }
+    }
+}
+
 const NO_FRONTEND: &str = "no frontend: add a [[frontend]] table with listen and backends";
 
 /// Reads at most [`MAX_CONFIG_BYTES`]: a device or a runaway generator
@@ -721,15 +776,6 @@ fn check_frontend(f: &FrontendConfig) -> Result<(), Fault> {
         return Err(Fault::new(
             At::Frontend,
             "no backend: give at least one backend address".into(),
-        ));
-    }
-    if f.backends.len() > MAX_BACKENDS {
-        return Err(Fault::new(
-            At::Frontend,
-            format!(
-                "{} backends: at most {MAX_BACKENDS} per frontend",
-                f.backends.len()
-            ),
         ));
     }
     if f.check.rise == 0 || f.check.fall == 0 {

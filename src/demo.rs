@@ -127,9 +127,9 @@ impl Tally {
         println!("\n== {label}");
         for _ in 0..rounds {
             let mut row = String::new();
-            for (frontend, addr) in server.frontends.iter().zip(&server.local_addrs) {
+            for (frontend, addr) in server.frontends() {
                 self.sent += 1;
-                let answer = ask(*addr).unwrap_or_else(|e| {
+                let answer = ask(addr).unwrap_or_else(|e| {
                     self.failed += 1;
                     format!("FAILED: {e}")
                 });

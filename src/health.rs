@@ -24,19 +24,18 @@ use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout_at};
 
 use crate::config::CheckConfig;
-use crate::pool::ConnectFailure;
-use crate::server::Frontend;
+use crate::model::{AdminState, BackendShared, ConnectFailure, Health, Snapshot};
 
 /// Why a check failed, as the operator reads it in the DOWN line.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,97 +94,6 @@ impl fmt::Display for Failure {
     }
 }
 
-fn describe_live(failure: ConnectFailure) -> &'static str {
-    match failure {
-        ConnectFailure::Refused => "connection refused",
-        ConnectFailure::TimedOut => "connect timed out",
-        ConnectFailure::Other | ConnectFailure::Local => "connect failed",
-    }
-}
-
-/// What the last check said and when the state last changed: kept for the
-/// operator (an admin page reads it), written only by the scheduler.
-#[derive(Clone, Debug, Default)]
-pub struct Status {
-    /// `None` until the first check ends; the failure text otherwise.
-    pub last_check: Option<Result<(), String>>,
-    pub last_check_took: Duration,
-    /// When `up` last flipped (or when checking started).
-    pub changed_at: Option<SystemTime>,
-    /// Why it is in its current state, as the UP/DOWN line said it.
-    pub reason: String,
-}
-
-/// The health of one check target, shared by every backend (of any
-/// frontend) with the same address and check settings.
-pub struct Health {
-    /// Read by every new connection; written only by the scheduler.
-    up: AtomicBool,
-    /// Connect failures on live traffic since the last successful connect
-    /// (live or check). Workers write it; a success costs a read, not a
-    /// write, while the streak is already zero.
-    live_failures: AtomicU32,
-    last_live_failure: AtomicU8,
-    fall: u32,
-    /// Wakes the target's task when the live streak reaches `fall`.
-    wake: Notify,
-    status: Mutex<Status>,
-}
-
-impl Health {
-    pub fn new(fall: u32) -> Health {
-        Health {
-            // Up until checks say otherwise, as HAProxy does: traffic
-            // flows from the first second.
-            up: AtomicBool::new(true),
-            live_failures: AtomicU32::new(0),
-            last_live_failure: AtomicU8::new(0),
-            fall: fall.max(1),
-            wake: Notify::new(),
-            status: Mutex::new(Status::default()),
-        }
-    }
-
-    pub fn is_up(&self) -> bool {
-        self.up.load(Relaxed)
-    }
-
-    pub(crate) fn set_up(&self, up: bool) {
-        self.up.store(up, Relaxed);
-    }
-
-    /// Called by a worker for every successful connect: on a healthy
-    /// backend the streak is already zero, and a plain load keeps the cache
-    /// line shared between workers.
-    pub fn report_live_success(&self) {
-        if self.live_failures.load(Relaxed) != 0 {
-            self.live_failures.store(0, Relaxed);
-        }
-    }
-
-    /// Called by a worker for a connect the backend refused or let time
-    /// out. Never blocks: a notify with no waiter stores a permit, with one
-    /// it takes the waiter list's lock for a few instructions.
-    pub fn report_live_failure(&self, failure: ConnectFailure) {
-        self.last_live_failure.store(failure as u8, Relaxed);
-        let streak = self.live_failures.fetch_add(1, Relaxed).saturating_add(1);
-        if streak >= self.fall {
-            self.wake.notify_one();
-        }
-    }
-
-    /// A copy of the last check's outcome and the reason for the state.
-    pub fn status(&self) -> Status {
-        self.status.lock().map(|s| s.clone()).unwrap_or_default()
-    }
-
-    fn update_status(&self, change: impl FnOnce(&mut Status)) {
-        if let Ok(mut status) = self.status.lock() {
-            change(&mut status);
-        }
-    }
-}
-
 /// What makes two backends one check target: same address, same check.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TargetKey {
@@ -223,19 +131,41 @@ impl TargetKey {
     }
 }
 
-/// The health states handed out while the pools are built, so that the
-/// same target in two frontends gets the same `Arc`.
+/// The health states handed out while a snapshot is built, so that the
+/// same target in two frontends gets the same `Arc`, and a target the
+/// previous snapshot had keeps its state.
 #[derive(Default)]
-pub struct Targets(HashMap<TargetKey, Arc<Health>>);
+pub struct Targets {
+    known: HashMap<TargetKey, Arc<Health>>,
+    /// Whether each address was up: a backend whose check settings changed
+    /// is a new target, and starts from what its address last showed.
+    up: HashMap<SocketAddr, bool>,
+}
 
 impl Targets {
+    /// The targets of a snapshot in force, to build the next one from.
+    pub fn of(snapshot: &Snapshot) -> Targets {
+        let mut targets = Targets::default();
+        for frontend in &snapshot.frontends {
+            for backend in &frontend.backends {
+                let key = TargetKey::new(backend.addr, &frontend.config.check);
+                targets.up.insert(backend.addr, backend.health.is_up());
+                targets.known.insert(key, Arc::clone(&backend.health));
+            }
+        }
+        targets
+    }
+
     pub fn health(&mut self, addr: SocketAddr, check: &CheckConfig) -> Arc<Health> {
         let key = TargetKey::new(addr, check);
-        Arc::clone(
-            self.0
-                .entry(key)
-                .or_insert_with(|| Arc::new(Health::new(check.fall))),
-        )
+        let was_up = self.up.get(&addr).copied();
+        Arc::clone(self.known.entry(key).or_insert_with(|| {
+            let health = Health::new(check.fall);
+            if let Some(up) = was_up {
+                health.set_up(up);
+            }
+            Arc::new(health)
+        }))
     }
 }
 
@@ -320,16 +250,22 @@ impl Jitter {
     }
 }
 
-/// A backend entry (frontend, index) that uses a target: its counters and
-/// names are per frontend, its health is the target's.
-type User = (Arc<Frontend>, usize);
+/// The backends (of any frontend) that share a target, and the snapshot
+/// they are in: replaced by each reload while the target's task and its
+/// rise/fall counts carry on.
+struct Users {
+    backends: Vec<Arc<BackendShared>>,
+    snapshot: Arc<Snapshot>,
+}
 
 /// One target as the scheduler runs it.
 struct Target {
     key: TargetKey,
     check: CheckConfig,
     health: Arc<Health>,
-    users: Vec<User>,
+    /// Written by the control plane on reload, read here: a lock the data
+    /// path never sees.
+    users: Arc<Mutex<Users>>,
     /// Consecutive check results, as HAProxy counts them for rise and fall.
     good: u32,
     bad: u32,
@@ -337,22 +273,23 @@ struct Target {
 }
 
 impl Target {
+    fn with_users<T>(&self, f: impl FnOnce(&Users) -> T) -> Option<T> {
+        self.users.lock().ok().map(|users| f(&users))
+    }
+
     /// The backend's name as the user wrote it (in the first frontend that
     /// lists it).
     fn name(&self) -> String {
-        match self.users.first() {
-            Some((frontend, index)) => frontend.pool.backends[*index].name.clone(),
-            None => self.key.addr.to_string(),
-        }
+        self.with_users(|u| u.backends.first().map(|b| b.name.clone()))
+            .flatten()
+            .unwrap_or_else(|| self.key.addr.to_string())
     }
 
     /// "frontend web", or "frontends web, db, api and 197 more".
     fn frontends(&self) -> String {
-        let mut names: Vec<&str> = self
-            .users
-            .iter()
-            .map(|(f, _)| f.config.name.as_str())
-            .collect();
+        let mut names: Vec<String> = self
+            .with_users(|u| u.backends.iter().map(|b| b.frontend.clone()).collect())
+            .unwrap_or_default();
         names.dedup();
         let shown = names.len().min(3);
         let more = match names.len() - shown {
@@ -365,6 +302,16 @@ impl Target {
             "frontends"
         };
         format!("{label} {}{more}", names[..shown].join(", "))
+    }
+
+    /// Every backend on this target is in maintenance: HAProxy suspends
+    /// the checks of a server in maintenance, and so does ringlb, so that
+    /// work on a backend is neither marked down nor logged as failing.
+    fn suspended(&self) -> bool {
+        self.with_users(|u| {
+            !u.backends.is_empty() && u.backends.iter().all(|b| b.admin() == AdminState::Maint)
+        })
+        .unwrap_or(false)
     }
 
     fn record_check(&mut self, result: Result<(), Failure>, took: Duration) {
@@ -400,7 +347,7 @@ impl Target {
             Err(failure) => {
                 self.good = 0;
                 self.bad = self.bad.saturating_add(1);
-                self.for_each_user(|b| b.stats.checks_failed.fetch_add(1, Relaxed));
+                self.count(|s| &s.checks_failed);
                 if self.health.is_up() && self.bad >= self.check.fall {
                     let reason = format!(
                         "{} failed checks in a row (last: {failure}, took {ms:.1}ms)",
@@ -430,7 +377,7 @@ impl Target {
         self.good = 0;
         let reason = format!(
             "{streak} connect failures in a row on live traffic (last: {})",
-            describe_live(last)
+            last.describe()
         );
         self.mark(false, reason);
     }
@@ -442,14 +389,14 @@ impl Target {
             s.reason.clone_from(&reason);
         });
         if up {
-            self.for_each_user(|b| b.stats.went_up.fetch_add(1, Relaxed));
+            self.count(|s| &s.went_up);
             log::info!(
                 "backend {} is UP ({}): {reason}",
                 self.name(),
                 self.frontends()
             );
         } else {
-            self.for_each_user(|b| b.stats.went_down.fetch_add(1, Relaxed));
+            self.count(|s| &s.went_down);
             log::warn!(
                 "backend {} is DOWN ({}): {reason}",
                 self.name(),
@@ -459,24 +406,31 @@ impl Target {
         }
     }
 
-    fn for_each_user(&self, f: impl Fn(&crate::pool::Backend) -> u64) {
-        for (frontend, index) in &self.users {
-            f(&frontend.pool.backends[*index]);
-        }
+    fn count(&self, counter: impl Fn(&crate::model::BackendStats) -> &AtomicU64) {
+        self.with_users(|u| {
+            for backend in &u.backends {
+                counter(&backend.stats).fetch_add(1, Relaxed);
+            }
+        });
     }
 
     fn warn_if_none_left(&self) {
-        let mut warned: Vec<&str> = Vec::new();
-        for (frontend, _) in &self.users {
-            let name = frontend.config.name.as_str();
-            if warned.contains(&name) || frontend.pool.backends.iter().any(|b| b.is_up()) {
-                continue;
+        self.with_users(|u| {
+            let mut warned: Vec<&str> = Vec::new();
+            for backend in &u.backends {
+                let name = backend.frontend.as_str();
+                let Some(frontend) = u.snapshot.frontend(name) else {
+                    continue;
+                };
+                if warned.contains(&name) || frontend.backends.iter().any(|b| b.is_up()) {
+                    continue;
+                }
+                warned.push(name);
+                log::error!(
+                    "frontend {name} has no backend up: new connections are closed until one comes back"
+                );
             }
-            warned.push(name);
-            log::error!(
-                "frontend {name} has no backend up: new connections are reset until one comes back"
-            );
-        }
+        });
     }
 
     /// Checks on a jittered interval and reacts to live failures at once,
@@ -500,6 +454,10 @@ impl Target {
                     }
                 }
             };
+            if self.suspended() {
+                next = started + jitter.interval(check.interval);
+                continue;
+            }
             let probe = probe(addr, &check);
             tokio::pin!(probe);
             let result = loop {
@@ -515,10 +473,11 @@ impl Target {
 }
 
 /// Orders for the scheduler thread. Targets are keyed by (address, check),
-/// so a later reload can add and remove targets while the ones that stay
-/// keep their state.
+/// so a reload adds and removes targets while the ones that stay keep
+/// their state (their task, rise/fall counts and `Health`).
 enum Command {
-    Watch(Target),
+    /// The complete set of targets for a new snapshot.
+    Set(Vec<Target>),
 }
 
 /// Why the health checks could not start; ringlb refuses to run then.
@@ -543,32 +502,32 @@ pub struct Scheduler {
 const STOP_WAIT: Duration = Duration::from_millis(500);
 
 impl Scheduler {
-    /// Starts the thread and its runtime, and hands it every backend of
-    /// every frontend, grouped by the `Health` they share.
-    pub fn start(frontends: &[Arc<Frontend>]) -> Result<Scheduler, StartError> {
+    /// Starts the thread and its runtime, with no target yet.
+    pub fn start() -> Result<Scheduler, StartError> {
         let (commands, receiver) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("ringlb-health".into())
             .spawn(move || run_thread(receiver, ready_tx))
             .map_err(StartError)?;
-        let mut scheduler = Scheduler {
+        let scheduler = Scheduler {
             commands: Some(commands),
             thread: Some(thread),
         };
         match ready_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(StartError(e)),
-            Err(_) => {
-                return Err(StartError(std::io::Error::other(
-                    "the health thread ended at start",
-                )));
-            }
+            Ok(Ok(())) => Ok(scheduler),
+            Ok(Err(e)) => Err(StartError(e)),
+            Err(_) => Err(StartError(std::io::Error::other(
+                "the health thread ended at start",
+            ))),
         }
-        for target in group(frontends) {
-            scheduler.send(Command::Watch(target))?;
-        }
-        Ok(scheduler)
+    }
+
+    /// Checks exactly the targets of this snapshot, grouped by the
+    /// `Health` they share: new ones start, removed ones stop, the others
+    /// carry on with their new set of backends.
+    pub fn watch(&mut self, snapshot: &Arc<Snapshot>) -> Result<(), StartError> {
+        self.send(Command::Set(group(snapshot)))
     }
 
     fn send(&mut self, command: Command) -> Result<(), StartError> {
@@ -601,6 +560,13 @@ impl Drop for Scheduler {
     }
 }
 
+/// A target's running task and the users it reads.
+struct Running {
+    task: tokio::task::JoinHandle<()>,
+    health: Arc<Health>,
+    users: Arc<Mutex<Users>>,
+}
+
 fn run_thread(
     mut commands: mpsc::UnboundedReceiver<Command>,
     ready: std::sync::mpsc::Sender<std::io::Result<()>>,
@@ -618,48 +584,87 @@ fn run_thread(
     };
     let _ = ready.send(Ok(()));
     runtime.block_on(async move {
-        let mut tasks = HashMap::new();
-        while let Some(command) = commands.recv().await {
-            match command {
-                Command::Watch(target) => {
-                    let key = target.key.clone();
-                    let task = tokio::spawn(target.run());
-                    if let Some(old) = tasks.insert(key, task) {
-                        old.abort();
-                    }
-                }
-            }
+        let mut running: HashMap<TargetKey, Running> = HashMap::new();
+        while let Some(Command::Set(targets)) = commands.recv().await {
+            apply_targets(&mut running, targets);
         }
     });
     // Dropping the runtime here drops every task and its probe: sockets
     // close, nothing is awaited.
 }
 
-/// One target per distinct `Health`, with every backend that shares it.
-fn group(frontends: &[Arc<Frontend>]) -> Vec<Target> {
-    let mut order: Vec<TargetKey> = Vec::new();
-    let mut targets: HashMap<TargetKey, Target> = HashMap::new();
-    for frontend in frontends {
-        for (index, backend) in frontend.pool.backends.iter().enumerate() {
-            let key = TargetKey::new(backend.addr, &frontend.config.check);
-            let target = targets.entry(key.clone()).or_insert_with(|| {
-                order.push(key.clone());
-                Target {
-                    check: key.check(),
-                    key,
-                    health: Arc::clone(&backend.health),
-                    users: Vec::new(),
-                    good: 0,
-                    bad: 0,
-                    local_warning: crate::logging::RateLimit::new(Duration::from_secs(10)),
+fn apply_targets(running: &mut HashMap<TargetKey, Running>, targets: Vec<Target>) {
+    let mut next = HashMap::with_capacity(targets.len());
+    for target in targets {
+        let key = target.key.clone();
+        match running.remove(&key) {
+            // Same target, same state: only its users change.
+            Some(kept) if Arc::ptr_eq(&kept.health, &target.health) => {
+                let users = target.users.lock().ok().map(|mut u| Users {
+                    backends: std::mem::take(&mut u.backends),
+                    snapshot: Arc::clone(&u.snapshot),
+                });
+                if let (Some(users), Ok(mut current)) = (users, kept.users.lock()) {
+                    *current = users;
                 }
+                next.insert(key, kept);
+            }
+            other => {
+                if let Some(old) = other {
+                    old.task.abort();
+                }
+                let health = Arc::clone(&target.health);
+                let users = Arc::clone(&target.users);
+                let task = tokio::spawn(target.run());
+                next.insert(
+                    key,
+                    Running {
+                        task,
+                        health,
+                        users,
+                    },
+                );
+            }
+        }
+    }
+    for (key, gone) in running.drain() {
+        log::debug!("health checks of {} stopped", key.addr);
+        gone.task.abort();
+    }
+    *running = next;
+}
+
+/// One target per distinct `Health`, with every backend that shares it.
+fn group(snapshot: &Arc<Snapshot>) -> Vec<Target> {
+    let mut order: Vec<TargetKey> = Vec::new();
+    let mut targets: HashMap<TargetKey, (Arc<Health>, Vec<Arc<BackendShared>>)> = HashMap::new();
+    for frontend in &snapshot.frontends {
+        for backend in &frontend.backends {
+            let key = TargetKey::new(backend.addr, &frontend.config.check);
+            let entry = targets.entry(key.clone()).or_insert_with(|| {
+                order.push(key);
+                (Arc::clone(&backend.health), Vec::new())
             });
-            target.users.push((Arc::clone(frontend), index));
+            entry.1.push(Arc::clone(backend));
         }
     }
     order
         .into_iter()
-        .filter_map(|k| targets.remove(&k))
+        .filter_map(|key| {
+            let (health, backends) = targets.remove(&key)?;
+            Some(Target {
+                check: key.check(),
+                key,
+                health,
+                users: Arc::new(Mutex::new(Users {
+                    backends,
+                    snapshot: Arc::clone(snapshot),
+                })),
+                good: 0,
+                bad: 0,
+                local_warning: crate::logging::RateLimit::new(Duration::from_secs(10)),
+            })
+        })
         .collect()
 }
 
@@ -777,5 +782,43 @@ mod tests {
             ));
         });
         let _ = answer.join();
+    }
+
+    #[test]
+    fn checks_are_suspended_only_when_every_user_is_in_maintenance() {
+        use crate::model::{FrontendShared, FrontendSnapshot};
+        let text = "[[frontend]]\nlisten = \"127.0.0.1:1\"\nbackends = [\"127.0.0.1:9\"]\n";
+        let config = crate::config::Config::from_toml(text, "t")
+            .expect("config")
+            .frontends[0]
+            .clone();
+        let health = Arc::new(Health::new(3));
+        let backend = |name: &str| {
+            Arc::new(BackendShared::new(
+                name,
+                "b",
+                config.backends[0].addr,
+                Arc::clone(&health),
+            ))
+        };
+        let (a, b) = (backend("a"), backend("b"));
+        let snapshot = Arc::new(Snapshot {
+            generation: 1,
+            frontends: vec![Arc::new(FrontendSnapshot::new(
+                config.clone(),
+                Arc::new(FrontendShared::new("a")),
+                vec![Arc::clone(&a), Arc::clone(&b)],
+            ))],
+        });
+        let targets = group(&snapshot);
+        assert_eq!(targets.len(), 1);
+        let target = &targets[0];
+        assert!(!target.suspended());
+        a.set_admin(AdminState::Maint);
+        assert!(!target.suspended(), "b still needs its checks");
+        b.set_admin(AdminState::Drain);
+        assert!(!target.suspended(), "a draining backend is still checked");
+        b.set_admin(AdminState::Maint);
+        assert!(target.suspended());
     }
 }

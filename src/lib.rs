@@ -3,20 +3,35 @@
 //! How the pieces fit:
 //!
 //! ```text
-//!   clients ─► worker 0 (io_uring, SO_REUSEPORT listener) ─┐
-//!          ─► worker 1 (io_uring, SO_REUSEPORT listener) ─┼─► backends
-//!                  ▲ reads `up`, bumps counters            │
-//!   control plane: pool (atomics) ◄── health watchers (one thread per backend)
-//!                  admin (/metrics), signals (drain, stop)
+//!              data path                          control plane (own threads)
+//!   clients ─► worker 0: io_uring, listeners,  ◄─ commands ── server: start, drain,
+//!          ─► worker 1:  sessions (Rc view of    + acks ─►    stop; reload: read
+//!               the frontend snapshot they                    the file, bind new
+//!               started with) ─► backends                     listeners, build and
+//!                   │   ▲                                     publish a snapshot
+//!                   ▼   │ reads health/admin,                 health: one scheduler,
+//!               model (leaf): Snapshot ─►                     writes `up`
+//!                FrontendSnapshot(config, selector,           admin: /metrics over
+//!                backends) ─► BackendShared(health,           the published snapshot
+//!                admin state, counters) ◄──────────────────── signals: reload, drain
 //! ```
 //!
+//! The data path and the control plane meet only in [`model`]: immutable
+//! snapshots handed to workers by command, and atomics with one writer
+//! each (health: the scheduler; admin state: the admin and reload path;
+//! counters: workers).
+//!
+//! - [`model`]: the runtime model (a leaf): backends and frontends with
+//!   their shared state kept across reloads, snapshots, the selectors.
 //! - [`config`]: the settings of each frontend, from a TOML file or flags.
 //! - [`cli`]: the command line.
-//! - [`pool`]: backends, their up/down state and counters, and the choice
-//!   of a backend (round robin or priority); lock-free.
+//! - [`reload`]: the difference between two configs, applied in order so
+//!   a failure changes nothing.
 //! - [`health`]: the failover watcher (active checks, passive signal).
-//! - [`server`]: binds listeners, starts workers and watchers, drains.
-//! - [`worker`]: the per-core io_uring event loop: accept, connect, retry.
+//! - [`server`]: starts workers and the scheduler; the command channels;
+//!   brings a config into force (the first, and every reload).
+//! - [`worker`]: the per-core io_uring event loop: commands, accept,
+//!   connect, retry, the tick.
 //! - [`relay`]: one client/backend pair: copy or splice, half-close, reset.
 //! - [`uring`]: ring setup, buffer ring, pipe pool, the raw syscalls.
 //! - [`metrics`] and [`admin`]: counters and the Prometheus endpoint.
@@ -29,8 +44,9 @@ pub mod demo;
 pub mod health;
 pub mod logging;
 pub mod metrics;
-pub mod pool;
+pub mod model;
 pub mod relay;
+pub mod reload;
 pub mod server;
 pub mod uring;
 pub mod worker;

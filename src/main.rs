@@ -1,7 +1,7 @@
 //! `ringlb`: parses the command line, starts the server, and turns signals
 //! into drain (first SIGTERM/SIGINT/SIGUSR1), stop (second, or drain
-//! timeout). SIGHUP and SIGUSR2 are kept for reload, SIGQUIT logs a status
-//! line per frontend; every signal taken is logged by name.
+//! timeout). SIGHUP and SIGUSR2 reload the config file, SIGQUIT logs a
+//! status line per frontend; every signal taken is logged by name.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use ringlb::cli::{self, Action};
-use ringlb::config::Config;
+use ringlb::config::{Config, ConfigSource};
 use ringlb::server::Server;
 
 fn main() -> ExitCode {
@@ -61,14 +61,14 @@ fn run_action() -> ExitCode {
             }
         },
         Action::Demo => ringlb::demo::run(),
-        Action::Run { config } => run(&config),
+        Action::Run { config, source } => run(&config, source.as_ref()),
     }
 }
 
 /// How long workers get to close their connections after a stop.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
-fn run(config: &Config) -> ExitCode {
+fn run(config: &Config, source: Option<&ConfigSource>) -> ExitCode {
     // Blocked before any thread starts, so every thread inherits the mask
     // and the signals wait here for sigtimedwait instead of killing us.
     let signals = Signals::block();
@@ -82,7 +82,12 @@ fn run(config: &Config) -> ExitCode {
     };
     log_settings(config);
     if let Some(addr) = config.stats {
-        match ringlb::admin::serve(addr, server.frontends.clone()) {
+        let state = ringlb::admin::State {
+            published: server.published(),
+            global: Some(server.global()),
+            reloads: server.reload_stats(),
+        };
+        match ringlb::admin::serve(addr, state) {
             Ok(bound) => log::info!("metrics on http://{bound}/metrics"),
             Err(e) => {
                 ringlb::logging::flush();
@@ -108,10 +113,10 @@ fn run(config: &Config) -> ExitCode {
         }
         let signal = signals.wait(Duration::from_millis(200));
         match signal.map(|s| (signal_name(s), Request::of(s))) {
-            Some((name, Request::Reload)) => log::warn!(
-                "{name}: in-place reload is not supported; start a new ringlb with the new config \
-                 (it shares the port), then send SIGTERM to this one to drain it"
-            ),
+            Some((name, Request::Reload)) if drain_deadline.is_some() => {
+                log::warn!("{name}: draining: the reload is ignored");
+            }
+            Some((name, Request::Reload)) => reload(name, &server, source),
             Some((name, Request::Status)) => log_status(name, &server),
             Some((name, Request::Ignore)) => {
                 log::warn!("{name}: not a signal ringlb acts on; ignored")
@@ -120,10 +125,10 @@ fn run(config: &Config) -> ExitCode {
                 log::info!(
                     "{name}: draining: no new connections, {} open ones get up to {:?} to finish",
                     server.active_connections(),
-                    config.drain_timeout
+                    server.drain_timeout()
                 );
                 server.drain();
-                drain_deadline = Some(Instant::now() + config.drain_timeout);
+                drain_deadline = Some(Instant::now() + server.drain_timeout());
             }
             Some((name, Request::Stop)) if !stopping => {
                 log::warn!(
@@ -183,7 +188,7 @@ fn log_settings(config: &Config) {
 enum Request {
     /// Drain, then stop (HAProxy's soft stop is SIGUSR1).
     Stop,
-    /// Reserved for an in-place reload (HAProxy: SIGUSR2, systemd: SIGHUP).
+    /// Re-read the config file (HAProxy: SIGUSR2, systemd: SIGHUP).
     Reload,
     /// A status line per frontend in the log (HAProxy dumps stats).
     Status,
@@ -236,23 +241,38 @@ fn signal_name(signal: i32) -> &'static str {
         .map_or("signal", |(_, name)| name)
 }
 
+/// SIGHUP, SIGUSR2: the outcome is logged (and counted) by the reload.
+fn reload(signal: &str, server: &Server, source: Option<&ConfigSource>) {
+    match source {
+        Some(source) => {
+            log::info!("{signal}: reloading {}", source.path.display());
+            let _ = server.reload(source);
+        }
+        None => log::warn!(
+            "{signal}: no config file to reload: ringlb was started from flags (use --config FILE \
+             to reload in place, or start a new ringlb on the same port and drain this one)"
+        ),
+    }
+}
+
 fn log_status(signal: &str, server: &Server) {
     log::info!(
         "{signal}: status: {} connections open; ringlb keeps running (SIGTERM or SIGUSR1 drains)",
         server.active_connections()
     );
-    for frontend in &server.frontends {
-        let backends = &frontend.pool.backends;
+    for (frontend, _) in server.frontends() {
+        let backends = &frontend.backends;
         let down: Vec<&str> = backends
             .iter()
             .filter(|b| !b.is_up())
             .map(|b| b.name.as_str())
             .collect();
+        let stats = &frontend.shared.stats;
         log::info!(
             "{signal}: frontend {}: {} open, {} accepted, {} of {} backends up{}{}",
             frontend.config.name,
-            frontend.stats.active.load(Relaxed),
-            frontend.stats.accepted.load(Relaxed),
+            stats.active.load(Relaxed),
+            stats.accepted.load(Relaxed),
             backends.len() - down.len(),
             backends.len(),
             if down.is_empty() { "" } else { "; down: " },

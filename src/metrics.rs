@@ -3,33 +3,11 @@
 //! control plane's business.
 
 use std::fmt::Write;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::admin::STATS as ADMIN;
-use crate::server::Frontend;
-
-#[derive(Default)]
-pub struct FrontendStats {
-    pub accepted: AtomicU64,
-    pub active: AtomicU64,
-    /// Times a worker stopped accepting because the frontend was at its
-    /// maxconn (new clients then wait in the kernel's accept queue).
-    pub maxconn_reached: AtomicU64,
-    /// Accepts that failed (out of fds or memory): the listener pauses.
-    pub accept_errors: AtomicU64,
-    /// Closed because no backend was up or every one failed to connect.
-    pub no_backend: AtomicU64,
-    /// Receives that found the worker's buffers all held (by sends to slow
-    /// peers) and moved to splice: a sign that `buffers` is too small.
-    pub buffers_exhausted: AtomicU64,
-    /// Directions that could not get a splice pipe (out of fds or pipe
-    /// memory) and went on copying through buffers.
-    pub pipe_fallbacks: AtomicU64,
-    /// Connections reset on both sides because ringlb could not carry them
-    /// on (no fd for a backend socket, a local connect or relay error).
-    pub local_errors: AtomicU64,
-}
+use crate::model::{self, ReloadStats, Snapshot};
+pub use crate::model::{BackendStats, FrontendStats};
 
 /// A metric: name, Prometheus type, and where its value lives.
 type Metric<S> = (&'static str, &'static str, fn(&S) -> &AtomicU64);
@@ -44,9 +22,16 @@ type Global = (&'static str, &'static str, fn() -> u64);
 /// OpenMetrics flavour (it appends `_total` itself and ends with `# EOF`),
 /// which would rename our series; our counters are plain atomics, and the
 /// one thing its encoder would add, label escaping, is [`escape_label`].
-pub fn render(frontends: &[Arc<Frontend>]) -> String {
+pub fn render(
+    snapshot: &Snapshot,
+    global: Option<&model::Global>,
+    reloads: &ReloadStats,
+) -> String {
+    let frontends = &snapshot.frontends;
     let mut out = Exposition::default();
-    render_global(&mut out, frontends);
+    if let Some(global) = global {
+        render_global(&mut out, global);
+    }
     let frontend_metrics: &[Metric<FrontendStats>] = &[
         ("ringlb_frontend_connections_total", "counter", |s| {
             &s.accepted
@@ -75,10 +60,10 @@ pub fn render(frontends: &[Arc<Frontend>]) -> String {
         out.family(name, kind);
         for f in frontends {
             let labels = [("frontend", f.config.name.as_str())];
-            out.sample(name, &labels, get(&f.stats).load(Relaxed));
+            out.sample(name, &labels, get(&f.shared.stats).load(Relaxed));
         }
     }
-    let backend_metrics: &[Metric<crate::pool::BackendStats>] = &[
+    let backend_metrics: &[Metric<BackendStats>] = &[
         ("ringlb_backend_connections_total", "counter", |s| {
             &s.connections
         }),
@@ -103,7 +88,7 @@ pub fn render(frontends: &[Arc<Frontend>]) -> String {
     for &(name, kind, get) in backend_metrics {
         out.family(name, kind);
         for f in frontends {
-            for b in &f.pool.backends {
+            for b in &f.backends {
                 let labels = [("frontend", f.config.name.as_str()), ("backend", &b.name)];
                 out.sample(name, &labels, get(&b.stats).load(Relaxed));
             }
@@ -111,10 +96,21 @@ pub fn render(frontends: &[Arc<Frontend>]) -> String {
     }
     out.family("ringlb_backend_up", "gauge");
     for f in frontends {
-        for b in &f.pool.backends {
+        for b in &f.backends {
             let labels = [("frontend", f.config.name.as_str()), ("backend", &b.name)];
             out.sample("ringlb_backend_up", &labels, u64::from(b.is_up()));
         }
+    }
+    let reload_metrics: &[Metric<ReloadStats>] = &[
+        ("ringlb_reloads_total", "counter", |s| &s.reloads),
+        ("ringlb_reload_failures_total", "counter", |s| &s.failures),
+        ("ringlb_last_reload_timestamp_seconds", "gauge", |s| {
+            &s.last_success
+        }),
+    ];
+    for &(name, kind, get) in reload_metrics {
+        out.family(name, kind);
+        out.sample(name, &[], get(reloads).load(Relaxed));
     }
     let global: &[Global] = &[
         (
@@ -188,10 +184,7 @@ pub fn escape_label(out: &mut String, value: &str) {
 
 /// The process-wide series: the connection limit, its use, and the
 /// workers' completion queues.
-fn render_global(out: &mut Exposition, frontends: &[Arc<Frontend>]) {
-    let Some(global) = frontends.first().map(|f| &f.global) else {
-        return;
-    };
+fn render_global(out: &mut Exposition, global: &model::Global) {
     let series: [(&str, &str, u64); 5] = [
         ("ringlb_connection_limit", "gauge", global.limit),
         (

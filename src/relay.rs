@@ -26,7 +26,6 @@ use std::time::Instant;
 
 use io_uring::{cqueue, opcode, squeue, types};
 
-use crate::pool::Tried;
 use crate::uring::{self, Io, Op, Pipe, token};
 
 /// Whether data is probably waiting when a read is armed.
@@ -62,6 +61,11 @@ pub enum End {
     BackendDown,
     /// The balancer is stopping.
     Stopped,
+    /// The operator closed its backend's connections (a backend removed
+    /// by a reload under `on-down = "shutdown"`).
+    BackendClosed,
+    /// Its frontend was removed by a reload and the drain timeout passed.
+    FrontendRemoved,
     /// A local failure (out of fds, of memory); `Conn::local` says which.
     LocalError,
 }
@@ -113,6 +117,8 @@ impl End {
             End::NoBackend => "no backend available",
             End::BackendDown => "backend marked down",
             End::Stopped => "balancer stopping",
+            End::BackendClosed => "backend closed by the operator",
+            End::FrontendRemoved => "frontend removed, drain timeout passed",
             End::LocalError => "local error",
         }
     }
@@ -155,14 +161,13 @@ pub struct Direction {
     pub counted: u64,
 }
 
+/// The sockets and relay state of one connection. What the connection is
+/// routed by (its frontend snapshot, its backend, the backends it tried)
+/// is the worker's business and lives next to it in the session.
 pub struct Conn {
-    pub frontend: usize,
     pub client: RawFd,
     /// -1 until a backend socket exists.
     pub backend: RawFd,
-    pub backend_index: usize,
-    /// Backends this connection already tried, so a retry never repeats one.
-    pub tried: Tried,
     pub phase: Phase,
     pub dirs: [Direction; 2],
     /// Operations submitted and not yet completed. The fds and buffers they
@@ -172,8 +177,6 @@ pub struct Conn {
     pub last_active: Instant,
     pub started: Instant,
     pub end: Option<End>,
-    /// The backend accepted: its active count must drop when this ends.
-    pub connected: bool,
     /// Looked up at accept only when debug logging is on: by the time the
     /// connection is logged the peer may be gone.
     pub client_addr: Option<std::net::SocketAddr>,
@@ -198,20 +201,16 @@ const SPLICE_LEN: usize = 1 << 20;
 const SPLICE_BUDGET: usize = 1 << 20;
 
 impl Conn {
-    pub fn new(frontend: usize, client: RawFd, now: Instant) -> Conn {
+    pub fn new(client: RawFd, now: Instant) -> Conn {
         Conn {
-            frontend,
             client,
             backend: -1,
-            backend_index: 0,
-            tried: Tried::default(),
             phase: Phase::Connecting,
             dirs: [Direction::default(), Direction::default()],
             inflight: 0,
             last_active: now,
             started: now,
             end: None,
-            connected: false,
             client_addr: None,
             reset_to: None,
             flush_cut: false,
@@ -626,7 +625,12 @@ impl Conn {
             // asked for it, or ringlb cannot carry the stream on (no
             // backend to take it is one such case). A clean end here would
             // pass a prefix (or nothing) off as the whole stream.
-            End::BackendDown | End::LocalError | End::Stopped | End::NoBackend => {
+            End::BackendDown
+            | End::BackendClosed
+            | End::FrontendRemoved
+            | End::LocalError
+            | End::Stopped
+            | End::NoBackend => {
                 self.reset_both();
             }
             // A peer that stopped reading leaves bytes on their way to it:

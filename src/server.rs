@@ -1,129 +1,62 @@
-//! Starting and stopping ringlb: listeners bound up front (so a busy port
-//! is reported before anything runs), one worker thread per core, the
-//! failover watcher, and the drain/stop controls the signal handler uses.
-//! Also the global connection limit, derived from the fd limit.
+//! Starting, changing and stopping ringlb: the worker threads with their
+//! command channels, the health scheduler, and the control plane that
+//! binds listeners, publishes snapshots and waits for the workers to take
+//! them. Starting is a reload from nothing: the same steps bring the first
+//! config into force as every later one.
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
-use std::sync::mpsc;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Socket, Type};
 
-use crate::config::{Config, FrontendConfig};
-use crate::health::{Scheduler, Targets};
-use crate::metrics::FrontendStats;
-use crate::pool::Pool;
-use crate::worker::Worker;
+use crate::config::Config;
+use crate::health::Scheduler;
+use crate::model::{FrontendSnapshot, Global, Published, ReloadStats, Snapshot};
+use crate::reload::{self, Plan};
+use crate::worker::{Ack, Command, Commands, Worker};
 
-/// A frontend at run time: its settings, its pool, its counters; shared
-/// by every worker and the control plane.
-pub struct Frontend {
-    pub config: FrontendConfig,
-    pub pool: Pool,
-    pub stats: FrontendStats,
-    /// Workers that stopped accepting on this frontend at its maxconn.
-    pub waiting: Waiting,
-    /// What every frontend shares: the global limit and the workers' wake
-    /// fds (so the metrics, which see only frontends, reach it too).
-    pub global: Arc<Global>,
+/// Why ringlb could not start.
+#[derive(Debug)]
+pub enum StartError {
+    Listen {
+        frontend: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    Worker(std::io::Error),
+    Health(crate::health::StartError),
+    /// The fd limit is too low for even one connection.
+    Limit(FdBudget),
 }
 
-/// Workers (bit `id % 64`) that stopped accepting at a limit and wait for
-/// a connection to end. A superset is harmless: a woken worker that finds
-/// no room goes back to waiting.
-#[derive(Default)]
-pub struct Waiting(AtomicU64);
-
-impl Waiting {
-    fn bit(worker: usize) -> u64 {
-        1 << (worker % 64)
-    }
-
-    /// Sequentially consistent with `take`: a worker that marks itself and
-    /// then finds no room, and a worker that frees room and then takes the
-    /// marks, cannot both miss each other.
-    pub fn mark(&self, worker: usize) {
-        self.0.fetch_or(Self::bit(worker), SeqCst);
-    }
-
-    /// The marked workers, cleared; one plain load when none waits (the
-    /// common case, on every connection's end).
-    pub fn take(&self) -> u64 {
-        if self.0.load(SeqCst) == 0 {
-            return 0;
-        }
-        self.0.swap(0, SeqCst)
-    }
-
-    pub fn includes(bits: u64, worker: usize) -> bool {
-        bits & Self::bit(worker) != 0
-    }
-}
-
-/// Shared by every worker: the connection ceiling and its counters, and
-/// the eventfds that wake each worker's ring.
-pub struct Global {
-    /// Most client connections at once, all frontends together.
-    pub limit: u64,
-    /// Room under `limit` a multishot accept needs: every listener's accept
-    /// queue taken whole at once (frontends x workers x queue length).
-    pub multishot_room: u64,
-    /// The same under a frontend's maxconn: its listeners, one per worker.
-    pub frontend_multishot_room: u64,
-    /// RLIMIT_NOFILE (soft, after raising it to the hard limit).
-    pub nofile: u64,
-    /// Splice pipes the budget allows, all workers together: more would
-    /// take fds promised to connections.
-    pub pipes: u64,
-    /// Fds the budget leaves the stats server (listener and connections).
-    pub stats_fds: u64,
-    /// Client connections open, all frontends together (plus, for an
-    /// instant, the one a worker is accepting).
-    pub active: AtomicU64,
-    /// Times a worker stopped accepting because `active` reached `limit`.
-    pub limit_reached: AtomicU64,
-    /// Completions the kernel dropped (io_uring's cq_overflow), all workers.
-    pub cq_dropped: AtomicU64,
-    /// Times a worker found its completion queue overflowed into kernel
-    /// memory: a sign the queue is too small for the load.
-    pub cq_overflowed: AtomicU64,
-    /// Workers waiting for room under `limit`.
-    pub waiting: Waiting,
-    /// One eventfd per worker: writing to it wakes the worker's ring. Owned
-    /// here, and the workers hold this `Arc`, so a worker's fd stays open
-    /// as long as the worker runs, whatever happens to the `Server`.
-    wake_fds: Vec<OwnedFd>,
-}
-
-impl Global {
-    pub fn wake_fd(&self, worker: usize) -> RawFd {
-        self.wake_fds[worker].as_raw_fd()
-    }
-
-    pub fn workers(&self) -> usize {
-        self.wake_fds.len()
-    }
-
-    pub fn wake(&self, worker: usize) {
-        let one = 1u64;
-        // SAFETY: writes 8 bytes from a local u64 to an eventfd this struct
-        // owns; a full counter (EAGAIN) already means "wake up".
-        unsafe { libc::write(self.wake_fd(worker), (&one as *const u64).cast(), 8) };
-    }
-
-    /// Wakes the workers in `bits` except `me`.
-    pub fn wake_others(&self, bits: u64, me: usize) {
-        for worker in 0..self.workers() {
-            if worker != me && Waiting::includes(bits, worker) {
-                self.wake(worker);
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Listen {
+                frontend,
+                addr,
+                source,
+            } => {
+                write!(f, "cannot listen on {addr} (frontend {frontend}): {source}")
             }
+            StartError::Worker(e) => write!(f, "cannot start a worker: {e}"),
+            StartError::Health(e) => e.fmt(f),
+            StartError::Limit(budget) => write!(
+                f,
+                "RLIMIT_NOFILE is {}, which leaves no file descriptor for client connections \
+                 (ringlb keeps {} for listeners, workers, checks, the stats server and a reserve); \
+                 raise it (ulimit -n, or LimitNOFILE= in a systemd unit)",
+                budget.nofile, budget.fixed
+            ),
         }
     }
 }
+
+impl std::error::Error for StartError {}
 
 /// Where the fds go, for the connection limit: fixed costs first (stdio,
 /// one listener per frontend and worker, a ring and a wake eventfd per
@@ -181,71 +114,59 @@ impl FdBudget {
     }
 }
 
-/// Flags the control plane raises; workers read them when woken.
-#[derive(Default)]
-pub struct Control {
-    pub draining: AtomicBool,
-    pub stopping: AtomicBool,
+/// How long the control plane waits for every worker to acknowledge a
+/// change; a worker that takes longer is named in the log.
+const ACK_WAIT: Duration = Duration::from_secs(5);
+
+/// The control plane's end of one worker's channel (its wake eventfd is
+/// in [`Global`]).
+struct Link {
+    commands: mpsc::Sender<(u64, Command)>,
 }
 
-/// Why ringlb could not start.
-#[derive(Debug)]
-pub enum StartError {
-    Listen {
-        frontend: String,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    Worker(std::io::Error),
-    Health(crate::health::StartError),
-    /// The fd limit is too low for even one connection.
-    Limit(FdBudget),
+/// One frontend's listening sockets (one per worker), as bound.
+pub struct Bound {
+    pub id: u64,
+    pub frontend: String,
+    /// As the config gives it (port 0 stays 0: a reload keeps the port).
+    pub configured: SocketAddr,
+    /// As bound.
+    pub local: SocketAddr,
 }
 
-impl fmt::Display for StartError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StartError::Listen {
-                frontend,
-                addr,
-                source,
-            } => {
-                write!(f, "cannot listen on {addr} (frontend {frontend}): {source}")
-            }
-            StartError::Worker(e) => write!(f, "cannot start a worker: {e}"),
-            StartError::Health(e) => e.fmt(f),
-            StartError::Limit(budget) => write!(
-                f,
-                "RLIMIT_NOFILE is {}, which leaves no file descriptor for client connections \
-                 (ringlb keeps {} for listeners, workers, checks, the stats server and a reserve); \
-                 raise it (ulimit -n, or LimitNOFILE= in a systemd unit)",
-                budget.nofile, budget.fixed
-            ),
-        }
-    }
+/// Everything a change goes through; one change at a time.
+pub(crate) struct ControlPlane {
+    /// The config in force (with the worker count and buffers the process
+    /// really runs with).
+    pub config: Config,
+    pub snapshot: Arc<Snapshot>,
+    pub listeners: Vec<Bound>,
+    next_listener: u64,
+    links: Vec<Link>,
+    pub global: Arc<Global>,
+    acks: mpsc::Receiver<Ack>,
+    seq: u64,
+    health: Option<Scheduler>,
+    pub reload_count: u64,
 }
-
-impl std::error::Error for StartError {}
 
 pub struct Server {
-    pub frontends: Vec<Arc<Frontend>>,
-    /// The addresses really bound (a port 0 in the config becomes a real one).
-    pub local_addrs: Vec<SocketAddr>,
-    control: Arc<Control>,
-    pub global: Arc<Global>,
+    published: Arc<Published>,
+    reloads: Arc<ReloadStats>,
+    control: Mutex<ControlPlane>,
     workers: Vec<JoinHandle<std::io::Result<()>>>,
-    health: Option<Scheduler>,
 }
 
 impl Server {
     pub fn start(config: &Config) -> Result<Server, StartError> {
         let nofile = raise_fd_limit();
-        let mut targets = Targets::default();
         let backends = config
             .frontends
             .iter()
             .map(|f| f.backends.len())
             .sum::<usize>();
+        // Budgeted for the config at start: a reload that adds frontends or
+        // backends takes their few fds from the reserve.
         let budget = FdBudget::new(
             nofile,
             config.frontends.len() as u64,
@@ -260,160 +181,149 @@ impl Server {
             .map(|_| eventfd())
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(StartError::Worker)?;
-        let queue = accept_queue_len();
-        let global = Arc::new(Global {
-            limit: budget.connections,
-            multishot_room: config.frontends.len() as u64 * config.workers as u64 * queue,
-            frontend_multishot_room: config.workers as u64 * queue,
-            nofile,
-            pipes: budget.pipes,
-            stats_fds: budget.stats,
-            active: AtomicU64::new(0),
-            limit_reached: AtomicU64::new(0),
-            cq_dropped: AtomicU64::new(0),
-            cq_overflowed: AtomicU64::new(0),
-            waiting: Waiting::default(),
-            wake_fds,
-        });
-        let frontends: Vec<Arc<Frontend>> = config
-            .frontends
-            .iter()
-            .map(|c| {
-                Arc::new(Frontend {
-                    config: c.clone(),
-                    pool: Pool::new(c, &mut targets),
-                    stats: FrontendStats::default(),
-                    waiting: Waiting::default(),
-                    global: Arc::clone(&global),
-                })
-            })
-            .collect();
-        let mut local_addrs = Vec::new();
-        // sockets[worker][frontend]
-        let mut sockets: Vec<Vec<Socket>> = (0..config.workers).map(|_| Vec::new()).collect();
-        for frontend in &frontends {
-            let mut addr = frontend.config.listen;
-            for per_worker in sockets.iter_mut() {
-                let socket = bind(addr).map_err(|source| StartError::Listen {
-                    frontend: frontend.config.name.clone(),
-                    addr,
-                    source,
-                })?;
-                // With port 0 the first bind picks the port; the other
-                // workers join it.
-                addr = socket
-                    .local_addr()
-                    .ok()
-                    .and_then(|a| a.as_socket())
-                    .unwrap_or(addr);
-                per_worker.push(socket);
-            }
-            local_addrs.push(addr);
-        }
-        let control = Arc::new(Control::default());
-        let mut server = Server {
-            frontends,
-            local_addrs,
-            control,
-            global,
-            workers: Vec::new(),
-            health: None,
-        };
-        let (ready_tx, ready_rx) = mpsc::channel();
-        for (id, worker_sockets) in sockets.into_iter().enumerate() {
-            let frontends = server.frontends.clone();
-            let control = Arc::clone(&server.control);
-            let global = Arc::clone(&server.global);
-            let ready = ready_tx.clone();
-            let buffers = config.buffers;
-            let handle = std::thread::Builder::new()
-                .name(format!("ringlb-worker-{id}"))
-                .spawn(move || {
-                    // The ring is made on the thread that uses it: the
-                    // single-issuer flag ties it to this thread.
-                    match Worker::new(id, &frontends, worker_sockets, control, global, buffers) {
-                        Ok(worker) => {
-                            let _ = ready.send(Ok(()));
-                            worker.run()
-                        }
-                        Err(e) => {
-                            let message = std::io::Error::new(e.kind(), e.to_string());
-                            let _ = ready.send(Err(e));
-                            Err(message)
-                        }
-                    }
-                })
-                .map_err(StartError::Worker)?;
-            server.workers.push(handle);
-        }
-        drop(ready_tx);
-        for _ in 0..server.workers.len() {
-            match ready_rx.recv() {
-                Ok(Ok(())) => {}
-                // Dropping the server stops and joins the workers started.
-                Ok(Err(e)) => return Err(StartError::Worker(e)),
-                Err(_) => break,
-            }
-        }
-        match Scheduler::start(&server.frontends) {
-            Ok(scheduler) => server.health = Some(scheduler),
-            Err(e) => {
-                // Never run with a backend nobody checks.
-                server.stop();
-                let _ = server.join();
-                return Err(StartError::Health(e));
-            }
-        }
-        log::info!(
-            "connection limit {} (from RLIMIT_NOFILE {nofile}: 2 sockets per connection, {} fds \
-             for splice pipes, {} for listeners, workers, checks, the stats server and a \
-             reserve); beyond it new clients wait in the kernel's accept queue",
+        let global = Arc::new(Global::new(
             budget.connections,
-            2 * budget.pipes,
-            budget.fixed
-        );
-        for (frontend, addr) in server.frontends.iter().zip(&server.local_addrs) {
-            let backends: Vec<&str> = frontend
-                .pool
-                .backends
-                .iter()
-                .map(|b| b.name.as_str())
-                .collect();
-            log::info!(
-                "frontend {} listening on {addr} ({}, {} workers): {}",
-                frontend.config.name,
-                frontend.config.mode,
-                config.workers,
-                backends.join(", ")
-            );
-        }
+            accept_queue_len(),
+            nofile,
+            budget.pipes,
+            budget.stats,
+            wake_fds,
+        ));
+        let empty = Arc::new(Snapshot {
+            generation: 0,
+            frontends: Vec::new(),
+        });
+        let (ack_tx, acks) = mpsc::channel();
+        let mut control = ControlPlane {
+            config: config.clone(),
+            snapshot: Arc::clone(&empty),
+            listeners: Vec::new(),
+            next_listener: 1,
+            links: Vec::new(),
+            global,
+            acks,
+            seq: 0,
+            health: None,
+            reload_count: 0,
+        };
+        let mut workers = Vec::new();
+        let started = start_workers(config, &mut control, &mut workers, ack_tx);
+        let mut server = Server {
+            published: Arc::new(Published::new(empty)),
+            reloads: Arc::new(ReloadStats::default()),
+            control: Mutex::new(control),
+            workers,
+        };
+        // Dropping the server stops and joins the workers started.
+        started.and_then(|()| server.bring_up(config, &budget))?;
         Ok(server)
     }
 
-    fn wake_workers(&self) {
-        for worker in 0..self.workers.len() {
-            self.global.wake(worker);
+    /// The health scheduler, then the first config, as a reload from an
+    /// empty one.
+    fn bring_up(&mut self, config: &Config, budget: &FdBudget) -> Result<(), StartError> {
+        let published = Arc::clone(&self.published);
+        let control = self
+            .control
+            .get_mut()
+            .map_err(|_| StartError::Worker(std::io::Error::other("control plane poisoned")))?;
+        // Never run with a backend nobody checks.
+        control.health = Some(Scheduler::start().map_err(StartError::Health)?);
+        let plan = Plan::new(&control.snapshot, &control.listeners, config);
+        let bound = plan.bind(config.workers).map_err(|e| StartError::Listen {
+            frontend: e.frontend,
+            addr: e.addr,
+            source: e.source,
+        })?;
+        let applied = control.apply(plan, bound, config);
+        published.store(Arc::clone(&control.snapshot));
+        applied.map_err(StartError::Health)?;
+        log::info!(
+            "connection limit {} (from RLIMIT_NOFILE {}: 2 sockets per connection, {} fds \
+             for splice pipes, {} for listeners, workers, checks, the stats server and a \
+             reserve); beyond it new clients wait in the kernel's accept queue",
+            budget.connections,
+            budget.nofile,
+            2 * budget.pipes,
+            budget.fixed
+        );
+        for frontend in &control.snapshot.frontends {
+            log_listening(
+                frontend,
+                control.local_addr(frontend.name()),
+                config.workers,
+            );
         }
+        Ok(())
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, ControlPlane> {
+        match self.control.lock() {
+            Ok(guard) => guard,
+            // A panic mid-change leaves the last published state: workers
+            // serve it; the next change starts from it.
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// The snapshot in force, for the read-only endpoints.
+    pub fn published(&self) -> Arc<Published> {
+        Arc::clone(&self.published)
+    }
+
+    /// The process-wide limits and counters.
+    pub fn global(&self) -> Arc<Global> {
+        Arc::clone(&self.lock().global)
+    }
+
+    pub fn reload_stats(&self) -> Arc<ReloadStats> {
+        Arc::clone(&self.reloads)
+    }
+
+    /// Each frontend in force with the address it listens on.
+    pub fn frontends(&self) -> Vec<(Arc<FrontendSnapshot>, SocketAddr)> {
+        let control = self.lock();
+        control
+            .snapshot
+            .frontends
+            .iter()
+            .map(|f| (Arc::clone(f), control.local_addr(f.name())))
+            .collect()
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        self.lock().config.drain_timeout
+    }
+
+    /// Re-reads the config and applies the difference; see [`reload`].
+    pub fn reload(
+        &self,
+        source: &crate::config::ConfigSource,
+    ) -> Result<reload::Summary, reload::Error> {
+        reload::reload(self, source)
+    }
+
+    pub(crate) fn publish(&self, snapshot: &Arc<Snapshot>) {
+        self.published.store(Arc::clone(snapshot));
     }
 
     /// Stops accepting; open connections carry on until they end.
     pub fn drain(&self) {
-        self.control.draining.store(true, Relaxed);
-        self.wake_workers();
+        self.lock().send_all(|| Some(Command::Drain));
     }
 
     /// Stops accepting and closes every connection.
     pub fn stop(&self) {
-        self.control.draining.store(true, Relaxed);
-        self.control.stopping.store(true, Relaxed);
-        self.wake_workers();
+        self.lock().send_all(|| Some(Command::Stop));
     }
 
+    /// Every client connection open, including those of frontends a
+    /// reload removed that are still draining.
     pub fn active_connections(&self) -> u64 {
-        self.frontends
-            .iter()
-            .map(|f| f.stats.active.load(Relaxed))
-            .sum()
+        self.lock()
+            .global
+            .active
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn workers_running(&self) -> bool {
@@ -427,7 +337,7 @@ impl Server {
     /// Ends every health check now, abandoning probes in flight: a stop
     /// never waits for a check's timeout.
     pub fn stop_health(&mut self) {
-        if let Some(mut scheduler) = self.health.take() {
+        if let Some(mut scheduler) = self.lock().health.take() {
             scheduler.stop();
         }
     }
@@ -458,7 +368,7 @@ impl Server {
 /// it. After `join` there is nothing left to stop.
 impl Drop for Server {
     fn drop(&mut self) {
-        if self.workers.is_empty() && self.health.is_none() {
+        if self.workers.is_empty() && self.lock().health.is_none() {
             return;
         }
         self.stop();
@@ -469,7 +379,196 @@ impl Drop for Server {
     }
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<Socket> {
+/// One thread per worker, each with its channel and eventfd; returns once
+/// every ring is up (or the first failure).
+fn start_workers(
+    config: &Config,
+    control: &mut ControlPlane,
+    workers: &mut Vec<JoinHandle<std::io::Result<()>>>,
+    acks: mpsc::Sender<Ack>,
+) -> Result<(), StartError> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    for id in 0..config.workers {
+        let (commands, receiver) = mpsc::channel();
+        let channel = Commands {
+            receiver,
+            acks: acks.clone(),
+        };
+        control.links.push(Link { commands });
+        let global = Arc::clone(&control.global);
+        let ready = ready_tx.clone();
+        let buffers = config.buffers;
+        let handle = std::thread::Builder::new()
+            .name(format!("ringlb-worker-{id}"))
+            .spawn(move || {
+                // The ring is made on the thread that uses it: the
+                // single-issuer flag ties it to this thread.
+                match Worker::new(id, channel, global, buffers) {
+                    Ok(worker) => {
+                        let _ = ready.send(Ok(()));
+                        worker.run()
+                    }
+                    Err(e) => {
+                        let message = std::io::Error::new(e.kind(), e.to_string());
+                        let _ = ready.send(Err(e));
+                        Err(message)
+                    }
+                }
+            })
+            .map_err(StartError::Worker)?;
+        workers.push(handle);
+    }
+    drop(ready_tx);
+    for _ in 0..workers.len() {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(StartError::Worker(e)),
+            Err(_) => break,
+        }
+    }
+    Ok(())
+}
+
+impl ControlPlane {
+    pub fn workers(&self) -> usize {
+        self.links.len()
+    }
+
+    pub fn local_addr(&self, frontend: &str) -> SocketAddr {
+        self.listeners
+            .iter()
+            .rev()
+            .find(|b| b.frontend == frontend)
+            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |b| b.local)
+    }
+
+    pub fn next_listener_id(&mut self) -> u64 {
+        self.next_listener += 1;
+        self.next_listener
+    }
+
+    /// Sends a command to every worker (`make` is called once per worker)
+    /// and wakes it. Returns the sequence number of the last one.
+    pub fn send_all(&mut self, mut make: impl FnMut() -> Option<Command>) -> u64 {
+        let mut commands: Vec<Command> = Vec::with_capacity(self.links.len());
+        for _ in 0..self.links.len() {
+            match make() {
+                Some(command) => commands.push(command),
+                None => return self.seq,
+            }
+        }
+        self.send_each(commands)
+    }
+
+    /// Sends one command per worker, in worker order, and wakes them.
+    pub fn send_each(&mut self, commands: Vec<Command>) -> u64 {
+        self.seq += 1;
+        for (worker, (link, command)) in self.links.iter().zip(commands).enumerate() {
+            // A worker that has stopped is reported by the ack wait.
+            let _ = link.commands.send((self.seq, command));
+            self.global.wake(worker);
+        }
+        self.seq
+    }
+
+    /// Waits until every worker has acknowledged `seq` (commands are taken
+    /// in order, so every one before it too), up to [`ACK_WAIT`]. Returns
+    /// the workers that did not.
+    pub fn wait_acks(&mut self, seq: u64) -> Vec<usize> {
+        let mut done = vec![false; self.links.len()];
+        let deadline = Instant::now() + ACK_WAIT;
+        while done.iter().any(|d| !d) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.acks.recv_timeout(left) {
+                Ok(ack) if ack.seq >= seq => {
+                    if let Some(d) = done.get_mut(ack.worker) {
+                        *d = true;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        let late: Vec<usize> = (0..done.len()).filter(|&w| !done[w]).collect();
+        for worker in &late {
+            log::error!(
+                "worker {worker} did not acknowledge change {seq} within {ACK_WAIT:?}; \
+                 it may still serve the previous config"
+            );
+        }
+        late
+    }
+
+    /// Brings a plan into force: listeners first (already bound), then the
+    /// snapshot, then removals, then the health checks' new target set.
+    pub fn apply(
+        &mut self,
+        plan: Plan,
+        bound: Vec<reload::NewListener>,
+        config: &Config,
+    ) -> Result<(), crate::health::StartError> {
+        let Plan {
+            snapshot,
+            removed_listeners,
+            closed_backends,
+            ..
+        } = plan;
+        for listener in bound {
+            let id = self.next_listener_id();
+            let frontend = listener.frontend.clone();
+            let commands = listener
+                .sockets
+                .into_iter()
+                .map(|socket| Command::AddListener {
+                    id,
+                    frontend: frontend.clone(),
+                    socket,
+                })
+                .collect();
+            self.send_each(commands);
+            self.listeners.retain(|b| b.frontend != frontend);
+            self.listeners.push(Bound {
+                id,
+                frontend,
+                configured: listener.configured,
+                local: listener.local,
+            });
+        }
+        let mut last = self.send_all(|| Some(Command::Publish(Arc::clone(&snapshot))));
+        for (id, retire) in removed_listeners {
+            let grace = config.drain_timeout;
+            last = self.send_all(|| {
+                Some(Command::RemoveListener {
+                    id,
+                    retire: retire.as_ref().map(|s| (Arc::clone(s), grace)),
+                })
+            });
+        }
+        for backend in closed_backends {
+            last = self.send_all(|| Some(Command::CloseBackend(Arc::clone(&backend))));
+        }
+        self.wait_acks(last);
+        self.snapshot = Arc::clone(&snapshot);
+        self.listeners
+            .retain(|b| snapshot.frontend(&b.frontend).is_some());
+        match &mut self.health {
+            Some(health) => health.watch(&snapshot),
+            None => Ok(()),
+        }
+    }
+}
+
+pub(crate) fn log_listening(frontend: &FrontendSnapshot, addr: SocketAddr, workers: usize) {
+    let backends: Vec<&str> = frontend.backends.iter().map(|b| b.name.as_str()).collect();
+    log::info!(
+        "frontend {} listening on {addr} ({}, {workers} workers): {}",
+        frontend.name(),
+        frontend.config.mode,
+        backends.join(", ")
+    );
+}
+
+pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
     socket.set_reuse_address(true)?;
     // Each worker has its own listener on the same port and the kernel

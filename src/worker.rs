@@ -1,11 +1,20 @@
 //! The per-core event loop: one thread, one io_uring, one SO_REUSEPORT
-//! listener per frontend, one slab of connections. Connections never move
-//! between workers, so nothing here is shared but the pool's atomics and
-//! the control flags.
+//! listener per frontend, one slab of sessions. Sessions never move
+//! between workers.
+//!
+//! The worker touches the control plane in three ways only: the snapshot
+//! it was last given (frontends, backend sets, selectors), the atomics in
+//! it (health, admin state, counters), and the [`Command`]s it takes from
+//! its channel when its wake eventfd fires, each acknowledged with an
+//! [`Ack`] so the control plane knows when a change is in force.
 
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types};
@@ -14,9 +23,11 @@ use socket2::{SockAddr, Socket};
 
 use crate::config::OnDown;
 use crate::logging::RateLimit;
-use crate::pool::ConnectFailure;
+use crate::model::{
+    BackendShared, ConnectFailure, FrontendShared, FrontendSnapshot, Global, Snapshot, Tried,
+    Waiting,
+};
 use crate::relay::{Conn, DOWNSTREAM, End, Event, LocalFailure, Phase, UPSTREAM};
-use crate::server::{Control, Frontend, Global};
 use crate::uring::{self, Io, Op, PipePool, token, untoken};
 
 /// Submission queue size; the completion queue is sized from the
@@ -66,10 +77,110 @@ enum Batch {
     Failed(i32),
 }
 
-/// A frontend as one worker sees it.
+/// What the control plane asks of a worker.
+pub enum Command {
+    /// Serve new connections from this snapshot; those already open keep
+    /// the one they started with.
+    Publish(Arc<Snapshot>),
+    /// Accept on this socket (bound by the control plane) for the frontend
+    /// of that name, once a published snapshot has it.
+    AddListener {
+        id: u64,
+        frontend: String,
+        socket: Socket,
+    },
+    /// Stop accepting on a listener; serve the clients already queued on
+    /// it. With `retire`, the frontend is gone: its connections get the
+    /// duration to finish, then they are reset.
+    RemoveListener {
+        id: u64,
+        retire: Option<(Arc<FrontendShared>, Duration)>,
+    },
+    /// Reset every connection to this backend.
+    CloseBackend(Arc<BackendShared>),
+    /// Stop accepting; open connections carry on until they end.
+    Drain,
+    /// Stop accepting and close every connection.
+    Stop,
+}
+
+/// A command done: `seq` is the control plane's number for it, and
+/// `generation` the snapshot the worker serves from now.
+#[derive(Clone, Copy, Debug)]
+pub struct Ack {
+    pub worker: usize,
+    pub seq: u64,
+    pub generation: u64,
+}
+
+/// The worker's end of its command channel.
+/// The worker's eventfd (in [`Global`]) is written after each command.
+pub struct Commands {
+    pub receiver: mpsc::Receiver<(u64, Command)>,
+    pub acks: mpsc::Sender<Ack>,
+}
+
+/// A frontend snapshot as this worker uses it: what the kernel reads when
+/// a connect is submitted (the timeout, the addresses) built once per
+/// snapshot, in an `Rc` that each session holds: nothing it points to
+/// moves or goes away while the session lives, whatever reloads do, and
+/// taking it per accept costs no atomic on a shared cache line.
+struct View {
+    snap: Arc<FrontendSnapshot>,
+    connect_timeout: types::Timespec,
+    /// In the form connect(2) takes, one per backend of the snapshot.
+    addrs: Vec<SockAddr>,
+    /// Bytes moved to and from each backend since the last tick: added to
+    /// the shared counters once per tick, not once per message.
+    bytes: RefCell<Vec<[u64; 2]>>,
+    /// Already in the tick's list of views to flush.
+    dirty: Cell<bool>,
+}
+
+impl View {
+    fn new(snap: &Arc<FrontendSnapshot>) -> View {
+        View {
+            connect_timeout: types::Timespec::from(snap.config.connect_timeout),
+            addrs: snap
+                .backends
+                .iter()
+                .map(|b| SockAddr::from(b.addr))
+                .collect(),
+            bytes: RefCell::new(vec![[0; 2]; snap.backends.len()]),
+            dirty: Cell::new(false),
+            snap: Arc::clone(snap),
+        }
+    }
+
+    fn name(&self) -> &str {
+        self.snap.name()
+    }
+
+    fn backend(&self, index: usize) -> &BackendShared {
+        &self.snap.backends[index]
+    }
+
+    /// Adds one tick's bytes to the backends' shared counters.
+    fn flush_bytes(&self) {
+        self.dirty.set(false);
+        let mut bytes = self.bytes.borrow_mut();
+        for (backend, moved) in self.snap.backends.iter().zip(bytes.iter_mut()) {
+            if *moved != [0, 0] {
+                let [up, down] = std::mem::take(moved);
+                backend.stats.bytes_to_backend.fetch_add(up, Relaxed);
+                backend.stats.bytes_from_backend.fetch_add(down, Relaxed);
+            }
+        }
+    }
+}
+
+/// A listening socket of this worker.
 struct Listener {
-    shared: Arc<Frontend>,
-    /// `None` once the worker stopped accepting (drain, stop).
+    id: u64,
+    frontend: String,
+    /// `None` until a snapshot with the frontend is published.
+    view: Option<Rc<View>>,
+    /// `None` once the worker stopped accepting on it (drain, stop).
     socket: Option<Socket>,
     armed: Option<Armed>,
     /// A cancel of the armed operation is on its way.
@@ -79,14 +190,49 @@ struct Listener {
     /// The last turn left clients queued: a multishot accept would take
     /// them all at once, past the limit.
     backlogged: bool,
-    /// Kept here because the kernel reads it when the connect is submitted;
-    /// the vector of listeners never grows, so the address is stable.
-    connect_timeout: types::Timespec,
-    /// Addresses in the form connect(2) takes, built once.
-    backend_addrs: Vec<SockAddr>,
-    /// Bytes moved to and from each backend since the last tick: added to
-    /// the shared counters once per tick, not once per message.
-    bytes: Vec<[u64; 2]>,
+    /// Removed by the control plane: it drains its queue, then leaves.
+    removed: bool,
+}
+
+/// The connect stage: what only matters until a backend accepted.
+#[derive(Default)]
+struct Connecting {
+    /// Backends of the session's snapshot already tried, so a retry never
+    /// repeats one.
+    tried: Tried,
+}
+
+/// Where a session is, for what is not the relay's business. Later stages
+/// before connect (a PROXY header, a TLS ClientHello) slot in here.
+enum Stage {
+    Connect(Connecting),
+    /// The backend accepted: its active count drops when this ends.
+    Relay,
+}
+
+/// One client connection: the frontend snapshot and backend it started
+/// with (never an index into a table a reload may change), its stage, and
+/// the sockets with their relay state.
+struct Session {
+    view: Rc<View>,
+    /// Index into `view`'s backends, once one was chosen.
+    backend: Option<usize>,
+    stage: Stage,
+    conn: Conn,
+}
+
+impl Session {
+    fn connected(&self) -> bool {
+        matches!(self.stage, Stage::Relay)
+    }
+
+    /// The backend it relays to, if it got that far.
+    fn relaying_to(&self) -> Option<&BackendShared> {
+        match (self.connected(), self.backend) {
+            (true, Some(index)) => Some(self.view.backend(index)),
+            _ => None,
+        }
+    }
 }
 
 /// What the tick does to a connection.
@@ -120,11 +266,11 @@ impl Warnings {
 pub struct Worker {
     id: usize,
     io: Io,
-    conns: Slab<Conn>,
-    listeners: Vec<Listener>,
-    control: Arc<Control>,
+    sessions: Slab<Session>,
+    listeners: Slab<Listener>,
+    commands: Commands,
     /// The connection limit, and the wake fds (this worker's is written by
-    /// the control plane when a flag changes, and by other workers when a
+    /// the control plane after a command, and by other workers when a
     /// connection ends while this one waits at a limit).
     global: Arc<Global>,
     wake_fd: RawFd,
@@ -135,6 +281,10 @@ pub struct Worker {
     resume: bool,
     accept_failures: RateLimit,
     limit_warnings: RateLimit,
+    generation: u64,
+    /// Frontends removed by a reload: their sessions are reset once the
+    /// deadline passes.
+    retired: Vec<(Arc<FrontendShared>, Instant)>,
     tick: types::Timespec,
     pause: types::Timespec,
     /// The loop's clock, read once per batch of completions.
@@ -145,14 +295,14 @@ pub struct Worker {
     batch: Vec<(u64, i32, u32)>,
     /// Connections the tick acts on.
     sweep: Vec<(usize, Sweep)>,
+    /// Views with bytes to flush at this tick.
+    dirty: Vec<Rc<View>>,
 }
 
 impl Worker {
     pub fn new(
         id: usize,
-        frontends: &[Arc<Frontend>],
-        sockets: Vec<Socket>,
-        control: Arc<Control>,
+        commands: Commands,
         global: Arc<Global>,
         buffers: u32,
     ) -> std::io::Result<Worker> {
@@ -168,32 +318,12 @@ impl Worker {
             BUFFER_SIZE,
             PipePool::new(PIPES_KEPT, pipe_share(&global), PIPE_SIZE),
         )?;
-        let listeners = frontends
-            .iter()
-            .zip(sockets)
-            .map(|(frontend, socket)| Listener {
-                connect_timeout: types::Timespec::from(frontend.config.connect_timeout),
-                backend_addrs: frontend
-                    .config
-                    .backends
-                    .iter()
-                    .map(|b| SockAddr::from(b.addr))
-                    .collect(),
-                bytes: vec![[0; 2]; frontend.config.backends.len()],
-                shared: Arc::clone(frontend),
-                socket: Some(socket),
-                armed: None,
-                cancelling: false,
-                held: false,
-                backlogged: false,
-            })
-            .collect();
         Ok(Worker {
             id,
             io,
-            conns: Slab::with_capacity(1024),
-            listeners,
-            control,
+            sessions: Slab::with_capacity(1024),
+            listeners: Slab::new(),
+            commands,
             wake_fd: global.wake_fd(id),
             global,
             cq_entries,
@@ -201,6 +331,8 @@ impl Worker {
             resume: false,
             accept_failures: RateLimit::new(WARN_PERIOD),
             limit_warnings: RateLimit::new(WARN_PERIOD),
+            generation: 0,
+            retired: Vec::new(),
             tick: types::Timespec::from(TICK),
             pause: types::Timespec::from(ACCEPT_PAUSE),
             now: Instant::now(),
@@ -209,6 +341,7 @@ impl Worker {
             warnings: Warnings::new(),
             batch: Vec::with_capacity(cq_entries.min(4 * RING_ENTRIES) as usize),
             sweep: Vec::new(),
+            dirty: Vec::new(),
         })
     }
 
@@ -220,12 +353,9 @@ impl Worker {
     }
 
     fn event_loop(&mut self) -> std::io::Result<()> {
-        for index in 0..self.listeners.len() {
-            self.serve_listener(index)?;
-        }
         self.arm_wake()?;
         self.arm_tick()?;
-        self.apply_control()?;
+        self.take_commands()?;
         while !self.finished() {
             let waited = if self.io.backlog.is_empty() {
                 self.io.ring.submit_and_wait(1)
@@ -274,8 +404,8 @@ impl Worker {
     /// listener closed (a listener closes only with nothing armed on it).
     fn finished(&self) -> bool {
         (self.draining || self.stopping)
-            && self.conns.is_empty()
-            && self.listeners.iter().all(|l| l.socket.is_none())
+            && self.sessions.is_empty()
+            && self.listeners.iter().all(|(_, l)| l.socket.is_none())
     }
 
     fn dispatch(&mut self, user_data: u64, res: i32, flags: u32) -> std::io::Result<()> {
@@ -293,7 +423,7 @@ impl Worker {
     }
 
     fn on_conn_event(&mut self, op: Op, key: usize, res: i32, flags: u32) -> std::io::Result<()> {
-        let Some(conn) = self.conns.get_mut(key) else {
+        let Some(session) = self.sessions.get_mut(key) else {
             log::error!(
                 "worker {}: completion {op:?} for unknown connection {key}",
                 self.id
@@ -304,40 +434,46 @@ impl Worker {
             "worker {} conn {key}: {op:?} res={res} flags={flags:#x}",
             self.id
         );
-        let frontend = conn.frontend;
+        let conn = &mut session.conn;
         let io = &mut self.io;
-        match op {
+        let event = match op {
             Op::Connect => return self.on_connect(key, res),
-            Op::ConnectTimeout | Op::Cancel => conn.inflight -= 1,
+            Op::ConnectTimeout | Op::Cancel => {
+                conn.inflight -= 1;
+                Event::None
+            }
             Op::Recv0 | Op::Recv1 => {
                 conn.last_active = self.now;
-                let event = conn.on_recv(key, dir_of(op), res, flags, io)?;
-                self.note(frontend, event);
+                conn.on_recv(key, dir_of(op), res, flags, io)?
             }
             Op::Send0 | Op::Send1 => {
                 conn.last_active = self.now;
                 conn.on_send(key, dir_of(op), res, io)?;
+                Event::None
             }
             _ => {
                 conn.last_active = self.now;
-                let event = conn.on_poll(key, dir_of(op), res, io)?;
-                self.note(frontend, event);
+                conn.on_poll(key, dir_of(op), res, io)?
             }
+        };
+        if event != Event::None {
+            let view = Rc::clone(&session.view);
+            self.note(&view, event);
         }
         self.free_if_finished(key);
         Ok(())
     }
 
     /// Counts (and logs, rate-limited) what a relay step reports.
-    fn note(&mut self, frontend: usize, event: Event) {
-        let shared = &self.listeners[frontend].shared;
+    fn note(&mut self, view: &View, event: Event) {
+        let stats = &view.snap.shared.stats;
         match event {
             Event::None => {}
             Event::BuffersExhausted => {
-                shared.stats.buffers_exhausted.fetch_add(1, Relaxed);
+                stats.buffers_exhausted.fetch_add(1, Relaxed);
             }
             Event::PipeFallback(errno) => {
-                shared.stats.pipe_fallbacks.fetch_add(1, Relaxed);
+                stats.pipe_fallbacks.fetch_add(1, Relaxed);
                 let Some(held_back) = self.warnings.pipe.allow(self.now) else {
                     return;
                 };
@@ -353,7 +489,7 @@ impl Worker {
                     "worker {}: frontend {}: cannot get a splice pipe ({why}); copying through \
                      buffers instead (raise the fd limit, or see fs.pipe-user-pages-*){}",
                     self.id,
-                    shared.config.name,
+                    view.name(),
                     self.warnings.pipe.suffix(held_back)
                 );
             }
@@ -365,10 +501,13 @@ impl Worker {
     fn headroom(&self, index: usize) -> u64 {
         let global = &self.global;
         let room = global.limit.saturating_sub(global.active.load(Relaxed));
-        let frontend = &self.listeners[index].shared;
+        let Some(view) = self.listeners.get(index).and_then(|l| l.view.as_ref()) else {
+            return 0;
+        };
+        let frontend = &view.snap;
         match frontend.config.maxconn {
             Some(max) => {
-                room.min(u64::from(max).saturating_sub(frontend.stats.active.load(Relaxed)))
+                room.min(u64::from(max).saturating_sub(frontend.shared.stats.active.load(Relaxed)))
             }
             None => room,
         }
@@ -383,21 +522,28 @@ impl Worker {
     /// against the limits before taking it.
     fn multishot_fits(&self, index: usize) -> bool {
         let global = &self.global;
+        let Some(view) = self.listeners.get(index).and_then(|l| l.view.as_ref()) else {
+            return false;
+        };
+        // Every worker has the same listeners: one queue per listener and
+        // worker could be taken at once.
+        let workers = global.workers() as u64;
+        let all_queues = self.listeners.len() as u64 * workers * global.accept_queue;
         let room = global.limit.saturating_sub(global.active.load(Relaxed));
-        if room < global.multishot_room {
+        if room < all_queues {
             return false;
         }
-        let frontend = &self.listeners[index].shared;
+        let frontend = &view.snap;
         frontend.config.maxconn.is_none_or(|max| {
-            let used = frontend.stats.active.load(Relaxed);
-            u64::from(max).saturating_sub(used) >= global.frontend_multishot_room
+            let used = frontend.shared.stats.active.load(Relaxed);
+            u64::from(max).saturating_sub(used) >= workers * global.accept_queue
         })
     }
 
     /// Counts a client against both limits before it is accepted; `false`
     /// (and nothing counted) when either is reached. A compare-and-swap, so
     /// workers sharing a limit never take more than it together.
-    fn claim(&mut self, index: usize) -> bool {
+    fn claim(&mut self, view: &View) -> bool {
         let global = &self.global;
         let limit = global.limit;
         if global
@@ -407,75 +553,85 @@ impl Worker {
         {
             return false;
         }
-        let frontend = &self.listeners[index].shared;
-        let Some(max) = frontend.config.maxconn.map(u64::from) else {
-            frontend.stats.active.fetch_add(1, SeqCst);
+        let shared = &view.snap.shared;
+        let Some(max) = view.snap.config.maxconn.map(u64::from) else {
+            shared.stats.active.fetch_add(1, SeqCst);
             return true;
         };
-        let fits = frontend
+        let fits = shared
             .stats
             .active
             .fetch_update(SeqCst, Relaxed, |n| (n < max).then_some(n + 1))
             .is_ok();
         if !fits {
             global.active.fetch_sub(1, SeqCst);
-            self.wake_waiters(index);
+            self.wake_waiters(shared);
         }
         fits
     }
 
     /// Counts a client a multishot accept already took: far from the
     /// limits, no check is needed (see `multishot_fits`).
-    fn count_taken(&self, index: usize) {
+    fn count_taken(&self, view: &View) {
         self.global.active.fetch_add(1, SeqCst);
-        self.listeners[index]
-            .shared
-            .stats
-            .active
-            .fetch_add(1, SeqCst);
+        view.snap.shared.stats.active.fetch_add(1, SeqCst);
     }
 
     /// A connection ended (or a claim went unused): its room goes to
-    /// whichever worker waits for it.
-    fn release(&mut self, index: usize) {
-        self.listeners[index]
-            .shared
-            .stats
-            .active
-            .fetch_sub(1, SeqCst);
+    /// whichever worker waits for it. The frontend is the one the
+    /// connection was counted on, whatever reloads did since.
+    fn release(&mut self, shared: &FrontendShared) {
+        shared.stats.active.fetch_sub(1, SeqCst);
         self.global.active.fetch_sub(1, SeqCst);
-        self.wake_waiters(index);
+        self.wake_waiters(shared);
     }
 
-    fn wake_waiters(&mut self, index: usize) {
-        let waiting = self.global.waiting.take() | self.listeners[index].shared.waiting.take();
+    fn wake_waiters(&mut self, shared: &FrontendShared) {
+        let waiting = self.global.waiting.take() | shared.waiting.take();
         if waiting == 0 {
             return;
         }
-        if crate::server::Waiting::includes(waiting, self.id) {
+        if Waiting::includes(waiting, self.id) {
             self.resume = true;
         }
         self.global.wake_others(waiting, self.id);
     }
 
+    /// Closes a listener whose accepting is over (nothing armed on it);
+    /// one the control plane removed leaves the table.
+    fn close_listener(&mut self, index: usize) {
+        if self.listeners[index].removed {
+            self.listeners.remove(index);
+        } else {
+            self.listeners[index].socket = None;
+        }
+    }
+
     /// Takes clients on a listener the way its headroom allows, whenever
     /// nothing is armed on it: far from the limits a multishot accept;
     /// near them accept4(2) one counted client at a time, then a poll for
-    /// more; at a limit nothing (held) until a connection ends. Draining,
-    /// it takes what is queued (within the limits) and closes the listener
-    /// once the queue is empty: closing it earlier would reset those
-    /// clients.
+    /// more; at a limit nothing (held) until a connection ends. Draining
+    /// (the worker, or this listener once removed by a reload), it takes
+    /// what is queued (within the limits) and closes the listener once the
+    /// queue is empty: closing it earlier would reset those clients.
     fn serve_listener(&mut self, index: usize) -> std::io::Result<()> {
-        let listener = &mut self.listeners[index];
+        let Some(listener) = self.listeners.get(index) else {
+            return Ok(());
+        };
         if listener.socket.is_none() || listener.armed.is_some() {
             return Ok(());
         }
-        if self.stopping {
-            listener.socket = None;
+        let draining = self.draining || listener.removed;
+        if self.stopping || (draining && listener.view.is_none()) {
+            self.close_listener(index);
+            return Ok(());
+        }
+        if listener.view.is_none() {
+            // Added, but no snapshot has its frontend yet.
             return Ok(());
         }
         let backlogged = listener.backlogged;
-        if !self.draining && !backlogged && self.multishot_fits(index) {
+        if !draining && !backlogged && self.multishot_fits(index) {
             self.listeners[index].held = false;
             return self.arm_multishot(index);
         }
@@ -484,8 +640,8 @@ impl Worker {
             self.listeners[index].held = false;
         }
         match batch {
-            Batch::Empty if self.draining => {
-                self.listeners[index].socket = None;
+            Batch::Empty if draining => {
+                self.close_listener(index);
                 Ok(())
             }
             Batch::Empty => {
@@ -500,7 +656,7 @@ impl Worker {
                 self.listeners[index].backlogged = true;
                 self.arm_poll(index)
             }
-            Batch::Limit if self.draining => {
+            Batch::Limit if draining => {
                 // Waiting for room would keep the listener open, and the
                 // kernel sending it new clients, for the whole drain: close
                 // it now (HAProxy unbinds at once too). What is still queued
@@ -511,9 +667,9 @@ impl Worker {
                     "worker {}: frontend {} at its connection limit while draining: closing \
                      its listener with clients still queued",
                     self.id,
-                    self.listeners[index].shared.config.name
+                    self.listeners[index].frontend
                 );
-                self.listeners[index].socket = None;
+                self.close_listener(index);
                 Ok(())
             }
             Batch::Limit => {
@@ -527,28 +683,32 @@ impl Worker {
 
     /// One turn of accept4(2), each client counted before it is taken.
     fn accept_batch(&mut self, index: usize) -> std::io::Result<Batch> {
-        let Some(listener) = self.listeners[index].socket.as_ref().map(|s| s.as_raw_fd()) else {
+        let listener = &self.listeners[index];
+        let (Some(fd), Some(view)) = (
+            listener.socket.as_ref().map(|s| s.as_raw_fd()),
+            listener.view.clone(),
+        ) else {
             return Ok(Batch::Empty);
         };
         for _ in 0..ACCEPT_BATCH {
-            if !self.claim(index) {
+            if !self.claim(&view) {
                 return Ok(Batch::Limit);
             }
             // SAFETY: plain syscall on our non-blocking listening socket; the
             // new fd is owned by the connection admit() makes.
-            let fd = unsafe {
+            let client = unsafe {
                 libc::accept4(
-                    listener,
+                    fd,
                     std::ptr::null_mut(),
                     std::ptr::null_mut(),
                     libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
                 )
             };
-            if fd >= 0 {
-                self.admit(index, fd)?;
+            if client >= 0 {
+                self.admit(&view, client)?;
                 continue;
             }
-            self.release(index);
+            self.release(&view.snap.shared);
             let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
             match errno {
                 libc::EAGAIN => return Ok(Batch::Empty),
@@ -592,17 +752,19 @@ impl Worker {
     /// on another worker (which then wakes this one). New clients wait in
     /// the kernel's accept queue meanwhile, never accepted and closed.
     fn hold(&mut self, index: usize) {
+        let Some(view) = self.listeners[index].view.clone() else {
+            return;
+        };
+        let frontend = &view.snap;
         // Which limit, as far as one can tell now: the frontend's when it is
         // full (it is the operator's own setting), else the global one.
-        let frontend = &self.listeners[index].shared;
         let frontend_full = frontend
             .config
             .maxconn
-            .is_some_and(|max| frontend.stats.active.load(Relaxed) >= u64::from(max));
-        let listener = &mut self.listeners[index];
-        let already = std::mem::replace(&mut listener.held, true);
+            .is_some_and(|max| frontend.shared.stats.active.load(Relaxed) >= u64::from(max));
+        let already = std::mem::replace(&mut self.listeners[index].held, true);
         self.global.waiting.mark(self.id);
-        listener.shared.waiting.mark(self.id);
+        frontend.shared.waiting.mark(self.id);
         // A connection may have ended after the claim failed and before the
         // marks were set, seeing nobody to wake: look once more.
         if self.headroom(index) > 0 {
@@ -611,12 +773,11 @@ impl Worker {
         if already {
             return;
         }
-        let frontend = &self.listeners[index].shared;
         let what = if frontend_full {
-            frontend.stats.maxconn_reached.fetch_add(1, Relaxed);
+            frontend.shared.stats.maxconn_reached.fetch_add(1, Relaxed);
             format!(
                 "frontend {}'s maxconn ({})",
-                frontend.config.name,
+                frontend.name(),
                 frontend.config.maxconn.unwrap_or(0)
             )
         } else {
@@ -637,8 +798,14 @@ impl Worker {
 
     /// Takes clients again on every held listener that has room.
     fn resume_held(&mut self) -> std::io::Result<()> {
-        for index in 0..self.listeners.len() {
-            if self.listeners[index].held && self.headroom(index) > 0 {
+        let held: Vec<usize> = self
+            .listeners
+            .iter()
+            .filter(|(_, l)| l.held)
+            .map(|(index, _)| index)
+            .collect();
+        for index in held {
+            if self.headroom(index) > 0 {
                 self.serve_listener(index)?;
             }
         }
@@ -649,14 +816,16 @@ impl Worker {
     /// policy): pause before trying again, so a lasting error never spins,
     /// and say so once per period, not once per attempt.
     fn pause(&mut self, index: usize, errno: i32) -> std::io::Result<()> {
-        let frontend = &self.listeners[index].shared;
-        frontend.stats.accept_errors.fetch_add(1, Relaxed);
+        let listener = &self.listeners[index];
+        if let Some(view) = &listener.view {
+            view.snap.shared.stats.accept_errors.fetch_add(1, Relaxed);
+        }
         if let Some(held_back) = self.accept_failures.allow(self.now) {
             log::warn!(
                 "worker {}: accept on {} failed: {}; pausing it {ACCEPT_PAUSE:?}, clients wait in \
                  the queue{}",
                 self.id,
-                frontend.config.name,
+                listener.frontend,
                 std::io::Error::from_raw_os_error(errno),
                 self.accept_failures.suffix(held_back)
             );
@@ -664,7 +833,7 @@ impl Worker {
             log::debug!(
                 "worker {}: accept on {} failed again: {}",
                 self.id,
-                frontend.config.name,
+                listener.frontend,
                 std::io::Error::from_raw_os_error(errno)
             );
         }
@@ -696,8 +865,13 @@ impl Worker {
 
     fn on_accept(&mut self, index: usize, res: i32, flags: u32) -> std::io::Result<()> {
         if res >= 0 {
-            self.count_taken(index);
-            self.admit(index, res)?;
+            match self.listeners.get(index).and_then(|l| l.view.clone()) {
+                Some(view) => {
+                    self.count_taken(&view);
+                    self.admit(&view, res)?;
+                }
+                None => uring::close(res),
+            }
         }
         if cqueue::more(flags) {
             if !self.multishot_fits(index) {
@@ -706,7 +880,9 @@ impl Worker {
             return Ok(());
         }
         if res < 0 && res != -libc::ECANCELED {
-            let listener = &mut self.listeners[index];
+            let Some(listener) = self.listeners.get_mut(index) else {
+                return Ok(());
+            };
             listener.armed = None;
             listener.cancelling = false;
             return self.pause(index, -res);
@@ -717,47 +893,54 @@ impl Worker {
     /// A poll, a pause or a multishot accept ended: go on as the limits and
     /// the drain state say.
     fn on_accept_ready(&mut self, index: usize) -> std::io::Result<()> {
-        let listener = &mut self.listeners[index];
+        let Some(listener) = self.listeners.get_mut(index) else {
+            return Ok(());
+        };
         listener.armed = None;
         listener.cancelling = false;
         self.serve_listener(index)
     }
 
     /// A new client, already counted against the limits: pick a backend.
-    fn admit(&mut self, index: usize, fd: RawFd) -> std::io::Result<()> {
+    fn admit(&mut self, view: &Rc<View>, fd: RawFd) -> std::io::Result<()> {
         // A client accepted while draining (the accept completed before its
         // cancel did) is served like any other: closing it would drop it.
         // Only a hard stop turns it away.
         if self.stopping {
             uring::close(fd);
-            self.release(index);
+            self.release(&view.snap.shared);
             return Ok(());
         }
-        self.listeners[index]
-            .shared
-            .stats
-            .accepted
-            .fetch_add(1, Relaxed);
-        let mut conn = Conn::new(index, fd, self.now);
+        view.snap.shared.stats.accepted.fetch_add(1, Relaxed);
+        let mut conn = Conn::new(fd, self.now);
         if log::log_enabled!(log::Level::Debug) {
             conn.client_addr = peer_addr(fd);
         }
-        let key = self.conns.insert(conn);
+        let key = self.sessions.insert(Session {
+            view: Rc::clone(view),
+            backend: None,
+            stage: Stage::Connect(Connecting::default()),
+            conn,
+        });
         self.connect_next(key)
     }
 
     /// Connects to the next backend this connection has not tried, with the
     /// frontend's connect timeout linked to the connect.
     fn connect_next(&mut self, key: usize) -> std::io::Result<()> {
-        let conn = &mut self.conns[key];
-        let listener = &self.listeners[conn.frontend];
-        let Some(index) = listener.shared.pool.select(conn.tried) else {
-            listener.shared.stats.no_backend.fetch_add(1, Relaxed);
+        let session = &mut self.sessions[key];
+        let Stage::Connect(connecting) = &mut session.stage else {
+            return Ok(());
+        };
+        let view = &session.view;
+        let conn = &mut session.conn;
+        let Some(index) = view.snap.select(&connecting.tried) else {
+            view.snap.shared.stats.no_backend.fetch_add(1, Relaxed);
             conn.close(key, End::NoBackend, &mut self.io)?;
             self.free_if_finished(key);
             return Ok(());
         };
-        let addr = &listener.backend_addrs[index];
+        let addr = &view.addrs[index];
         let fd = match backend_socket(addr.is_ipv6(), &mut self.io.pipes) {
             Ok(fd) => fd,
             Err(e) => {
@@ -777,15 +960,17 @@ impl Worker {
             }
         };
         conn.local = None;
-        conn.tried = conn.tried.with(index);
+        connecting.tried.insert(index);
         uring::set_nodelay(fd);
         conn.backend = fd;
-        conn.backend_index = index;
+        session.backend = Some(index);
+        // The address and the timespec live in the view, which this
+        // session holds until the connect and its timeout have completed.
         let connect = opcode::Connect::new(types::Fd(fd), addr.as_ptr().cast(), addr.len())
             .build()
             .flags(squeue::Flags::IO_LINK)
             .user_data(token(Op::Connect, key));
-        let timeout = opcode::LinkTimeout::new(&listener.connect_timeout)
+        let timeout = opcode::LinkTimeout::new(&view.connect_timeout)
             .build()
             .user_data(token(Op::ConnectTimeout, key));
         conn.last_active = self.now;
@@ -793,18 +978,22 @@ impl Worker {
     }
 
     fn on_connect(&mut self, key: usize, res: i32) -> std::io::Result<()> {
-        let conn = &mut self.conns[key];
+        let session = &mut self.sessions[key];
+        let conn = &mut session.conn;
         conn.inflight -= 1;
+        let Some(index) = session.backend else {
+            return Ok(());
+        };
         if conn.phase == Phase::Closing {
             self.free_if_finished(key);
             return Ok(());
         }
-        let backend = &self.listeners[conn.frontend].shared.pool.backends[conn.backend_index];
+        let backend = session.view.backend(index);
         if res == 0 {
             backend.report_connect_success();
-            conn.connected = true;
             backend.stats.connections.fetch_add(1, Relaxed);
             backend.stats.active.fetch_add(1, Relaxed);
+            session.stage = Stage::Relay;
             return conn.start_relay(key, &mut self.io);
         }
         let failure = ConnectFailure::from_errno(-res);
@@ -831,47 +1020,43 @@ impl Worker {
     fn free_if_finished(&mut self, key: usize) {
         let now = self.now;
         if !self
-            .conns
+            .sessions
             .get(key)
-            .is_some_and(|c| c.is_finished() && !c.flushing(now))
+            .is_some_and(|s| s.conn.is_finished() && !s.conn.flushing(now))
         {
             return;
         }
-        let mut conn = self.conns.remove(key);
-        self.release(conn.frontend);
-        let frontend = &self.listeners[conn.frontend].shared;
-        if conn.connected {
-            let stats = &frontend.pool.backends[conn.backend_index].stats;
-            stats.active.fetch_sub(1, Relaxed);
-            let [up, down] = conn.take_uncounted();
-            stats.bytes_to_backend.fetch_add(up, Relaxed);
-            stats.bytes_from_backend.fetch_add(down, Relaxed);
+        let mut session = self.sessions.remove(key);
+        self.release(&session.view.snap.shared);
+        let stats = &session.view.snap.shared.stats;
+        let [up, down] = session.conn.take_uncounted();
+        if let Some(backend) = session.relaying_to() {
+            backend.stats.active.fetch_sub(1, Relaxed);
+            backend.stats.bytes_to_backend.fetch_add(up, Relaxed);
+            backend.stats.bytes_from_backend.fetch_add(down, Relaxed);
         }
-        if conn.end == Some(End::LocalError) {
-            frontend.stats.local_errors.fetch_add(1, Relaxed);
+        if session.conn.end == Some(End::LocalError) {
+            stats.local_errors.fetch_add(1, Relaxed);
         }
         if log::log_enabled!(log::Level::Debug) {
-            log_connection(frontend, &conn, self.now);
+            log_connection(&session, self.now);
         }
-        if let Some((what, errno)) = conn.local {
-            self.warn_local(conn.frontend, what, errno);
+        if let Some((what, errno)) = session.conn.local {
+            self.warn_local(session.view.name(), what, errno);
         }
-        conn.release(&mut self.io);
+        session.conn.release(&mut self.io);
     }
 
     /// One line per kind and period: when fds or ports run out, every
     /// connection fails the same way.
-    fn warn_local(&mut self, frontend: usize, what: LocalFailure, errno: i32) {
+    fn warn_local(&mut self, frontend: &str, what: LocalFailure, errno: i32) {
         let limit = &mut self.warnings.local[what as usize];
         let Some(held_back) = limit.allow(self.now) else {
             return;
         };
         let suffix = limit.suffix(held_back);
         let err = std::io::Error::from_raw_os_error(errno);
-        let prefix = format!(
-            "worker {}: frontend {}",
-            self.id, self.listeners[frontend].shared.config.name
-        );
+        let prefix = format!("worker {}: frontend {frontend}", self.id);
         match what {
             LocalFailure::BackendSocket => log::warn!(
                 "{prefix}: cannot create a backend socket ({err}); the client was reset{suffix}"
@@ -908,7 +1093,7 @@ impl Worker {
         // SAFETY: reads 8 bytes into a local u64 from this worker's eventfd,
         // owned by `self.global`, which lives as long as the worker.
         unsafe { libc::read(self.wake_fd, (&mut value as *mut u64).cast(), 8) };
-        self.apply_control()?;
+        self.take_commands()?;
         self.resume_held()?;
         if !self.finished() {
             self.arm_wake()?;
@@ -916,27 +1101,147 @@ impl Worker {
         Ok(())
     }
 
-    /// Drain: stop taking new clients (once those already queued are
-    /// served) and let connections finish. Stop: close everything.
-    fn apply_control(&mut self) -> std::io::Result<()> {
-        let drain = self.control.draining.load(Relaxed) && !self.draining;
-        let stop = self.control.stopping.load(Relaxed) && !self.stopping;
-        self.draining |= drain;
-        self.stopping |= stop;
-        if drain || stop {
-            for index in 0..self.listeners.len() {
-                // Whatever is armed ends and goes through serve_listener,
-                // which now drains or closes; an idle listener goes now.
-                self.cancel_accept(index)?;
-                self.serve_listener(index)?;
+    /// Applies every command waiting, in order, acknowledging each.
+    fn take_commands(&mut self) -> std::io::Result<()> {
+        while let Ok((seq, command)) = self.commands.receiver.try_recv() {
+            self.apply(command)?;
+            let ack = Ack {
+                worker: self.id,
+                seq,
+                generation: self.generation,
+            };
+            // The control plane may have stopped waiting: nothing to do.
+            let _ = self.commands.acks.send(ack);
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, command: Command) -> std::io::Result<()> {
+        match command {
+            Command::Publish(snapshot) => self.publish(&snapshot),
+            Command::AddListener {
+                id,
+                frontend,
+                socket,
+            } => {
+                self.listeners.insert(Listener {
+                    id,
+                    frontend,
+                    view: None,
+                    socket: Some(socket),
+                    armed: None,
+                    cancelling: false,
+                    held: false,
+                    backlogged: false,
+                    removed: false,
+                });
+                Ok(())
+            }
+            Command::RemoveListener { id, retire } => {
+                if let Some((shared, grace)) = retire {
+                    self.retired.push((shared, self.now + grace));
+                }
+                let found = self.listeners.iter().find(|(_, l)| l.id == id);
+                match found.map(|(index, _)| index) {
+                    Some(index) => self.remove_listener(index),
+                    None => Ok(()),
+                }
+            }
+            Command::CloseBackend(backend) => self.close_backend(&backend),
+            Command::Drain => self.drain(),
+            Command::Stop => self.stop(),
+        }
+    }
+
+    /// New sessions start from the new snapshot; listeners of frontends it
+    /// has start accepting.
+    fn publish(&mut self, snapshot: &Arc<Snapshot>) -> std::io::Result<()> {
+        self.generation = snapshot.generation;
+        let views: HashMap<&str, Rc<View>> = snapshot
+            .frontends
+            .iter()
+            .map(|f| (f.name(), Rc::new(View::new(f))))
+            .collect();
+        let mut arm = Vec::new();
+        for (index, listener) in self.listeners.iter_mut() {
+            // A listener whose frontend left the snapshot keeps its view
+            // until its removal, which follows.
+            if let Some(view) = views.get(listener.frontend.as_str()) {
+                listener.view = Some(Rc::clone(view));
+                arm.push(index);
             }
         }
-        if stop {
-            let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
-            for key in keys {
-                self.conns[key].close(key, End::Stopped, &mut self.io)?;
-                self.free_if_finished(key);
-            }
+        for index in arm {
+            self.serve_listener(index)?;
+        }
+        Ok(())
+    }
+
+    /// Whatever is armed ends and goes through serve_listener, which then
+    /// takes the queued clients and closes it; an idle listener goes now.
+    fn remove_listener(&mut self, index: usize) -> std::io::Result<()> {
+        self.listeners[index].removed = true;
+        self.cancel_accept(index)?;
+        self.serve_listener(index)
+    }
+
+    /// Resets the sessions on a backend (those still connecting to it too:
+    /// the operator wants nothing more sent there).
+    fn close_backend(&mut self, backend: &Arc<BackendShared>) -> std::io::Result<()> {
+        let keys: Vec<usize> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                s.backend
+                    .is_some_and(|i| std::ptr::eq(s.view.backend(i), Arc::as_ptr(backend)))
+            })
+            .map(|(key, _)| key)
+            .collect();
+        for key in keys {
+            self.sessions[key]
+                .conn
+                .close(key, End::BackendClosed, &mut self.io)?;
+            self.free_if_finished(key);
+        }
+        Ok(())
+    }
+
+    /// Stop taking new clients (once those already queued are served)
+    /// and let connections finish.
+    fn drain(&mut self) -> std::io::Result<()> {
+        if self.draining {
+            return Ok(());
+        }
+        self.draining = true;
+        self.end_listeners()
+    }
+
+    /// Whatever is armed ends and goes through serve_listener, which now
+    /// drains or closes; an idle listener goes now.
+    fn end_listeners(&mut self) -> std::io::Result<()> {
+        let indexes: Vec<usize> = self.listeners.iter().map(|(index, _)| index).collect();
+        for index in indexes {
+            self.cancel_accept(index)?;
+            self.serve_listener(index)?;
+        }
+        Ok(())
+    }
+
+    /// Stop accepting and close every connection. The flag goes first, so
+    /// that closing the listeners takes no queued client only to reset it.
+    fn stop(&mut self) -> std::io::Result<()> {
+        if self.stopping {
+            return Ok(());
+        }
+        self.stopping = true;
+        self.draining = true;
+        self.end_listeners()?;
+        let keys: Vec<usize> = self.sessions.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            self.sessions[key]
+                .conn
+                .close(key, End::Stopped, &mut self.io)?;
+            self.free_if_finished(key);
         }
         Ok(())
     }
@@ -948,32 +1253,40 @@ impl Worker {
         self.io.push(&entry)
     }
 
-    /// Closes connections idle too long, and those on a backend marked down
-    /// when the frontend asks for it; adds the bytes moved since the last
-    /// tick to the shared counters.
+    /// Closes connections idle too long, those on a backend marked down
+    /// when the frontend asks for it, and those of a removed frontend past
+    /// its drain time; adds the bytes moved since the last tick to the
+    /// shared counters.
     fn on_tick(&mut self) -> std::io::Result<()> {
-        self.apply_control()?;
         // The net under the wake-ups between workers.
         self.resume_held()?;
         self.count_overflows();
+        let now = self.now;
         let mut sweep = std::mem::take(&mut self.sweep);
-        for (key, conn) in self.conns.iter_mut() {
-            let listener = &mut self.listeners[conn.frontend];
-            if conn.connected {
-                let [up, down] = conn.take_uncounted();
-                let moved = &mut listener.bytes[conn.backend_index];
-                moved[0] += up;
-                moved[1] += down;
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for (key, session) in self.sessions.iter_mut() {
+            if let (Stage::Relay, Some(index)) = (&session.stage, session.backend) {
+                let [up, down] = session.conn.take_uncounted();
+                if up | down != 0 {
+                    let view = &session.view;
+                    let mut bytes = view.bytes.borrow_mut();
+                    bytes[index][0] += up;
+                    bytes[index][1] += down;
+                    if !view.dirty.replace(true) {
+                        dirty.push(Rc::clone(view));
+                    }
+                }
             }
-            if let Some(action) = sweep_action(&listener.shared, conn, self.now) {
+            if let Some(action) = sweep_action(session, &self.retired, now) {
                 sweep.push((key, action));
             }
         }
-        for listener in &mut self.listeners {
-            flush_bytes(listener);
+        for view in dirty.drain(..) {
+            view.flush_bytes();
         }
+        self.dirty = dirty;
         for (key, action) in sweep.drain(..) {
-            let (conn, io) = (&mut self.conns[key], &mut self.io);
+            let (conn, io) = (&mut self.sessions[key].conn, &mut self.io);
             match action {
                 Sweep::Free => {}
                 Sweep::Close(end) => conn.close(key, end, io)?,
@@ -984,6 +1297,7 @@ impl Worker {
             self.free_if_finished(key);
         }
         self.sweep = sweep;
+        self.retired.retain(|(_, deadline)| *deadline > now);
         if !self.finished() {
             self.arm_tick()?;
         }
@@ -991,14 +1305,39 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// Publishes the completions the kernel dropped since last time.
+    fn count_overflows(&mut self) {
+        let dropped = self.io.ring.completion().overflow();
+        let new = dropped.wrapping_sub(self.cq_dropped);
+        if new > 0 {
+            self.cq_dropped = dropped;
+            self.global.cq_dropped.fetch_add(u64::from(new), Relaxed);
+        }
+    }
+}
+
 /// What the tick does to one connection, if anything.
-fn sweep_action(frontend: &Frontend, conn: &Conn, now: Instant) -> Option<Sweep> {
+fn sweep_action(
+    session: &Session,
+    retired: &[(Arc<FrontendShared>, Instant)],
+    now: Instant,
+) -> Option<Sweep> {
+    let conn = &session.conn;
     if conn.is_finished() {
         // Waiting for queued bytes before passing a reset on.
         return Some(Sweep::Free);
     }
+    let shared = &session.view.snap.shared;
+    if conn.phase != Phase::Closing
+        && retired
+            .iter()
+            .any(|(r, deadline)| Arc::ptr_eq(r, shared) && now >= *deadline)
+    {
+        return Some(Sweep::Close(End::FrontendRemoved));
+    }
     let idle = now.saturating_duration_since(conn.last_active);
-    let config = &frontend.config;
+    let config = &session.view.snap.config;
     match conn.phase {
         // No backend socket yet: out of fds when it was tried.
         Phase::Connecting if conn.backend < 0 && idle > config.connect_timeout => {
@@ -1018,41 +1357,12 @@ fn sweep_action(frontend: &Frontend, conn: &Conn, now: Instant) -> Option<Sweep>
         Phase::Relaying if idle >= config.idle_timeout => Some(Sweep::Close(End::IdleTimeout)),
         Phase::Relaying
             if config.on_down == OnDown::Shutdown
-                && !frontend.pool.backends[conn.backend_index].is_up() =>
+                && session.relaying_to().is_some_and(|b| !b.is_up()) =>
         {
             Some(Sweep::Close(End::BackendDown))
         }
         Phase::Relaying if conn.wants_pipe() => Some(Sweep::RetryPipe),
         Phase::Relaying => None,
-    }
-}
-
-/// Adds one tick's bytes to the backends' shared counters.
-fn flush_bytes(listener: &mut Listener) {
-    for (backend, moved) in listener
-        .shared
-        .pool
-        .backends
-        .iter()
-        .zip(&mut listener.bytes)
-    {
-        if *moved != [0, 0] {
-            let [up, down] = std::mem::take(moved);
-            backend.stats.bytes_to_backend.fetch_add(up, Relaxed);
-            backend.stats.bytes_from_backend.fetch_add(down, Relaxed);
-        }
-    }
-}
-
-impl Worker {
-    /// Publishes the completions the kernel dropped since last time.
-    fn count_overflows(&mut self) {
-        let dropped = self.io.ring.completion().overflow();
-        let new = dropped.wrapping_sub(self.cq_dropped);
-        if new > 0 {
-            self.cq_dropped = dropped;
-            self.global.cq_dropped.fetch_add(u64::from(new), Relaxed);
-        }
     }
 }
 
@@ -1083,18 +1393,15 @@ fn dir_of(op: Op) -> usize {
     }
 }
 
-fn log_connection(frontend: &Frontend, conn: &Conn, now: Instant) {
+fn log_connection(session: &Session, now: Instant) {
+    let conn = &session.conn;
     let client = conn
         .client_addr
         .map_or_else(|| "?".to_string(), |a| a.to_string());
-    let backend = if conn.connected {
-        frontend.pool.backends[conn.backend_index].name.as_str()
-    } else {
-        "-"
-    };
+    let backend = session.relaying_to().map_or("-", |b| b.name.as_str());
     log::debug!(
         "{} {client} -> {backend}: {} bytes up, {} bytes down, {:.3}s, {}",
-        frontend.config.name,
+        session.view.name(),
         conn.dirs[UPSTREAM].bytes,
         conn.dirs[DOWNSTREAM].bytes,
         now.saturating_duration_since(conn.started).as_secs_f64(),

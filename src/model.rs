@@ -1,0 +1,770 @@
+//! The runtime model: what the data path and the control plane share.
+//!
+//! A leaf module: it knows the config types and std's atomics, nothing of
+//! workers, health checks or the admin endpoints. Everything here is one
+//! of three things:
+//!
+//! - **shared state with one writer each**, kept across reloads by
+//!   identity: [`BackendShared`] (identity: frontend and name; its
+//!   [`Health`] written only by the health scheduler, its [`AdminState`]
+//!   only by the admin and reload path, its counters by workers) and
+//!   [`FrontendShared`] (identity: name; counters);
+//! - **immutable snapshots** the control plane builds and publishes:
+//!   [`Snapshot`] holds one [`FrontendSnapshot`] per frontend, with its
+//!   settings, its backend set and the [`Selector`] built from them. A
+//!   connection keeps the frontend snapshot it started with, so a reload
+//!   never invalidates it;
+//! - control-plane counters ([`ReloadStats`]) and the published snapshot
+//!   ([`Published`]) the read-only endpoints render.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{
+    AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst,
+};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Notify;
+
+use crate::config::{FrontendConfig, Mode};
+
+/// Why a live connection could not reach a backend; the health scheduler
+/// reports it when the failures mark the backend down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ConnectFailure {
+    Refused = 1,
+    TimedOut = 2,
+    Other = 3,
+    /// Out of local ports, fds or memory: not the backend's fault, and not
+    /// counted against it.
+    Local = 4,
+}
+
+impl ConnectFailure {
+    pub fn from_errno(errno: i32) -> ConnectFailure {
+        match errno {
+            libc::ECONNREFUSED => ConnectFailure::Refused,
+            libc::ECANCELED | libc::ETIMEDOUT | libc::ETIME => ConnectFailure::TimedOut,
+            libc::EADDRNOTAVAIL
+            | libc::EADDRINUSE
+            | libc::ENOBUFS
+            | libc::ENOMEM
+            | libc::EMFILE
+            | libc::ENFILE
+            | libc::EAGAIN => ConnectFailure::Local,
+            _ => ConnectFailure::Other,
+        }
+    }
+
+    pub fn from_u8(v: u8) -> ConnectFailure {
+        match v {
+            1 => ConnectFailure::Refused,
+            2 => ConnectFailure::TimedOut,
+            _ => ConnectFailure::Other,
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            ConnectFailure::Refused => "connection refused",
+            ConnectFailure::TimedOut => "connect timed out",
+            ConnectFailure::Other | ConnectFailure::Local => "connect failed",
+        }
+    }
+}
+
+/// What the last check said and when the state last changed: kept for the
+/// operator (an admin page reads it), written only by the scheduler.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    /// `None` until the first check ends; the failure text otherwise.
+    pub last_check: Option<Result<(), String>>,
+    pub last_check_took: Duration,
+    /// When `up` last flipped (or when checking started).
+    pub changed_at: Option<SystemTime>,
+    /// Why it is in its current state, as the UP/DOWN line said it.
+    pub reason: String,
+}
+
+/// The health of one check target (an address with check settings),
+/// shared by every backend of any frontend with the same target.
+pub struct Health {
+    /// Read by every new connection; written only by the scheduler.
+    up: AtomicBool,
+    /// Connect failures on live traffic since the last successful connect
+    /// (live or check). Workers write it; a success costs a read, not a
+    /// write, while the streak is already zero.
+    pub live_failures: AtomicU32,
+    pub last_live_failure: AtomicU8,
+    pub fall: u32,
+    /// Wakes the target's task when the live streak reaches `fall`.
+    pub wake: Notify,
+    status: Mutex<Status>,
+}
+
+impl Health {
+    pub fn new(fall: u32) -> Health {
+        Health {
+            // Up until checks say otherwise, as HAProxy does: traffic
+            // flows from the first second.
+            up: AtomicBool::new(true),
+            live_failures: AtomicU32::new(0),
+            last_live_failure: AtomicU8::new(0),
+            fall: fall.max(1),
+            wake: Notify::new(),
+            status: Mutex::new(Status::default()),
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Relaxed)
+    }
+
+    /// Only the health scheduler calls this (and the reload path, once,
+    /// on a target it has just made and nobody checks yet).
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Relaxed);
+    }
+
+    /// Called by a worker for every successful connect: on a healthy
+    /// backend the streak is already zero, and a plain load keeps the cache
+    /// line shared between workers.
+    pub fn report_live_success(&self) {
+        if self.live_failures.load(Relaxed) != 0 {
+            self.live_failures.store(0, Relaxed);
+        }
+    }
+
+    /// Called by a worker for a connect the backend refused or let time
+    /// out. Never blocks: a notify with no waiter stores a permit, with one
+    /// it takes the waiter list's lock for a few instructions.
+    pub fn report_live_failure(&self, failure: ConnectFailure) {
+        self.last_live_failure.store(failure as u8, Relaxed);
+        let streak = self.live_failures.fetch_add(1, Relaxed).saturating_add(1);
+        if streak >= self.fall {
+            self.wake.notify_one();
+        }
+    }
+
+    /// A copy of the last check's outcome and the reason for the state.
+    pub fn status(&self) -> Status {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub fn update_status(&self, change: impl FnOnce(&mut Status)) {
+        if let Ok(mut status) = self.status.lock() {
+            change(&mut status);
+        }
+    }
+}
+
+/// What the operator wants of a backend, apart from what checks say
+/// (HAProxy's `set server state`). Written only by the admin and reload
+/// path; read by workers at pick time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AdminState {
+    /// Takes new connections while it is up.
+    Ready = 0,
+    /// No new connections; established ones continue.
+    Drain = 1,
+    /// Maintenance: no new connections, and its checks are suspended (as
+    /// HAProxy's `disable server`): a backend being worked on is neither
+    /// marked down nor logged as failing.
+    Maint = 2,
+}
+
+impl AdminState {
+    pub fn from_u8(v: u8) -> AdminState {
+        match v {
+            1 => AdminState::Drain,
+            2 => AdminState::Maint,
+            _ => AdminState::Ready,
+        }
+    }
+}
+
+impl fmt::Display for AdminState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AdminState::Ready => "ready",
+            AdminState::Drain => "drain",
+            AdminState::Maint => "maint",
+        })
+    }
+}
+
+/// Counters an operator reads from the stats endpoint and the logs.
+/// Aligned to their own cache lines: every worker writes them on every
+/// connection, and the fields read at pick time (admin state, the health
+/// pointer) must not share a line with them.
+#[derive(Default)]
+#[repr(align(128))]
+pub struct BackendStats {
+    pub connections: AtomicU64,
+    pub active: AtomicU64,
+    pub connect_failures: AtomicU64,
+    pub bytes_to_backend: AtomicU64,
+    pub bytes_from_backend: AtomicU64,
+    pub went_down: AtomicU64,
+    pub went_up: AtomicU64,
+    pub checks_failed: AtomicU64,
+}
+
+/// One backend of one frontend, as long as the config keeps it (same
+/// frontend, same name, same address and check): its health, admin state
+/// and counters survive every reload in between.
+pub struct BackendShared {
+    pub frontend: String,
+    /// As the user wrote it (the address, unless named).
+    pub name: String,
+    pub addr: SocketAddr,
+    /// Unique for the process: remembers a promoted backend across
+    /// reloads without holding a reference to it.
+    pub id: u64,
+    /// Shared with every backend of any frontend that has the same address
+    /// and check settings: one probe, one state.
+    pub health: Arc<Health>,
+    admin: AtomicU8,
+    pub stats: BackendStats,
+}
+
+static NEXT_BACKEND_ID: AtomicU64 = AtomicU64::new(1);
+
+impl BackendShared {
+    pub fn new(frontend: &str, name: &str, addr: SocketAddr, health: Arc<Health>) -> BackendShared {
+        BackendShared {
+            frontend: frontend.to_string(),
+            name: name.to_string(),
+            addr,
+            id: NEXT_BACKEND_ID.fetch_add(1, Relaxed),
+            health,
+            admin: AtomicU8::new(AdminState::Ready as u8),
+            stats: BackendStats::default(),
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.health.is_up()
+    }
+
+    pub fn admin(&self) -> AdminState {
+        AdminState::from_u8(self.admin.load(Relaxed))
+    }
+
+    /// The admin and reload path only.
+    pub fn set_admin(&self, state: AdminState) {
+        self.admin.store(state as u8, Relaxed);
+    }
+
+    /// Takes new connections: ready and up.
+    pub fn usable(&self) -> bool {
+        self.admin.load(Relaxed) == AdminState::Ready as u8 && self.is_up()
+    }
+
+    /// A connect on live traffic succeeded: the failure streak ends.
+    pub fn report_connect_success(&self) {
+        self.health.report_live_success();
+    }
+
+    pub fn report_connect_failure(&self, failure: ConnectFailure) {
+        self.stats.connect_failures.fetch_add(1, Relaxed);
+        self.health.report_live_failure(failure);
+    }
+}
+
+/// Aligned as [`BackendStats`], for the same reason.
+#[derive(Default)]
+#[repr(align(128))]
+pub struct FrontendStats {
+    pub accepted: AtomicU64,
+    pub active: AtomicU64,
+    /// Times a worker stopped accepting because the frontend was at its
+    /// maxconn (new clients then wait in the kernel's accept queue).
+    pub maxconn_reached: AtomicU64,
+    /// Accepts that failed (out of fds or memory): the listener pauses.
+    pub accept_errors: AtomicU64,
+    /// Closed because no backend was up or every one failed to connect.
+    pub no_backend: AtomicU64,
+    /// Receives that found the worker's buffers all held (by sends to slow
+    /// peers) and moved to splice: a sign that `buffers` is too small.
+    pub buffers_exhausted: AtomicU64,
+    /// Directions that could not get a splice pipe (out of fds or pipe
+    /// memory) and went on copying through buffers.
+    pub pipe_fallbacks: AtomicU64,
+    /// Connections reset on both sides because ringlb could not carry them
+    /// on (no fd for a backend socket, a local connect or relay error).
+    pub local_errors: AtomicU64,
+}
+
+/// A frontend's state that outlives snapshots: kept across reloads while a
+/// frontend of that name stays.
+pub struct FrontendShared {
+    pub name: String,
+    pub stats: FrontendStats,
+    /// Workers that stopped accepting on this frontend at its maxconn.
+    pub waiting: Waiting,
+    /// Active-passive without fail-back: the id of the backend that was
+    /// promoted and keeps the traffic after the active one returns (0:
+    /// none). An id, not an index, so a reload that reorders backends keeps
+    /// the promotion on the right one.
+    promoted: AtomicU64,
+}
+
+impl FrontendShared {
+    pub fn new(name: &str) -> FrontendShared {
+        FrontendShared {
+            name: name.to_string(),
+            stats: FrontendStats::default(),
+            waiting: Waiting::default(),
+            promoted: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Workers (bit `id % 64`) that stopped accepting at a limit and wait for
+/// a connection to end. A superset is harmless: a woken worker that finds
+/// no room goes back to waiting.
+#[derive(Default)]
+pub struct Waiting(AtomicU64);
+
+impl Waiting {
+    fn bit(worker: usize) -> u64 {
+        1 << (worker % 64)
+    }
+
+    /// Sequentially consistent with `take`: a worker that marks itself and
+    /// then finds no room, and a worker that frees room and then takes the
+    /// marks, cannot both miss each other.
+    pub fn mark(&self, worker: usize) {
+        self.0.fetch_or(Self::bit(worker), SeqCst);
+    }
+
+    /// The marked workers, cleared; one plain load when none waits (the
+    /// common case, on every connection's end).
+    pub fn take(&self) -> u64 {
+        if self.0.load(SeqCst) == 0 {
+            return 0;
+        }
+        self.0.swap(0, SeqCst)
+    }
+
+    pub fn includes(bits: u64, worker: usize) -> bool {
+        bits & Self::bit(worker) != 0
+    }
+}
+
+/// Shared by every worker for the life of the process: the connection
+/// ceiling and its counters, and the eventfds that wake each worker's ring
+/// (for a command, or for room under a limit).
+pub struct Global {
+    /// Most client connections at once, all frontends together.
+    pub limit: u64,
+    /// How many clients one listener's accept queue holds: what one
+    /// multishot accept may take at once.
+    pub accept_queue: u64,
+    /// RLIMIT_NOFILE (soft, after raising it to the hard limit).
+    pub nofile: u64,
+    /// Splice pipes the budget allows, all workers together: more would
+    /// take fds promised to connections.
+    pub pipes: u64,
+    /// Fds the budget leaves the stats server (listener and connections).
+    pub stats_fds: u64,
+    /// Client connections open, all frontends together (plus, for an
+    /// instant, the one a worker is accepting).
+    pub active: AtomicU64,
+    /// Times a worker stopped accepting because `active` reached `limit`.
+    pub limit_reached: AtomicU64,
+    /// Completions the kernel dropped (io_uring's cq_overflow), all workers.
+    pub cq_dropped: AtomicU64,
+    /// Times a worker found its completion queue overflowed into kernel
+    /// memory: a sign the queue is too small for the load.
+    pub cq_overflowed: AtomicU64,
+    /// Workers waiting for room under `limit`.
+    pub waiting: Waiting,
+    /// One eventfd per worker: writing to it wakes the worker's ring. Owned
+    /// here, and the workers hold this `Arc`, so a worker's fd stays open
+    /// as long as the worker runs, whatever happens to the `Server`.
+    wake_fds: Vec<OwnedFd>,
+}
+
+impl Global {
+    pub fn new(
+        limit: u64,
+        accept_queue: u64,
+        nofile: u64,
+        pipes: u64,
+        stats_fds: u64,
+        wake_fds: Vec<OwnedFd>,
+    ) -> Global {
+        Global {
+            limit,
+            accept_queue,
+            nofile,
+            pipes,
+            stats_fds,
+            active: AtomicU64::new(0),
+            limit_reached: AtomicU64::new(0),
+            cq_dropped: AtomicU64::new(0),
+            cq_overflowed: AtomicU64::new(0),
+            waiting: Waiting::default(),
+            wake_fds,
+        }
+    }
+
+    pub fn wake_fd(&self, worker: usize) -> RawFd {
+        self.wake_fds[worker].as_raw_fd()
+    }
+
+    pub fn workers(&self) -> usize {
+        self.wake_fds.len()
+    }
+
+    pub fn wake(&self, worker: usize) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a local u64 to an eventfd this struct
+        // owns; a full counter (EAGAIN) already means "wake up".
+        unsafe { libc::write(self.wake_fd(worker), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Wakes the workers in `bits` except `me`.
+    pub fn wake_others(&self, bits: u64, me: usize) {
+        for worker in 0..self.workers() {
+            if worker != me && Waiting::includes(bits, worker) {
+                self.wake(worker);
+            }
+        }
+    }
+}
+
+/// The backends a connection already tried, so a retry never repeats one:
+/// one word inline (pools up to 64 never allocate), more words only for
+/// larger pools.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tried {
+    low: u64,
+    high: Vec<u64>,
+}
+
+impl Tried {
+    pub fn insert(&mut self, index: usize) {
+        if index < 64 {
+            self.low |= 1 << index;
+            return;
+        }
+        let word = index / 64 - 1;
+        if self.high.len() <= word {
+            self.high.resize(word + 1, 0);
+        }
+        self.high[word] |= 1 << (index % 64);
+    }
+
+    pub fn contains(&self, index: usize) -> bool {
+        if index < 64 {
+            return self.low & (1 << index) != 0;
+        }
+        self.high
+            .get(index / 64 - 1)
+            .is_some_and(|w| w & (1 << (index % 64)) != 0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.low == 0 && self.high.iter().all(|w| *w == 0)
+    }
+}
+
+/// How a frontend picks a backend for a new connection (or a retry). Built
+/// per snapshot from its backend set; reads health and admin state from
+/// the atomics at pick time, so a check's verdict applies at once without
+/// a new snapshot. Returns an index into the snapshot's backends.
+pub trait Selector: Send + Sync {
+    fn pick(
+        &self,
+        frontend: &FrontendShared,
+        backends: &[Arc<BackendShared>],
+        tried: &Tried,
+    ) -> Option<usize>;
+}
+
+/// Round robin over the usable backends, with one turn counter shared by
+/// every worker: one `fetch_add` per connection keeps the spread exact
+/// across threads. Only usable backends count, so with one of three down
+/// the other two share evenly instead of the next in line taking double.
+#[derive(Default)]
+pub struct RoundRobin {
+    next: AtomicUsize,
+}
+
+impl Selector for RoundRobin {
+    fn pick(
+        &self,
+        _: &FrontendShared,
+        backends: &[Arc<BackendShared>],
+        tried: &Tried,
+    ) -> Option<usize> {
+        let usable = |i: &usize| !tried.contains(*i) && backends[*i].usable();
+        let count = (0..backends.len()).filter(usable).count();
+        if count == 0 {
+            return None;
+        }
+        let turn = self.next.fetch_add(1, Relaxed) % count;
+        // A check flipping a flag between the two passes may leave fewer
+        // usable than counted: the first usable one then takes the turn.
+        (0..backends.len())
+            .filter(usable)
+            .nth(turn)
+            .or_else(|| (0..backends.len()).find(usable))
+    }
+}
+
+/// Active-passive: everything to the first usable backend in the order
+/// given; without fail-back, the promoted one keeps the traffic.
+pub struct Priority {
+    pub failback: bool,
+}
+
+impl Selector for Priority {
+    fn pick(
+        &self,
+        frontend: &FrontendShared,
+        backends: &[Arc<BackendShared>],
+        tried: &Tried,
+    ) -> Option<usize> {
+        let usable = |i: &usize| !tried.contains(*i) && backends[*i].usable();
+        if !self.failback {
+            let promoted = frontend.promoted.load(Relaxed);
+            let kept = (0..backends.len()).find(|&i| backends[i].id == promoted);
+            if let Some(i) = kept.filter(usable) {
+                return Some(i);
+            }
+        }
+        let chosen = (0..backends.len()).find(usable)?;
+        if !self.failback && tried.is_empty() {
+            frontend.promoted.store(backends[chosen].id, Relaxed);
+        }
+        Some(chosen)
+    }
+}
+
+/// The selector a frontend's settings call for.
+pub fn selector_for(config: &FrontendConfig) -> Box<dyn Selector> {
+    match config.mode {
+        Mode::ActiveActive => Box::new(RoundRobin::default()),
+        Mode::ActivePassive => Box::new(Priority {
+            failback: config.failback,
+        }),
+    }
+}
+
+/// One frontend as one snapshot has it: settings for new connections, its
+/// backend set, and the selector over them. Immutable.
+pub struct FrontendSnapshot {
+    pub config: FrontendConfig,
+    pub shared: Arc<FrontendShared>,
+    pub backends: Vec<Arc<BackendShared>>,
+    selector: Box<dyn Selector>,
+}
+
+impl FrontendSnapshot {
+    pub fn new(
+        config: FrontendConfig,
+        shared: Arc<FrontendShared>,
+        backends: Vec<Arc<BackendShared>>,
+    ) -> FrontendSnapshot {
+        let selector = selector_for(&config);
+        FrontendSnapshot {
+            config,
+            shared,
+            backends,
+            selector,
+        }
+    }
+
+    /// The backend for a new connection (or a retry, with the backends
+    /// already tried), or `None` when no usable backend is left.
+    pub fn select(&self, tried: &Tried) -> Option<usize> {
+        self.selector.pick(&self.shared, &self.backends, tried)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+}
+
+/// Everything the workers serve new connections from, at one moment.
+pub struct Snapshot {
+    /// Counts published snapshots; workers acknowledge it.
+    pub generation: u64,
+    pub frontends: Vec<Arc<FrontendSnapshot>>,
+}
+
+impl Snapshot {
+    pub fn frontend(&self, name: &str) -> Option<&Arc<FrontendSnapshot>> {
+        self.frontends.iter().find(|f| f.config.name == name)
+    }
+
+    pub fn active_connections(&self) -> u64 {
+        self.frontends
+            .iter()
+            .map(|f| f.shared.stats.active.load(Relaxed))
+            .sum()
+    }
+}
+
+/// The snapshot in force, for readers off the data path (metrics, status,
+/// the admin socket). Workers never read it: they get each snapshot by
+/// command. A lock is fine here: readers are scrapers and operators.
+pub struct Published(RwLock<Arc<Snapshot>>);
+
+impl Published {
+    pub fn new(snapshot: Arc<Snapshot>) -> Published {
+        Published(RwLock::new(snapshot))
+    }
+
+    pub fn load(&self) -> Arc<Snapshot> {
+        match self.0.read() {
+            Ok(s) => Arc::clone(&s),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    pub fn store(&self, snapshot: Arc<Snapshot>) {
+        match self.0.write() {
+            Ok(mut s) => *s = snapshot,
+            Err(poisoned) => *poisoned.into_inner() = snapshot,
+        }
+    }
+}
+
+/// Reload counters, for the metrics.
+#[derive(Default)]
+pub struct ReloadStats {
+    pub reloads: AtomicU64,
+    pub failures: AtomicU64,
+    /// Seconds since the epoch of the last reload that applied (0: none).
+    pub last_success: AtomicU64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn frontend(mode: &str, failback: bool, n: usize) -> FrontendSnapshot {
+        let backends: Vec<String> = (0..n)
+            .map(|i| format!("\"127.0.0.1:{}\"", 9000 + i))
+            .collect();
+        let text = format!(
+            "[[frontend]]\nlisten = \"127.0.0.1:1\"\nmode = \"{mode}\"\nfailback = {failback}\nbackends = [{}]\n",
+            backends.join(",")
+        );
+        let config = Config::from_toml(&text, "t").expect("config").frontends[0].clone();
+        let shared = Arc::new(FrontendShared::new(&config.name));
+        let backends = config
+            .backends
+            .iter()
+            .map(|b| {
+                Arc::new(BackendShared::new(
+                    &config.name,
+                    &b.name,
+                    b.addr,
+                    Arc::new(Health::new(3)),
+                ))
+            })
+            .collect();
+        FrontendSnapshot::new(config, shared, backends)
+    }
+
+    fn tried(indexes: &[usize]) -> Tried {
+        let mut t = Tried::default();
+        for i in indexes {
+            t.insert(*i);
+        }
+        t
+    }
+
+    #[test]
+    fn round_robin_skips_unusable_backends_evenly() {
+        let f = frontend("active-active", true, 3);
+        let none = Tried::default();
+        let picks: Vec<_> = (0..6).map(|_| f.select(&none)).collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2].map(Some));
+        f.backends[1].health.set_up(false);
+        let mut counts = [0; 3];
+        for _ in 0..100 {
+            counts[f.select(&none).expect("a backend")] += 1;
+        }
+        assert_eq!(counts, [50, 0, 50]);
+        assert_eq!(f.select(&tried(&[0, 2])), None);
+        f.backends[1].health.set_up(true);
+        f.backends[0].set_admin(AdminState::Drain);
+        f.backends[2].set_admin(AdminState::Maint);
+        assert!((0..10).all(|_| f.select(&none) == Some(1)));
+    }
+
+    #[test]
+    fn pools_larger_than_64_have_no_cap() {
+        let f = frontend("active-active", true, 200);
+        let none = Tried::default();
+        let mut seen = vec![0; 200];
+        for _ in 0..400 {
+            seen[f.select(&none).expect("a backend")] += 1;
+        }
+        assert!(seen.iter().all(|n| *n == 2), "{seen:?}");
+        let all_but_150: Vec<usize> = (0..200).filter(|i| *i != 150).collect();
+        assert_eq!(f.select(&tried(&all_but_150)), Some(150));
+        assert_eq!(f.select(&tried(&(0..200).collect::<Vec<_>>())), None);
+    }
+
+    #[test]
+    fn active_passive_fails_over_and_back() {
+        let f = frontend("active-passive", true, 3);
+        let none = Tried::default();
+        assert_eq!(f.select(&none), Some(0));
+        f.backends[0].health.set_up(false);
+        assert_eq!(f.select(&none), Some(1));
+        assert_eq!(f.select(&tried(&[1])), Some(2));
+        f.backends[0].health.set_up(true);
+        assert_eq!(f.select(&none), Some(0));
+    }
+
+    #[test]
+    fn without_failback_the_promoted_backend_keeps_traffic() {
+        let f = frontend("active-passive", false, 2);
+        let none = Tried::default();
+        assert_eq!(f.select(&none), Some(0));
+        f.backends[0].health.set_up(false);
+        assert_eq!(f.select(&none), Some(1));
+        f.backends[0].health.set_up(true);
+        assert_eq!(f.select(&none), Some(1));
+        // A new snapshot with the backends in another order keeps the
+        // promotion on the same backend.
+        let reordered = FrontendSnapshot::new(
+            f.config.clone(),
+            Arc::clone(&f.shared),
+            vec![Arc::clone(&f.backends[1]), Arc::clone(&f.backends[0])],
+        );
+        assert_eq!(reordered.select(&none), Some(0));
+        f.backends[1].health.set_up(false);
+        assert_eq!(f.select(&none), Some(0));
+    }
+
+    #[test]
+    fn local_connect_errors_are_not_the_backends_fault() {
+        assert_eq!(
+            ConnectFailure::from_errno(libc::EADDRNOTAVAIL),
+            ConnectFailure::Local
+        );
+        assert_eq!(
+            ConnectFailure::from_errno(libc::ECONNREFUSED),
+            ConnectFailure::Refused
+        );
+        assert_eq!(
+            ConnectFailure::from_errno(libc::ECANCELED),
+            ConnectFailure::TimedOut
+        );
+    }
+}
