@@ -62,6 +62,7 @@ fn run_action() -> ExitCode {
             }
         },
         Action::Demo => ringlb::demo::run(),
+        Action::Generate(target) => ringlb::generate::run(&target),
         Action::Run { config, stats } => run(&config, stats),
     }
 }
@@ -93,6 +94,7 @@ fn run(config: &Config, stats: Option<SocketAddr>) -> ExitCode {
             }
         }
     }
+    ringlb::notify::ready(&ringlb::notify::serving_status(&server));
     let mut drain_deadline: Option<Instant> = None;
     let mut stopping = false;
     let mut stop_deadline: Option<Instant> = None;
@@ -119,6 +121,7 @@ fn run(config: &Config, stats: Option<SocketAddr>) -> ExitCode {
                     server.active_connections(),
                     config.drain_timeout
                 );
+                ringlb::notify::stopping(&format!("{name}: draining"));
                 server.drain();
                 drain_deadline = Some(Instant::now() + config.drain_timeout);
             }
@@ -148,6 +151,7 @@ fn run(config: &Config, stats: Option<SocketAddr>) -> ExitCode {
         }
         if drain_deadline.is_none() && server.any_worker_stopped() {
             log::error!("a worker stopped unexpectedly; stopping");
+            ringlb::notify::stopping("a worker stopped unexpectedly");
             server.stop();
             stopping = true;
             drain_deadline = Some(Instant::now());
