@@ -116,6 +116,9 @@ pub struct Cli {
 enum Command {
     /// Start two built-in backends with ringlb in front, send traffic and show round robin and failover
     Demo,
+    /// Write the man page or shell completions from this command line (for packagers)
+    #[command(hide = true, subcommand)]
+    Generate(crate::generate::Target),
 }
 
 /// What the command line asks for.
@@ -127,6 +130,7 @@ pub enum Action {
     },
     Check(PathBuf),
     Demo,
+    Generate(crate::generate::Target),
 }
 
 /// A byte string flag. A newtype, because clap reads a bare `Vec<u8>` as a
@@ -152,8 +156,10 @@ impl Cli {
     /// Turns the flags into an action, or the exit code and one-line reason
     /// they cannot be: 2 for a wrong flag, 1 for a bad config file.
     pub fn into_action(self) -> Result<Action, (i32, String)> {
-        if matches!(self.command, Some(Command::Demo)) {
-            return Ok(Action::Demo);
+        match self.command {
+            Some(Command::Demo) => return Ok(Action::Demo),
+            Some(Command::Generate(target)) => return Ok(Action::Generate(target)),
+            None => {}
         }
         let stats = self.stats;
         if let Some(path) = self.config {

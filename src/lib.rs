@@ -35,16 +35,20 @@
 //! - [`relay`]: one client/backend pair: copy or splice, half-close, reset.
 //! - [`uring`]: ring setup, buffer ring, pipe pool, the raw syscalls.
 //! - [`metrics`] and [`admin`]: counters and the Prometheus endpoint.
+//! - [`notify`]: systemd's readiness protocol (`Type=notify`).
+//! - [`generate`]: the man page and shell completions, from [`cli`].
 //! - [`demo`]: `ringlb demo`, a guided tour on loopback.
 
 pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod generate;
 pub mod health;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod relay;
 pub mod reload;
 pub mod server;

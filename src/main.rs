@@ -61,6 +61,7 @@ fn run_action() -> ExitCode {
             }
         },
         Action::Demo => ringlb::demo::run(),
+        Action::Generate(target) => ringlb::generate::run(&target),
         Action::Run { config, source } => run(&config, source.as_ref()),
     }
 }
@@ -98,6 +99,7 @@ fn run(config: &Config, source: Option<&ConfigSource>) -> ExitCode {
             }
         }
     }
+    ringlb::notify::ready(&ringlb::notify::serving_status(&server));
     let mut drain_deadline: Option<Instant> = None;
     let mut stopping = false;
     let mut stop_deadline: Option<Instant> = None;
@@ -127,6 +129,7 @@ fn run(config: &Config, source: Option<&ConfigSource>) -> ExitCode {
                     server.active_connections(),
                     server.drain_timeout()
                 );
+                ringlb::notify::stopping(&format!("{name}: draining"));
                 server.drain();
                 drain_deadline = Some(Instant::now() + server.drain_timeout());
             }
@@ -156,6 +159,7 @@ fn run(config: &Config, source: Option<&ConfigSource>) -> ExitCode {
         }
         if drain_deadline.is_none() && server.any_worker_stopped() {
             log::error!("a worker stopped unexpectedly; stopping");
+            ringlb::notify::stopping("a worker stopped unexpectedly");
             server.stop();
             stopping = true;
             drain_deadline = Some(Instant::now());
@@ -246,7 +250,11 @@ fn reload(signal: &str, server: &Server, source: Option<&ConfigSource>) {
     match source {
         Some(source) => {
             log::info!("{signal}: reloading {}", source.path.display());
+            // systemd (Type=notify-reload, or `systemctl reload` waiting on
+            // ExecReload) sees the reload begin and end.
+            ringlb::notify::reloading(&format!("{signal}: reloading"));
             let _ = server.reload(source);
+            ringlb::notify::ready(&ringlb::notify::serving_status(server));
         }
         None => log::warn!(
             "{signal}: no config file to reload: ringlb was started from flags (use --config FILE \
