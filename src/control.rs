@@ -101,36 +101,46 @@ struct Context {
     clients: AtomicUsize,
 }
 
-/// Binds the socket now (a live ringlb on the path, or a path that cannot
-/// be bound, is a start-up error) and serves it on its own thread.
-pub fn serve(
-    path: &Path,
-    server: Arc<Server>,
-    source: Option<ConfigSource>,
-) -> Result<Socket, Error> {
+/// The socket bound, not yet served: bound before ringlb starts its
+/// listeners, so that a ringlb refused here never takes a client.
+pub struct Bound {
+    listener: UnixListener,
+    socket: Socket,
+}
+
+/// Binds the socket: a live ringlb on the path, or a path that cannot be
+/// bound, is a start-up error.
+pub fn bind(path: &Path) -> Result<Bound, Error> {
     let io = |e| Error::Io(path.to_path_buf(), e);
     clear_stale(path)?;
     let listener = bind_private(path).map_err(io)?;
     let meta = std::fs::symlink_metadata(path).map_err(io)?;
-    let socket = Socket {
-        path: path.to_path_buf(),
-        identity: (meta.st_dev(), meta.st_ino()),
-    };
-    let context = Arc::new(Context {
-        server,
-        source,
-        clients: AtomicUsize::new(0),
-    });
-    std::thread::Builder::new()
-        .name("ringlb-ctl".into())
-        .spawn(move || accept_loop(&listener, &context))
-        .map_err(io)?;
-    log::info!(
-        "admin socket on {} (mode 0600): ringlb ctl --socket {} show",
-        path.display(),
-        path.display()
-    );
-    Ok(socket)
+    Ok(Bound {
+        listener,
+        socket: Socket {
+            path: path.to_path_buf(),
+            identity: (meta.st_dev(), meta.st_ino()),
+        },
+    })
+}
+
+impl Bound {
+    /// Serves the socket on its own thread from now on.
+    pub fn serve(self, server: Arc<Server>, source: Option<ConfigSource>) -> Result<Socket, Error> {
+        let Bound { listener, socket } = self;
+        let context = Arc::new(Context {
+            server,
+            source,
+            clients: AtomicUsize::new(0),
+        });
+        std::thread::Builder::new()
+            .name("ringlb-ctl".into())
+            .spawn(move || accept_loop(&listener, &context))
+            .map_err(|e| Error::Io(socket.path.clone(), e))?;
+        let path = socket.path.display();
+        log::info!("admin socket on {path} (mode 0600): ringlb ctl --socket {path} show");
+        Ok(socket)
+    }
 }
 
 /// A socket file left by a ringlb that died is removed; one that a live
@@ -278,8 +288,17 @@ fn truncate(text: &str) -> String {
     text.chars().take(64).collect()
 }
 
+/// The view, with the address each frontend really listens on (the
+/// config may say port 0).
 fn shown(context: &Context) -> Vec<FrontendView> {
-    view::show(&context.server.published().load())
+    let mut views = view::show(&context.server.published().load());
+    let bound = context.server.frontends();
+    for f in &mut views {
+        if let Some((_, addr)) = bound.iter().find(|(b, _)| b.name() == f.name) {
+            f.listen = addr.to_string();
+        }
+    }
+    views
 }
 
 fn reload(peer: Peer, context: &Context) -> Result<String, String> {

@@ -79,6 +79,16 @@ fn run(config: &Config, stats: Option<SocketAddr>, source: Option<&ConfigSource>
     // Blocked before any thread starts, so every thread inherits the mask
     // and the signals wait here for sigtimedwait instead of killing us.
     let signals = Signals::block();
+    // Before any listener: a ringlb refused its admin socket (another one
+    // serves on it) must not take a client from the other's port.
+    let admin_socket = match config.admin_socket.as_deref().map(ringlb::control::bind) {
+        None => None,
+        Some(Ok(bound)) => Some(bound),
+        Some(Err(e)) => {
+            eprintln!("ringlb: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let server = match Server::start(config) {
         Ok(server) => Arc::new(server),
         Err(e) => {
@@ -104,8 +114,8 @@ fn run(config: &Config, stats: Option<SocketAddr>, source: Option<&ConfigSource>
         }
     }
     // Removes the socket file when `run` returns, however it returns.
-    let _admin_socket = match &config.admin_socket {
-        Some(path) => match ringlb::control::serve(path, Arc::clone(&server), source.cloned()) {
+    let _admin_socket = match admin_socket {
+        Some(bound) => match bound.serve(Arc::clone(&server), source.cloned()) {
             Ok(socket) => Some(socket),
             Err(e) => {
                 ringlb::logging::flush();

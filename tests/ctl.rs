@@ -221,6 +221,8 @@ fn a_second_ringlb_refuses_a_live_socket() {
         stderr.contains("another ringlb is serving on it"),
         "{stderr}"
     );
+    // Refused before it listened: it never took a client of its own.
+    assert!(!stderr.contains("listening on"), "{stderr}");
     // The first one still owns its socket and answers on it.
     assert!(ctl_ok(s.socket.str(), &["show"]).contains("frontend default"));
 }
@@ -363,6 +365,11 @@ fn show_lists_health_with_its_reason_admin_state_and_counters() {
         serde_json::from_str(&ctl_ok(socket.str(), &["show", "--json"])).expect("JSON");
     let f = &json["frontends"][0];
     assert_eq!(f["name"], "default");
+    assert_eq!(
+        f["listen"],
+        ringlb.addr.to_string(),
+        "the bound address, not port 0"
+    );
     assert_eq!(f["mode"], "active-active");
     assert_eq!(f["active"], 1);
     let up = &f["backends"][0];
