@@ -488,3 +488,52 @@ fn admin_state_survives_a_reload_and_ctl_reload_reports_the_outcome() {
     let reached: Vec<String> = (0..6).map(|_| open(ringlb.addr).1).collect();
     assert!(reached.iter().all(|n| n == "b" || n == "c"), "{reached:?}");
 }
+
+#[test]
+fn a_backend_in_maintenance_is_not_checked_until_enabled() {
+    let mut s = Setup::new("checks");
+    ctl_ok(s.socket.str(), &["disable", &s.target(&s.a)]);
+    // Worked on: it stops answering, and nobody is told it is down.
+    s.a.kill();
+    let before = ctl_json(&s.socket)["frontends"][0]["backends"][0]["checks_failed"].clone();
+    // Fall 3: while b's checks run five rounds, a's would have marked it
+    // down. Counted on b's checks, not the clock, so a loaded machine
+    // cannot make it pass by checking less.
+    let mut rounds = std::collections::HashSet::new();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let b = &ctl_json(&s.socket)["frontends"][0]["backends"][1];
+            rounds.insert(b["last_check"]["at"].to_string());
+            rounds.len() > 5
+        }),
+        "b's checks did not run"
+    );
+    let down = format!("backend {} is DOWN", s.a.addr);
+    assert_eq!(
+        s.ringlb.count_logs(&down),
+        0,
+        "a backend in maintenance was checked and marked down:\n{}",
+        s.ringlb.logs()
+    );
+    let after = ctl_json(&s.socket)["frontends"][0]["backends"][0].clone();
+    assert_eq!(
+        after["checks_failed"], before,
+        "checks counted in maintenance"
+    );
+    assert_eq!(
+        (after["health"].as_str(), after["state"].as_str()),
+        (Some("up"), Some("maint"))
+    );
+    // Back to ready: checks resume and see what is true now.
+    ctl_ok(s.socket.str(), &["enable", &s.target(&s.a)]);
+    assert!(
+        s.ringlb.wait_log(&down, Duration::from_secs(20)).is_some(),
+        "checks did not resume after enable:\n{}",
+        s.ringlb.logs()
+    );
+    assert!(s.reached(4).iter().all(|n| n == "b"));
+}
+
+fn ctl_json(socket: &TempPath) -> serde_json::Value {
+    serde_json::from_str(&ctl_ok(socket.str(), &["show", "--json"])).expect("show --json is JSON")
+}
