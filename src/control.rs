@@ -308,6 +308,10 @@ fn reload(peer: Peer, context: &Context) -> Result<String, String> {
             "no config file to reload: ringlb was started from flags, not --config FILE".into(),
         );
     };
+    if context.server.is_draining() {
+        log::warn!("admin socket: {peer} asked for a reload; draining: the reload is ignored");
+        return Err("ringlb is draining: the reload is ignored".into());
+    }
     log::info!(
         "admin socket: {peer} asked for a reload of {}",
         source.path.display()

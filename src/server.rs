@@ -7,6 +7,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -90,6 +91,9 @@ pub struct Server {
     published: Arc<Published>,
     reloads: Arc<ReloadStats>,
     control: Mutex<ControlPlane>,
+    /// Set by the first drain (or stop): a reload asked over the admin
+    /// socket is refused from then on, as the signal's is.
+    draining: AtomicBool,
     /// Behind a lock so that `Server` can be shared (the admin socket's
     /// thread holds it too) and still be joined from `&self`.
     workers: Mutex<Vec<JoinHandle<std::io::Result<()>>>>,
@@ -119,6 +123,7 @@ impl Server {
         let mut server = Server {
             published: Arc::new(Published::new(empty)),
             reloads: Arc::new(ReloadStats::default()),
+            draining: AtomicBool::new(false),
             control: Mutex::new(control),
             workers: Mutex::new(workers),
         };
@@ -206,11 +211,18 @@ impl Server {
 
     /// Stops accepting; open connections carry on until they end.
     pub fn drain(&self) {
+        self.draining.store(true, Relaxed);
         self.lock().send_all(|| Some(Command::Drain));
+    }
+
+    /// Draining or stopping: no new connections, the end is near.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Relaxed)
     }
 
     /// Stops accepting and closes every connection.
     pub fn stop(&self) {
+        self.draining.store(true, Relaxed);
         self.lock().send_all(|| Some(Command::Stop));
     }
 

@@ -289,6 +289,7 @@ fn each_change_is_logged_with_the_peers_uid_and_pid() {
     let s = Setup::new("audit");
     let child = Command::new(BIN)
         .args(["ctl", "--socket", s.socket.str(), "drain", &s.target(&s.b)])
+        .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("run ringlb ctl");
     let pid = child.id();
@@ -536,4 +537,31 @@ fn a_backend_in_maintenance_is_not_checked_until_enabled() {
 
 fn ctl_json(socket: &TempPath) -> serde_json::Value {
     serde_json::from_str(&ctl_ok(socket.str(), &["show", "--json"])).expect("show --json is JSON")
+}
+
+#[test]
+fn while_draining_show_still_answers_and_a_reload_is_refused() {
+    let a = Backend::start(tagged("a"));
+    let socket = TempPath::new("draining");
+    let file = TempPath::new("draining.toml");
+    let text = format!(
+        "admin-socket = \"{}\"\n{}",
+        socket.str(),
+        web("127.0.0.1:0", &[a.addr_str()])
+    );
+    std::fs::write(&file.0, text).expect("write config");
+    let ringlb = Ringlb::start_raw(&["--config", file.str()]);
+    wait_socket(&ringlb, &socket.0);
+    // An open connection keeps ringlb draining instead of exiting.
+    let (mut held, _) = open(ringlb.addr);
+    ringlb.signal(libc::SIGTERM);
+    assert!(
+        ringlb
+            .wait_log("SIGTERM: draining", Duration::from_secs(10))
+            .is_some()
+    );
+    let line = ctl_err(socket.str(), &["reload"], 1);
+    assert!(line.contains("draining"), "{line}");
+    assert!(ctl_ok(socket.str(), &["show"]).contains("frontend web"));
+    assert!(still_echoes(&mut held));
 }
