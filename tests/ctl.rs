@@ -565,3 +565,20 @@ fn while_draining_show_still_answers_and_a_reload_is_refused() {
     assert!(ctl_ok(socket.str(), &["show"]).contains("frontend web"));
     assert!(still_echoes(&mut held));
 }
+
+#[test]
+fn an_empty_admin_socket_key_is_refused_with_its_line() {
+    let file = TempPath::new("empty.toml");
+    let text = format!(
+        "admin-socket = \"\"\n{}",
+        web("127.0.0.1:0", &["127.0.0.1:1".into()])
+    );
+    std::fs::write(&file.0, text).expect("write config");
+    let out = Command::new(BIN)
+        .args(["--config", file.str(), "--check"])
+        .output()
+        .expect("run ringlb --check");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(":1: admin-socket: give a path"), "{stderr}");
+}
