@@ -308,7 +308,7 @@ fn reload(peer: Peer, context: &Context) -> Result<String, String> {
             "no config file to reload: ringlb was started from flags, not --config FILE".into(),
         );
     };
-    if context.server.is_draining() {
+    if !context.server.accepting().load(Relaxed) {
         log::warn!("admin socket: {peer} asked for a reload; draining: the reload is ignored");
         return Err("ringlb is draining: the reload is ignored".into());
     }

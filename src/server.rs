@@ -90,10 +90,9 @@ pub(crate) struct ControlPlane {
 pub struct Server {
     published: Arc<Published>,
     reloads: Arc<ReloadStats>,
+    /// False from the first drain or stop on: what `/ready` answers.
+    accepting: Arc<AtomicBool>,
     control: Mutex<ControlPlane>,
-    /// Set by the first drain (or stop): a reload asked over the admin
-    /// socket is refused from then on, as the signal's is.
-    draining: AtomicBool,
     /// Behind a lock so that `Server` can be shared (the admin socket's
     /// thread holds it too) and still be joined from `&self`.
     workers: Mutex<Vec<JoinHandle<std::io::Result<()>>>>,
@@ -123,7 +122,7 @@ impl Server {
         let mut server = Server {
             published: Arc::new(Published::new(empty)),
             reloads: Arc::new(ReloadStats::default()),
-            draining: AtomicBool::new(false),
+            accepting: Arc::new(AtomicBool::new(true)),
             control: Mutex::new(control),
             workers: Mutex::new(workers),
         };
@@ -209,20 +208,22 @@ impl Server {
         self.published.store(Arc::clone(snapshot));
     }
 
-    /// Stops accepting; open connections carry on until they end.
-    pub fn drain(&self) {
-        self.draining.store(true, Relaxed);
-        self.lock().send_all(|| Some(Command::Drain));
+    /// Whether ringlb still takes new connections (no drain or stop yet).
+    pub fn accepting(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.accepting)
     }
 
-    /// Draining or stopping: no new connections, the end is near.
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Relaxed)
+    /// Stops accepting; open connections carry on until they end.
+    pub fn drain(&self) {
+        // Before the workers act: a probe must see "not ready" no later
+        // than the listeners close.
+        self.accepting.store(false, Relaxed);
+        self.lock().send_all(|| Some(Command::Drain));
     }
 
     /// Stops accepting and closes every connection.
     pub fn stop(&self) {
-        self.draining.store(true, Relaxed);
+        self.accepting.store(false, Relaxed);
         self.lock().send_all(|| Some(Command::Stop));
     }
 
