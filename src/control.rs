@@ -20,7 +20,7 @@
 //! never on a worker.
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::linux::fs::MetadataExt;
 use std::os::unix::fs::FileTypeExt;
@@ -255,6 +255,9 @@ fn client(stream: UnixStream, context: &Context) {
             Err("request line too long".to_string())
         }
         Ok(_) => handle(line.trim(), peer, context),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            Err(format!("no request line within {REQUEST_DEADLINE:?}"))
+        }
         Err(e) => Err(format!("cannot read the request: {e}")),
     };
     let text = match response {

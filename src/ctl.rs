@@ -43,9 +43,9 @@ pub fn ask(socket: &Path, request: &str) -> Result<String, String> {
     stream
         .set_write_timeout(Some(ANSWER_DEADLINE))
         .map_err(io)?;
-    stream
-        .write_all(format!("{request}\n").as_bytes())
-        .map_err(io)?;
+    // A refusal (busy) may come before the request is read: then the
+    // write fails but the answer is there to read.
+    let sent = stream.write_all(format!("{request}\n").as_bytes());
     let mut answer = String::new();
     stream
         .take(MAX_ANSWER)
@@ -57,6 +57,9 @@ pub fn ask(socket: &Path, request: &str) -> Result<String, String> {
             ),
             _ => io(e),
         })?;
+    if answer.is_empty() {
+        sent.map_err(io)?;
+    }
     if let Some(output) = answer.strip_prefix("ok\n") {
         return Ok(output.to_string());
     }

@@ -582,3 +582,34 @@ fn an_empty_admin_socket_key_is_refused_with_its_line() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains(":1: admin-socket: give a path"), "{stderr}");
 }
+
+#[test]
+fn idle_clients_are_bounded_and_cut_at_their_deadline() {
+    let s = Setup::new("idle");
+    // Eight clients that connect and never send: the most served at once.
+    let idle: Vec<std::os::unix::net::UnixStream> = (0..8)
+        .map(|_| std::os::unix::net::UnixStream::connect(&s.socket.0).expect("connect"))
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let out = ctl(s.socket.str(), &["show"]);
+            String::from_utf8_lossy(&out.stderr).contains("busy")
+        }),
+        "a ninth client was not told the socket is busy"
+    );
+    // Each idle one is told why and cut after the request deadline.
+    for mut client in idle {
+        client
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut answer = String::new();
+        client
+            .read_to_string(&mut answer)
+            .expect("an answer, then the end");
+        assert!(
+            answer.starts_with("error: no request line within"),
+            "{answer}"
+        );
+    }
+    assert!(ctl_ok(s.socket.str(), &["show"]).contains("frontend default"));
+}
