@@ -92,7 +92,7 @@ pub struct Cli {
     #[arg(long, value_enum, value_name = "ACTION", default_value_t = OnDown::Keep, conflicts_with = "config")]
     on_down: OnDown,
 
-    /// Most client connections at once; more are closed at accept [default: no limit]
+    /// Most client connections at once; more wait in the accept queue [default: no limit]
     #[arg(long, value_name = "N", conflicts_with = "config")]
     maxconn: Option<u32>,
 
@@ -190,7 +190,6 @@ impl CtlCommand {
 pub enum Action {
     Run {
         config: Config,
-        stats: Option<SocketAddr>,
         /// `None` when started from flags alone: nothing to reload.
         source: Option<ConfigSource>,
     },
@@ -246,6 +245,7 @@ impl Cli {
                 workers: self.workers,
                 buffers: self.buffers,
                 drain_timeout: self.drain_timeout,
+                stats,
                 admin_socket: self.admin_socket,
             };
             let config = source.load().map_err(|e| match e {
@@ -259,7 +259,6 @@ impl Cli {
             })?;
             return Ok(Action::Run {
                 config,
-                stats,
                 source: Some(source),
             });
         }
@@ -295,13 +294,13 @@ impl Cli {
             workers: self.workers.unwrap_or_else(config::default_workers),
             buffers: self.buffers.unwrap_or(config::DEFAULT_BUFFERS),
             drain_timeout: self.drain_timeout.unwrap_or(config::DEFAULT_DRAIN_TIMEOUT),
+            stats,
             admin_socket: self.admin_socket,
             frontends: vec![frontend],
         };
         config.validate().map_err(|e| (2, e))?;
         Ok(Action::Run {
             config,
-            stats,
             source: None,
         })
     }

@@ -112,8 +112,8 @@ pub struct FrontendConfig {
     /// Active-passive: return to the active backend once it is up again.
     pub failback: bool,
     pub on_down: OnDown,
-    /// Most client connections at once on this frontend; more are closed
-    /// at accept so the backends are never swamped.
+    /// Most client connections at once on this frontend; more wait in the
+    /// kernel's accept queue until one ends, so backends are never swamped.
     pub maxconn: Option<u32>,
 }
 
@@ -124,6 +124,8 @@ pub struct Config {
     /// by a send to a slow peer, receives move to splice, which needs none.
     pub buffers: u32,
     pub drain_timeout: Duration,
+    /// Where the admin HTTP server (metrics) listens, if anywhere.
+    pub stats: Option<SocketAddr>,
     /// The Unix socket `ringlb ctl` talks to, if any.
     pub admin_socket: Option<PathBuf>,
     pub frontends: Vec<FrontendConfig>,
@@ -299,6 +301,7 @@ struct RawConfig {
     workers: Option<Spanned<usize>>,
     buffers: Option<Spanned<u32>>,
     drain_timeout: Option<Spanned<String>>,
+    stats: Option<Spanned<String>>,
     admin_socket: Option<Spanned<String>>,
     #[serde(default)]
     frontend: Vec<Spanned<RawFrontend>>,
@@ -502,7 +505,7 @@ impl Config {
         }
         check_across(&frontends, &Host::system())
             .map_err(|(index, fault)| src.fault(&raw.frontend[index], fault))?;
-        Ok(Config {
+        let config = Config {
             workers: raw
                 .workers
                 .as_ref()
@@ -514,6 +517,13 @@ impl Config {
             drain_timeout: src
                 .duration(&raw.drain_timeout, "drain-timeout")?
                 .unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+            stats: raw
+                .stats
+                .as_ref()
+                .map(|a| {
+                    parse_address(a.get_ref()).map_err(|e| src.invalid(a, format!("stats: {e}")))
+                })
+                .transpose()?,
             admin_socket: raw
                 .admin_socket
                 .as_ref()
@@ -523,7 +533,11 @@ impl Config {
                 })
                 .transpose()?,
             frontends,
-        })
+        };
+        if let (Err(message), Some(at)) = (config.check_stats(), &raw.stats) {
+            return Err(src.invalid(at, message));
+        }
+        Ok(config)
     }
 
     /// Every check, for a config built in code (the command line's). A
@@ -546,7 +560,34 @@ impl Config {
     /// was read and checked.
     pub fn check_settings(&self) -> Result<(), String> {
         check_workers(self.workers)?;
-        check_buffers(self.buffers)
+        check_buffers(self.buffers)?;
+        self.check_stats()
+    }
+
+    /// The stats server must not share a port with a frontend's listener:
+    /// one of them would fail to bind, or take the other's clients.
+    pub fn check_stats(&self) -> Result<(), String> {
+        let Some(stats) = self.stats.filter(|a| a.port() != 0) else {
+            return Ok(());
+        };
+        let host = Host::system();
+        let mut listens = Listens {
+            host: &host,
+            exact: HashMap::new(),
+            ports: HashMap::new(),
+        };
+        for (i, f) in self.frontends.iter().enumerate() {
+            if f.listen.port() == stats.port() {
+                listens.add(canonical(f.listen), i);
+            }
+        }
+        match listens.overlap(canonical(stats)) {
+            Some(j) => Err(format!(
+                "stats: {stats} overlaps the listener of frontend {} ({}); use another port",
+                self.frontends[j].name, self.frontends[j].listen
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Bytes of receive buffers the workers allocate at start.
@@ -597,6 +638,7 @@ pub struct ConfigSource {
     pub workers: Option<usize>,
     pub buffers: Option<u32>,
     pub drain_timeout: Option<Duration>,
+    pub stats: Option<SocketAddr>,
     pub admin_socket: Option<PathBuf>,
 }
 
@@ -611,6 +653,9 @@ impl ConfigSource {
         }
         if let Some(drain_timeout) = self.drain_timeout {
             config.drain_timeout = drain_timeout;
+        }
+        if self.stats.is_some() {
+            config.stats = self.stats;
         }
         if self.admin_socket.is_some() {
             config.admin_socket.clone_from(&self.admin_socket);
@@ -656,6 +701,16 @@ fn read_capped(path: &Path) -> Result<String, ConfigError> {
         path: path.to_path_buf(),
         source,
     };
+    // open(2) of a FIFO blocks until a writer comes, maybe forever; and a
+    // config must be there to read again on reload.
+    use std::os::unix::fs::FileTypeExt;
+    let kind = std::fs::metadata(path).map_err(read_error)?.file_type();
+    if kind.is_fifo() || kind.is_socket() {
+        return Err(read_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "a pipe or socket, not a file (give a regular file)",
+        )));
+    }
     let file = std::fs::File::open(path).map_err(read_error)?;
     let mut bytes = Vec::new();
     file.take(MAX_CONFIG_BYTES + 1)
