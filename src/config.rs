@@ -126,6 +126,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Where the admin HTTP server (metrics) listens, if anywhere.
     pub stats: Option<SocketAddr>,
+    /// The Unix socket `ringlb ctl` talks to, if any.
+    pub admin_socket: Option<PathBuf>,
     pub frontends: Vec<FrontendConfig>,
 }
 
@@ -300,6 +302,7 @@ struct RawConfig {
     buffers: Option<Spanned<u32>>,
     drain_timeout: Option<Spanned<String>>,
     stats: Option<Spanned<String>>,
+    admin_socket: Option<Spanned<String>>,
     #[serde(default)]
     frontend: Vec<Spanned<RawFrontend>>,
 }
@@ -521,6 +524,14 @@ impl Config {
                     parse_address(a.get_ref()).map_err(|e| src.invalid(a, format!("stats: {e}")))
                 })
                 .transpose()?,
+            admin_socket: raw
+                .admin_socket
+                .as_ref()
+                .map(|p| match p.get_ref().as_str() {
+                    "" => Err(src.invalid(p, "admin-socket: give a path".into())),
+                    path => Ok(PathBuf::from(path)),
+                })
+                .transpose()?,
             frontends,
         };
         if let (Err(message), Some(at)) = (config.check_stats(), &raw.stats) {
@@ -628,6 +639,7 @@ pub struct ConfigSource {
     pub buffers: Option<u32>,
     pub drain_timeout: Option<Duration>,
     pub stats: Option<SocketAddr>,
+    pub admin_socket: Option<PathBuf>,
 }
 
 impl ConfigSource {
@@ -644,6 +656,9 @@ impl ConfigSource {
         }
         if self.stats.is_some() {
             config.stats = self.stats;
+        }
+        if self.admin_socket.is_some() {
+            config.admin_socket.clone_from(&self.admin_socket);
         }
         // The file was checked as it was read; only the flags are new.
         config

@@ -37,11 +37,15 @@
 //! - [`metrics`] and [`admin`]: counters and the Prometheus endpoint.
 //! - [`notify`]: systemd's readiness protocol (`Type=notify`).
 //! - [`generate`]: the man page and shell completions, from [`cli`].
+//! - [`control`] and [`ctl`]: the admin Unix socket and `ringlb ctl`.
+//! - [`view`]: what `ringlb ctl show`, `/stats` and the status page show.
 //! - [`demo`]: `ringlb demo`, a guided tour on loopback.
 
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod control;
+pub mod ctl;
 pub mod demo;
 pub mod generate;
 pub mod health;
@@ -53,4 +57,5 @@ pub mod relay;
 pub mod reload;
 pub mod server;
 pub mod uring;
+pub mod view;
 pub mod worker;

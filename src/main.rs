@@ -5,6 +5,7 @@
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -62,6 +63,7 @@ fn run_action() -> ExitCode {
         },
         Action::Demo => ringlb::demo::run(),
         Action::Generate(target) => ringlb::generate::run(&target),
+        Action::Ctl { socket, request } => ringlb::ctl::run(&socket, &request),
         Action::Run { config, source } => run(&config, source.as_ref()),
     }
 }
@@ -73,8 +75,18 @@ fn run(config: &Config, source: Option<&ConfigSource>) -> ExitCode {
     // Blocked before any thread starts, so every thread inherits the mask
     // and the signals wait here for sigtimedwait instead of killing us.
     let signals = Signals::block();
+    // Before any listener: a ringlb refused its admin socket (another one
+    // serves on it) must not take a client from the other's port.
+    let admin_socket = match config.admin_socket.as_deref().map(ringlb::control::bind) {
+        None => None,
+        Some(Ok(bound)) => Some(bound),
+        Some(Err(e)) => {
+            eprintln!("ringlb: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let server = match Server::start(config) {
-        Ok(server) => server,
+        Ok(server) => Arc::new(server),
         Err(e) => {
             ringlb::logging::flush();
             eprintln!("ringlb: {e}");
@@ -99,6 +111,22 @@ fn run(config: &Config, source: Option<&ConfigSource>) -> ExitCode {
             }
         }
     }
+    // Removes the socket file when `run` returns; an exit that cannot
+    // wait for `run` to return drops it first.
+    let mut socket_file = match admin_socket {
+        Some(bound) => match bound.serve(Arc::clone(&server), source.cloned()) {
+            Ok(socket) => Some(socket),
+            Err(e) => {
+                ringlb::logging::flush();
+                eprintln!("ringlb: {e}");
+                server.stop();
+                let _ = server.join();
+                return ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
+    // Ready once everything a client or an operator talks to is bound.
     ringlb::notify::ready(&ringlb::notify::serving_status(&server));
     let mut drain_deadline: Option<Instant> = None;
     let mut stopping = false;
@@ -110,6 +138,7 @@ fn run(config: &Config, source: Option<&ConfigSource>) -> ExitCode {
                 // Closing every connection takes milliseconds; a worker
                 // still running now is stuck, and a stop must not hang.
                 log::error!("workers did not stop within {STOP_GRACE:?}; exiting");
+                drop(socket_file.take());
                 exit_now(1);
             }
         }
@@ -145,6 +174,7 @@ fn run(config: &Config, source: Option<&ConfigSource>) -> ExitCode {
                 // Already stopping and asked again: the operator wants out
                 // now, not after the workers' grace period.
                 log::error!("{name} while stopping: exiting now");
+                drop(socket_file.take());
                 exit_now(1);
             }
             None => {}

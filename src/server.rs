@@ -7,6 +7,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -153,8 +154,12 @@ pub(crate) struct ControlPlane {
 pub struct Server {
     published: Arc<Published>,
     reloads: Arc<ReloadStats>,
+    /// False from the first drain or stop on: what `/ready` answers.
+    accepting: Arc<AtomicBool>,
     control: Mutex<ControlPlane>,
-    workers: Vec<JoinHandle<std::io::Result<()>>>,
+    /// Behind a lock so that `Server` can be shared (the admin socket's
+    /// thread holds it too) and still be joined from `&self`.
+    workers: Mutex<Vec<JoinHandle<std::io::Result<()>>>>,
 }
 
 impl Server {
@@ -211,8 +216,9 @@ impl Server {
         let mut server = Server {
             published: Arc::new(Published::new(empty)),
             reloads: Arc::new(ReloadStats::default()),
+            accepting: Arc::new(AtomicBool::new(true)),
             control: Mutex::new(control),
-            workers,
+            workers: Mutex::new(workers),
         };
         // Dropping the server stops and joins the workers started.
         started.and_then(|()| server.bring_up(config, &budget))?;
@@ -307,13 +313,22 @@ impl Server {
         self.published.store(Arc::clone(snapshot));
     }
 
+    /// Whether ringlb still takes new connections (no drain or stop yet).
+    pub fn accepting(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.accepting)
+    }
+
     /// Stops accepting; open connections carry on until they end.
     pub fn drain(&self) {
+        // Before the workers act: a probe must see "not ready" no later
+        // than the listeners close.
+        self.accepting.store(false, Relaxed);
         self.lock().send_all(|| Some(Command::Drain));
     }
 
     /// Stops accepting and closes every connection.
     pub fn stop(&self) {
+        self.accepting.store(false, Relaxed);
         self.lock().send_all(|| Some(Command::Stop));
     }
 
@@ -326,17 +341,24 @@ impl Server {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    fn workers(&self) -> MutexGuard<'_, Vec<JoinHandle<std::io::Result<()>>>> {
+        match self.workers.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
     pub fn workers_running(&self) -> bool {
-        self.workers.iter().any(|w| !w.is_finished())
+        self.workers().iter().any(|w| !w.is_finished())
     }
 
     pub fn any_worker_stopped(&self) -> bool {
-        self.workers.iter().any(|w| w.is_finished())
+        self.workers().iter().any(|w| w.is_finished())
     }
 
     /// Ends every health check now, abandoning probes in flight: a stop
     /// never waits for a check's timeout.
-    pub fn stop_health(&mut self) {
+    pub fn stop_health(&self) {
         if let Some(mut scheduler) = self.lock().health.take() {
             scheduler.stop();
         }
@@ -344,14 +366,15 @@ impl Server {
 
     /// Waits for the workers (after `drain` or `stop`), then stops the
     /// health checks. The first worker error, if any, is returned.
-    pub fn join(mut self) -> std::io::Result<()> {
+    pub fn join(&self) -> std::io::Result<()> {
         self.stop_health();
         self.join_all()
     }
 
-    fn join_all(&mut self) -> std::io::Result<()> {
+    fn join_all(&self) -> std::io::Result<()> {
         let mut result = Ok(());
-        for worker in self.workers.drain(..) {
+        let workers: Vec<_> = self.workers().drain(..).collect();
+        for worker in workers {
             let outcome = worker
                 .join()
                 .unwrap_or_else(|_| Err(std::io::Error::other("worker panicked")));
@@ -368,7 +391,7 @@ impl Server {
 /// it. After `join` there is nothing left to stop.
 impl Drop for Server {
     fn drop(&mut self) {
-        if self.workers.is_empty() && self.lock().health.is_none() {
+        if self.workers().is_empty() && self.lock().health.is_none() {
             return;
         }
         self.stop();
