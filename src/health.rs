@@ -308,6 +308,7 @@ impl Target {
         self.health.update_status(|s| {
             s.last_check = Some(text);
             s.last_check_took = took;
+            s.checked_at = Some(std::time::SystemTime::now());
         });
         let ms = took.as_secs_f64() * 1000.0;
         match result {

@@ -35,6 +35,7 @@
 //! - [`relay`]: one client/backend pair: copy or splice, half-close, reset.
 //! - [`uring`]: ring setup, buffer ring, pipe pool, the raw syscalls.
 //! - [`metrics`] and [`admin`]: counters and the Prometheus endpoint.
+//! - [`view`]: what `ringlb ctl show`, `/stats` and the status page show.
 //! - [`demo`]: `ringlb demo`, a guided tour on loopback.
 
 pub mod admin;
@@ -49,4 +50,5 @@ pub mod relay;
 pub mod reload;
 pub mod server;
 pub mod uring;
+pub mod view;
 pub mod worker;

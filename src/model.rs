@@ -82,6 +82,8 @@ pub struct Status {
     /// `None` until the first check ends; the failure text otherwise.
     pub last_check: Option<Result<(), String>>,
     pub last_check_took: Duration,
+    /// When the last check ended.
+    pub checked_at: Option<SystemTime>,
     /// When `up` last flipped (or when checking started).
     pub changed_at: Option<SystemTime>,
     /// Why it is in its current state, as the UP/DOWN line said it.
