@@ -38,6 +38,7 @@
 //! - [`view`]: what `ringlb ctl show`, `/stats` and the status page show.
 //! - [`demo`]: `ringlb demo`, a guided tour on loopback.
 
+pub mod access;
 pub mod admin;
 pub mod cli;
 pub mod config;

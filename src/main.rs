@@ -90,6 +90,7 @@ fn run(config: &Config, stats: Option<SocketAddr>, source: Option<&ConfigSource>
         let state = ringlb::admin::State {
             published: server.published(),
             reloads: server.reload_stats(),
+            accepting: server.accepting(),
         };
         match ringlb::admin::serve(addr, state) {
             Ok(bound) => log::info!("metrics on http://{bound}/metrics"),

@@ -7,6 +7,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -89,6 +90,8 @@ pub(crate) struct ControlPlane {
 pub struct Server {
     published: Arc<Published>,
     reloads: Arc<ReloadStats>,
+    /// False from the first drain or stop on: what `/ready` answers.
+    accepting: Arc<AtomicBool>,
     control: Mutex<ControlPlane>,
     workers: Vec<JoinHandle<std::io::Result<()>>>,
 }
@@ -117,6 +120,7 @@ impl Server {
         let mut server = Server {
             published: Arc::new(Published::new(empty)),
             reloads: Arc::new(ReloadStats::default()),
+            accepting: Arc::new(AtomicBool::new(true)),
             control: Mutex::new(control),
             workers,
         };
@@ -202,13 +206,22 @@ impl Server {
         self.published.store(Arc::clone(snapshot));
     }
 
+    /// Whether ringlb still takes new connections (no drain or stop yet).
+    pub fn accepting(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.accepting)
+    }
+
     /// Stops accepting; open connections carry on until they end.
     pub fn drain(&self) {
+        // Before the workers act: a probe must see "not ready" no later
+        // than the listeners close.
+        self.accepting.store(false, Relaxed);
         self.lock().send_all(|| Some(Command::Drain));
     }
 
     /// Stops accepting and closes every connection.
     pub fn stop(&self) {
+        self.accepting.store(false, Relaxed);
         self.lock().send_all(|| Some(Command::Stop));
     }
 
