@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
     self, BackendConfig, CheckConfig, Config, ConfigError, ConfigSource, FrontendConfig, Mode,
@@ -22,7 +22,8 @@ Examples:
 Signals: SIGTERM, SIGINT or SIGUSR1 drains (stop accepting, let connections
 finish, up to --drain-timeout), a second one stops at once. SIGHUP and
 SIGUSR2 are logged and ignored (reserved for reload); SIGQUIT logs a status
-line per frontend. Logs: RUST_LOG=debug adds one line per connection; a
+line per frontend. `ringlb ctl` drives a ringlb started with --admin-socket
+(show, drain, disable, enable, reload). Logs: RUST_LOG=debug adds one line per connection; a
 stalled stderr never slows traffic (lines are dropped and counted instead).";
 
 #[derive(Parser, Debug)]
@@ -103,6 +104,10 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR", value_parser = config::parse_address)]
     stats: Option<SocketAddr>,
 
+    /// Serve `ringlb ctl` on this Unix socket (created mode 0600), e.g. /run/ringlb.sock
+    #[arg(long, value_name = "PATH")]
+    admin_socket: Option<PathBuf>,
+
     /// Run from a TOML config file (several frontends); see examples/foobar.toml
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -116,6 +121,69 @@ pub struct Cli {
 enum Command {
     /// Start two built-in backends with ringlb in front, send traffic and show round robin and failover
     Demo,
+    /// Control a running ringlb over its admin socket (--admin-socket)
+    Ctl(CtlArgs),
+}
+
+#[derive(Args, Debug)]
+struct CtlArgs {
+    /// The admin socket of the ringlb to control
+    #[arg(long, value_name = "PATH", default_value = crate::ctl::DEFAULT_SOCKET)]
+    socket: PathBuf,
+
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlCommand {
+    /// Frontends and backends: health and why, admin state, connections, failures, checks
+    Show {
+        /// JSON for machines (the same data as the HTTP /stats)
+        #[arg(long)]
+        json: bool,
+    },
+    /// No new connections to FRONTEND/BACKEND; established ones continue
+    Drain {
+        /// FRONTEND/BACKEND, the backend by name or address
+        #[arg(value_name = "FRONTEND/BACKEND")]
+        target: String,
+    },
+    /// Maintenance: no new connections, checks suspended
+    Disable {
+        /// FRONTEND/BACKEND, the backend by name or address
+        #[arg(value_name = "FRONTEND/BACKEND")]
+        target: String,
+        /// Also reset its established connections
+        #[arg(long)]
+        kill: bool,
+    },
+    /// Back to ready: traffic resumes when it is also up
+    Enable {
+        /// FRONTEND/BACKEND, the backend by name or address
+        #[arg(value_name = "FRONTEND/BACKEND")]
+        target: String,
+    },
+    /// Re-read the config file and apply the difference; prints what changed
+    Reload,
+}
+
+impl CtlCommand {
+    /// The request line of the admin socket's protocol.
+    fn request(&self) -> String {
+        match self {
+            CtlCommand::Show { json: false } => "show".into(),
+            CtlCommand::Show { json: true } => "show json".into(),
+            CtlCommand::Drain { target } => format!("drain {target}"),
+            CtlCommand::Disable {
+                target,
+                kill: false,
+            } => format!("disable {target}"),
+            CtlCommand::Disable { target, kill: true } => format!("disable {target} kill"),
+            CtlCommand::Enable { target } => format!("enable {target}"),
+            CtlCommand::Reload => "reload".into(),
+        }
+    }
 }
 
 /// What the command line asks for.
@@ -128,6 +196,11 @@ pub enum Action {
     },
     Check(PathBuf),
     Demo,
+    /// `ringlb ctl`: one request to a running ringlb's admin socket.
+    Ctl {
+        socket: PathBuf,
+        request: String,
+    },
 }
 
 /// A byte string flag. A newtype, because clap reads a bare `Vec<u8>` as a
@@ -153,8 +226,15 @@ impl Cli {
     /// Turns the flags into an action, or the exit code and one-line reason
     /// they cannot be: 2 for a wrong flag, 1 for a bad config file.
     pub fn into_action(self) -> Result<Action, (i32, String)> {
-        if matches!(self.command, Some(Command::Demo)) {
-            return Ok(Action::Demo);
+        match self.command {
+            Some(Command::Demo) => return Ok(Action::Demo),
+            Some(Command::Ctl(ctl)) => {
+                return Ok(Action::Ctl {
+                    request: ctl.command.request(),
+                    socket: ctl.socket,
+                });
+            }
+            None => {}
         }
         let stats = self.stats;
         if let Some(path) = self.config {
@@ -166,6 +246,7 @@ impl Cli {
                 workers: self.workers,
                 buffers: self.buffers,
                 drain_timeout: self.drain_timeout,
+                admin_socket: self.admin_socket,
             };
             let config = source.load().map_err(|e| match e {
                 // A flag out of range is a usage error; the file's are 1.
@@ -215,6 +296,7 @@ impl Cli {
             workers: self.workers.unwrap_or_else(config::default_workers),
             buffers: self.buffers.unwrap_or(config::DEFAULT_BUFFERS),
             drain_timeout: self.drain_timeout.unwrap_or(config::DEFAULT_DRAIN_TIMEOUT),
+            admin_socket: self.admin_socket,
             frontends: vec![frontend],
         };
         config.validate().map_err(|e| (2, e))?;

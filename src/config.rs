@@ -145,6 +145,8 @@ pub struct Config {
     /// by a send to a slow peer, receives move to splice, which needs none.
     pub buffers: u32,
     pub drain_timeout: Duration,
+    /// The Unix socket `ringlb ctl` talks to, if any.
+    pub admin_socket: Option<PathBuf>,
     pub frontends: Vec<FrontendConfig>,
 }
 
@@ -318,6 +320,7 @@ struct RawConfig {
     workers: Option<Spanned<usize>>,
     buffers: Option<Spanned<u32>>,
     drain_timeout: Option<Spanned<String>>,
+    admin_socket: Option<Spanned<String>>,
     #[serde(default)]
     frontend: Vec<Spanned<RawFrontend>>,
 }
@@ -553,6 +556,14 @@ impl Config {
             drain_timeout: src
                 .duration(&raw.drain_timeout, "drain-timeout")?
                 .unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+            admin_socket: raw
+                .admin_socket
+                .as_ref()
+                .map(|p| match p.get_ref().as_str() {
+                    "" => Err(src.invalid(p, "admin-socket: give a path".into())),
+                    path => Ok(PathBuf::from(path)),
+                })
+                .transpose()?,
             frontends,
         })
     }
@@ -628,6 +639,7 @@ pub struct ConfigSource {
     pub workers: Option<usize>,
     pub buffers: Option<u32>,
     pub drain_timeout: Option<Duration>,
+    pub admin_socket: Option<PathBuf>,
 }
 
 impl ConfigSource {
@@ -641,6 +653,9 @@ impl ConfigSource {
         }
         if let Some(drain_timeout) = self.drain_timeout {
             config.drain_timeout = drain_timeout;
+        }
+        if self.admin_socket.is_some() {
+            config.admin_socket.clone_from(&self.admin_socket);
         }
         // The file was checked as it was read; only the flags are new.
         config

@@ -175,6 +175,7 @@ fn tour() -> Result<Tally, String> {
         workers: 2,
         buffers: crate::config::DEFAULT_BUFFERS,
         drain_timeout: Duration::from_secs(1),
+        admin_socket: None,
         frontends: vec![
             frontend("web", Mode::ActiveActive, &[&app1, &app2]),
             frontend("db", Mode::ActivePassive, &[&app1, &app2]),

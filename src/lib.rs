@@ -35,6 +35,8 @@
 //! - [`relay`]: one client/backend pair: copy or splice, half-close, reset.
 //! - [`uring`]: ring setup, buffer ring, pipe pool, the raw syscalls.
 //! - [`metrics`] and [`admin`]: counters and the Prometheus endpoint.
+//! - [`control`] and [`ctl`]: the admin Unix socket and `ringlb ctl`.
+//! - [`access`]: the access log line.
 //! - [`view`]: what `ringlb ctl show`, `/stats` and the status page show.
 //! - [`demo`]: `ringlb demo`, a guided tour on loopback.
 
@@ -42,6 +44,8 @@ pub mod access;
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod control;
+pub mod ctl;
 pub mod demo;
 pub mod health;
 pub mod logging;

@@ -6,6 +6,7 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -62,6 +63,7 @@ fn run_action() -> ExitCode {
             }
         },
         Action::Demo => ringlb::demo::run(),
+        Action::Ctl { socket, request } => ringlb::ctl::run(&socket, &request),
         Action::Run {
             config,
             stats,
@@ -78,7 +80,7 @@ fn run(config: &Config, stats: Option<SocketAddr>, source: Option<&ConfigSource>
     // and the signals wait here for sigtimedwait instead of killing us.
     let signals = Signals::block();
     let server = match Server::start(config) {
-        Ok(server) => server,
+        Ok(server) => Arc::new(server),
         Err(e) => {
             ringlb::logging::flush();
             eprintln!("ringlb: {e}");
@@ -102,6 +104,20 @@ fn run(config: &Config, stats: Option<SocketAddr>, source: Option<&ConfigSource>
             }
         }
     }
+    // Removes the socket file when `run` returns, however it returns.
+    let _admin_socket = match &config.admin_socket {
+        Some(path) => match ringlb::control::serve(path, Arc::clone(&server), source.cloned()) {
+            Ok(socket) => Some(socket),
+            Err(e) => {
+                ringlb::logging::flush();
+                eprintln!("ringlb: {e}");
+                server.stop();
+                let _ = server.join();
+                return ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
     let mut drain_deadline: Option<Instant> = None;
     let mut stopping = false;
     let mut stop_deadline: Option<Instant> = None;

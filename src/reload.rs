@@ -295,6 +295,18 @@ fn restart_needed(running: &Config, new: &Config) -> Vec<String> {
             running.buffers, new.buffers, running.buffers
         ));
     }
+    if running.admin_socket != new.admin_socket {
+        let shown = |p: &Option<std::path::PathBuf>| {
+            p.as_ref()
+                .map_or_else(|| "none".to_string(), |p| p.display().to_string())
+        };
+        lines.push(format!(
+            "admin-socket: {} -> {} needs a restart (still {})",
+            shown(&running.admin_socket),
+            shown(&new.admin_socket),
+            shown(&running.admin_socket)
+        ));
+    }
     lines
 }
 
@@ -314,6 +326,7 @@ pub fn reload(server: &Server, source: &ConfigSource) -> Result<Summary, Error> 
         // again on every reload until the restart).
         config.workers = control.config.workers;
         config.buffers = control.config.buffers;
+        config.admin_socket.clone_from(&control.config.admin_socket);
         let mut plan = Plan::new(&control.snapshot, &control.listeners, &config);
         let bound = plan.bind(control.workers()).map_err(|e| {
             let message = format!(

@@ -93,7 +93,9 @@ pub struct Server {
     /// False from the first drain or stop on: what `/ready` answers.
     accepting: Arc<AtomicBool>,
     control: Mutex<ControlPlane>,
-    workers: Vec<JoinHandle<std::io::Result<()>>>,
+    /// Behind a lock so that `Server` can be shared (the admin socket's
+    /// thread holds it too) and still be joined from `&self`.
+    workers: Mutex<Vec<JoinHandle<std::io::Result<()>>>>,
 }
 
 impl Server {
@@ -122,7 +124,7 @@ impl Server {
             reloads: Arc::new(ReloadStats::default()),
             accepting: Arc::new(AtomicBool::new(true)),
             control: Mutex::new(control),
-            workers,
+            workers: Mutex::new(workers),
         };
         if let Err(e) = started.and_then(|()| server.bring_up(config)) {
             server.stop();
@@ -229,17 +231,24 @@ impl Server {
         self.published.load().active_connections()
     }
 
+    fn workers(&self) -> MutexGuard<'_, Vec<JoinHandle<std::io::Result<()>>>> {
+        match self.workers.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
     pub fn workers_running(&self) -> bool {
-        self.workers.iter().any(|w| !w.is_finished())
+        self.workers().iter().any(|w| !w.is_finished())
     }
 
     pub fn any_worker_stopped(&self) -> bool {
-        self.workers.iter().any(|w| w.is_finished())
+        self.workers().iter().any(|w| w.is_finished())
     }
 
     /// Ends every health check now, abandoning probes in flight: a stop
     /// never waits for a check's timeout.
-    pub fn stop_health(&mut self) {
+    pub fn stop_health(&self) {
         if let Some(mut scheduler) = self.lock().health.take() {
             scheduler.stop();
         }
@@ -247,10 +256,11 @@ impl Server {
 
     /// Waits for the workers (after `drain` or `stop`), then stops the
     /// health checks. The first worker error, if any, is returned.
-    pub fn join(mut self) -> std::io::Result<()> {
+    pub fn join(&self) -> std::io::Result<()> {
         self.stop_health();
         let mut result = Ok(());
-        for worker in self.workers.drain(..) {
+        let workers: Vec<_> = self.workers().drain(..).collect();
+        for worker in workers {
             let outcome = worker
                 .join()
                 .unwrap_or_else(|_| Err(std::io::Error::other("worker panicked")));

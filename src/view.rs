@@ -127,8 +127,13 @@ fn millis(d: Duration) -> f64 {
 
 /// The view as JSON: `ringlb ctl show --json` and the HTTP `/stats`.
 pub fn to_json(views: &[FrontendView]) -> String {
-    // Serializing plain structs of strings and numbers cannot fail; an
-    // empty list is still valid JSON should it ever.
-    serde_json::to_string_pretty(&serde_json::json!({ "frontends": views }))
+    /// A struct, not `json!`, so that fields keep their declared order.
+    #[derive(Serialize)]
+    struct Document<'a> {
+        frontends: &'a [FrontendView],
+    }
+    // Plain structs of strings and numbers always serialize; the fallback
+    // is still valid JSON should that ever change.
+    serde_json::to_string_pretty(&Document { frontends: views })
         .unwrap_or_else(|_| "{\"frontends\": []}".into())
 }
