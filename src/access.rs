@@ -8,6 +8,7 @@
 //! why the connection ended. Text is `key=value` pairs (grep and people);
 //! `log-format = "json"` writes the same as one JSON object.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -45,31 +46,42 @@ impl Entry<'_> {
     pub fn write(&self, format: AccessLog) {
         match format {
             AccessLog::Off => {}
-            AccessLog::Text => log::info!(target: TARGET, "{}", self.text()),
+            // Formatted straight into the logger's line: no second string.
+            AccessLog::Text => log::info!(target: TARGET, "{self}"),
             AccessLog::Json => log::info!(target: TARGET, "{}", self.json()),
         }
     }
 
-    pub fn text(&self) -> String {
-        let dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
-        format!(
-            "client={} frontend={} backend={} connect_ms={} duration_ms={} bytes_up={} \
-             bytes_down={} end={}",
-            dash(self.client.map(|a| a.to_string())),
-            self.frontend,
-            self.backend.unwrap_or("-"),
-            dash(self.connect_ms.map(|ms| ms.to_string())),
-            self.duration_ms,
-            self.bytes_up,
-            self.bytes_down,
-            self.end
-        )
-    }
-
     pub fn json(&self) -> String {
-        // Serializing plain strings and numbers cannot fail; an empty
-        // object would still be one line of valid JSON.
+        // Plain strings and numbers always serialize; an empty object
+        // would still be one line of valid JSON.
         serde_json::to_string(self).unwrap_or_else(|_| "{}".into())
+    }
+}
+
+/// The text form: `key=value` pairs, `-` for what the connection never had.
+impl fmt::Display for Entry<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("client=")?;
+        match self.client {
+            Some(addr) => write!(f, "{addr}")?,
+            None => f.write_str("-")?,
+        }
+        write!(
+            f,
+            " frontend={} backend={} connect_ms=",
+            self.frontend,
+            self.backend.unwrap_or("-")
+        )?;
+        match self.connect_ms {
+            Some(ms) => write!(f, "{ms}")?,
+            None => f.write_str("-")?,
+        }
+        write!(
+            f,
+            " duration_ms={} bytes_up={} bytes_down={} end={}",
+            self.duration_ms, self.bytes_up, self.bytes_down, self.end
+        )
     }
 }
 
@@ -117,7 +129,7 @@ mod tests {
     fn a_connection_without_backend_shows_dashes_and_nulls() {
         let e = entry();
         assert_eq!(
-            e.text(),
+            e.to_string(),
             "client=127.0.0.1:40000 frontend=web backend=- connect_ms=- duration_ms=3 \
              bytes_up=0 bytes_down=0 end=no-backend"
         );
