@@ -46,7 +46,7 @@ use tokio::time::Instant;
 
 use crate::logging::RateLimit;
 use crate::metrics;
-use crate::model::{Published, ReloadStats, Snapshot};
+use crate::model::{Global, Published, ReloadStats, Snapshot};
 use crate::view;
 
 /// The admin server's own counters, for the metrics page.
@@ -73,6 +73,8 @@ pub static STATS: AdminStats = AdminStats {
 /// force (replaced by each reload) and the control plane's counters.
 pub struct State {
     pub published: Arc<Published>,
+    /// `None` only for a server tested alone.
+    pub global: Option<Arc<Global>>,
     pub reloads: Arc<ReloadStats>,
     /// False once ringlb drains or stops (see `Server::accepting`).
     pub accepting: Arc<AtomicBool>,
@@ -86,6 +88,7 @@ impl State {
                 generation: 0,
                 frontends: Vec::new(),
             }))),
+            global: None,
             reloads: Arc::new(ReloadStats::default()),
             accepting: Arc::new(AtomicBool::new(true)),
         }
@@ -338,7 +341,11 @@ fn route(state: &State, request: &Request<Incoming>) -> Response<Full<Bytes>> {
             text(
                 StatusCode::OK,
                 PROMETHEUS_TEXT,
-                metrics::render(&state.published.load(), &state.reloads),
+                metrics::render(
+                    &state.published.load(),
+                    state.global.as_deref(),
+                    &state.reloads,
+                ),
             )
         },
         "/stats" => |state| text(StatusCode::OK, JSON, stats_json(state)),

@@ -92,7 +92,7 @@ pub struct Cli {
     #[arg(long, value_enum, value_name = "ACTION", default_value_t = OnDown::Keep, conflicts_with = "config")]
     on_down: OnDown,
 
-    /// Most client connections at once; more are closed at accept [default: no limit]
+    /// Most client connections at once; more wait in the accept queue [default: no limit]
     #[arg(long, value_name = "N", conflicts_with = "config")]
     maxconn: Option<u32>,
 
@@ -190,7 +190,6 @@ impl CtlCommand {
 pub enum Action {
     Run {
         config: Config,
-        stats: Option<SocketAddr>,
         /// `None` when started from flags alone: nothing to reload.
         source: Option<ConfigSource>,
     },
@@ -247,6 +246,7 @@ impl Cli {
                 buffers: self.buffers,
                 drain_timeout: self.drain_timeout,
                 admin_socket: self.admin_socket,
+                stats,
             };
             let config = source.load().map_err(|e| match e {
                 // A flag out of range is a usage error; the file's are 1.
@@ -259,7 +259,6 @@ impl Cli {
             })?;
             return Ok(Action::Run {
                 config,
-                stats,
                 source: Some(source),
             });
         }
@@ -297,12 +296,12 @@ impl Cli {
             buffers: self.buffers.unwrap_or(config::DEFAULT_BUFFERS),
             drain_timeout: self.drain_timeout.unwrap_or(config::DEFAULT_DRAIN_TIMEOUT),
             admin_socket: self.admin_socket,
+            stats,
             frontends: vec![frontend],
         };
         config.validate().map_err(|e| (2, e))?;
         Ok(Action::Run {
             config,
-            stats,
             source: None,
         })
     }

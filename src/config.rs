@@ -131,8 +131,8 @@ pub struct FrontendConfig {
     /// Active-passive: return to the active backend once it is up again.
     pub failback: bool,
     pub on_down: OnDown,
-    /// Most client connections at once on this frontend; more are closed
-    /// at accept so the backends are never swamped.
+    /// Most client connections at once on this frontend; more wait in the
+    /// kernel's accept queue until one ends, so backends are never swamped.
     pub maxconn: Option<u32>,
     /// `log = true`, in the format of `log-format`.
     pub access_log: AccessLog,
@@ -147,6 +147,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// The Unix socket `ringlb ctl` talks to, if any.
     pub admin_socket: Option<PathBuf>,
+    /// Where the admin HTTP server (metrics) listens, if anywhere.
+    pub stats: Option<SocketAddr>,
     pub frontends: Vec<FrontendConfig>,
 }
 
@@ -321,6 +323,7 @@ struct RawConfig {
     buffers: Option<Spanned<u32>>,
     drain_timeout: Option<Spanned<String>>,
     admin_socket: Option<Spanned<String>>,
+    stats: Option<Spanned<String>>,
     #[serde(default)]
     frontend: Vec<Spanned<RawFrontend>>,
 }
@@ -544,7 +547,7 @@ impl Config {
         }
         check_across(&frontends, &Host::system())
             .map_err(|(index, fault)| src.fault(&raw.frontend[index], fault))?;
-        Ok(Config {
+        let config = Config {
             workers: raw
                 .workers
                 .as_ref()
@@ -564,8 +567,19 @@ impl Config {
                     path => Ok(PathBuf::from(path)),
                 })
                 .transpose()?,
+            stats: raw
+                .stats
+                .as_ref()
+                .map(|a| {
+                    parse_address(a.get_ref()).map_err(|e| src.invalid(a, format!("stats: {e}")))
+                })
+                .transpose()?,
             frontends,
-        })
+        };
+        if let (Err(message), Some(at)) = (config.check_stats(), &raw.stats) {
+            return Err(src.invalid(at, message));
+        }
+        Ok(config)
     }
 
     /// Every check, for a config built in code (the command line's). A
@@ -588,7 +602,34 @@ impl Config {
     /// was read and checked.
     pub fn check_settings(&self) -> Result<(), String> {
         check_workers(self.workers)?;
-        check_buffers(self.buffers)
+        check_buffers(self.buffers)?;
+        self.check_stats()
+    }
+
+    /// The stats server must not share a port with a frontend's listener:
+    /// one of them would fail to bind, or take the other's clients.
+    pub fn check_stats(&self) -> Result<(), String> {
+        let Some(stats) = self.stats.filter(|a| a.port() != 0) else {
+            return Ok(());
+        };
+        let host = Host::system();
+        let mut listens = Listens {
+            host: &host,
+            exact: HashMap::new(),
+            ports: HashMap::new(),
+        };
+        for (i, f) in self.frontends.iter().enumerate() {
+            if f.listen.port() == stats.port() {
+                listens.add(canonical(f.listen), i);
+            }
+        }
+        match listens.overlap(canonical(stats)) {
+            Some(j) => Err(format!(
+                "stats: {stats} overlaps the listener of frontend {} ({}); use another port",
+                self.frontends[j].name, self.frontends[j].listen
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Bytes of receive buffers the workers allocate at start.
@@ -640,6 +681,7 @@ pub struct ConfigSource {
     pub buffers: Option<u32>,
     pub drain_timeout: Option<Duration>,
     pub admin_socket: Option<PathBuf>,
+    pub stats: Option<SocketAddr>,
 }
 
 impl ConfigSource {
@@ -656,6 +698,9 @@ impl ConfigSource {
         }
         if self.admin_socket.is_some() {
             config.admin_socket.clone_from(&self.admin_socket);
+        }
+        if self.stats.is_some() {
+            config.stats = self.stats;
         }
         // The file was checked as it was read; only the flags are new.
         config
@@ -698,6 +743,16 @@ fn read_capped(path: &Path) -> Result<String, ConfigError> {
         path: path.to_path_buf(),
         source,
     };
+    // open(2) of a FIFO blocks until a writer comes, maybe forever; and a
+    // config must be there to read again on reload.
+    use std::os::unix::fs::FileTypeExt;
+    let kind = std::fs::metadata(path).map_err(read_error)?.file_type();
+    if kind.is_fifo() || kind.is_socket() {
+        return Err(read_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "a pipe or socket, not a file (give a regular file)",
+        )));
+    }
     let file = std::fs::File::open(path).map_err(read_error)?;
     let mut bytes = Vec::new();
     file.take(MAX_CONFIG_BYTES + 1)

@@ -176,6 +176,7 @@ fn tour() -> Result<Tally, String> {
         buffers: crate::config::DEFAULT_BUFFERS,
         drain_timeout: Duration::from_secs(1),
         admin_socket: None,
+        stats: None,
         frontends: vec![
             frontend("web", Mode::ActiveActive, &[&app1, &app2]),
             frontend("db", Mode::ActivePassive, &[&app1, &app2]),

@@ -50,11 +50,20 @@ pub enum Failure {
     /// Connected, but the backend closed before replying.
     Closed,
     Reset,
+    /// The check could not run for a reason on this host (out of local
+    /// ports, fds or memory): it says nothing about the backend and is not
+    /// counted, as live connects failing the same way are not.
+    Local(String),
     Other(String),
 }
 
 impl Failure {
     fn from_io(e: &std::io::Error) -> Failure {
+        if let Some(errno) = e.raw_os_error()
+            && ConnectFailure::from_errno(errno) == ConnectFailure::Local
+        {
+            return Failure::Local(e.to_string());
+        }
         match e.kind() {
             std::io::ErrorKind::ConnectionRefused => Failure::Refused,
             std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => Failure::TimedOut,
@@ -79,6 +88,7 @@ impl fmt::Display for Failure {
             }
             Failure::Closed => f.write_str("closed before replying"),
             Failure::Reset => f.write_str("connection reset"),
+            Failure::Local(e) => write!(f, "check could not run here: {e}"),
             Failure::Other(e) => f.write_str(e),
         }
     }
@@ -259,6 +269,7 @@ struct Target {
     /// Consecutive check results, as HAProxy counts them for rise and fall.
     good: u32,
     bad: u32,
+    local_warning: crate::logging::RateLimit,
 }
 
 impl Target {
@@ -321,6 +332,17 @@ impl Target {
                 if !self.health.is_up() && self.good >= self.check.rise {
                     let reason = format!("{} good checks in a row, last took {ms:.1}ms", self.good);
                     self.mark(true, reason);
+                }
+            }
+            Err(Failure::Local(e)) => {
+                // Neither a success nor a failure: the streaks stay.
+                if let Some(held_back) = self.local_warning.allow(std::time::Instant::now()) {
+                    log::warn!(
+                        "check of backend {} could not run here ({e}); not counted against it \
+                         (local ports, fds or memory exhausted?){}",
+                        self.name(),
+                        self.local_warning.suffix(held_back)
+                    );
                 }
             }
             Err(failure) => {
@@ -641,6 +663,7 @@ fn group(snapshot: &Arc<Snapshot>) -> Vec<Target> {
                 })),
                 good: 0,
                 bad: 0,
+                local_warning: crate::logging::RateLimit::new(Duration::from_secs(10)),
             })
         })
         .collect()

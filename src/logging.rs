@@ -282,6 +282,8 @@ pub struct RateLimit {
     period: Duration,
     last: Option<Instant>,
     suppressed: u64,
+    /// Between the last two lines written: what the held-back count covers.
+    span: Duration,
 }
 
 impl RateLimit {
@@ -290,6 +292,7 @@ impl RateLimit {
             period,
             last: None,
             suppressed: 0,
+            span: Duration::ZERO,
         }
     }
 
@@ -303,6 +306,9 @@ impl RateLimit {
             self.suppressed += 1;
             return None;
         }
+        self.span = self
+            .last
+            .map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
         self.last = Some(now);
         Some(std::mem::take(&mut self.suppressed))
     }
@@ -312,7 +318,12 @@ impl RateLimit {
         if held_back == 0 {
             String::new()
         } else {
-            format!(" ({held_back} more in the last {:?})", self.period)
+            // Said with the time it covers: the next line may come hours
+            // after a burst.
+            format!(
+                " ({held_back} more in the {}s since the last such line)",
+                self.span.as_secs()
+            )
         }
     }
 }
@@ -483,7 +494,17 @@ mod tests {
             assert_eq!(limit.allow(t0 + Duration::from_secs(i)), None);
         }
         assert_eq!(limit.allow(t0 + Duration::from_secs(10)), Some(5));
-        assert_eq!(limit.suffix(5), " (5 more in the last 10s)");
+        assert_eq!(
+            limit.suffix(5),
+            " (5 more in the 10s since the last such line)"
+        );
+        assert_eq!(limit.allow(t0 + Duration::from_secs(3600)), Some(0));
+        assert_eq!(limit.allow(t0 + Duration::from_secs(3601)), None);
+        assert_eq!(limit.allow(t0 + Duration::from_secs(7200)), Some(1));
+        assert_eq!(
+            limit.suffix(1),
+            " (1 more in the 3600s since the last such line)"
+        );
         assert_eq!(limit.suffix(0), "");
     }
 }

@@ -4,7 +4,6 @@
 //! status line per frontend; every signal taken is logged by name.
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -64,18 +63,14 @@ fn run_action() -> ExitCode {
         },
         Action::Demo => ringlb::demo::run(),
         Action::Ctl { socket, request } => ringlb::ctl::run(&socket, &request),
-        Action::Run {
-            config,
-            stats,
-            source,
-        } => run(&config, stats, source.as_ref()),
+        Action::Run { config, source } => run(&config, source.as_ref()),
     }
 }
 
 /// How long workers get to close their connections after a stop.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
-fn run(config: &Config, stats: Option<SocketAddr>, source: Option<&ConfigSource>) -> ExitCode {
+fn run(config: &Config, source: Option<&ConfigSource>) -> ExitCode {
     // Blocked before any thread starts, so every thread inherits the mask
     // and the signals wait here for sigtimedwait instead of killing us.
     let signals = Signals::block();
@@ -88,15 +83,17 @@ fn run(config: &Config, stats: Option<SocketAddr>, source: Option<&ConfigSource>
         }
     };
     log_settings(config);
-    if let Some(addr) = stats {
+    if let Some(addr) = config.stats {
         let state = ringlb::admin::State {
             published: server.published(),
+            global: Some(server.global()),
             reloads: server.reload_stats(),
             accepting: server.accepting(),
         };
         match ringlb::admin::serve(addr, state) {
             Ok(bound) => log::info!("metrics on http://{bound}/metrics"),
             Err(e) => {
+                ringlb::logging::flush();
                 eprintln!("ringlb: cannot serve stats on {addr}: {e}");
                 server.stop();
                 let _ = server.join();
@@ -128,7 +125,7 @@ fn run(config: &Config, stats: Option<SocketAddr>, source: Option<&ConfigSource>
                 // Closing every connection takes milliseconds; a worker
                 // still running now is stuck, and a stop must not hang.
                 log::error!("workers did not stop within {STOP_GRACE:?}; exiting");
-                return ExitCode::from(1);
+                exit_now(1);
             }
         }
         let signal = signals.wait(Duration::from_millis(200));
@@ -138,6 +135,9 @@ fn run(config: &Config, stats: Option<SocketAddr>, source: Option<&ConfigSource>
             }
             Some((name, Request::Reload)) => reload(name, &server, source),
             Some((name, Request::Status)) => log_status(name, &server),
+            Some((name, Request::Ignore)) => {
+                log::warn!("{name}: not a signal ringlb acts on; ignored")
+            }
             Some((name, Request::Stop)) if drain_deadline.is_none() => {
                 log::info!(
                     "{name}: draining: no new connections, {} open ones get up to {:?} to finish",
@@ -159,7 +159,7 @@ fn run(config: &Config, stats: Option<SocketAddr>, source: Option<&ConfigSource>
                 // Already stopping and asked again: the operator wants out
                 // now, not after the workers' grace period.
                 log::error!("{name} while stopping: exiting now");
-                return ExitCode::from(1);
+                exit_now(1);
             }
             None => {}
         }
@@ -209,6 +209,8 @@ enum Request {
     Reload,
     /// A status line per frontend in the log (HAProxy dumps stats).
     Status,
+    /// Would kill the process by default, and means nothing to ringlb.
+    Ignore,
 }
 
 impl Request {
@@ -216,6 +218,10 @@ impl Request {
         match signal {
             libc::SIGHUP | libc::SIGUSR2 => Request::Reload,
             libc::SIGQUIT => Request::Status,
+            libc::SIGALRM | libc::SIGVTALRM | libc::SIGPROF | libc::SIGIO | libc::SIGSTKFLT => {
+                Request::Ignore
+            }
+            // SIGPWR is how LXC asks a container for a clean shutdown.
             _ => Request::Stop,
         }
     }
@@ -223,14 +229,27 @@ impl Request {
 
 /// Every signal ringlb takes; any of them left to its default action
 /// would end the process with no drain and no log line.
-const SIGNALS: [(i32, &str); 6] = [
+const SIGNALS: [(i32, &str); 12] = [
     (libc::SIGINT, "SIGINT"),
     (libc::SIGTERM, "SIGTERM"),
     (libc::SIGUSR1, "SIGUSR1"),
     (libc::SIGHUP, "SIGHUP"),
     (libc::SIGUSR2, "SIGUSR2"),
     (libc::SIGQUIT, "SIGQUIT"),
+    (libc::SIGPWR, "SIGPWR"),
+    (libc::SIGALRM, "SIGALRM"),
+    (libc::SIGVTALRM, "SIGVTALRM"),
+    (libc::SIGPROF, "SIGPROF"),
+    (libc::SIGIO, "SIGIO"),
+    (libc::SIGSTKFLT, "SIGSTKFLT"),
 ];
+
+/// Leaves at once, without waiting for workers (Server's Drop would join
+/// them, and a stuck one would hang the exit the operator asked for).
+fn exit_now(code: i32) -> ! {
+    ringlb::logging::flush();
+    std::process::exit(code)
+}
 
 fn signal_name(signal: i32) -> &'static str {
     SIGNALS

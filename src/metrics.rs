@@ -6,8 +6,8 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::admin::STATS as ADMIN;
+use crate::model::{self, ReloadStats, Snapshot};
 pub use crate::model::{BackendStats, FrontendStats};
-use crate::model::{ReloadStats, Snapshot};
 
 /// A metric: name, Prometheus type, and where its value lives.
 type Metric<S> = (&'static str, &'static str, fn(&S) -> &AtomicU64);
@@ -22,16 +22,26 @@ type Global = (&'static str, &'static str, fn() -> u64);
 /// OpenMetrics flavour (it appends `_total` itself and ends with `# EOF`),
 /// which would rename our series; our counters are plain atomics, and the
 /// one thing its encoder would add, label escaping, is [`escape_label`].
-pub fn render(snapshot: &Snapshot, reloads: &ReloadStats) -> String {
+pub fn render(
+    snapshot: &Snapshot,
+    global: Option<&model::Global>,
+    reloads: &ReloadStats,
+) -> String {
     let frontends = &snapshot.frontends;
     let mut out = Exposition::default();
+    if let Some(global) = global {
+        render_global(&mut out, global);
+    }
     let frontend_metrics: &[Metric<FrontendStats>] = &[
         ("ringlb_frontend_connections_total", "counter", |s| {
             &s.accepted
         }),
         ("ringlb_frontend_connections_active", "gauge", |s| &s.active),
-        ("ringlb_frontend_rejected_maxconn_total", "counter", |s| {
-            &s.rejected_maxconn
+        ("ringlb_frontend_maxconn_reached_total", "counter", |s| {
+            &s.maxconn_reached
+        }),
+        ("ringlb_frontend_accept_errors_total", "counter", |s| {
+            &s.accept_errors
         }),
         ("ringlb_frontend_no_backend_total", "counter", |s| {
             &s.no_backend
@@ -169,6 +179,38 @@ pub fn escape_label(out: &mut String, value: &str) {
             '\n' => out.push_str("\\n"),
             c => out.push(c),
         }
+    }
+}
+
+/// The process-wide series: the connection limit, its use, and the
+/// workers' completion queues.
+fn render_global(out: &mut Exposition, global: &model::Global) {
+    let series: [(&str, &str, u64); 5] = [
+        ("ringlb_connection_limit", "gauge", global.limit),
+        (
+            "ringlb_connections_active",
+            "gauge",
+            global.active.load(Relaxed),
+        ),
+        (
+            "ringlb_connection_limit_reached_total",
+            "counter",
+            global.limit_reached.load(Relaxed),
+        ),
+        (
+            "ringlb_completion_queue_dropped_total",
+            "counter",
+            global.cq_dropped.load(Relaxed),
+        ),
+        (
+            "ringlb_completion_queue_overflowed_total",
+            "counter",
+            global.cq_overflowed.load(Relaxed),
+        ),
+    ];
+    for (name, kind, value) in series {
+        out.family(name, kind);
+        out.sample(name, &[], value);
     }
 }
 

@@ -19,8 +19,9 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{
-    AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed,
+    AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst,
 };
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
@@ -283,8 +284,11 @@ impl BackendShared {
 pub struct FrontendStats {
     pub accepted: AtomicU64,
     pub active: AtomicU64,
-    /// Closed at accept because the frontend was at maxconn.
-    pub rejected_maxconn: AtomicU64,
+    /// Times a worker stopped accepting because the frontend was at its
+    /// maxconn (new clients then wait in the kernel's accept queue).
+    pub maxconn_reached: AtomicU64,
+    /// Accepts that failed (out of fds or memory): the listener pauses.
+    pub accept_errors: AtomicU64,
     /// Closed because no backend was up or every one failed to connect.
     pub no_backend: AtomicU64,
     /// Receives that found the worker's buffers all held (by sends to slow
@@ -303,6 +307,8 @@ pub struct FrontendStats {
 pub struct FrontendShared {
     pub name: String,
     pub stats: FrontendStats,
+    /// Workers that stopped accepting on this frontend at its maxconn.
+    pub waiting: Waiting,
     /// Active-passive without fail-back: the id of the backend that was
     /// promoted and keeps the traffic after the active one returns (0:
     /// none). An id, not an index, so a reload that reorders backends keeps
@@ -315,7 +321,123 @@ impl FrontendShared {
         FrontendShared {
             name: name.to_string(),
             stats: FrontendStats::default(),
+            waiting: Waiting::default(),
             promoted: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Workers (bit `id % 64`) that stopped accepting at a limit and wait for
+/// a connection to end. A superset is harmless: a woken worker that finds
+/// no room goes back to waiting.
+#[derive(Default)]
+pub struct Waiting(AtomicU64);
+
+impl Waiting {
+    fn bit(worker: usize) -> u64 {
+        1 << (worker % 64)
+    }
+
+    /// Sequentially consistent with `take`: a worker that marks itself and
+    /// then finds no room, and a worker that frees room and then takes the
+    /// marks, cannot both miss each other.
+    pub fn mark(&self, worker: usize) {
+        self.0.fetch_or(Self::bit(worker), SeqCst);
+    }
+
+    /// The marked workers, cleared; one plain load when none waits (the
+    /// common case, on every connection's end).
+    pub fn take(&self) -> u64 {
+        if self.0.load(SeqCst) == 0 {
+            return 0;
+        }
+        self.0.swap(0, SeqCst)
+    }
+
+    pub fn includes(bits: u64, worker: usize) -> bool {
+        bits & Self::bit(worker) != 0
+    }
+}
+
+/// Shared by every worker for the life of the process: the connection
+/// ceiling and its counters, and the eventfds that wake each worker's ring
+/// (for a command, or for room under a limit).
+pub struct Global {
+    /// Most client connections at once, all frontends together.
+    pub limit: u64,
+    /// How many clients one listener's accept queue holds: what one
+    /// multishot accept may take at once.
+    pub accept_queue: u64,
+    /// RLIMIT_NOFILE (soft, after raising it to the hard limit).
+    pub nofile: u64,
+    /// Splice pipes the budget allows, all workers together: more would
+    /// take fds promised to connections.
+    pub pipes: u64,
+    /// Fds the budget leaves the stats server (listener and connections).
+    pub stats_fds: u64,
+    /// Client connections open, all frontends together (plus, for an
+    /// instant, the one a worker is accepting).
+    pub active: AtomicU64,
+    /// Times a worker stopped accepting because `active` reached `limit`.
+    pub limit_reached: AtomicU64,
+    /// Completions the kernel dropped (io_uring's cq_overflow), all workers.
+    pub cq_dropped: AtomicU64,
+    /// Times a worker found its completion queue overflowed into kernel
+    /// memory: a sign the queue is too small for the load.
+    pub cq_overflowed: AtomicU64,
+    /// Workers waiting for room under `limit`.
+    pub waiting: Waiting,
+    /// One eventfd per worker: writing to it wakes the worker's ring. Owned
+    /// here, and the workers hold this `Arc`, so a worker's fd stays open
+    /// as long as the worker runs, whatever happens to the `Server`.
+    wake_fds: Vec<OwnedFd>,
+}
+
+impl Global {
+    pub fn new(
+        limit: u64,
+        accept_queue: u64,
+        nofile: u64,
+        pipes: u64,
+        stats_fds: u64,
+        wake_fds: Vec<OwnedFd>,
+    ) -> Global {
+        Global {
+            limit,
+            accept_queue,
+            nofile,
+            pipes,
+            stats_fds,
+            active: AtomicU64::new(0),
+            limit_reached: AtomicU64::new(0),
+            cq_dropped: AtomicU64::new(0),
+            cq_overflowed: AtomicU64::new(0),
+            waiting: Waiting::default(),
+            wake_fds,
+        }
+    }
+
+    pub fn wake_fd(&self, worker: usize) -> RawFd {
+        self.wake_fds[worker].as_raw_fd()
+    }
+
+    pub fn workers(&self) -> usize {
+        self.wake_fds.len()
+    }
+
+    pub fn wake(&self, worker: usize) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a local u64 to an eventfd this struct
+        // owns; a full counter (EAGAIN) already means "wake up".
+        unsafe { libc::write(self.wake_fd(worker), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Wakes the workers in `bits` except `me`.
+    pub fn wake_others(&self, bits: u64, me: usize) {
+        for worker in 0..self.workers() {
+            if worker != me && Waiting::includes(bits, worker) {
+                self.wake(worker);
+            }
         }
     }
 }

@@ -567,6 +567,12 @@ impl Conn {
     /// the end on, and close once both directions are done.
     fn finish_direction(&mut self, key: usize, dir: usize, io: &mut Io) -> std::io::Result<()> {
         self.dirs[dir].done = true;
+        // Empty now (every byte was delivered) and never used again: a
+        // half-closed connection must not keep a pipe another one needs.
+        // Splices are plain non-blocking calls, so nothing is in flight on it.
+        if let Some(pipe) = self.dirs[dir].pipe.take() {
+            io.pipes.give_back(pipe, self.dirs[dir].in_pipe == 0);
+        }
         uring::shutdown_write(self.sink(dir));
         if self.dirs[1 - dir].done {
             return self.close(key, End::Done, io);
@@ -616,18 +622,21 @@ impl Conn {
             }
             End::BackendReset => self.reset_to = Some((self.client, flush_until())),
             // Cut off at once, with a reset each peer sees: the operator
-            // asked for it, or ringlb cannot carry the stream on. A clean
-            // end here would pass a prefix off as the whole stream.
+            // asked for it, or ringlb cannot carry the stream on (no
+            // backend to take it is one such case). A clean end here would
+            // pass a prefix (or nothing) off as the whole stream.
             End::BackendDown
             | End::BackendClosed
             | End::FrontendRemoved
             | End::LocalError
-            | End::Stopped => {
-                uring::set_linger_zero(self.client);
-                if self.backend >= 0 {
-                    uring::set_linger_zero(self.backend);
-                }
+            | End::Stopped
+            | End::NoBackend => {
+                self.reset_both();
             }
+            // A peer that stopped reading leaves bytes on their way to it:
+            // ending with a FIN would pass the part it got off as the whole
+            // stream. Idle with nothing undelivered is a clean end.
+            End::IdleTimeout if self.undelivered() => self.reset_both(),
             _ => {}
         }
         if let Some((fd, _)) = self.reset_to {
@@ -685,6 +694,22 @@ impl Conn {
             d.counted = d.bytes;
             new
         })
+    }
+
+    /// Makes both closes send a reset.
+    fn reset_both(&self) {
+        uring::set_linger_zero(self.client);
+        if self.backend >= 0 {
+            uring::set_linger_zero(self.backend);
+        }
+    }
+
+    /// Bytes ringlb took from one peer and has not delivered to the other:
+    /// in a held buffer, in a pipe, or still queued on a socket.
+    fn undelivered(&self) -> bool {
+        self.dirs.iter().any(|d| d.held.is_some() || d.in_pipe > 0)
+            || uring::unsent_bytes(self.client) > 0
+            || (self.backend >= 0 && uring::unsent_bytes(self.backend) > 0)
     }
 
     /// A direction is parked: idle only because ringlb has nothing to

@@ -307,6 +307,15 @@ fn restart_needed(running: &Config, new: &Config) -> Vec<String> {
             shown(&running.admin_socket)
         ));
     }
+    if running.stats != new.stats {
+        let show = |a: Option<SocketAddr>| a.map_or_else(|| "none".to_string(), |a| a.to_string());
+        lines.push(format!(
+            "stats: {} -> {} needs a restart (still {})",
+            show(running.stats),
+            show(new.stats),
+            show(running.stats)
+        ));
+    }
     lines
 }
 
@@ -327,6 +336,7 @@ pub fn reload(server: &Server, source: &ConfigSource) -> Result<Summary, Error> 
         config.workers = control.config.workers;
         config.buffers = control.config.buffers;
         config.admin_socket.clone_from(&control.config.admin_socket);
+        config.stats = control.config.stats;
         let mut plan = Plan::new(&control.snapshot, &control.listeners, &config);
         let bound = plan.bind(control.workers()).map_err(|e| {
             let message = format!(
@@ -370,4 +380,56 @@ pub fn reload(server: &Server, source: &ConfigSource) -> Result<Summary, Error> 
         }
     }
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::AdminState;
+
+    fn config(check: &str) -> Config {
+        let text = format!(
+            "[[frontend]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n{check}\
+             backends = [\"127.0.0.1:9001\", \"127.0.0.1:9002\"]\n"
+        );
+        Config::from_toml(&text, "t").expect("config")
+    }
+
+    fn plan(old: &Snapshot, config: &Config) -> Plan {
+        Plan::new(old, &[], config)
+    }
+
+    #[test]
+    fn kept_backends_are_the_same_and_changed_ones_keep_their_admin_state() {
+        let empty = Snapshot {
+            generation: 0,
+            frontends: Vec::new(),
+        };
+        let first = plan(&empty, &config("")).snapshot;
+        let web = &first.frontends[0];
+        web.backends[0].set_admin(AdminState::Drain);
+        web.backends[1].health.set_up(false);
+        web.backends[1]
+            .stats
+            .connections
+            .store(7, std::sync::atomic::Ordering::Relaxed);
+
+        let same = plan(&first, &config(""));
+        let kept = &same.snapshot.frontends[0];
+        assert!(Arc::ptr_eq(&kept.shared, &web.shared));
+        assert!(Arc::ptr_eq(&kept.backends[0], &web.backends[0]));
+        assert!(Arc::ptr_eq(&kept.backends[1], &web.backends[1]));
+        assert!(same.summary.backends_changed.is_empty());
+
+        // A new check makes new check targets: new `Arc`s, whose admin
+        // state carries over and whose health starts where it was.
+        let changed = plan(&first, &config("check-interval = \"5s\"\n"));
+        let new = &changed.snapshot.frontends[0];
+        assert!(Arc::ptr_eq(&new.shared, &web.shared));
+        assert!(!Arc::ptr_eq(&new.backends[0], &web.backends[0]));
+        assert_eq!(new.backends[0].admin(), AdminState::Drain);
+        assert!(!new.backends[1].is_up());
+        assert_eq!(changed.summary.backends_changed.len(), 2);
+        assert_eq!(changed.summary.frontends_changed, ["web"]);
+    }
 }

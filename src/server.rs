@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::thread::JoinHandle;
@@ -16,7 +16,7 @@ use socket2::{Domain, Socket, Type};
 
 use crate::config::Config;
 use crate::health::Scheduler;
-use crate::model::{FrontendSnapshot, Published, ReloadStats, Snapshot};
+use crate::model::{FrontendSnapshot, Global, Published, ReloadStats, Snapshot};
 use crate::reload::{self, Plan};
 use crate::worker::{Ack, Command, Commands, Worker};
 
@@ -30,6 +30,8 @@ pub enum StartError {
     },
     Worker(std::io::Error),
     Health(crate::health::StartError),
+    /// The fd limit is too low for even one connection.
+    Limit(FdBudget),
 }
 
 impl fmt::Display for StartError {
@@ -44,22 +46,83 @@ impl fmt::Display for StartError {
             }
             StartError::Worker(e) => write!(f, "cannot start a worker: {e}"),
             StartError::Health(e) => e.fmt(f),
+            StartError::Limit(budget) => write!(
+                f,
+                "RLIMIT_NOFILE is {}, which leaves no file descriptor for client connections \
+                 (ringlb keeps {} for listeners, workers, checks, the stats server and a reserve); \
+                 raise it (ulimit -n, or LimitNOFILE= in a systemd unit)",
+                budget.nofile, budget.fixed
+            ),
         }
     }
 }
 
 impl std::error::Error for StartError {}
 
+/// Where the fds go, for the connection limit: fixed costs first (stdio,
+/// one listener per frontend and worker, a ring and a wake eventfd per
+/// worker, one health probe per backend at a time plus the checker's own,
+/// the stats server's listener and connections, a reserve for everything
+/// else: config files, logs, /proc reads), then splice pipes (two fds each:
+/// at most a tenth of what is left, and no more than the workers keep,
+/// since a direction that finds no pipe copies instead), then two sockets
+/// per connection. The reserves grow with the limit but stay small when it
+/// is small, so a tight `ulimit -n` still leaves room for connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdBudget {
+    pub nofile: u64,
+    pub fixed: u64,
+    /// For the stats server: its listener and connections.
+    pub stats: u64,
+    /// Splice pipes, all workers together.
+    pub pipes: u64,
+    pub connections: u64,
+}
+
+/// Most fds set aside for everything ringlb does not count.
+const RESERVE_FDS_MAX: u64 = 1024;
+/// Health checking besides one probe socket per backend (event loop, timers).
+const CHECKER_FDS: u64 = 8;
+/// Most pipes budgeted per worker (what a worker's pool keeps at most).
+pub const PIPES_PER_WORKER: u64 = 256;
+
+impl FdBudget {
+    /// `stats`: whether the admin HTTP server runs (its connections are
+    /// budgeted only then).
+    pub fn new(nofile: u64, frontends: u64, workers: u64, backends: u64, stats: bool) -> FdBudget {
+        let stdio = 3;
+        let listeners = frontends * workers;
+        let per_worker = 2 * workers;
+        let checks = backends + CHECKER_FDS;
+        // Its listener and its connection cap, which it takes from the
+        // same limit (admin::max_connections).
+        let stats = if stats {
+            1 + crate::admin::max_connections(nofile) as u64
+        } else {
+            0
+        };
+        let reserve = (nofile / 64).clamp(8, RESERVE_FDS_MAX);
+        let fixed = stdio + listeners + per_worker + checks + stats + reserve;
+        let left = nofile.saturating_sub(fixed);
+        let pipes = (left / 10).min(PIPES_PER_WORKER * workers);
+        FdBudget {
+            nofile,
+            fixed,
+            stats,
+            pipes,
+            connections: (left - 2 * pipes) / 2,
+        }
+    }
+}
+
 /// How long the control plane waits for every worker to acknowledge a
 /// change; a worker that takes longer is named in the log.
 const ACK_WAIT: Duration = Duration::from_secs(5);
 
-/// The control plane's end of one worker's channel.
+/// The control plane's end of one worker's channel (its wake eventfd is
+/// in [`Global`]).
 struct Link {
     commands: mpsc::Sender<(u64, Command)>,
-    /// Written after each command to wake the worker's ring. Kept open
-    /// until the worker has stopped.
-    wake: OwnedFd,
 }
 
 /// One frontend's listening sockets (one per worker), as bound.
@@ -81,6 +144,7 @@ pub(crate) struct ControlPlane {
     pub listeners: Vec<Bound>,
     next_listener: u64,
     links: Vec<Link>,
+    pub global: Arc<Global>,
     acks: mpsc::Receiver<Ack>,
     seq: u64,
     health: Option<Scheduler>,
@@ -100,7 +164,36 @@ pub struct Server {
 
 impl Server {
     pub fn start(config: &Config) -> Result<Server, StartError> {
-        raise_fd_limit();
+        let nofile = raise_fd_limit();
+        let backends = config
+            .frontends
+            .iter()
+            .map(|f| f.backends.len())
+            .sum::<usize>();
+        // Budgeted for the config at start: a reload that adds frontends or
+        // backends takes their few fds from the reserve.
+        let budget = FdBudget::new(
+            nofile,
+            config.frontends.len() as u64,
+            config.workers as u64,
+            backends as u64,
+            config.stats.is_some(),
+        );
+        if budget.connections == 0 {
+            return Err(StartError::Limit(budget));
+        }
+        let wake_fds = (0..config.workers)
+            .map(|_| eventfd())
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(StartError::Worker)?;
+        let global = Arc::new(Global::new(
+            budget.connections,
+            accept_queue_len(),
+            nofile,
+            budget.pipes,
+            budget.stats,
+            wake_fds,
+        ));
         let empty = Arc::new(Snapshot {
             generation: 0,
             frontends: Vec::new(),
@@ -112,6 +205,7 @@ impl Server {
             listeners: Vec::new(),
             next_listener: 1,
             links: Vec::new(),
+            global,
             acks,
             seq: 0,
             health: None,
@@ -126,17 +220,14 @@ impl Server {
             control: Mutex::new(control),
             workers: Mutex::new(workers),
         };
-        if let Err(e) = started.and_then(|()| server.bring_up(config)) {
-            server.stop();
-            let _ = server.join();
-            return Err(e);
-        }
+        // Dropping the server stops and joins the workers started.
+        started.and_then(|()| server.bring_up(config, &budget))?;
         Ok(server)
     }
 
     /// The health scheduler, then the first config, as a reload from an
     /// empty one.
-    fn bring_up(&mut self, config: &Config) -> Result<(), StartError> {
+    fn bring_up(&mut self, config: &Config, budget: &FdBudget) -> Result<(), StartError> {
         let published = Arc::clone(&self.published);
         let control = self
             .control
@@ -153,6 +244,15 @@ impl Server {
         let applied = control.apply(plan, bound, config);
         published.store(Arc::clone(&control.snapshot));
         applied.map_err(StartError::Health)?;
+        log::info!(
+            "connection limit {} (from RLIMIT_NOFILE {}: 2 sockets per connection, {} fds \
+             for splice pipes, {} for listeners, workers, checks, the stats server and a \
+             reserve); beyond it new clients wait in the kernel's accept queue",
+            budget.connections,
+            budget.nofile,
+            2 * budget.pipes,
+            budget.fixed
+        );
         for frontend in &control.snapshot.frontends {
             log_listening(
                 frontend,
@@ -175,6 +275,11 @@ impl Server {
     /// The snapshot in force, for the read-only endpoints.
     pub fn published(&self) -> Arc<Published> {
         Arc::clone(&self.published)
+    }
+
+    /// The process-wide limits and counters.
+    pub fn global(&self) -> Arc<Global> {
+        Arc::clone(&self.lock().global)
     }
 
     pub fn reload_stats(&self) -> Arc<ReloadStats> {
@@ -227,8 +332,13 @@ impl Server {
         self.lock().send_all(|| Some(Command::Stop));
     }
 
+    /// Every client connection open, including those of frontends a
+    /// reload removed that are still draining.
     pub fn active_connections(&self) -> u64 {
-        self.published.load().active_connections()
+        self.lock()
+            .global
+            .active
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn workers(&self) -> MutexGuard<'_, Vec<JoinHandle<std::io::Result<()>>>> {
@@ -258,6 +368,10 @@ impl Server {
     /// health checks. The first worker error, if any, is returned.
     pub fn join(&self) -> std::io::Result<()> {
         self.stop_health();
+        self.join_all()
+    }
+
+    fn join_all(&self) -> std::io::Result<()> {
         let mut result = Ok(());
         let workers: Vec<_> = self.workers().drain(..).collect();
         for worker in workers {
@@ -272,6 +386,22 @@ impl Server {
     }
 }
 
+/// A server dropped without `join` (an early return in `start`, a panic in
+/// the caller) stops its workers rather than leaving them running behind
+/// it. After `join` there is nothing left to stop.
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.workers().is_empty() && self.lock().health.is_none() {
+            return;
+        }
+        self.stop();
+        self.stop_health();
+        // Whoever returned early reports why (start returns the worker's
+        // error); a second line here would only repeat it.
+        let _ = self.join_all();
+    }
+}
+
 /// One thread per worker, each with its channel and eventfd; returns once
 /// every ring is up (or the first failure).
 fn start_workers(
@@ -282,14 +412,13 @@ fn start_workers(
 ) -> Result<(), StartError> {
     let (ready_tx, ready_rx) = mpsc::channel();
     for id in 0..config.workers {
-        let wake = eventfd().map_err(StartError::Worker)?;
         let (commands, receiver) = mpsc::channel();
         let channel = Commands {
             receiver,
             acks: acks.clone(),
-            wake_fd: wake.as_raw_fd(),
         };
-        control.links.push(Link { commands, wake });
+        control.links.push(Link { commands });
+        let global = Arc::clone(&control.global);
         let ready = ready_tx.clone();
         let buffers = config.buffers;
         let handle = std::thread::Builder::new()
@@ -297,7 +426,7 @@ fn start_workers(
             .spawn(move || {
                 // The ring is made on the thread that uses it: the
                 // single-issuer flag ties it to this thread.
-                match Worker::new(id, channel, buffers) {
+                match Worker::new(id, channel, global, buffers) {
                     Ok(worker) => {
                         let _ = ready.send(Ok(()));
                         worker.run()
@@ -357,10 +486,10 @@ impl ControlPlane {
     /// Sends one command per worker, in worker order, and wakes them.
     pub fn send_each(&mut self, commands: Vec<Command>) -> u64 {
         self.seq += 1;
-        for (link, command) in self.links.iter().zip(commands) {
+        for (worker, (link, command)) in self.links.iter().zip(commands).enumerate() {
             // A worker that has stopped is reported by the ack wait.
             let _ = link.commands.send((self.seq, command));
-            wake(&link.wake);
+            self.global.wake(worker);
         }
         self.seq
     }
@@ -462,12 +591,6 @@ pub(crate) fn log_listening(frontend: &FrontendSnapshot, addr: SocketAddr, worke
     );
 }
 
-fn wake(fd: &OwnedFd) {
-    let one = 1u64;
-    // SAFETY: writes 8 bytes from a local u64 to an eventfd we own.
-    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
-}
-
 pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
     socket.set_reuse_address(true)?;
@@ -476,9 +599,26 @@ pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<Socket> {
     socket.set_reuse_port(true)?;
     // Accepted sockets inherit it: no setsockopt per client connection.
     socket.set_tcp_nodelay(true)?;
+    // Workers accept with non-blocking accept4(2) near a limit, and while
+    // draining, to know when the queue is empty.
+    socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    socket.listen(4096)?;
+    socket.listen(LISTEN_BACKLOG as i32)?;
     Ok(socket)
+}
+
+/// The accept queue asked for each listener; the kernel caps it at
+/// net.core.somaxconn.
+const LISTEN_BACKLOG: u64 = 4096;
+
+/// How many clients one listener's accept queue really holds (plus one:
+/// the kernel lets the queue reach backlog + 1).
+fn accept_queue_len() -> u64 {
+    let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(LISTEN_BACKLOG);
+    LISTEN_BACKLOG.min(somaxconn) + 1
 }
 
 fn eventfd() -> std::io::Result<OwnedFd> {
@@ -492,18 +632,67 @@ fn eventfd() -> std::io::Result<OwnedFd> {
 }
 
 /// Two fds per connection plus pipes: the default soft limit of 1024 would
-/// cap ringlb near 500 connections, so take what the hard limit allows.
-fn raise_fd_limit() {
+/// cap ringlb near 400 connections, so take what the hard limit allows.
+/// Returns the soft limit in force afterwards.
+fn raise_fd_limit() -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: the pointer is to a valid rlimit struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        // Cannot happen for RLIMIT_NOFILE; Linux's default is a safe guess.
+        return 1024;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: the pointer is to a valid rlimit struct.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
         }
+    }
+    // RLIM_INFINITY is refused for NOFILE by Linux; cap anyway so the
+    // arithmetic stays sane.
+    limit.rlim_cur.min(1 << 30)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_keeps_fds_for_everything_but_connections() {
+        // One frontend, two workers, one backend, ulimit -n 256.
+        let budget = FdBudget::new(256, 1, 2, 1, false);
+        // stdio 3, listeners 2, rings + eventfds 4, probe 1 + checker 8,
+        // reserve 8.
+        assert_eq!(budget.fixed, 26);
+        assert_eq!(budget.pipes, 23);
+        assert_eq!(budget.connections, 92);
+        assert!(budget.fixed + 2 * budget.pipes + 2 * budget.connections <= 256);
+        // With the stats server: its listener and its cap of 256 / 8.
+        let budget = FdBudget::new(256, 1, 2, 1, true);
+        assert_eq!(budget.stats, 33);
+        assert_eq!(budget.fixed, 26 + 33);
+        assert!(budget.fixed + 2 * budget.pipes + 2 * budget.connections <= 256);
+    }
+
+    #[test]
+    fn a_tight_or_a_generous_limit_still_makes_sense() {
+        assert!(FdBudget::new(64, 1, 1, 2, true).connections >= 10);
+        assert_eq!(FdBudget::new(16, 1, 1, 1, false).connections, 0);
+        // The default hard limit here: about as many as HAProxy's bench
+        // config (maxconn 9644 with 512 pipe fds set aside).
+        let here = FdBudget::new(20_000, 1, 2, 2, false);
+        assert!(here.connections > 9_000, "{here:?}");
+        // The stats server's 2,500 connections come out of the same fds.
+        let with_stats = FdBudget::new(20_000, 1, 2, 2, true);
+        assert!(with_stats.connections > 8_000, "{with_stats:?}");
+        let big = FdBudget::new(1 << 20, 4, 2, 16, true);
+        assert!(big.connections > 500_000, "{big:?}");
+        assert_eq!(big.pipes, 2 * PIPES_PER_WORKER);
     }
 }

@@ -6,6 +6,7 @@
 //! fd we own lives here.
 
 use std::io;
+use std::mem::ManuallyDrop;
 use std::os::fd::RawFd;
 
 use io_uring::{IoUring, squeue, types};
@@ -16,6 +17,8 @@ use io_uring::{IoUring, squeue, types};
 pub enum Op {
     Accept = 1,
     AcceptPause,
+    /// Readiness of a listener accepted from with accept4(2) near a limit.
+    AcceptPoll,
     Wake,
     Tick,
     Connect,
@@ -36,9 +39,10 @@ pub enum Op {
 }
 
 impl Op {
-    const ALL: [Op; 16] = [
+    const ALL: [Op; 17] = [
         Op::Accept,
         Op::AcceptPause,
+        Op::AcceptPoll,
         Op::Wake,
         Op::Tick,
         Op::Connect,
@@ -93,35 +97,129 @@ pub fn setup_error(e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{hint}: {e}"))
 }
 
+/// io_uring's ceiling for a completion queue (IORING_MAX_CQ_ENTRIES).
+pub const MAX_CQ_ENTRIES: u32 = 2 * 32768;
+
+/// Completions one connection can have outstanding at once: a connect and
+/// its linked timeout, or one operation per direction (receive, send or
+/// poll), and while it closes a cancel per socket next to the two
+/// operations they cancel.
+pub const COMPLETIONS_PER_CONNECTION: u64 = 4;
+
+/// Completion queue size for a worker that may hold up to `connections`
+/// (the global limit: a worker can end up with all of them). At least twice
+/// the submission queue (design.md), at most io_uring's maximum; a power of
+/// two, as the kernel rounds to one anyway.
+pub fn cq_entries(connections: u64, sq_entries: u32) -> u32 {
+    let wanted = connections.saturating_mul(COMPLETIONS_PER_CONNECTION);
+    let floor = 2 * u64::from(sq_entries);
+    let size = wanted.clamp(floor, u64::from(MAX_CQ_ENTRIES));
+    // Below MAX_CQ_ENTRIES, a power of two itself: the cast cannot truncate.
+    size.next_power_of_two() as u32
+}
+
 /// Builds a ring with the flags design.md measured as fastest for one
 /// thread that owns its ring; falls back to a plain ring on older kernels.
-pub fn new_ring(entries: u32) -> io::Result<IoUring> {
+pub fn new_ring(sq_entries: u32, cq_entries: u32) -> io::Result<IoUring> {
     let fast = IoUring::builder()
         .setup_single_issuer()
         .setup_coop_taskrun()
         .setup_defer_taskrun()
-        .setup_cqsize(entries * 4)
-        .build(entries);
+        .setup_cqsize(cq_entries)
+        .setup_clamp()
+        .build(sq_entries);
     match fast {
         Ok(ring) => Ok(ring),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::builder()
-            .setup_cqsize(entries * 4)
-            .build(entries)
+            .setup_cqsize(cq_entries)
+            .setup_clamp()
+            .build(sq_entries)
             .map_err(setup_error),
         Err(e) => Err(setup_error(e)),
     }
 }
 
-/// A worker's ring and what its operations point into. The ring is the
-/// first field so that it is dropped (ending every operation) before the
-/// buffers are freed.
+/// What a worker reports when the kernel dropped one of its completions
+/// (EBADR from io_uring_enter). The kernel keeps reporting it on every
+/// later wait, and an operation whose completion is lost leaves its
+/// connection waiting forever, so the worker cannot go on.
+pub fn dropped_completion_error(worker: usize, cq_entries: u32) -> io::Error {
+    io::Error::other(format!(
+        "worker {worker}: the kernel dropped an io_uring completion (EBADR): the completion queue \
+         ({cq_entries} entries) overflowed and the kernel could not allocate memory to hold the \
+         overflow. The worker's connections can no longer be tracked, so ringlb stops. This \
+         points to memory pressure (check the kernel log and the cgroup's memory limit); \
+         ringlb_completion_queue_overflowed_total counts the overflows that came before"
+    ))
+}
+
+/// A worker's ring and what its operations point into.
+///
+/// Teardown order matters: the kernel writes received bytes into `bufs`
+/// and reads the buffer ring's entries, and dropping the ring does not end
+/// its operations synchronously (the kernel tears a ring down in the
+/// background). So `Drop` first cancels every operation synchronously,
+/// then closes the ring, and frees the buffers only if the cancel
+/// succeeded; otherwise it leaks them, which is safe.
 pub struct Io {
-    pub ring: IoUring,
+    pub ring: ManuallyDrop<IoUring>,
     pub bufs: BufRing,
     pub pipes: PipePool,
     /// Completions reaped early because the completion queue was full when
     /// submitting; the worker handles them with the next batch.
     pub backlog: Vec<(u64, i32, u32)>,
+}
+
+/// How long teardown waits for an operation the kernel is running (an
+/// io-wq worker mid-syscall) to acknowledge its cancel.
+const TEARDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Io {
+    pub fn new(ring: IoUring, buffers: u16, buffer_size: usize, pipes: PipePool) -> io::Result<Io> {
+        let bufs = BufRing::new(&ring, buffers, buffer_size)?;
+        Ok(Io {
+            ring: ManuallyDrop::new(ring),
+            bufs,
+            pipes,
+            backlog: Vec::new(),
+        })
+    }
+
+    /// Cancels every operation in flight and waits until none can still
+    /// touch our memory. `true` when the kernel confirmed it.
+    fn cancel_everything(&mut self) -> bool {
+        let timeout = types::Timespec::from(TEARDOWN_WAIT);
+        let cancelled = self
+            .ring
+            .submitter()
+            .register_sync_cancel(Some(timeout), types::CancelBuilder::any());
+        cancelled.is_ok()
+            && self
+                .ring
+                .submitter()
+                .unregister_buf_ring(BUFFER_GROUP)
+                .is_ok()
+    }
+}
+
+impl Drop for Io {
+    fn drop(&mut self) {
+        let quiet = self.cancel_everything();
+        // SAFETY: the ring is dropped once, here, and not used after.
+        unsafe { ManuallyDrop::drop(&mut self.ring) };
+        if quiet {
+            // SAFETY: the synchronous cancel returned only once no request
+            // of this ring was left to run, and the buffer ring was
+            // unregistered: the kernel holds no pointer into the memory.
+            unsafe { self.bufs.free() };
+        } else {
+            log::warn!(
+                "could not confirm that the kernel finished with a worker's receive buffers; \
+                 leaking them ({} bytes) rather than freeing memory it may still write",
+                self.bufs.memory_layout.size()
+            );
+        }
+    }
 }
 
 impl Io {
@@ -132,7 +230,8 @@ impl Io {
             // SAFETY: every buffer, address and timespec an entry points to
             // is owned by the worker (buffer ring, frontend settings) and
             // outlives the operation: none is freed while the operation is in
-            // flight, which the connection's in-flight count guarantees.
+            // flight, which the connection's in-flight count guarantees, and
+            // Io's Drop cancels whatever is left before freeing the buffers.
             if unsafe { self.ring.submission().push(entry) }.is_ok() {
                 return Ok(());
             }
@@ -184,6 +283,9 @@ pub const BUFFER_GROUP: u16 = 0;
 /// Kernel-selected receive buffers (a provided-buffer ring): a receive
 /// takes a buffer only when data arrives, so an idle connection holds no
 /// buffer at all, which keeps memory per connection low.
+///
+/// The memory is freed only by its owner, [`Io`], once the kernel is done
+/// with it: a `BufRing` has no `Drop`, so on its own it leaks.
 pub struct BufRing {
     entries: *mut types::BufRingEntry,
     count: u16,
@@ -196,25 +298,24 @@ pub struct BufRing {
 
 impl BufRing {
     /// `count` must be a power of two (a kernel rule).
-    pub fn new(ring: &IoUring, count: u16, size: usize) -> io::Result<BufRing> {
+    fn new(ring: &IoUring, count: u16, size: usize) -> io::Result<BufRing> {
+        if count == 0 || !count.is_power_of_two() || size == 0 {
+            return Err(io::Error::other(format!(
+                "{count} receive buffers of {size} bytes: the count must be a power of two"
+            )));
+        }
         let entries_layout = std::alloc::Layout::from_size_align(count as usize * 16, 4096)
             .map_err(|e| io::Error::other(e.to_string()))?;
         let memory_layout = std::alloc::Layout::from_size_align(count as usize * size, 4096)
             .map_err(|e| io::Error::other(e.to_string()))?;
-        // SAFETY: both layouts have a non-zero size; the pointers are checked
-        // for null before use and freed in Drop with the same layouts.
+        // SAFETY: both layouts have a non-zero size (count and size are not
+        // zero); the pointers are checked for null before use.
         let (entries, memory) = unsafe {
             (
                 std::alloc::alloc_zeroed(entries_layout) as *mut types::BufRingEntry,
                 std::alloc::alloc(memory_layout),
             )
         };
-        if entries.is_null() || memory.is_null() {
-            return Err(io::Error::new(
-                io::ErrorKind::OutOfMemory,
-                "cannot allocate receive buffers",
-            ));
-        }
         let mut bufs = BufRing {
             entries,
             count,
@@ -224,12 +325,26 @@ impl BufRing {
             entries_layout,
             memory_layout,
         };
-        // SAFETY: the entry array is page aligned, `count` entries long and
-        // lives until Drop, which unregisters it first.
-        unsafe {
+        if entries.is_null() || memory.is_null() {
+            // SAFETY: nothing was registered; free() skips a null pointer.
+            unsafe { bufs.free() };
+            return Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                "cannot allocate receive buffers",
+            ));
+        }
+        // SAFETY: the entry array is page aligned and `count` entries long;
+        // it stays allocated until Io's Drop has unregistered it.
+        let registered = unsafe {
             ring.submitter()
                 .register_buf_ring_with_flags(entries as u64, count, BUFFER_GROUP, 0)
-        }?;
+        };
+        if let Err(e) = registered {
+            // SAFETY: the kernel refused the ring, so it holds no pointer
+            // into either allocation.
+            unsafe { bufs.free() };
+            return Err(e);
+        }
         for bid in 0..count {
             bufs.put(bid);
         }
@@ -242,17 +357,22 @@ impl BufRing {
     }
 
     /// Memory of buffer `bid`, valid while the buffer is out of the ring.
+    /// `bid` comes from a completion of this ring, so it is below `count`;
+    /// the check makes a broken invariant a panic, not a wild pointer.
     pub fn ptr(&self, bid: u16) -> *const u8 {
-        // SAFETY: bid < count, so the offset stays inside the allocation.
+        assert!(bid < self.count, "buffer id {bid} out of {}", self.count);
+        // SAFETY: bid < count, so the offset stays inside the allocation of
+        // count * size bytes.
         unsafe { self.memory.add(bid as usize * self.size) }
     }
 
     fn put(&mut self, bid: u16) {
+        let addr = self.ptr(bid) as u64;
         let slot = self.tail & (self.count - 1);
         // SAFETY: slot < count; the kernel reads entries only up to the tail
         // we publish, and this one is beyond it until `publish`.
         let entry = unsafe { &mut *self.entries.add(slot as usize) };
-        entry.set_addr(self.ptr(bid) as u64);
+        entry.set_addr(addr);
         entry.set_len(self.size as u32);
         entry.set_bid(bid);
         self.tail = self.tail.wrapping_add(1);
@@ -274,17 +394,28 @@ impl BufRing {
         self.put(bid);
         self.publish();
     }
-}
 
-impl Drop for BufRing {
-    fn drop(&mut self) {
-        // SAFETY: the worker drops the ring (which unregisters the buffer
-        // ring and ends every operation) before this, see Worker's field
-        // order; the layouts are the ones used to allocate.
+    /// Frees both allocations and nulls the pointers, so a second call does
+    /// nothing.
+    ///
+    /// # Safety
+    /// The kernel must hold no pointer into them: the buffer ring was never
+    /// registered, or it was unregistered and no request that could still
+    /// pick a buffer or write into one remains.
+    unsafe fn free(&mut self) {
+        // SAFETY: non-null pointers came from alloc with these layouts and
+        // are freed once (nulled right after); the caller vouches that the
+        // kernel is done with them.
         unsafe {
-            std::alloc::dealloc(self.entries as *mut u8, self.entries_layout);
-            std::alloc::dealloc(self.memory, self.memory_layout);
+            if !self.entries.is_null() {
+                std::alloc::dealloc(self.entries as *mut u8, self.entries_layout);
+            }
+            if !self.memory.is_null() {
+                std::alloc::dealloc(self.memory, self.memory_layout);
+            }
         }
+        self.entries = std::ptr::null_mut();
+        self.memory = std::ptr::null_mut();
     }
 }
 
@@ -296,25 +427,41 @@ pub struct Pipe {
 }
 
 /// Pipes cost two fds and a syscall to make: a worker keeps the empty ones
-/// for the next bulk transfer.
+/// for the next bulk transfer. It never has more than `max_open` at once
+/// (its part of the fd budget's pipes), so bulk transfers cannot take the
+/// fds promised to connections: beyond it a direction keeps copying.
 pub struct PipePool {
     free: Vec<Pipe>,
     keep: usize,
     size: usize,
+    /// Pipes this pool made and has not closed (in use or kept).
+    open: usize,
+    max_open: usize,
 }
 
 impl PipePool {
-    pub fn new(keep: usize, size: usize) -> PipePool {
+    pub fn new(keep: usize, max_open: usize, size: usize) -> PipePool {
         PipePool {
             free: Vec::new(),
-            keep,
+            keep: keep.min(max_open),
             size,
+            open: 0,
+            max_open,
         }
     }
 
+    pub fn max_open(&self) -> usize {
+        self.max_open
+    }
+
+    /// A pipe, or an error: the kernel's (out of fds or pipe memory), or
+    /// [`PIPE_BUDGET_SPENT`] when this worker's share is all in use.
     pub fn take(&mut self) -> io::Result<Pipe> {
         if let Some(pipe) = self.free.pop() {
             return Ok(pipe);
+        }
+        if self.open >= self.max_open {
+            return Err(io::Error::from_raw_os_error(PIPE_BUDGET_SPENT));
         }
         let mut fds = [0 as RawFd; 2];
         // SAFETY: fds is a valid array of two ints for pipe2 to fill.
@@ -324,6 +471,7 @@ impl PipePool {
         // SAFETY: fds[1] is the pipe we just made. A failure leaves the
         // default size, which still works.
         unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, self.size as libc::c_int) };
+        self.open += 1;
         Ok(Pipe {
             read: fds[0],
             write: fds[1],
@@ -335,6 +483,7 @@ impl PipePool {
     pub fn release_idle(&mut self) -> usize {
         let count = self.free.len();
         for pipe in self.free.drain(..) {
+            self.open -= 1;
             close(pipe.read);
             close(pipe.write);
         }
@@ -347,11 +496,16 @@ impl PipePool {
         if empty && self.free.len() < self.keep {
             self.free.push(pipe);
         } else {
+            self.open -= 1;
             close(pipe.read);
             close(pipe.write);
         }
     }
 }
+
+/// The "errno" [`PipePool::take`] reports when its budget is spent: no
+/// kernel error has this number (errnos are below 4096).
+pub const PIPE_BUDGET_SPENT: i32 = 1 << 20;
 
 impl Drop for PipePool {
     fn drop(&mut self) {
@@ -457,11 +611,55 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_pipe_pool_never_opens_more_than_its_share() {
+        let mut pool = PipePool::new(1, 2, 4096);
+        let a = pool.take().expect("first pipe");
+        let b = pool.take().expect("second pipe");
+        let spent = pool.take().expect_err("a third is beyond the share");
+        assert_eq!(spent.raw_os_error(), Some(PIPE_BUDGET_SPENT));
+        // Kept for reuse, it still counts; closed (with leftovers), it does not.
+        pool.give_back(a, true);
+        assert!(pool.take().is_ok_and(|p| p.read == a.read));
+        pool.give_back(b, false);
+        let c = pool.take().expect("room again once one is closed");
+        pool.give_back(c, true);
+        pool.give_back(a, true);
+        assert_eq!(pool.release_idle(), 1, "keeps at most `keep`");
+        assert!(pool.take().is_ok());
+    }
+
+    #[test]
     fn tokens_round_trip() {
         for op in Op::ALL {
             assert_eq!(untoken(token(op, 123_456)), Some((op, 123_456)));
         }
         assert_eq!(untoken(0), None);
         assert_eq!(untoken(0xff), None);
+    }
+
+    #[test]
+    fn the_completion_queue_grows_with_the_limit_up_to_the_kernel_maximum() {
+        // A small limit still gets twice the submission queue.
+        assert_eq!(cq_entries(10, 1024), 2048);
+        // 3,000 connections, 4 completions each: 12,000, rounded up.
+        assert_eq!(cq_entries(3_000, 1024), 16_384);
+        assert_eq!(cq_entries(8_000, 1024), 32_768);
+        assert_eq!(cq_entries(400_000, 1024), MAX_CQ_ENTRIES);
+        assert_eq!(cq_entries(u64::MAX, 1024), MAX_CQ_ENTRIES);
+    }
+
+    #[test]
+    fn a_dropped_completion_is_explained_not_just_numbered() {
+        let message = dropped_completion_error(3, 65536).to_string();
+        for part in ["worker 3", "EBADR", "65536 entries", "stops", "memory"] {
+            assert!(message.contains(part), "{part}: {message}");
+        }
+        assert!(!message.contains("os error 53"), "{message}");
+    }
+
+    #[test]
+    fn a_ring_sized_for_the_limit_can_be_built() {
+        let ring = new_ring(1024, cq_entries(1 << 20, 1024)).expect("io_uring");
+        assert_eq!(ring.params().cq_entries(), MAX_CQ_ENTRIES);
     }
 }

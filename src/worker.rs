@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -25,17 +25,20 @@ use crate::access;
 use crate::config::{AccessLog, OnDown};
 use crate::logging::RateLimit;
 use crate::model::{
-    BackendShared, ConnectFailure, FrontendShared, FrontendSnapshot, Snapshot, Tried,
+    BackendShared, ConnectFailure, FrontendShared, FrontendSnapshot, Global, Snapshot, Tried,
+    Waiting,
 };
 use crate::relay::{Conn, DOWNSTREAM, End, Event, LocalFailure, Phase, UPSTREAM};
-use crate::uring::{self, BufRing, Io, Op, PipePool, token, untoken};
+use crate::uring::{self, Io, Op, PipePool, token, untoken};
 
-/// Submission queue size; the completion queue is four times larger.
+/// Submission queue size; the completion queue is sized from the
+/// connection limit (`uring::cq_entries`).
 const RING_ENTRIES: u32 = 1024;
 /// Size of each receive buffer (their number is the `buffers` setting).
 /// 16 KiB is HAProxy's bufsize; a receive that fills one switches its
 /// direction to splicing.
 const BUFFER_SIZE: usize = 16 * 1024;
+/// Most idle pipes a worker keeps (fewer under a small fd limit).
 const PIPES_KEPT: usize = 256;
 /// 1 MiB (the default pipe-max-size): measured with iperf3 through one
 /// worker, the same throughput as 256 KiB at 25-40% less CPU, since each
@@ -49,6 +52,31 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// A warning that can repeat per connection is written at most this often
 /// per worker and kind, with the count held back.
 const WARN_PERIOD: Duration = Duration::from_secs(10);
+/// Most clients taken with accept4(2) in one turn (HAProxy's
+/// tune.maxaccept), so a deep queue does not starve the connections.
+const ACCEPT_BATCH: usize = 64;
+
+/// The accept-side operation in flight on a listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Armed {
+    Multishot,
+    /// A poll for readability, then accept4(2).
+    Poll,
+    /// A timeout after an accept error.
+    Pause,
+}
+
+/// How a turn of accept4(2) ended.
+enum Batch {
+    /// The queue is empty.
+    Empty,
+    /// The turn's budget is spent; more may be queued.
+    Full,
+    /// A limit is reached; more may be queued.
+    Limit,
+    /// accept4 failed (out of fds, memory): errno.
+    Failed(i32),
+}
 
 /// What the control plane asks of a worker.
 pub enum Command {
@@ -87,11 +115,10 @@ pub struct Ack {
 }
 
 /// The worker's end of its command channel.
+/// The worker's eventfd (in [`Global`]) is written after each command.
 pub struct Commands {
     pub receiver: mpsc::Receiver<(u64, Command)>,
     pub acks: mpsc::Sender<Ack>,
-    /// Written by the control plane after each command, to wake the ring.
-    pub wake_fd: RawFd,
 }
 
 /// A frontend snapshot as this worker uses it: what the kernel reads when
@@ -154,13 +181,17 @@ struct Listener {
     frontend: String,
     /// `None` until a snapshot with the frontend is published.
     view: Option<Rc<View>>,
-    /// `None` once the worker stopped accepting on it.
+    /// `None` once the worker stopped accepting on it (drain, stop).
     socket: Option<Socket>,
-    /// A multishot accept is in flight.
-    accepting: bool,
-    /// A pause after a failed accept is in flight.
-    paused: bool,
-    /// Removed by the control plane: closed once its accept has ended.
+    armed: Option<Armed>,
+    /// A cancel of the armed operation is on its way.
+    cancelling: bool,
+    /// Stopped at a limit: nothing is armed until a connection ends.
+    held: bool,
+    /// The last turn left clients queued: a multishot accept would take
+    /// them all at once, past the limit.
+    backlogged: bool,
+    /// Removed by the control plane: it drains its queue, then leaves.
     removed: bool,
 }
 
@@ -241,6 +272,18 @@ pub struct Worker {
     sessions: Slab<Session>,
     listeners: Slab<Listener>,
     commands: Commands,
+    /// The connection limit, and the wake fds (this worker's is written by
+    /// the control plane after a command, and by other workers when a
+    /// connection ends while this one waits at a limit).
+    global: Arc<Global>,
+    wake_fd: RawFd,
+    cq_entries: u32,
+    /// The kernel's count of dropped completions, as last seen.
+    cq_dropped: u32,
+    /// A connection of this worker ended while a listener was held.
+    resume: bool,
+    accept_failures: RateLimit,
+    limit_warnings: RateLimit,
     generation: u64,
     /// Frontends removed by a reload: their sessions are reset once the
     /// deadline passes.
@@ -260,22 +303,37 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(id: usize, commands: Commands, buffers: u32) -> std::io::Result<Worker> {
-        let ring = uring::new_ring(RING_ENTRIES)?;
+    pub fn new(
+        id: usize,
+        commands: Commands,
+        global: Arc<Global>,
+        buffers: u32,
+    ) -> std::io::Result<Worker> {
+        let cq_entries = uring::cq_entries(global.limit, RING_ENTRIES);
+        let ring = uring::new_ring(RING_ENTRIES, cq_entries)?;
+        // The kernel may clamp it: keep what it really gave, for messages.
+        let cq_entries = ring.params().cq_entries();
         let count = u16::try_from(buffers)
             .map_err(|_| std::io::Error::other(format!("{buffers} buffers is above the limit")))?;
-        let bufs = BufRing::new(&ring, count, BUFFER_SIZE)?;
+        let io = Io::new(
+            ring,
+            count,
+            BUFFER_SIZE,
+            PipePool::new(PIPES_KEPT, pipe_share(&global), PIPE_SIZE),
+        )?;
         Ok(Worker {
             id,
-            io: Io {
-                ring,
-                bufs,
-                pipes: PipePool::new(PIPES_KEPT, PIPE_SIZE),
-                backlog: Vec::new(),
-            },
+            io,
             sessions: Slab::with_capacity(1024),
             listeners: Slab::new(),
             commands,
+            wake_fd: global.wake_fd(id),
+            global,
+            cq_entries,
+            cq_dropped: 0,
+            resume: false,
+            accept_failures: RateLimit::new(WARN_PERIOD),
+            limit_warnings: RateLimit::new(WARN_PERIOD),
             generation: 0,
             retired: Vec::new(),
             tick: types::Timespec::from(TICK),
@@ -284,21 +342,17 @@ impl Worker {
             draining: false,
             stopping: false,
             warnings: Warnings::new(),
-            batch: Vec::with_capacity(RING_ENTRIES as usize * 4),
+            batch: Vec::with_capacity(cq_entries.min(4 * RING_ENTRIES) as usize),
             sweep: Vec::new(),
             dirty: Vec::new(),
         })
     }
 
+    /// Runs until drained or stopped. On an error, operations may still be
+    /// in flight: dropping the worker is safe all the same, as `Io`'s Drop
+    /// cancels them before freeing what they use.
     pub fn run(mut self) -> std::io::Result<()> {
-        let result = self.event_loop();
-        if result.is_err() {
-            // Operations may still be in flight (a send reading a ring
-            // buffer): never free what the kernel may still touch. The
-            // process is going down anyway.
-            std::mem::forget(self);
-        }
-        result
+        self.event_loop()
     }
 
     fn event_loop(&mut self) -> std::io::Result<()> {
@@ -318,6 +372,10 @@ impl Worker {
                         e.raw_os_error(),
                         Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
                     ) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBADR) => {
+                    self.count_overflows();
+                    return Err(uring::dropped_completion_error(self.id, self.cq_entries));
+                }
                 Err(e) => return Err(e),
             }
             self.now = Instant::now();
@@ -329,20 +387,28 @@ impl Worker {
                     .completion()
                     .map(|c| (c.user_data(), c.result(), c.flags())),
             );
+            if batch.len() >= self.cq_entries as usize || self.io.ring.submission().cq_overflow() {
+                self.global.cq_overflowed.fetch_add(1, Relaxed);
+            }
             for &(user_data, res, flags) in &batch {
                 self.dispatch(user_data, res, flags)?;
             }
             batch.clear();
             self.batch = batch;
+            if std::mem::take(&mut self.resume) {
+                self.resume_held()?;
+            }
         }
         log::debug!("worker {} stopped", self.id);
         Ok(())
     }
 
+    /// Done once draining or stopping with no connection left and every
+    /// listener closed (a listener closes only with nothing armed on it).
     fn finished(&self) -> bool {
         (self.draining || self.stopping)
             && self.sessions.is_empty()
-            && !self.listeners.iter().any(|(_, l)| l.accepting || l.paused)
+            && self.listeners.iter().all(|(_, l)| l.socket.is_none())
     }
 
     fn dispatch(&mut self, user_data: u64, res: i32, flags: u32) -> std::io::Result<()> {
@@ -351,12 +417,7 @@ impl Worker {
         };
         match op {
             Op::Accept => self.on_accept(slot, res, flags),
-            Op::AcceptPause => {
-                if let Some(listener) = self.listeners.get_mut(slot) {
-                    listener.paused = false;
-                }
-                self.close_or_rearm(slot)
-            }
+            Op::AcceptPoll | Op::AcceptPause => self.on_accept_ready(slot),
             Op::Wake => self.on_wake(),
             Op::Tick => self.on_tick(),
             Op::Ignore => Ok(()),
@@ -419,35 +480,254 @@ impl Worker {
                 let Some(held_back) = self.warnings.pipe.allow(self.now) else {
                     return;
                 };
+                let why = if errno == uring::PIPE_BUDGET_SPENT {
+                    format!(
+                        "all {} pipes of this worker's fd budget are in use",
+                        self.io.pipes.max_open()
+                    )
+                } else {
+                    std::io::Error::from_raw_os_error(errno).to_string()
+                };
                 log::warn!(
-                    "worker {}: frontend {}: cannot create a splice pipe ({}); copying through \
+                    "worker {}: frontend {}: cannot get a splice pipe ({why}); copying through \
                      buffers instead (raise the fd limit, or see fs.pipe-user-pages-*){}",
                     self.id,
                     view.name(),
-                    std::io::Error::from_raw_os_error(errno),
                     self.warnings.pipe.suffix(held_back)
                 );
             }
         }
     }
 
-    /// Arms a listener's accept if it can take clients: it has a socket
-    /// and a frontend snapshot, and the worker is not draining.
-    fn arm_accept(&mut self, index: usize) -> std::io::Result<()> {
-        let Some(listener) = self.listeners.get_mut(index) else {
+    /// Room for more clients on listener `index` under the global limit and
+    /// its frontend's maxconn.
+    fn headroom(&self, index: usize) -> u64 {
+        let global = &self.global;
+        let room = global.limit.saturating_sub(global.active.load(Relaxed));
+        let Some(view) = self.listeners.get(index).and_then(|l| l.view.as_ref()) else {
+            return 0;
+        };
+        let frontend = &view.snap;
+        match frontend.config.maxconn {
+            Some(max) => {
+                room.min(u64::from(max).saturating_sub(frontend.shared.stats.active.load(Relaxed)))
+            }
+            None => room,
+        }
+    }
+
+    /// Whether a multishot accept may run on listener `index`. It takes
+    /// every client queued when it runs, however many, without asking: so
+    /// only while every listener's full accept queue still fits under the
+    /// global limit (all workers' multishots could fire at once) and every
+    /// worker's queue for this frontend under its maxconn. Closer to a
+    /// limit, the worker accepts with accept4(2), counting each client
+    /// against the limits before taking it.
+    fn multishot_fits(&self, index: usize) -> bool {
+        let global = &self.global;
+        let Some(view) = self.listeners.get(index).and_then(|l| l.view.as_ref()) else {
+            return false;
+        };
+        // Every worker has the same listeners: one queue per listener and
+        // worker could be taken at once.
+        let workers = global.workers() as u64;
+        let all_queues = self.listeners.len() as u64 * workers * global.accept_queue;
+        let room = global.limit.saturating_sub(global.active.load(Relaxed));
+        if room < all_queues {
+            return false;
+        }
+        let frontend = &view.snap;
+        frontend.config.maxconn.is_none_or(|max| {
+            let used = frontend.shared.stats.active.load(Relaxed);
+            u64::from(max).saturating_sub(used) >= workers * global.accept_queue
+        })
+    }
+
+    /// Counts a client against both limits before it is accepted; `false`
+    /// (and nothing counted) when either is reached. A compare-and-swap, so
+    /// workers sharing a limit never take more than it together.
+    fn claim(&mut self, view: &View) -> bool {
+        let global = &self.global;
+        let limit = global.limit;
+        if global
+            .active
+            .fetch_update(SeqCst, Relaxed, |n| (n < limit).then_some(n + 1))
+            .is_err()
+        {
+            return false;
+        }
+        let shared = &view.snap.shared;
+        let Some(max) = view.snap.config.maxconn.map(u64::from) else {
+            shared.stats.active.fetch_add(1, SeqCst);
+            return true;
+        };
+        let fits = shared
+            .stats
+            .active
+            .fetch_update(SeqCst, Relaxed, |n| (n < max).then_some(n + 1))
+            .is_ok();
+        if !fits {
+            global.active.fetch_sub(1, SeqCst);
+            self.wake_waiters(shared);
+        }
+        fits
+    }
+
+    /// Counts a client a multishot accept already took: far from the
+    /// limits, no check is needed (see `multishot_fits`).
+    fn count_taken(&self, view: &View) {
+        self.global.active.fetch_add(1, SeqCst);
+        view.snap.shared.stats.active.fetch_add(1, SeqCst);
+    }
+
+    /// A connection ended (or a claim went unused): its room goes to
+    /// whichever worker waits for it. The frontend is the one the
+    /// connection was counted on, whatever reloads did since.
+    fn release(&mut self, shared: &FrontendShared) {
+        shared.stats.active.fetch_sub(1, SeqCst);
+        self.global.active.fetch_sub(1, SeqCst);
+        self.wake_waiters(shared);
+    }
+
+    fn wake_waiters(&mut self, shared: &FrontendShared) {
+        let waiting = self.global.waiting.take() | shared.waiting.take();
+        if waiting == 0 {
+            return;
+        }
+        if Waiting::includes(waiting, self.id) {
+            self.resume = true;
+        }
+        self.global.wake_others(waiting, self.id);
+    }
+
+    /// Closes a listener whose accepting is over (nothing armed on it);
+    /// one the control plane removed leaves the table.
+    fn close_listener(&mut self, index: usize) {
+        if self.listeners[index].removed {
+            self.listeners.remove(index);
+        } else {
+            self.listeners[index].socket = None;
+        }
+    }
+
+    /// Takes clients on a listener the way its headroom allows, whenever
+    /// nothing is armed on it: far from the limits a multishot accept;
+    /// near them accept4(2) one counted client at a time, then a poll for
+    /// more; at a limit nothing (held) until a connection ends. Draining
+    /// (the worker, or this listener once removed by a reload), it takes
+    /// what is queued (within the limits) and closes the listener once the
+    /// queue is empty: closing it earlier would reset those clients.
+    fn serve_listener(&mut self, index: usize) -> std::io::Result<()> {
+        let Some(listener) = self.listeners.get(index) else {
             return Ok(());
         };
+        if listener.socket.is_none() || listener.armed.is_some() {
+            return Ok(());
+        }
+        let draining = self.draining || listener.removed;
+        if self.stopping || (draining && listener.view.is_none()) {
+            self.close_listener(index);
+            return Ok(());
+        }
+        if listener.view.is_none() {
+            // Added, but no snapshot has its frontend yet.
+            return Ok(());
+        }
+        let backlogged = listener.backlogged;
+        if !draining && !backlogged && self.multishot_fits(index) {
+            self.listeners[index].held = false;
+            return self.arm_multishot(index);
+        }
+        let batch = self.accept_batch(index)?;
+        if !matches!(batch, Batch::Limit) {
+            self.listeners[index].held = false;
+        }
+        match batch {
+            Batch::Empty if draining => {
+                self.close_listener(index);
+                Ok(())
+            }
+            Batch::Empty => {
+                self.listeners[index].backlogged = false;
+                if self.multishot_fits(index) {
+                    self.arm_multishot(index)
+                } else {
+                    self.arm_poll(index)
+                }
+            }
+            Batch::Full => {
+                self.listeners[index].backlogged = true;
+                self.arm_poll(index)
+            }
+            Batch::Limit if draining => {
+                // Waiting for room would keep the listener open, and the
+                // kernel sending it new clients, for the whole drain: close
+                // it now (HAProxy unbinds at once too). What is still queued
+                // goes to another instance on the port with
+                // net.ipv4.tcp_migrate_req=1, or is reset: never left
+                // hanging for the drain timeout.
+                log::info!(
+                    "worker {}: frontend {} at its connection limit while draining: closing \
+                     its listener with clients still queued",
+                    self.id,
+                    self.listeners[index].frontend
+                );
+                self.close_listener(index);
+                Ok(())
+            }
+            Batch::Limit => {
+                self.listeners[index].backlogged = true;
+                self.hold(index);
+                Ok(())
+            }
+            Batch::Failed(errno) => self.pause(index, errno),
+        }
+    }
+
+    /// One turn of accept4(2), each client counted before it is taken.
+    fn accept_batch(&mut self, index: usize) -> std::io::Result<Batch> {
+        let listener = &self.listeners[index];
+        let (Some(fd), Some(view)) = (
+            listener.socket.as_ref().map(|s| s.as_raw_fd()),
+            listener.view.clone(),
+        ) else {
+            return Ok(Batch::Empty);
+        };
+        for _ in 0..ACCEPT_BATCH {
+            if !self.claim(&view) {
+                return Ok(Batch::Limit);
+            }
+            // SAFETY: plain syscall on our non-blocking listening socket; the
+            // new fd is owned by the connection admit() makes.
+            let client = unsafe {
+                libc::accept4(
+                    fd,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                )
+            };
+            if client >= 0 {
+                self.admit(&view, client)?;
+                continue;
+            }
+            self.release(&view.snap.shared);
+            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            match errno {
+                libc::EAGAIN => return Ok(Batch::Empty),
+                // The client gave up while queued, or a signal: next one.
+                libc::ECONNABORTED | libc::EINTR | libc::EPROTO => {}
+                _ => return Ok(Batch::Failed(errno)),
+            }
+        }
+        Ok(Batch::Full)
+    }
+
+    fn arm_multishot(&mut self, index: usize) -> std::io::Result<()> {
+        let listener = &mut self.listeners[index];
         let Some(socket) = &listener.socket else {
             return Ok(());
         };
-        if listener.accepting
-            || listener.paused
-            || listener.removed
-            || listener.view.is_none()
-            || self.draining
-        {
-            return Ok(());
-        }
         // Non-blocking: splice(2) honours only the socket's own O_NONBLOCK
         // (not SPLICE_F_NONBLOCK), and a blocking socket would stall the
         // whole worker the moment a client pauses a bulk upload.
@@ -455,117 +735,186 @@ impl Worker {
             .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
             .build()
             .user_data(token(Op::Accept, index));
-        listener.accepting = true;
+        listener.armed = Some(Armed::Multishot);
         self.io.push(&entry)
     }
 
-    fn on_accept(&mut self, index: usize, res: i32, flags: u32) -> std::io::Result<()> {
-        if res >= 0 {
-            self.admit(index, res)?;
-        }
-        if cqueue::more(flags) {
-            return Ok(());
-        }
-        let Some(listener) = self.listeners.get_mut(index) else {
+    fn arm_poll(&mut self, index: usize) -> std::io::Result<()> {
+        let listener = &mut self.listeners[index];
+        let Some(socket) = &listener.socket else {
             return Ok(());
         };
-        listener.accepting = false;
-        if res >= 0 || res == -libc::ECANCELED || self.draining || listener.removed {
-            return self.close_or_rearm(index);
-        }
-        // Ended by an error (out of fds, memory, or refused by a security
-        // policy): pause before re-arming, so a lasting error never spins.
-        log::warn!(
-            "worker {}: accept on {} failed: {}; retrying in {ACCEPT_PAUSE:?}",
-            self.id,
-            listener.frontend,
-            std::io::Error::from_raw_os_error(-res)
-        );
-        listener.paused = true;
-        let pause = opcode::Timeout::new(&self.pause)
+        let entry = opcode::PollAdd::new(types::Fd(socket.as_raw_fd()), libc::POLLIN as u32)
             .build()
-            .user_data(token(Op::AcceptPause, index));
-        self.io.push(&pause)
+            .user_data(token(Op::AcceptPoll, index));
+        listener.armed = Some(Armed::Poll);
+        self.io.push(&entry)
     }
 
-    /// A multishot accept ended (or its pause did): re-arm it, or when
-    /// draining or removed close the listener, so the kernel sends new
-    /// clients to another listener that shares the port (or refuses them).
-    fn close_or_rearm(&mut self, index: usize) -> std::io::Result<()> {
-        let Some(listener) = self.listeners.get(index) else {
-            return Ok(());
+    /// At a limit: arm nothing and wait for a connection to end, here or
+    /// on another worker (which then wakes this one). New clients wait in
+    /// the kernel's accept queue meanwhile, never accepted and closed.
+    fn hold(&mut self, index: usize) {
+        let Some(view) = self.listeners[index].view.clone() else {
+            return;
         };
-        if !self.draining && !listener.removed {
-            return self.arm_accept(index);
+        let frontend = &view.snap;
+        // Which limit, as far as one can tell now: the frontend's when it is
+        // full (it is the operator's own setting), else the global one.
+        let frontend_full = frontend
+            .config
+            .maxconn
+            .is_some_and(|max| frontend.shared.stats.active.load(Relaxed) >= u64::from(max));
+        let already = std::mem::replace(&mut self.listeners[index].held, true);
+        self.global.waiting.mark(self.id);
+        frontend.shared.waiting.mark(self.id);
+        // A connection may have ended after the claim failed and before the
+        // marks were set, seeing nobody to wake: look once more.
+        if self.headroom(index) > 0 {
+            self.resume = true;
         }
-        if listener.accepting || listener.paused {
-            // Its own completion comes later and closes it then.
-            return Ok(());
+        if already {
+            return;
         }
-        self.take_queued_clients(index)?;
-        if self.listeners[index].removed {
-            self.listeners.remove(index);
+        let what = if frontend_full {
+            frontend.shared.stats.maxconn_reached.fetch_add(1, Relaxed);
+            format!(
+                "frontend {}'s maxconn ({})",
+                frontend.name(),
+                frontend.config.maxconn.unwrap_or(0)
+            )
         } else {
-            self.listeners[index].socket = None;
+            self.global.limit_reached.fetch_add(1, Relaxed);
+            format!(
+                "the connection limit ({}, from RLIMIT_NOFILE {})",
+                self.global.limit, self.global.nofile
+            )
+        };
+        if let Some(held_back) = self.limit_warnings.allow(self.now) {
+            log::warn!(
+                "worker {}: at {what}: new clients wait in the accept queue until connections end{}",
+                self.id,
+                self.limit_warnings.suffix(held_back)
+            );
+        }
+    }
+
+    /// Takes clients again on every held listener that has room.
+    fn resume_held(&mut self) -> std::io::Result<()> {
+        let held: Vec<usize> = self
+            .listeners
+            .iter()
+            .filter(|(_, l)| l.held)
+            .map(|(index, _)| index)
+            .collect();
+        for index in held {
+            if self.headroom(index) > 0 {
+                self.serve_listener(index)?;
+            }
         }
         Ok(())
     }
 
-    /// Closing a listener resets the clients waiting in its accept queue
-    /// (unless net.ipv4.tcp_migrate_req hands them to another listener on
-    /// the port): take them first, and serve them.
-    fn take_queued_clients(&mut self, index: usize) -> std::io::Result<()> {
-        let Some(socket) = &self.listeners[index].socket else {
-            return Ok(());
-        };
-        if self.stopping || socket.set_nonblocking(true).is_err() {
-            return Ok(());
+    /// Accepting failed (out of fds or memory, or refused by a security
+    /// policy): pause before trying again, so a lasting error never spins,
+    /// and say so once per period, not once per attempt.
+    fn pause(&mut self, index: usize, errno: i32) -> std::io::Result<()> {
+        let listener = &self.listeners[index];
+        if let Some(view) = &listener.view {
+            view.snap.shared.stats.accept_errors.fetch_add(1, Relaxed);
         }
-        let listener = socket.as_raw_fd();
-        loop {
-            // SAFETY: plain syscall on our non-blocking listening socket; the
-            // new fd is owned by the connection admit() makes.
-            let fd = unsafe {
-                libc::accept4(
-                    listener,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                )
-            };
-            if fd < 0 {
-                return Ok(());
-            }
-            self.admit(index, fd)?;
+        if let Some(held_back) = self.accept_failures.allow(self.now) {
+            log::warn!(
+                "worker {}: accept on {} failed: {}; pausing it {ACCEPT_PAUSE:?}, clients wait in \
+                 the queue{}",
+                self.id,
+                listener.frontend,
+                std::io::Error::from_raw_os_error(errno),
+                self.accept_failures.suffix(held_back)
+            );
+        } else {
+            log::debug!(
+                "worker {}: accept on {} failed again: {}",
+                self.id,
+                listener.frontend,
+                std::io::Error::from_raw_os_error(errno)
+            );
         }
+        let pause = opcode::Timeout::new(&self.pause)
+            .build()
+            .user_data(token(Op::AcceptPause, index));
+        self.listeners[index].armed = Some(Armed::Pause);
+        self.io.push(&pause)
     }
 
-    /// A new client: count it, enforce maxconn, pick a backend.
-    fn admit(&mut self, index: usize, fd: RawFd) -> std::io::Result<()> {
+    /// Asks the armed multishot accept or poll to end; its completion then
+    /// decides what comes next. A pause just runs out.
+    fn cancel_accept(&mut self, index: usize) -> std::io::Result<()> {
+        let listener = &mut self.listeners[index];
+        let op = match listener.armed {
+            Some(Armed::Multishot) => Op::Accept,
+            Some(Armed::Poll) => Op::AcceptPoll,
+            Some(Armed::Pause) | None => return Ok(()),
+        };
+        if listener.cancelling {
+            return Ok(());
+        }
+        listener.cancelling = true;
+        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(token(op, index)))
+            .build()
+            .user_data(token(Op::Ignore, 0));
+        self.io.push(&cancel)
+    }
+
+    fn on_accept(&mut self, index: usize, res: i32, flags: u32) -> std::io::Result<()> {
+        if res >= 0 {
+            match self.listeners.get(index).and_then(|l| l.view.clone()) {
+                Some(view) => {
+                    self.count_taken(&view);
+                    self.admit(&view, res)?;
+                }
+                None => uring::close(res),
+            }
+        }
+        if cqueue::more(flags) {
+            if !self.multishot_fits(index) {
+                self.cancel_accept(index)?;
+            }
+            return Ok(());
+        }
+        if res < 0 && res != -libc::ECANCELED {
+            let Some(listener) = self.listeners.get_mut(index) else {
+                return Ok(());
+            };
+            listener.armed = None;
+            listener.cancelling = false;
+            return self.pause(index, -res);
+        }
+        self.on_accept_ready(index)
+    }
+
+    /// A poll, a pause or a multishot accept ended: go on as the limits and
+    /// the drain state say.
+    fn on_accept_ready(&mut self, index: usize) -> std::io::Result<()> {
+        let Some(listener) = self.listeners.get_mut(index) else {
+            return Ok(());
+        };
+        listener.armed = None;
+        listener.cancelling = false;
+        self.serve_listener(index)
+    }
+
+    /// A new client, already counted against the limits: pick a backend.
+    fn admit(&mut self, view: &Rc<View>, fd: RawFd) -> std::io::Result<()> {
         // A client accepted while draining (the accept completed before its
         // cancel did) is served like any other: closing it would drop it.
         // Only a hard stop turns it away.
-        let view = match self.listeners.get(index).and_then(|l| l.view.as_ref()) {
-            Some(view) if !self.stopping => Rc::clone(view),
-            _ => {
-                uring::close(fd);
-                return Ok(());
-            }
-        };
-        let stats = &view.snap.shared.stats;
-        stats.accepted.fetch_add(1, Relaxed);
-        let active = stats.active.fetch_add(1, Relaxed);
-        if view
-            .snap
-            .config
-            .maxconn
-            .is_some_and(|max| active >= u64::from(max))
-        {
-            stats.active.fetch_sub(1, Relaxed);
-            stats.rejected_maxconn.fetch_add(1, Relaxed);
+        if self.stopping {
             uring::close(fd);
+            self.release(&view.snap.shared);
             return Ok(());
         }
+        view.snap.shared.stats.accepted.fetch_add(1, Relaxed);
         let mut conn = Conn::new(fd, self.now);
         // Read now: at the end the client may be gone. A frontend without
         // an access log pays no syscall for it.
@@ -573,7 +922,7 @@ impl Worker {
             conn.client_addr = peer_addr(fd);
         }
         let key = self.sessions.insert(Session {
-            view,
+            view: Rc::clone(view),
             backend: None,
             connected_after: None,
             stage: Stage::Connect(Connecting::default()),
@@ -685,8 +1034,8 @@ impl Worker {
             return;
         }
         let mut session = self.sessions.remove(key);
+        self.release(&session.view.snap.shared);
         let stats = &session.view.snap.shared.stats;
-        stats.active.fetch_sub(1, Relaxed);
         let [up, down] = session.conn.take_uncounted();
         if let Some(backend) = session.relaying_to() {
             backend.stats.active.fetch_sub(1, Relaxed);
@@ -744,7 +1093,7 @@ impl Worker {
     }
 
     fn arm_wake(&mut self) -> std::io::Result<()> {
-        let entry = opcode::PollAdd::new(types::Fd(self.commands.wake_fd), libc::POLLIN as u32)
+        let entry = opcode::PollAdd::new(types::Fd(self.wake_fd), libc::POLLIN as u32)
             .build()
             .user_data(token(Op::Wake, 0));
         self.io.push(&entry)
@@ -752,10 +1101,11 @@ impl Worker {
 
     fn on_wake(&mut self) -> std::io::Result<()> {
         let mut value = 0u64;
-        // SAFETY: reads 8 bytes into a local u64 from the eventfd the
-        // control plane keeps open until this worker has stopped.
-        unsafe { libc::read(self.commands.wake_fd, (&mut value as *mut u64).cast(), 8) };
+        // SAFETY: reads 8 bytes into a local u64 from this worker's eventfd,
+        // owned by `self.global`, which lives as long as the worker.
+        unsafe { libc::read(self.wake_fd, (&mut value as *mut u64).cast(), 8) };
         self.take_commands()?;
+        self.resume_held()?;
         if !self.finished() {
             self.arm_wake()?;
         }
@@ -790,8 +1140,10 @@ impl Worker {
                     frontend,
                     view: None,
                     socket: Some(socket),
-                    accepting: false,
-                    paused: false,
+                    armed: None,
+                    cancelling: false,
+                    held: false,
+                    backlogged: false,
                     removed: false,
                 });
                 Ok(())
@@ -831,27 +1183,17 @@ impl Worker {
             }
         }
         for index in arm {
-            self.arm_accept(index)?;
+            self.serve_listener(index)?;
         }
         Ok(())
     }
 
+    /// Whatever is armed ends and goes through serve_listener, which then
+    /// takes the queued clients and closes it; an idle listener goes now.
     fn remove_listener(&mut self, index: usize) -> std::io::Result<()> {
-        let listener = &mut self.listeners[index];
-        listener.removed = true;
-        if listener.accepting {
-            self.cancel_accept(index)
-        } else {
-            self.close_or_rearm(index)
-        }
-    }
-
-    fn cancel_accept(&mut self, index: usize) -> std::io::Result<()> {
-        let cancel =
-            opcode::AsyncCancel2::new(types::CancelBuilder::user_data(token(Op::Accept, index)))
-                .build()
-                .user_data(token(Op::Ignore, 0));
-        self.io.push(&cancel)
+        self.listeners[index].removed = true;
+        self.cancel_accept(index)?;
+        self.serve_listener(index)
     }
 
     /// Resets the sessions on a backend (those still connecting to it too:
@@ -875,19 +1217,23 @@ impl Worker {
         Ok(())
     }
 
-    /// Stop accepting and let connections finish.
+    /// Stop taking new clients (once those already queued are served)
+    /// and let connections finish.
     fn drain(&mut self) -> std::io::Result<()> {
         if self.draining {
             return Ok(());
         }
         self.draining = true;
+        self.end_listeners()
+    }
+
+    /// Whatever is armed ends and goes through serve_listener, which now
+    /// drains or closes; an idle listener goes now.
+    fn end_listeners(&mut self) -> std::io::Result<()> {
         let indexes: Vec<usize> = self.listeners.iter().map(|(index, _)| index).collect();
         for index in indexes {
-            if self.listeners[index].accepting {
-                self.cancel_accept(index)?;
-            } else {
-                self.close_or_rearm(index)?;
-            }
+            self.cancel_accept(index)?;
+            self.serve_listener(index)?;
         }
         Ok(())
     }
@@ -899,7 +1245,8 @@ impl Worker {
             return Ok(());
         }
         self.stopping = true;
-        self.drain()?;
+        self.draining = true;
+        self.end_listeners()?;
         let keys: Vec<usize> = self.sessions.iter().map(|(key, _)| key).collect();
         for key in keys {
             self.sessions[key]
@@ -922,6 +1269,9 @@ impl Worker {
     /// its drain time; adds the bytes moved since the last tick to the
     /// shared counters.
     fn on_tick(&mut self) -> std::io::Result<()> {
+        // The net under the wake-ups between workers.
+        self.resume_held()?;
+        self.count_overflows();
         let now = self.now;
         let mut sweep = std::mem::take(&mut self.sweep);
         let mut dirty = std::mem::take(&mut self.dirty);
@@ -963,6 +1313,18 @@ impl Worker {
             self.arm_tick()?;
         }
         Ok(())
+    }
+}
+
+impl Worker {
+    /// Publishes the completions the kernel dropped since last time.
+    fn count_overflows(&mut self) {
+        let dropped = self.io.ring.completion().overflow();
+        let new = dropped.wrapping_sub(self.cq_dropped);
+        if new > 0 {
+            self.cq_dropped = dropped;
+            self.global.cq_dropped.fetch_add(u64::from(new), Relaxed);
+        }
     }
 }
 
@@ -1027,6 +1389,12 @@ fn backend_socket(ipv6: bool, pipes: &mut PipePool) -> std::io::Result<RawFd> {
         }
         other => other,
     }
+}
+
+/// The pipes a worker may have open at once: its part of the fd budget's
+/// pipes, so pipes never take the fds promised to connections.
+fn pipe_share(global: &Global) -> usize {
+    (global.pipes / global.workers().max(1) as u64) as usize
 }
 
 fn dir_of(op: Op) -> usize {

@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -152,7 +153,15 @@ fn with_every_backend_down_clients_are_closed_at_once_and_served_again_later() {
     );
     for _ in 0..20 {
         let started = Instant::now();
-        assert!(which(ringlb.addr).is_err(), "no backend, no answer");
+        // A reset, not a clean end: the client must not take "nothing" for
+        // a whole (empty) answer.
+        let mut s = TcpStream::connect(ringlb.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 1];
+        match s.read(&mut buf) {
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+            Ok(n) => panic!("no backend, yet a clean end after {n} bytes"),
+        }
         assert!(
             started.elapsed() < Duration::from_millis(500),
             "closed at once, not left hanging"
@@ -175,8 +184,10 @@ fn with_every_backend_down_clients_are_closed_at_once_and_served_again_later() {
     assert_eq!(spread(ringlb.addr, 5).get("back"), Some(&5));
 }
 
+/// Beyond maxconn a client waits in the kernel's accept queue (connected,
+/// nothing relayed) and is served once another leaves; never closed.
 #[test]
-fn maxconn_closes_connections_beyond_the_limit() {
+fn maxconn_holds_connections_beyond_the_limit_until_others_close() {
     let backend = Backend::start(echo());
     let addr = backend.addr_str();
     let ringlb = Ringlb::start(&["--backend", &addr, "--maxconn", "3", "--workers", "1"]);
@@ -186,16 +197,23 @@ fn maxconn_closes_connections_beyond_the_limit() {
         std::io::Read::read_exact(&mut s, &mut [0u8; 1]).unwrap();
     }
     let mut extra = ringlb.connect();
-    let _ = std::io::Write::write_all(&mut extra, b"x");
-    let got = std::io::Read::read(&mut extra, &mut [0u8; 1]);
+    std::io::Write::write_all(&mut extra, b"y").unwrap();
+    extra.set_nonblocking(true).unwrap();
+    // Until ringlb says it holds clients at maxconn, or ends this one.
+    let mut got = Err(std::io::ErrorKind::WouldBlock.into());
+    eventually(Duration::from_secs(10), || {
+        got = std::io::Read::read(&mut extra, &mut [0u8; 1]);
+        ringlb.count_logs("maxconn (3)") > 0
+            || !matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    });
     assert!(
-        matches!(got, Ok(0) | Err(_)),
-        "the fourth connection is closed: {got:?}"
+        matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the fourth connection waits, neither served nor closed: {got:?}"
     );
+    assert!(ringlb.count_logs("maxconn (3)") > 0, "{}", ringlb.logs());
+    extra.set_nonblocking(false).unwrap();
     drop(held);
-    assert!(eventually(Duration::from_secs(2), || {
-        let mut s = ringlb.connect();
-        std::io::Write::write_all(&mut s, b"y").is_ok()
-            && std::io::Read::read_exact(&mut s, &mut [0u8; 1]).is_ok()
-    }));
+    let mut echoed = [0u8; 1];
+    std::io::Read::read_exact(&mut extra, &mut echoed).expect("served once others left");
+    assert_eq!(&echoed, b"y");
 }

@@ -935,3 +935,35 @@ fn version_exits_zero() {
     );
     out.assert_no_panic();
 }
+
+#[test]
+fn a_stats_address_on_a_frontends_port_is_refused() {
+    // Found by review: it passed --check, then failed to bind at start.
+    let text = "stats = \"127.0.0.1:7109\"\n[[frontend]]\nname = \"web\"\nlisten = \"0.0.0.0:7109\"\nbackends = [\"10.0.0.1:80\"]\n";
+    let file = TempConfig::new("stats-overlap.toml", text);
+    ringlb(&["--config", file.path(), "--check"]).assert_error(1, &[&file.at(1), "stats", "web"]);
+    ringlb(&[
+        "--listen",
+        "127.0.0.1:7110",
+        "--backend",
+        "10.0.0.1:80",
+        "--stats",
+        "0.0.0.0:7110",
+    ])
+    .assert_error(2, &["stats", "default"]);
+}
+
+#[test]
+fn a_config_that_is_a_pipe_is_refused_at_once() {
+    // Found by review: open(2) of a FIFO with no writer blocked forever.
+    let dir = std::env::temp_dir().join(format!("ringlb-fifo-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let fifo = dir.join("config.toml");
+    let _ = std::fs::remove_file(&fifo);
+    let path = std::ffi::CString::new(fifo.to_string_lossy().as_bytes()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    let name = fifo.to_string_lossy().into_owned();
+    ringlb(&["--config", &name, "--check"]).assert_error(1, &[&name, "pipe"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

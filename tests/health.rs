@@ -793,3 +793,62 @@ fn a_second_signal_stops_at_once_with_a_connection_open() {
         drop(client);
     });
 }
+
+/// A check that cannot run for a reason on ringlb's own host (here: out of
+/// local ports toward the backend) says nothing about the backend: it must
+/// not mark it down, as live connects failing the same way do not. Found by
+/// review: EADDRNOTAVAIL counted as a failed check and failed a healthy
+/// backend over (for good, with `failback = false`).
+#[test]
+fn checks_that_cannot_run_locally_do_not_mark_a_backend_down() {
+    let ns = Netns::new("ports");
+    let status = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "sysctl", "-q", "-w"])
+        .arg("net.ipv4.ip_local_port_range=40000 40003")
+        .status()
+        .expect("sysctl in the namespace");
+    assert!(status.success(), "cannot narrow the local port range");
+    ns.run(|| {
+        // Fixed ports outside the narrowed range: bind(0) would take ports
+        // from it, and only connects must compete for them.
+        let hold = Backend::start_at(
+            "127.0.0.1:9990".parse().unwrap(),
+            Arc::new(|mut s: TcpStream| {
+                let _ = s.read(&mut [0u8; 1]);
+            }),
+            false,
+        );
+        let backends = [hold.addr_str()];
+        let ringlb = Ringlb::start_raw(&[
+            "--listen",
+            "127.0.0.1:7020",
+            "--backend",
+            &backends[0],
+            "--check-interval",
+            "300ms",
+            "--fall",
+            "2",
+            "--stats",
+            "127.0.0.1:7021",
+        ]);
+        // Four clients, four connections to the backend: every local port
+        // toward it is taken, so the checks' connects fail here.
+        let clients: Vec<TcpStream> = (0..4).map(|_| ringlb.connect()).collect();
+        assert!(
+            eventually(Duration::from_secs(5), || hold.accepted.load(SeqCst) >= 4),
+            "the clients reached the backend"
+        );
+        let warned = ringlb.wait_log("could not run here", Duration::from_secs(5));
+        assert!(warned.is_some(), "no warning; logs:\n{}", ringlb.logs());
+        // Several intervals with every check failing locally.
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(
+            ringlb.count_logs("is DOWN"),
+            0,
+            "a local failure marked the backend down:\n{}",
+            ringlb.logs()
+        );
+        assert_eq!(backend_up(&ringlb, "default", &backends[0]), Some(1));
+        drop(clients);
+    });
+}

@@ -199,20 +199,31 @@ fn wait_exit(ringlb: &mut Ringlb, within: Duration) -> Option<ExitStatus> {
 /// ringlb at once with every connection.
 #[test]
 fn sigusr1_drains_like_sigterm() {
+    drains_on(libc::SIGUSR1, "SIGUSR1");
+}
+
+/// SIGPWR is how LXC asks a container to shut down cleanly (found by
+/// review: it killed ringlb with no drain and no log line).
+#[test]
+fn sigpwr_drains_like_sigterm() {
+    drains_on(libc::SIGPWR, "SIGPWR");
+}
+
+fn drains_on(signal: i32, name: &str) {
     let (_backend, mut ringlb) = echo_proxy();
     let mut open = ringlb.connect();
     echo_once(&mut open, b'a');
-    ringlb.signal(libc::SIGUSR1);
-    let line = ringlb.wait_log("SIGUSR1", Duration::from_secs(10));
+    ringlb.signal(signal);
+    let line = ringlb.wait_log(name, Duration::from_secs(10));
     assert!(
         line.as_deref().is_some_and(|l| l.contains("draining")),
-        "no drain line naming SIGUSR1; logs:\n{}",
+        "no drain line naming {name}; logs:\n{}",
         ringlb.logs()
     );
     assert!(
         eventually(Duration::from_secs(10), || TcpStream::connect(ringlb.addr)
             .is_err()),
-        "still accepting after SIGUSR1"
+        "still accepting after {name}"
     );
     // The open connection carries on until it ends by itself.
     echo_once(&mut open, b'b');
@@ -234,6 +245,9 @@ fn reload_and_status_signals_do_not_stop_it() {
         (libc::SIGUSR2, "SIGUSR2", "reload"),
         (libc::SIGHUP, "SIGHUP", "reload"),
         (libc::SIGQUIT, "SIGQUIT", "connections open"),
+        // Found by review: these killed it silently.
+        (libc::SIGALRM, "SIGALRM", "ignored"),
+        (libc::SIGPROF, "SIGPROF", "ignored"),
     ] {
         ringlb.signal(signal);
         let line = ringlb.wait_log(&format!("{name}:"), Duration::from_secs(10));
