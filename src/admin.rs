@@ -13,20 +13,29 @@
 //!   connection would hold a slot for nothing, and a scrape every few
 //!   seconds does not need one.
 //!
-//! New pages go in [`route`]; what they read goes in [`State`].
+//! The pages ([`route`]), all read-only (GET and HEAD):
+//! - `/metrics`: Prometheus text;
+//! - `/stats`: the same data as `ringlb ctl show`, as JSON ([`view`]);
+//! - `/ready`: 200 while ringlb takes new connections, 503 from the first
+//!   drain or stop on, for keepalived, cloud balancers and Kubernetes;
+//! - `/`: the status page for a person (`assets/status.html`), with the
+//!   data of `/stats` inlined so it shows at once, then refreshed by the
+//!   page every 2 s.
+//!
+//! What they read goes in [`State`].
 
 use std::convert::Infallible;
 use std::future::poll_fn;
 use std::net::{Shutdown, SocketAddr};
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::task::Poll;
 use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{ALLOW, CONTENT_TYPE};
+use hyper::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -38,6 +47,7 @@ use tokio::time::Instant;
 use crate::logging::RateLimit;
 use crate::metrics;
 use crate::model::{Global, Published, ReloadStats, Snapshot};
+use crate::view;
 
 /// The admin server's own counters, for the metrics page.
 pub struct AdminStats {
@@ -66,6 +76,8 @@ pub struct State {
     /// `None` only for a server tested alone.
     pub global: Option<Arc<Global>>,
     pub reloads: Arc<ReloadStats>,
+    /// False once ringlb drains or stops (see `Server::accepting`).
+    pub accepting: Arc<AtomicBool>,
 }
 
 impl State {
@@ -78,6 +90,7 @@ impl State {
             }))),
             global: None,
             reloads: Arc::new(ReloadStats::default()),
+            accepting: Arc::new(AtomicBool::new(true)),
         }
     }
 }
@@ -309,12 +322,22 @@ async fn connection(
 }
 
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+const PLAIN: &str = "text/plain; charset=utf-8";
+const JSON: &str = "application/json";
+const HTML: &str = "text/html; charset=utf-8";
+/// The status page; its script renders the JSON and readiness that replace
+/// [`STATS_MARK`] and [`READY_MARK`], then fetches `/stats` and `/ready`
+/// every 2 s.
+const STATUS_PAGE: &str = include_str!("../assets/status.html");
+const STATS_MARK: &str = "/*STATS*/null";
+const READY_MARK: &str = "/*READY*/null";
+
+type Page = fn(&State) -> Response<Full<Bytes>>;
 
 /// The pages. A path that exists but not for this method is 405.
 fn route(state: &State, request: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let page: fn(&State) -> Response<Full<Bytes>> = match request.uri().path() {
-        // `/` becomes a status page later; until then it is the metrics.
-        "/metrics" | "/" => |state| {
+    let page: Page = match request.uri().path() {
+        "/metrics" => |state| {
             text(
                 StatusCode::OK,
                 PROMETHEUS_TEXT,
@@ -325,19 +348,22 @@ fn route(state: &State, request: &Request<Incoming>) -> Response<Full<Bytes>> {
                 ),
             )
         },
+        "/stats" => |state| text(StatusCode::OK, JSON, stats_json(state)),
+        "/ready" => ready,
+        "/" => |state| text(StatusCode::OK, HTML, status_page(state)),
         _ => {
             return text(
                 StatusCode::NOT_FOUND,
-                "text/plain; charset=utf-8",
-                "not found; try /metrics\n".into(),
+                PLAIN,
+                "not found; try /, /stats, /ready or /metrics\n".into(),
             );
         }
     };
     if !matches!(*request.method(), Method::GET | Method::HEAD) {
         let mut response = text(
             StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain; charset=utf-8",
-            "only GET and HEAD\n".into(),
+            PLAIN,
+            "only GET and HEAD: nothing changes over HTTP\n".into(),
         );
         response
             .headers_mut()
@@ -347,14 +373,53 @@ fn route(state: &State, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     page(state)
 }
 
+fn stats_json(state: &State) -> String {
+    view::to_json(&view::show(&state.published.load()))
+}
+
+/// Load balancers and probes read the status; people read the body.
+fn ready(state: &State) -> Response<Full<Bytes>> {
+    if state.accepting.load(Relaxed) {
+        text(StatusCode::OK, PLAIN, "ready\n".into())
+    } else {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            PLAIN,
+            "draining: no new connections\n".into(),
+        )
+    }
+}
+
+/// The page with the data inlined, so it shows without waiting for a
+/// fetch (and without script, a reader still gets the JSON in the source).
+/// `</` is escaped so no string in the data can end the script element;
+/// `<\/` is still the same JSON string.
+fn status_page(state: &State) -> String {
+    let data = stats_json(state).replace("</", "<\\/");
+    let ready = if state.accepting.load(Relaxed) {
+        "true"
+    } else {
+        "false"
+    };
+    STATUS_PAGE
+        .replacen(STATS_MARK, &data, 1)
+        .replacen(READY_MARK, ready, 1)
+}
+
 /// hyper sets Content-Length from the body, and leaves the body out for
 /// HEAD.
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(
         CONTENT_TYPE,
         hyper::header::HeaderValue::from_static(content_type),
+    );
+    // Every page is the state of now: a cached copy would lie.
+    headers.insert(
+        CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-store"),
     );
     response
 }

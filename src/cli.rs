@@ -294,6 +294,7 @@ impl Cli {
             failback: !self.no_failback,
             on_down: self.on_down,
             maxconn: self.maxconn,
+            access_log: crate::config::AccessLog::Off,
         };
         let config = Config {
             workers: self.workers.unwrap_or_else(config::default_workers),

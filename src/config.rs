@@ -70,6 +70,25 @@ pub enum OnDown {
     Shutdown,
 }
 
+/// The access log of a frontend: one line per connection, at its end.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AccessLog {
+    #[default]
+    Off,
+    /// `key=value` fields, for people and grep.
+    Text,
+    /// One JSON object, for log shippers.
+    Json,
+}
+
+/// `log-format` as written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 /// The failover watcher's settings for one frontend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CheckConfig {
@@ -115,6 +134,8 @@ pub struct FrontendConfig {
     /// Most client connections at once on this frontend; more wait in the
     /// kernel's accept queue until one ends, so backends are never swamped.
     pub maxconn: Option<u32>,
+    /// `log = true`, in the format of `log-format`.
+    pub access_log: AccessLog,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -326,6 +347,8 @@ struct RawFrontend {
     failback: Option<bool>,
     on_down: Option<OnDown>,
     maxconn: Option<u32>,
+    log: Option<bool>,
+    log_format: Option<Spanned<LogFormat>>,
 }
 
 /// Turns byte offsets from the TOML parser into the line a user sees.
@@ -441,7 +464,26 @@ impl RawFrontend {
             failback: self.failback.unwrap_or(true),
             on_down: self.on_down.unwrap_or(OnDown::Keep),
             maxconn: self.maxconn,
+            access_log: self.access_log(src)?,
         })
+    }
+
+    /// A format without `log = true` would log nothing, which the operator
+    /// who wrote it surely did not mean.
+    fn access_log(&self, src: &Source<'_>) -> Result<AccessLog, ConfigError> {
+        let on = self.log.unwrap_or(false);
+        match &self.log_format {
+            None if on => Ok(AccessLog::Text),
+            None => Ok(AccessLog::Off),
+            Some(format) if !on => Err(src.invalid(
+                format,
+                "log-format: the access log is off; add log = true to this frontend".into(),
+            )),
+            Some(format) => Ok(match format.get_ref() {
+                LogFormat::Text => AccessLog::Text,
+                LogFormat::Json => AccessLog::Json,
+            }),
+        }
     }
 }
 
@@ -1162,6 +1204,7 @@ mod tests {
             failback: true,
             on_down: OnDown::Keep,
             maxconn: None,
+            access_log: AccessLog::Off,
         }
     }
 

@@ -114,6 +114,7 @@ fn frontend(name: &str, mode: Mode, backends: &[&DemoBackend]) -> FrontendConfig
         failback: true,
         on_down: OnDown::Keep,
         maxconn: None,
+        access_log: crate::config::AccessLog::Off,
     }
 }
 

@@ -38,9 +38,11 @@
 //! - [`notify`]: systemd's readiness protocol (`Type=notify`).
 //! - [`generate`]: the man page and shell completions, from [`cli`].
 //! - [`control`] and [`ctl`]: the admin Unix socket and `ringlb ctl`.
+//! - [`access`]: the access log line.
 //! - [`view`]: what `ringlb ctl show`, `/stats` and the status page show.
 //! - [`demo`]: `ringlb demo`, a guided tour on loopback.
 
+pub mod access;
 pub mod admin;
 pub mod cli;
 pub mod config;

@@ -99,6 +99,7 @@ fn run(config: &Config, source: Option<&ConfigSource>) -> ExitCode {
             published: server.published(),
             global: Some(server.global()),
             reloads: server.reload_stats(),
+            accepting: server.accepting(),
         };
         match ringlb::admin::serve(addr, state) {
             Ok(bound) => log::info!("metrics on http://{bound}/metrics"),

@@ -21,7 +21,8 @@ use io_uring::{cqueue, opcode, squeue, types};
 use slab::Slab;
 use socket2::{SockAddr, Socket};
 
-use crate::config::OnDown;
+use crate::access;
+use crate::config::{AccessLog, OnDown};
 use crate::logging::RateLimit;
 use crate::model::{
     BackendShared, ConnectFailure, FrontendShared, FrontendSnapshot, Global, Snapshot, Tried,
@@ -217,6 +218,8 @@ struct Session {
     view: Rc<View>,
     /// Index into `view`'s backends, once one was chosen.
     backend: Option<usize>,
+    /// From accept to the backend's accept, for the access log.
+    connected_after: Option<Duration>,
     stage: Stage,
     conn: Conn,
 }
@@ -913,12 +916,15 @@ impl Worker {
         }
         view.snap.shared.stats.accepted.fetch_add(1, Relaxed);
         let mut conn = Conn::new(fd, self.now);
-        if log::log_enabled!(log::Level::Debug) {
+        // Read now: at the end the client may be gone. A frontend without
+        // an access log pays no syscall for it.
+        if view.snap.config.access_log != AccessLog::Off || log::log_enabled!(log::Level::Debug) {
             conn.client_addr = peer_addr(fd);
         }
         let key = self.sessions.insert(Session {
             view: Rc::clone(view),
             backend: None,
+            connected_after: None,
             stage: Stage::Connect(Connecting::default()),
             conn,
         });
@@ -993,6 +999,7 @@ impl Worker {
             backend.report_connect_success();
             backend.stats.connections.fetch_add(1, Relaxed);
             backend.stats.active.fetch_add(1, Relaxed);
+            session.connected_after = Some(self.now.saturating_duration_since(conn.started));
             session.stage = Stage::Relay;
             return conn.start_relay(key, &mut self.io);
         }
@@ -1037,6 +1044,10 @@ impl Worker {
         }
         if session.conn.end == Some(End::LocalError) {
             stats.local_errors.fetch_add(1, Relaxed);
+        }
+        let access_log = session.view.snap.config.access_log;
+        if access_log != AccessLog::Off {
+            access_entry(&session, self.now).write(access_log);
         }
         if log::log_enabled!(log::Level::Debug) {
             log_connection(&session, self.now);
@@ -1407,6 +1418,20 @@ fn log_connection(session: &Session, now: Instant) {
         now.saturating_duration_since(conn.started).as_secs_f64(),
         conn.end.map_or("?", End::describe),
     );
+}
+
+fn access_entry(session: &Session, now: Instant) -> access::Entry<'_> {
+    let conn = &session.conn;
+    access::Entry {
+        client: conn.client_addr,
+        frontend: session.view.name(),
+        backend: session.relaying_to().map(|b| b.name.as_str()),
+        connect_ms: session.connected_after.map(access::ms),
+        duration_ms: access::ms(now.saturating_duration_since(conn.started)),
+        bytes_up: conn.dirs[UPSTREAM].bytes,
+        bytes_down: conn.dirs[DOWNSTREAM].bytes,
+        end: access::end_code(conn.end),
+    }
 }
 
 fn peer_addr(fd: RawFd) -> Option<std::net::SocketAddr> {

@@ -377,9 +377,17 @@ fn routes_methods_and_head() {
     let ringlb = Ringlb::start(&["--backend", &backend.addr_str(), "--stats", "127.0.0.1:0"]);
     let stats = ringlb.stats_addr();
     let get = |request: &[u8]| exchange(stats, request, Duration::from_secs(10)).expect("answer");
+    let metrics = get(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(
+        metrics.status.starts_with("HTTP/1.1 200"),
+        "{}",
+        metrics.status
+    );
+    assert!(metrics.body.contains("ringlb_frontend_connections_total"));
+    // `/` is the status page (tests/pages.rs checks what it shows).
     let root = get(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(root.status.starts_with("HTTP/1.1 200"), "{}", root.status);
-    assert!(root.body.contains("ringlb_frontend_connections_total"));
+    assert!(root.body.contains("<html"), "{}", root.body);
     let head = get(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(head.status.starts_with("HTTP/1.1 200"), "{}", head.status);
     assert!(head.body.is_empty(), "a body after HEAD: {}", head.body);
