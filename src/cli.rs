@@ -169,6 +169,8 @@ enum CtlCommand {
     },
     /// Re-read the config file and apply the difference; prints what changed
     Reload,
+    /// Exit 0 while ringlb accepts new connections, 1 once it drains (as HTTP /ready)
+    Ready,
 }
 
 impl CtlCommand {
@@ -185,6 +187,7 @@ impl CtlCommand {
             CtlCommand::Disable { target, kill: true } => format!("disable {target} kill"),
             CtlCommand::Enable { target } => format!("enable {target}"),
             CtlCommand::Reload => "reload".into(),
+            CtlCommand::Ready => "ready".into(),
         }
     }
 }

@@ -274,6 +274,10 @@ fn handle(request: &str, peer: Peer, context: &Context) -> Result<String, String
         ["show"] => Ok(table(&shown(context))),
         ["show", "json"] => Ok(view::to_json(&shown(context)) + "\n"),
         ["reload"] => reload(peer, context),
+        // For scripts (keepalived's vrrp_script, a BGP speaker's health
+        // check): the same answer as HTTP /ready, as an exit code.
+        ["ready"] if context.server.accepting().load(Relaxed) => Ok("ready\n".into()),
+        ["ready"] => Err("not ready: draining, no new connections".into()),
         ["drain", target] => set(target, AdminState::Drain, false, peer, context),
         ["enable", target] => set(target, AdminState::Ready, false, peer, context),
         ["disable", target] => set(target, AdminState::Maint, false, peer, context),

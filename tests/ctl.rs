@@ -554,12 +554,16 @@ fn while_draining_show_still_answers_and_a_reload_is_refused() {
     wait_socket(&ringlb, &socket.0);
     // An open connection keeps ringlb draining instead of exiting.
     let (mut held, _) = open(ringlb.addr);
+    // `ctl ready`, the exit-code form of /ready (issue 14): 0, then 1.
+    assert!(ctl_ok(socket.str(), &["ready"]).contains("ready"));
     ringlb.signal(libc::SIGTERM);
     assert!(
         ringlb
             .wait_log("SIGTERM: draining", Duration::from_secs(10))
             .is_some()
     );
+    let line = ctl_err(socket.str(), &["ready"], 1);
+    assert!(line.contains("not ready"), "{line}");
     let line = ctl_err(socket.str(), &["reload"], 1);
     assert!(line.contains("draining"), "{line}");
     assert!(ctl_ok(socket.str(), &["show"]).contains("frontend web"));
