@@ -392,18 +392,22 @@ fn ready(state: &State) -> Response<Full<Bytes>> {
 
 /// The page with the data inlined, so it shows without waiting for a
 /// fetch (and without script, a reader still gets the JSON in the source).
-/// `</` is escaped so no string in the data can end the script element;
-/// `<\/` is still the same JSON string.
+/// Every `<` is escaped so no string in the data can end or disturb the
+/// script element (see [`inline_page`]).
 fn status_page(state: &State) -> String {
-    let data = stats_json(state).replace("</", "<\\/");
-    let ready = if state.accepting.load(Relaxed) {
-        "true"
-    } else {
-        "false"
-    };
+    inline_page(&stats_json(state), state.accepting.load(Relaxed))
+}
+
+/// The page with its first data inlined. Inside a <script>, any `<` in the
+/// data (a backend's reply quoted in a check's failure reason) could start
+/// `</script>` or `<!--`, which ends the script or changes how the parser
+/// reads the rest: JSON lets every `<` be written as \u003c. The marker the
+/// data could also contain is filled in first.
+fn inline_page(json: &str, ready: bool) -> String {
+    let data = json.replace('<', "\\u003c");
     STATUS_PAGE
+        .replacen(READY_MARK, if ready { "true" } else { "false" }, 1)
         .replacen(STATS_MARK, &data, 1)
-        .replacen(READY_MARK, ready, 1)
 }
 
 /// hyper sets Content-Length from the body, and leaves the body out for
@@ -456,6 +460,32 @@ fn reset(stream: TcpStream) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_hostile_check_reply_cannot_break_the_status_page() {
+        // Found by review: a backend answering a check with this blanked
+        // the page (`<!--<script` kept the page's own </script> from
+        // closing it) and took the readiness marker.
+        let reason = r#"reply did not match (got "<!--<script>/*READY*/null</script>")"#;
+        let json = format!(r#"[{{"reason":"{}"}}]"#, reason.replace('"', "\\\""));
+        let page = inline_page(&json, true);
+        let inlined = page
+            .lines()
+            .find(|l| l.starts_with("const initial = "))
+            .unwrap_or("");
+        assert!(
+            !inlined.contains('<'),
+            "a `<` in the inlined data: {inlined}"
+        );
+        assert!(inlined.contains(r"\u003c!--\u003cscript>"), "{inlined}");
+        // The page's own elements still close where they should.
+        assert_eq!(
+            page.matches("</script>").count(),
+            STATUS_PAGE.matches("</script>").count()
+        );
+        assert!(page.contains("const initialReady = true;"));
+    }
+
     use super::*;
     use std::io::{Read, Write};
 

@@ -193,14 +193,16 @@ fn accept_loop(listener: &UnixListener, context: &Arc<Context>) {
             let _ = (&stream).write_all(b"error: busy: too many ringlb ctl at once; retry\n");
             continue;
         }
-        let context = Arc::clone(context);
+        let shared = Arc::clone(context);
         let spawned = std::thread::Builder::new()
             .name("ringlb-ctl-client".into())
             .spawn(move || {
-                client(stream, &context);
-                context.clients.fetch_sub(1, Relaxed);
+                client(stream, &shared);
+                shared.clients.fetch_sub(1, Relaxed);
             });
         if let Err(e) = spawned {
+            // The slot the closure would have given back.
+            context.clients.fetch_sub(1, Relaxed);
             log::warn!("admin socket: cannot start a thread for a client: {e}");
         }
     }
@@ -371,7 +373,9 @@ fn set(
 /// The backend FRONTEND/BACKEND names in the snapshot in force: by name,
 /// else by address.
 fn find(snapshot: &Snapshot, target: &str) -> Result<Arc<BackendShared>, String> {
-    let Some((frontend, backend)) = target.split_once('/') else {
+    // A backend (an address or a name like one) has no `/`; a frontend's
+    // name may.
+    let Some((frontend, backend)) = target.rsplit_once('/') else {
         return Err(format!(
             "'{}': give FRONTEND/BACKEND (the backend by name or address)",
             truncate(target)
