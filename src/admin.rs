@@ -425,6 +425,19 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
         CACHE_CONTROL,
         hyper::header::HeaderValue::from_static("no-store"),
     );
+    // The status page loads nothing from elsewhere; say so, and keep a
+    // browser from guessing another type for the metrics or JSON.
+    headers.insert(
+        hyper::header::X_CONTENT_TYPE_OPTIONS,
+        hyper::header::HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        hyper::header::CONTENT_SECURITY_POLICY,
+        hyper::header::HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'",
+        ),
+    );
     response
 }
 

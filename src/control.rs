@@ -355,7 +355,12 @@ fn set(
     let before = backend.admin();
     backend.set_admin(state);
     let label = format!("{}/{}", backend.frontend, backend.name);
-    let mut done = format!("{label}: {before} -> {state}");
+    // Asked for what already is: say so, rather than log a change.
+    let mut done = if before == state {
+        format!("{label}: already {state}")
+    } else {
+        format!("{label}: {before} -> {state}")
+    };
     if kill {
         let open = backend.stats.active.load(Relaxed);
         let seq = control.send_all(|| Some(Command::CloseBackend(Arc::clone(&backend))));

@@ -388,6 +388,13 @@ fn routes_methods_and_head() {
     let root = get(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(root.status.starts_with("HTTP/1.1 200"), "{}", root.status);
     assert!(root.body.contains("<html"), "{}", root.body);
+    // The page loads nothing from elsewhere, and says so to the browser.
+    assert_eq!(root.header("x-content-type-options"), Some("nosniff"));
+    assert!(
+        root.header("content-security-policy")
+            .is_some_and(|csp| csp.contains("default-src 'none'")),
+        "no content security policy"
+    );
     let head = get(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(head.status.starts_with("HTTP/1.1 200"), "{}", head.status);
     assert!(head.body.is_empty(), "a body after HEAD: {}", head.body);
