@@ -228,7 +228,8 @@ impl Io {
     pub fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
         loop {
             // SAFETY: every buffer, address and timespec an entry points to
-            // is owned by the worker (buffer ring, frontend settings) and
+            // is owned by the worker (the buffer ring) or by the session's
+            // view of its snapshot (connect timeout, backend addresses), and
             // outlives the operation: none is freed while the operation is in
             // flight, which the connection's in-flight count guarantees, and
             // Io's Drop cancels whatever is left before freeing the buffers.

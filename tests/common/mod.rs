@@ -43,37 +43,9 @@ impl Ringlb {
     }
 
     pub fn start_raw(args: &[&str]) -> Ringlb {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ringlb");
-        let stderr = child.stderr.take().expect("stderr");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&logs);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let mut ringlb = Ringlb {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            logs,
-        };
-        let line = ringlb
-            .wait_log("listening on", Duration::from_secs(10))
-            .unwrap_or_else(|| panic!("ringlb did not start; logs:\n{}", ringlb.logs()));
-        let addr = line
-            .split("listening on ")
-            .nth(1)
-            .and_then(|r| r.split(' ').next())
-            .expect("address in log");
-        ringlb.addr = addr.parse().expect("listen address");
-        ringlb
+        let mut command = Command::new(BIN);
+        command.args(args);
+        Ringlb::start_command(command)
     }
 
     pub fn logs(&self) -> String {
@@ -647,36 +619,11 @@ pub fn ringlb_with_nofile(nofile: u64, args: &[&str]) -> Command {
 impl Ringlb {
     /// Starts a prepared ringlb command (which must include `--listen`) and
     /// waits for its listen line, as `start_raw` does.
-    pub fn start_command(mut command: Command) -> Ringlb {
-        let mut child = command
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ringlb");
-        let stderr = child.stderr.take().expect("stderr");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&logs);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let mut ringlb = Ringlb {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            logs,
-        };
-        let line = ringlb
-            .wait_log("listening on", Duration::from_secs(10))
-            .unwrap_or_else(|| panic!("ringlb did not start; logs:\n{}", ringlb.logs()));
-        let addr = line
-            .split("listening on ")
-            .nth(1)
-            .and_then(|r| r.split(' ').next())
-            .expect("address in log");
-        ringlb.addr = addr.parse().expect("listen address");
+    pub fn start_command(command: Command) -> Ringlb {
+        let mut ringlb = Ringlb::spawn(command);
+        if let Err(e) = ringlb.wait_listening(Duration::from_secs(10)) {
+            panic!("ringlb did not start: {e}");
+        }
         ringlb
     }
 }
