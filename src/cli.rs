@@ -220,10 +220,8 @@ fn parse_bytes(text: &str) -> Result<Bytes, String> {
 
 fn parse_backend(text: &str) -> Result<BackendConfig, String> {
     config::check_name(text)?;
-    let backend = config::parse_address(text).map(|addr| BackendConfig {
-        addr,
-        name: text.to_string(),
-    })?;
+    let backend =
+        config::parse_address(text).map(|addr| BackendConfig::new(addr, text.to_string()))?;
     config::check_backend(&backend)?;
     Ok(backend)
 }

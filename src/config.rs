@@ -111,11 +111,42 @@ impl CheckConfig {
     }
 }
 
+/// HAProxy's default and ceiling for `weight`.
+pub const DEFAULT_WEIGHT: u32 = 1;
+pub const MAX_WEIGHT: u32 = 256;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendConfig {
     pub addr: SocketAddr,
-    /// As the user wrote it (a host name stays a host name in the logs).
+    /// As the user wrote it (a host name stays a host name in the logs),
+    /// or the table's `name`.
     pub name: String,
+    /// Share of new connections relative to the others, 0 to 256; 0 takes
+    /// none (HAProxy's `weight`).
+    pub weight: u32,
+    /// Takes traffic only when no non-backup backend is usable.
+    pub backup: bool,
+    /// Most connections at once to this backend; more wait in a queue.
+    pub maxconn: Option<u32>,
+    /// Check another port than the one traffic goes to (a sidecar).
+    pub check_port: Option<u16>,
+    /// Check another address than the one traffic goes to.
+    pub check_address: Option<IpAddr>,
+}
+
+impl BackendConfig {
+    /// A backend given as a bare address: every setting at its default.
+    pub fn new(addr: SocketAddr, name: String) -> BackendConfig {
+        BackendConfig {
+            addr,
+            name,
+            weight: DEFAULT_WEIGHT,
+            backup: false,
+            maxconn: None,
+            check_port: None,
+            check_address: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -335,7 +366,7 @@ struct RawFrontend {
     listen: Spanned<String>,
     mode: Option<Mode>,
     #[serde(default)]
-    backends: Vec<Spanned<String>>,
+    backends: Vec<Spanned<RawBackend>>,
     connect_timeout: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
     check_interval: Option<Spanned<String>>,
@@ -349,6 +380,83 @@ struct RawFrontend {
     maxconn: Option<u32>,
     log: Option<bool>,
     log_format: Option<Spanned<LogFormat>>,
+}
+
+/// A backend as written: `"10.0.0.11:8080"` or a table with settings.
+enum RawBackend {
+    Address(String),
+    Table(RawBackendTable),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawBackendTable {
+    address: String,
+    name: Option<String>,
+    weight: Option<u32>,
+    backup: Option<bool>,
+    maxconn: Option<u32>,
+    check_port: Option<u16>,
+    check_address: Option<String>,
+}
+
+/// By hand rather than `untagged`: serde's untagged error ("did not match
+/// any variant") would hide which key of the table is wrong.
+impl<'de> Deserialize<'de> for RawBackend {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawBackend;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an address such as \"10.0.0.11:8080\" or a table with address = ...")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawBackend, E> {
+                Ok(RawBackend::Address(v.to_string()))
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                map: M,
+            ) -> Result<RawBackend, M::Error> {
+                let de = serde::de::value::MapAccessDeserializer::new(map);
+                RawBackendTable::deserialize(de).map(RawBackend::Table)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl RawBackend {
+    fn resolve(&self) -> Result<BackendConfig, String> {
+        let table = match self {
+            RawBackend::Address(text) => {
+                // Before resolving: a name that cannot be a label is
+                // refused as such, not as a failed lookup.
+                check_name(text)?;
+                return Ok(BackendConfig::new(parse_address(text)?, text.clone()));
+            }
+            RawBackend::Table(table) => table,
+        };
+        let name = table.name.as_ref().unwrap_or(&table.address);
+        check_name(name)?;
+        let addr = parse_address(&table.address)?;
+        let check_address = table
+            .check_address
+            .as_ref()
+            .map(|a| {
+                a.parse::<IpAddr>()
+                    .map_err(|_| format!("check-address: '{a}' is not an IP address"))
+            })
+            .transpose()?;
+        Ok(BackendConfig {
+            addr,
+            name: name.clone(),
+            weight: table.weight.unwrap_or(DEFAULT_WEIGHT),
+            backup: table.backup.unwrap_or(false),
+            maxconn: table.maxconn,
+            check_port: table.check_port,
+            check_address,
+        })
+    }
 }
 
 /// Turns byte offsets from the TOML parser into the line a user sees.
@@ -423,14 +531,8 @@ impl RawFrontend {
             .backends
             .iter()
             .map(|b| {
-                // Before resolving: a name that cannot be a label is refused
-                // as such, not as a failed lookup.
-                check_name(b.get_ref())
-                    .and_then(|()| parse_address(b.get_ref()))
-                    .map(|addr| BackendConfig {
-                        addr,
-                        name: b.get_ref().clone(),
-                    })
+                b.get_ref()
+                    .resolve()
                     .map_err(|e| src.invalid(b, format!("backends: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -885,6 +987,18 @@ pub fn check_backend(backend: &BackendConfig) -> Result<(), String> {
             backend.name
         ));
     }
+    if backend.weight > MAX_WEIGHT {
+        return Err(format!(
+            "'{}': weight must be between 0 and {MAX_WEIGHT}, not {}",
+            backend.name, backend.weight
+        ));
+    }
+    if backend.maxconn == Some(0) {
+        return Err(format!("'{}': maxconn must be at least 1", backend.name));
+    }
+    if backend.check_port == Some(0) {
+        return Err(format!("'{}': check-port 0 is no port", backend.name));
+    }
     Ok(())
 }
 
@@ -1179,6 +1293,68 @@ mod tests {
         assert!(err.contains("no backend"), "{err}");
     }
 
+    #[test]
+    fn backends_are_addresses_or_tables() {
+        let text = r#"
+[[frontend]]
+listen = "127.0.0.1:80"
+backends = [
+    "127.0.0.1:8001",
+    { address = "127.0.0.1:8002", name = "app2", weight = 3, backup = true, maxconn = 500, check-port = 8008, check-address = "127.0.0.9" },
+]
+"#;
+        let config = Config::from_toml(text, "f.toml").expect("config");
+        let [plain, table] = &config.frontends[0].backends[..] else {
+            panic!("two backends expected");
+        };
+        assert_eq!(
+            plain,
+            &BackendConfig::new(
+                "127.0.0.1:8001".parse().expect("a"),
+                "127.0.0.1:8001".into()
+            )
+        );
+        assert_eq!(table.name, "app2");
+        assert_eq!(table.addr, "127.0.0.1:8002".parse().expect("a"));
+        assert_eq!(
+            (table.weight, table.backup, table.maxconn),
+            (3, true, Some(500))
+        );
+        assert_eq!(table.check_port, Some(8008));
+        assert_eq!(table.check_address, Some("127.0.0.9".parse().expect("ip")));
+    }
+
+    #[test]
+    fn a_bad_backend_table_names_its_line_and_key() {
+        let with = |table: &str| {
+            let text = format!(
+                "[[frontend]]\nlisten = \"127.0.0.1:80\"\nbackends = [\n  \"127.0.0.1:8001\",\n  {table},\n]\n"
+            );
+            Config::from_toml(&text, "f.toml").unwrap_err().to_string()
+        };
+        let err = with(r#"{ address = "127.0.0.1:8002", wieght = 3 }"#);
+        assert!(err.starts_with("f.toml:5:"), "{err}");
+        assert!(err.contains("wieght"), "{err}");
+        let err = with(r#"{ address = "127.0.0.1:8002", weight = 257 }"#);
+        assert!(
+            err.starts_with("f.toml:5:") && err.contains("weight must be between 0 and 256"),
+            "{err}"
+        );
+        let err = with(r#"{ address = "127.0.0.1:8002", maxconn = 0 }"#);
+        assert!(err.contains("maxconn must be at least 1"), "{err}");
+        let err = with(r#"{ address = "127.0.0.1:8002", check-address = "db1" }"#);
+        assert!(
+            err.contains("check-address: 'db1' is not an IP address"),
+            "{err}"
+        );
+        let err = with(r#"{ name = "x" }"#);
+        assert!(err.contains("address"), "{err}");
+        let err = with(r#"{ address = "127.0.0.1:8001", name = "other" }"#);
+        assert!(err.contains("same address"), "{err}");
+        let err = with("42");
+        assert!(err.contains("an address such as"), "{err}");
+    }
+
     fn frontend(name: &str, listen: &str, backends: &[&str]) -> FrontendConfig {
         FrontendConfig {
             name: name.into(),
@@ -1186,10 +1362,7 @@ mod tests {
             mode: Mode::ActiveActive,
             backends: backends
                 .iter()
-                .map(|b| BackendConfig {
-                    addr: b.parse().expect("backend"),
-                    name: (*b).into(),
-                })
+                .map(|b| BackendConfig::new(b.parse().expect("backend"), (*b).into()))
                 .collect(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,

@@ -96,10 +96,7 @@ fn frontend(name: &str, mode: Mode, backends: &[&DemoBackend]) -> FrontendConfig
         mode,
         backends: backends
             .iter()
-            .map(|b| BackendConfig {
-                addr: b.addr,
-                name: format!("{} ({})", b.addr, b.name),
-            })
+            .map(|b| BackendConfig::new(b.addr, format!("{} ({})", b.addr, b.name)))
             .collect(),
         connect_timeout: Duration::from_millis(500),
         idle_timeout: Duration::from_secs(30),

@@ -105,6 +105,13 @@ pub struct Health {
     /// Wakes the target's task when the live streak reaches `fall`.
     pub wake: Notify,
     status: Mutex<Status>,
+    /// What an agent check last said of the server's state (HAProxy's
+    /// `agent-check`: `ready`, `drain`, `maint`), apart from the operator's
+    /// [`AdminState`]; written only by the scheduler.
+    agent_state: AtomicU8,
+    /// The share of its configured weight the server takes, in percent
+    /// (an agent's `NN%` reply, a slow start's ramp); 100 by default.
+    weight_percent: AtomicU32,
 }
 
 impl Health {
@@ -118,7 +125,27 @@ impl Health {
             fall: fall.max(1),
             wake: Notify::new(),
             status: Mutex::new(Status::default()),
+            agent_state: AtomicU8::new(AdminState::Ready as u8),
+            weight_percent: AtomicU32::new(100),
         }
+    }
+
+    pub fn agent_state(&self) -> AdminState {
+        AdminState::from_u8(self.agent_state.load(Relaxed))
+    }
+
+    /// The health scheduler only (an agent's reply).
+    pub fn set_agent_state(&self, state: AdminState) {
+        self.agent_state.store(state as u8, Relaxed);
+    }
+
+    pub fn weight_percent(&self) -> u32 {
+        self.weight_percent.load(Relaxed)
+    }
+
+    /// The health scheduler only (an agent's `NN%`, a slow start).
+    pub fn set_weight_percent(&self, percent: u32) {
+        self.weight_percent.store(percent, Relaxed);
     }
 
     pub fn is_up(&self) -> bool {
@@ -262,9 +289,12 @@ impl BackendShared {
         self.admin.store(state as u8, Relaxed);
     }
 
-    /// Takes new connections: ready and up.
+    /// Takes new connections: ready for the operator and for its agent,
+    /// and up.
     pub fn usable(&self) -> bool {
-        self.admin.load(Relaxed) == AdminState::Ready as u8 && self.is_up()
+        self.admin.load(Relaxed) == AdminState::Ready as u8
+            && self.health.agent_state.load(Relaxed) == AdminState::Ready as u8
+            && self.is_up()
     }
 
     /// A connect on live traffic succeeded: the failure streak ends.
@@ -705,6 +735,18 @@ mod tests {
         f.backends[0].set_admin(AdminState::Drain);
         f.backends[2].set_admin(AdminState::Maint);
         assert!((0..10).all(|_| f.select(&none) == Some(1)));
+    }
+
+    #[test]
+    fn an_agent_that_says_drain_or_maint_takes_a_backend_out() {
+        let f = frontend("active-active", true, 2);
+        let none = Tried::default();
+        f.backends[0].health.set_agent_state(AdminState::Drain);
+        assert!(!f.backends[0].usable());
+        assert!((0..4).all(|_| f.select(&none) == Some(1)));
+        f.backends[0].health.set_agent_state(AdminState::Ready);
+        assert!(f.backends[0].usable());
+        assert_eq!(f.backends[0].health.weight_percent(), 100);
     }
 
     #[test]
