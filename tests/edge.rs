@@ -354,3 +354,170 @@ fn bad_rules_are_refused_at_start_with_their_line() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("300.0.0.1"));
 }
+
+fn active(ringlb: &Ringlb) -> u64 {
+    ringlb
+        .metric("ringlb_frontend_connections_active{frontend=\"default\"}")
+        .expect("active metric")
+}
+
+/// One address opens 10,000 connections and keeps every one it gets, idle
+/// (the flood that filled the fd limit before). With a per-source limit it
+/// holds only its share: the frontend's maxconn, which the flood alone
+/// would fill, keeps room, and a client from another address is served at
+/// once while the flood holds. Afterwards the table is empty again.
+#[test]
+fn an_idle_flood_from_one_address_does_not_lock_out_others() {
+    raise_fd_limit();
+    let (backend, _) = counting_echo();
+    let ringlb = Ringlb::start(&[
+        "--backend",
+        &backend.addr_str(),
+        "--stats",
+        "127.0.0.1:0",
+        "--maxconn",
+        "300",
+        "--max-conn-per-source",
+        "100",
+    ]);
+    let mut flood = Vec::with_capacity(10_000);
+    let mut failed = 0;
+    for _ in 0..10_000 {
+        match connect_from("127.0.0.2", ringlb.addr) {
+            Ok(stream) => flood.push(stream),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => failed += 1,
+            Err(e) => panic!(
+                "flood connect {}: {e} (the accept queue filled: the flood locked the \
+                 frontend); logs:\n{}",
+                flood.len() + failed,
+                ringlb.logs()
+            ),
+        }
+    }
+    // Served at once, while every flood socket is still open.
+    let started = std::time::Instant::now();
+    assert_eq!(exchange("127.0.0.3", ringlb.addr), Outcome::Served);
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(5), "served after {waited:?}");
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            refused(&ringlb, "default", "source-limit") == 9_900
+        }),
+        "refused {}; logs:\n{}",
+        refused(&ringlb, "default", "source-limit"),
+        ringlb.logs()
+    );
+    assert_eq!(active(&ringlb), 100);
+    // The flood's own clients beyond its share were reset, not left open.
+    let mut reset = failed;
+    let mut open = 0;
+    for stream in &mut flood {
+        stream.set_nonblocking(true).expect("non-blocking");
+        match stream.read(&mut [0u8; 1]) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => open += 1,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => reset += 1,
+            other => panic!("a flood connection: {other:?}"),
+        }
+    }
+    assert_eq!((open, reset), (100, 9_900));
+    drop(flood);
+    assert!(
+        eventually(Duration::from_secs(20), || active(&ringlb) == 0),
+        "connections left: {}",
+        active(&ringlb)
+    );
+    assert_eq!(exchange("127.0.0.2", ringlb.addr), Outcome::Served);
+}
+
+/// A source's place is given back however its connection ends: a clean
+/// end, a client reset, a backend reset, no backend at all. With a limit of
+/// one, a place not given back refuses the next connection.
+#[test]
+fn every_end_gives_the_source_its_place_back() {
+    let (backend, _) = counting_echo();
+    let resetting = Backend::start(Arc::new(|stream: TcpStream| {
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        drop(stream);
+    }));
+    let dead = refused_addr();
+    for (label, target) in [
+        ("echo", backend.addr),
+        ("resetting", resetting.addr),
+        ("no backend", dead),
+    ] {
+        let ringlb = Ringlb::start(&[
+            "--backend",
+            &target.to_string(),
+            "--stats",
+            "127.0.0.1:0",
+            "--max-conn-per-source",
+            "1",
+            "--check-interval",
+            "1h",
+            "--fall",
+            "1000",
+        ]);
+        for round in 0..3 {
+            match label {
+                "echo" => {
+                    assert_eq!(exchange("127.0.0.2", ringlb.addr), Outcome::Served);
+                    // A client that resets its own connection.
+                    let s = connect_from("127.0.0.2", ringlb.addr).expect("connect");
+                    socket2::SockRef::from(&s)
+                        .set_linger(Some(Duration::ZERO))
+                        .expect("linger");
+                    (&s).write_all(b"x").expect("write");
+                    drop(s);
+                }
+                _ => assert_eq!(exchange("127.0.0.2", ringlb.addr), Outcome::Reset),
+            }
+            assert!(
+                eventually(Duration::from_secs(20), || active(&ringlb) == 0),
+                "{label} round {round}: connections left {}",
+                active(&ringlb)
+            );
+        }
+        assert_eq!(
+            refused(&ringlb, "default", "source-limit"),
+            0,
+            "{label}: a place was not given back; logs:\n{}",
+            ringlb.logs()
+        );
+    }
+}
+
+/// New connections per second from one address: a burst past the rate is
+/// reset, another address is not affected, and the bucket refills.
+#[test]
+fn the_rate_per_source_resets_a_burst_and_refills() {
+    let (backend, _) = counting_echo();
+    let ringlb = Ringlb::start(&[
+        "--backend",
+        &backend.addr_str(),
+        "--stats",
+        "127.0.0.1:0",
+        "--max-rate-per-source",
+        "5",
+    ]);
+    let started = std::time::Instant::now();
+    let outcomes: Vec<Outcome> = (0..20)
+        .map(|_| exchange("127.0.0.2", ringlb.addr))
+        .collect();
+    let took = started.elapsed().as_secs_f64();
+    let served = outcomes.iter().filter(|o| **o == Outcome::Served).count();
+    // Five at once, and five more per second the burst took.
+    let most = 5 + (took * 5.0).ceil() as usize;
+    assert!(
+        (5..=most).contains(&served) && served < 20,
+        "served {served} of 20 in {took:.2}s"
+    );
+    assert_eq!(
+        refused(&ringlb, "default", "source-rate") as usize,
+        20 - served
+    );
+    assert_eq!(exchange("127.0.0.3", ringlb.addr), Outcome::Served);
+    // The bucket refills within a second.
+    assert!(eventually(Duration::from_secs(10), || {
+        exchange("127.0.0.2", ringlb.addr) == Outcome::Served
+    }));
+}
