@@ -112,6 +112,7 @@ fn frontend(name: &str, mode: Mode, backends: &[&DemoBackend]) -> FrontendConfig
         on_down: OnDown::Keep,
         maxconn: None,
         access_log: crate::config::AccessLog::Off,
+        edge: Default::default(),
     }
 }
 

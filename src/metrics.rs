@@ -63,6 +63,17 @@ pub fn render(
             out.sample(name, &labels, get(&f.shared.stats).load(Relaxed));
         }
     }
+    out.family("ringlb_frontend_refused_total", "counter");
+    for f in frontends {
+        for refusal in crate::edge::Refusal::ALL {
+            let labels = [
+                ("frontend", f.config.name.as_str()),
+                ("reason", refusal.reason()),
+            ];
+            let value = f.shared.sources.refused(refusal);
+            out.sample("ringlb_frontend_refused_total", &labels, value);
+        }
+    }
     let backend_metrics: &[Metric<BackendStats>] = &[
         ("ringlb_backend_connections_total", "counter", |s| {
             &s.connections

@@ -23,6 +23,7 @@ use socket2::{SockAddr, Socket};
 
 use crate::access;
 use crate::config::{AccessLog, OnDown};
+use crate::edge::{self, Refusal, SourceGuard};
 use crate::logging::RateLimit;
 use crate::model::{
     BackendShared, ConnectFailure, FrontendShared, FrontendSnapshot, Global, Snapshot, Tried,
@@ -136,6 +137,8 @@ struct View {
     bytes: RefCell<Vec<[u64; 2]>>,
     /// Already in the tick's list of views to flush.
     dirty: Cell<bool>,
+    /// Who may connect, and how often.
+    edge: edge::Policy,
 }
 
 impl View {
@@ -149,6 +152,7 @@ impl View {
                 .collect(),
             bytes: RefCell::new(vec![[0; 2]; snap.backends.len()]),
             dirty: Cell::new(false),
+            edge: edge::Policy::new(&snap.config.edge, &snap.shared.sources),
             snap: Arc::clone(snap),
         }
     }
@@ -222,6 +226,10 @@ struct Session {
     connected_after: Option<Duration>,
     stage: Stage,
     conn: Conn,
+    /// Its place in the per-source table, given back when the session is
+    /// dropped, however it ends.
+    #[allow(dead_code, reason = "held for its Drop")]
+    source: SourceGuard,
 }
 
 impl Session {
@@ -255,6 +263,7 @@ enum Sweep {
 struct Warnings {
     local: [RateLimit; LocalFailure::ALL.len()],
     pipe: RateLimit,
+    refused: RateLimit,
 }
 
 impl Warnings {
@@ -262,6 +271,7 @@ impl Warnings {
         Warnings {
             local: std::array::from_fn(|_| RateLimit::new(WARN_PERIOD)),
             pipe: RateLimit::new(WARN_PERIOD),
+            refused: RateLimit::new(WARN_PERIOD),
         }
     }
 }
@@ -914,21 +924,75 @@ impl Worker {
             self.release(&view.snap.shared);
             return Ok(());
         }
-        view.snap.shared.stats.accepted.fetch_add(1, Relaxed);
         let mut conn = Conn::new(fd, self.now);
         // Read now: at the end the client may be gone. A frontend without
-        // an access log pays no syscall for it.
-        if view.snap.config.access_log != AccessLog::Off || log::log_enabled!(log::Level::Debug) {
+        // an access log or rules on sources pays no syscall for it.
+        if view.edge.is_active()
+            || view.snap.config.access_log != AccessLog::Off
+            || log::log_enabled!(log::Level::Debug)
+        {
             conn.client_addr = peer_addr(fd);
         }
+        let source = match self.admit_source(view, conn.client_addr) {
+            Ok(guard) => guard,
+            Err(refusal) => {
+                self.refuse(view, fd, conn.client_addr, refusal);
+                return Ok(());
+            }
+        };
+        view.snap.shared.stats.accepted.fetch_add(1, Relaxed);
         let key = self.sessions.insert(Session {
             view: Rc::clone(view),
             backend: None,
             connected_after: None,
             stage: Stage::Connect(Connecting::default()),
             conn,
+            source,
         });
         self.connect_next(key)
+    }
+
+    /// The frontend's ACL and per-source limits, at accept. A client whose
+    /// address cannot be read is already gone (reset while queued): it is
+    /// refused under the ACL only when there is one to satisfy.
+    fn admit_source(
+        &self,
+        view: &View,
+        client: Option<std::net::SocketAddr>,
+    ) -> Result<SourceGuard, Option<Refusal>> {
+        if !view.edge.is_active() {
+            return Ok(SourceGuard::default());
+        }
+        let addr = client.ok_or(None)?;
+        view.edge.admit_source(addr.ip(), self.now).map_err(Some)
+    }
+
+    /// Turns a client away with a reset, at once (no byte was read, no
+    /// backend touched). One debug line per client; at info, one line per
+    /// period with the count held back, so a flood cannot flood the log.
+    fn refuse(
+        &mut self,
+        view: &View,
+        fd: RawFd,
+        client: Option<std::net::SocketAddr>,
+        refusal: Option<Refusal>,
+    ) {
+        uring::set_linger_zero(fd);
+        uring::close(fd);
+        self.release(&view.snap.shared);
+        let (Some(refusal), Some(client)) = (refusal, client) else {
+            return;
+        };
+        let name = view.name();
+        log::debug!("{name} {client}: refused, {}", refusal.describe());
+        if let Some(held_back) = self.warnings.refused.allow(self.now) {
+            log::info!(
+                "worker {}: frontend {name}: refused {client} ({}){}",
+                self.id,
+                refusal.describe(),
+                self.warnings.refused.suffix(held_back)
+            );
+        }
     }
 
     /// Connects to the next backend this connection has not tried, with the
