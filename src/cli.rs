@@ -298,6 +298,7 @@ impl Cli {
             on_down: self.on_down,
             maxconn: self.maxconn,
             access_log: crate::config::AccessLog::Off,
+            tls: Default::default(),
         };
         let config = Config {
             workers: self.workers.unwrap_or_else(config::default_workers),

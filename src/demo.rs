@@ -115,6 +115,7 @@ fn frontend(name: &str, mode: Mode, backends: &[&DemoBackend]) -> FrontendConfig
         on_down: OnDown::Keep,
         maxconn: None,
         access_log: crate::config::AccessLog::Off,
+        tls: Default::default(),
     }
 }
 

@@ -51,6 +51,7 @@ pub mod ctl;
 pub mod demo;
 pub mod generate;
 pub mod health;
+pub mod hello;
 pub mod logging;
 pub mod metrics;
 pub mod model;
