@@ -40,6 +40,12 @@ pub struct Entry<'a> {
     pub bytes_down: u64,
     /// A short code (see [`end_code`]).
     pub end: &'static str,
+    /// The SNI route that chose the backend (frontends with routes only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<&'a str>,
+    /// The server name of the client's ClientHello, when it sent one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sni: Option<&'a str>,
 }
 
 impl Entry<'_> {
@@ -81,7 +87,11 @@ impl fmt::Display for Entry<'_> {
             f,
             " duration_ms={} bytes_up={} bytes_down={} end={}",
             self.duration_ms, self.bytes_up, self.bytes_down, self.end
-        )
+        )?;
+        if let Some(route) = self.route {
+            write!(f, " route={route} sni={}", self.sni.unwrap_or("-"))?;
+        }
+        Ok(())
     }
 }
 
@@ -104,6 +114,7 @@ pub fn end_code(end: Option<End>) -> &'static str {
         Some(End::BackendClosed) => "backend-closed",
         Some(End::FrontendRemoved) => "frontend-removed",
         Some(End::LocalError) => "local-error",
+        Some(End::HelloRefused) => "bad-hello",
         None => "unknown",
     }
 }
@@ -122,6 +133,8 @@ mod tests {
             bytes_up: 0,
             bytes_down: 0,
             end: end_code(Some(End::NoBackend)),
+            route: None,
+            sni: None,
         }
     }
 

@@ -342,6 +342,7 @@ impl Cli {
                 client_fin_timeout: self.timeout_client_fin,
                 server_fin_timeout: self.timeout_server_fin,
             },
+            tls: Default::default(),
         };
         let config = Config {
             workers: self.workers.unwrap_or_else(config::default_workers),

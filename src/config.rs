@@ -25,6 +25,8 @@ pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_RISE: u32 = 2;
 pub const DEFAULT_FALL: u32 = 3;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// HAProxy's `tcp-request inspect-delay` is commonly set to 5s for SNI.
+pub const DEFAULT_CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Receive buffers per worker (16 KiB each: 16 MiB). Only messages in
 /// flight hold one, so this bounds memory, not connections.
 pub const DEFAULT_BUFFERS: u32 = 1024;
@@ -173,6 +175,60 @@ pub struct FrontendConfig {
     pub access_log: AccessLog,
     /// Source ACL, per-source limits, half-closed timeouts.
     pub edge: EdgeConfig,
+    /// SNI routes and TLS settings: none by default (plain TCP).
+    pub tls: TlsSettings,
+}
+
+impl FrontendConfig {
+    /// The frontend's own backends: those of its routes follow them in
+    /// `backends`.
+    pub fn own_backends(&self) -> std::ops::Range<usize> {
+        0..self
+            .tls
+            .routes
+            .first()
+            .map_or(self.backends.len(), |r| r.backends.start)
+    }
+}
+
+/// What a frontend does with TLS: route by the ClientHello's server name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// `[[frontend.route]]` tables, in the file's order.
+    pub routes: Vec<RouteConfig>,
+    /// How long a client has to send its whole ClientHello.
+    pub client_hello_timeout: Duration,
+}
+
+impl Default for TlsSettings {
+    fn default() -> TlsSettings {
+        TlsSettings {
+            routes: Vec::new(),
+            client_hello_timeout: DEFAULT_CLIENT_HELLO_TIMEOUT,
+        }
+    }
+}
+
+impl TlsSettings {
+    /// Whether connections start by reading a ClientHello.
+    pub fn reads_hello(&self) -> bool {
+        !self.routes.is_empty()
+    }
+}
+
+/// A `[[frontend.route]]`: the connections whose server name matches go to
+/// its own backends, with its own balance mode (its backends are checked
+/// with the frontend's check settings).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Host names and `*.domain` wildcards, lower case.
+    pub sni: Vec<String>,
+    pub mode: Mode,
+    pub failback: bool,
+    /// Its backends' place in the frontend's `backends`; each is named
+    /// `ROUTE/ADDRESS` there, so its metrics and state are its own.
+    pub backends: std::ops::Range<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -386,6 +442,9 @@ struct RawFrontend {
     maxconn: Option<u32>,
     log: Option<bool>,
     log_format: Option<Spanned<LogFormat>>,
+    timeout_client_hello: Option<Spanned<String>>,
+    #[serde(default)]
+    route: Vec<Spanned<RawRoute>>,
     allow: Option<Spanned<Vec<Spanned<String>>>>,
     deny: Option<Spanned<Vec<Spanned<String>>>>,
     allow_file: Option<Spanned<String>>,
@@ -471,6 +530,18 @@ impl RawBackend {
             check_address,
         })
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawRoute {
+    name: Option<Spanned<String>>,
+    #[serde(default)]
+    sni: Vec<Spanned<String>>,
+    #[serde(default)]
+    backends: Vec<Spanned<RawBackend>>,
+    mode: Option<Mode>,
+    failback: Option<bool>,
 }
 
 /// Turns byte offsets from the TOML parser into the line a user sees.
@@ -575,7 +646,7 @@ impl RawFrontend {
     fn resolve(&self, index: usize, src: &Source<'_>) -> Result<FrontendConfig, ConfigError> {
         let listen = parse_address(self.listen.get_ref())
             .map_err(|e| src.invalid(&self.listen, format!("listen: {e}")))?;
-        let backends = self
+        let mut backends = self
             .backends
             .iter()
             .map(|b| {
@@ -584,6 +655,7 @@ impl RawFrontend {
                     .map_err(|e| src.invalid(b, format!("backends: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let routes = self.routes(&mut backends, src)?;
         let interval = src
             .duration(&self.check_interval, "check-interval")?
             .unwrap_or(DEFAULT_CHECK_INTERVAL);
@@ -616,7 +688,95 @@ impl RawFrontend {
             maxconn: self.maxconn,
             access_log: self.access_log(src)?,
             edge: self.edge(src)?,
+            tls: TlsSettings {
+                routes,
+                client_hello_timeout: src
+                    .duration(&self.timeout_client_hello, "timeout-client-hello")?
+                    .unwrap_or(DEFAULT_CLIENT_HELLO_TIMEOUT),
+            },
         })
+    }
+
+    /// The `[[frontend.route]]` tables; their backends are appended to
+    /// `backends`.
+    fn routes(
+        &self,
+        backends: &mut Vec<BackendConfig>,
+        src: &Source<'_>,
+    ) -> Result<Vec<RouteConfig>, ConfigError> {
+        let mut names: HashMap<String, ()> = HashMap::new();
+        let mut patterns: HashMap<String, String> = HashMap::new();
+        let mut routes = Vec::with_capacity(self.route.len());
+        for (i, spanned) in self.route.iter().enumerate() {
+            let raw = spanned.get_ref();
+            let name = raw
+                .name
+                .as_ref()
+                .map_or_else(|| format!("route{}", i + 1), |n| n.get_ref().clone());
+            let at_name = |message: String| match &raw.name {
+                Some(n) => src.invalid(n, message),
+                None => src.invalid(spanned, message),
+            };
+            check_name(&name).map_err(|e| at_name(format!("route name: {e}")))?;
+            if name == DEFAULT_ROUTE || name.contains('/') {
+                return Err(at_name(format!(
+                    "route name: '{name}' is reserved (the frontend's own backends), or has a /"
+                )));
+            }
+            if names.insert(name.clone(), ()).is_some() {
+                return Err(at_name(format!("two routes are named {name}")));
+            }
+            if raw.sni.is_empty() {
+                return Err(src.invalid(spanned, format!("route {name}: give sni = [...]")));
+            }
+            let mut sni = Vec::with_capacity(raw.sni.len());
+            for pattern in &raw.sni {
+                let lower = pattern.get_ref().to_ascii_lowercase();
+                crate::hello::check_pattern(&lower)
+                    .map_err(|e| src.invalid(pattern, format!("route {name}: sni: {e}")))?;
+                if let Some(other) = patterns.insert(lower.clone(), name.clone()) {
+                    return Err(src.invalid(
+                        pattern,
+                        format!("route {name}: sni: {lower} is also in route {other}"),
+                    ));
+                }
+                sni.push(lower);
+            }
+            if raw.backends.is_empty() {
+                return Err(src.invalid(spanned, format!("route {name}: no backend")));
+            }
+            let start = backends.len();
+            for b in &raw.backends {
+                let backend = b
+                    .get_ref()
+                    .resolve()
+                    .map(|backend| BackendConfig {
+                        name: format!("{name}/{}", backend.name),
+                        ..backend
+                    })
+                    .map_err(|e| src.invalid(b, format!("route {name}: backends: {e}")))?;
+                backends.push(backend);
+            }
+            check_backends(&backends[start..]).map_err(|fault| {
+                let at = match fault.at {
+                    At::Backend(k) => raw.backends.get(k).map_or(spanned.span(), |b| b.span()),
+                    _ => spanned.span(),
+                };
+                ConfigError::Invalid {
+                    origin: src.origin.to_string(),
+                    line: Some(src.line_col(at.start).0),
+                    message: format!("route {name}: {}", fault.message),
+                }
+            })?;
+            routes.push(RouteConfig {
+                name,
+                sni,
+                mode: raw.mode.or(self.mode).unwrap_or(Mode::ActiveActive),
+                failback: raw.failback.or(self.failback).unwrap_or(true),
+                backends: start..backends.len(),
+            });
+        }
+        Ok(routes)
     }
 
     fn edge(&self, src: &Source<'_>) -> Result<EdgeConfig, ConfigError> {
@@ -914,6 +1074,9 @@ impl ConfigSource {
     }
 }
 
+/// The route label of connections served by the frontend's own backends.
+pub const DEFAULT_ROUTE: &str = "default";
+
 const NO_FRONTEND: &str = "no frontend: add a [[frontend]] table with listen and backends";
 
 /// Reads at most [`MAX_CONFIG_BYTES`]: a device or a runaway generator
@@ -1027,7 +1190,9 @@ fn check_frontend(f: &FrontendConfig) -> Result<(), Fault> {
             "maxconn must be at least 1".into(),
         ));
     }
-    check_backends(&f.backends)
+    // A route's backends may share addresses with another route's: each
+    // route is checked on its own (in `routes`, with its lines).
+    check_backends(&f.backends[f.own_backends()])
 }
 
 /// Names, ports, and no backend twice: a duplicate would get twice the
@@ -1355,6 +1520,72 @@ mod tests {
     }
 
     #[test]
+    fn routes_append_their_backends_and_faults_name_the_line() {
+        let head = "[[frontend]]\nname = \"tls\"\nlisten = \"127.0.0.1:443\"\n\
+                    backends = [\"127.0.0.1:9001\"]\ntimeout-client-hello = \"2s\"\n";
+        let route = |name: &str, sni: &str, backends: &str| {
+            format!(
+                "[[frontend.route]]\nname = \"{name}\"\nsni = [{sni}]\nbackends = [{backends}]\n"
+            )
+        };
+        let text = format!(
+            "{head}{}{}",
+            route(
+                "www",
+                "\"WWW.foobar.com\"",
+                "\"127.0.0.1:9001\", \"127.0.0.1:9002\""
+            ),
+            route("wild", "\"*.foobar.com\"", "\"127.0.0.1:9001\"")
+        );
+        let config = Config::from_toml(&text, "f.toml").expect("valid");
+        let f = &config.frontends[0];
+        assert_eq!(f.own_backends(), 0..1);
+        assert_eq!(f.tls.client_hello_timeout, Duration::from_secs(2));
+        let names: Vec<&str> = f.backends.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "127.0.0.1:9001",
+                "www/127.0.0.1:9001",
+                "www/127.0.0.1:9002",
+                "wild/127.0.0.1:9001"
+            ]
+        );
+        assert_eq!(f.tls.routes[0].sni, ["www.foobar.com"]);
+        assert_eq!(f.tls.routes[1].backends, 3..4);
+        for (bad, line, words) in [
+            (
+                route("a", "\"x.com\"", "\"127.0.0.1:1\"")
+                    + &route("b", "\"X.com\"", "\"127.0.0.1:1\""),
+                12,
+                "also in route a",
+            ),
+            (
+                route("a", "\"x*.com\"", "\"127.0.0.1:1\""),
+                8,
+                "not a host name",
+            ),
+            (route("a", "\"x.com\"", ""), 6, "no backend"),
+            (
+                route("default", "\"x.com\"", "\"127.0.0.1:1\""),
+                7,
+                "reserved",
+            ),
+            (
+                route("a", "\"x.com\"", "\"127.0.0.1:1\", \"127.0.0.1:1\""),
+                9,
+                "listed twice",
+            ),
+        ] {
+            let err = Config::from_toml(&format!("{head}{bad}"), "f.toml")
+                .expect_err(words)
+                .to_string();
+            assert!(err.starts_with(&format!("f.toml:{line}:")), "{err}");
+            assert!(err.contains(words), "{err}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_line() {
         let text = "[[frontend]]\nlisten = \"127.0.0.1:80\"\nbackends = [\"nowhere\"]\n";
         let err = Config::from_toml(text, "f.toml").unwrap_err().to_string();
@@ -1457,6 +1688,7 @@ backends = [
             maxconn: None,
             access_log: AccessLog::Off,
             edge: EdgeConfig::default(),
+            tls: TlsSettings::default(),
         }
     }
 

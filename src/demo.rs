@@ -113,6 +113,7 @@ fn frontend(name: &str, mode: Mode, backends: &[&DemoBackend]) -> FrontendConfig
         maxconn: None,
         access_log: crate::config::AccessLog::Off,
         edge: Default::default(),
+        tls: Default::default(),
     }
 }
 

@@ -55,6 +55,7 @@ pub mod demo;
 pub mod edge;
 pub mod generate;
 pub mod health;
+pub mod hello;
 pub mod logging;
 pub mod metrics;
 pub mod model;

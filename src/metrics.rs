@@ -6,6 +6,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::admin::STATS as ADMIN;
+use crate::hello::Refusal;
 use crate::model::{self, ReloadStats, Snapshot};
 pub use crate::model::{BackendStats, FrontendStats};
 
@@ -74,6 +75,7 @@ pub fn render(
             out.sample("ringlb_frontend_refused_total", &labels, value);
         }
     }
+    render_routes(&mut out, frontends);
     let backend_metrics: &[Metric<BackendStats>] = &[
         ("ringlb_backend_connections_total", "counter", |s| {
             &s.connections
@@ -150,6 +152,45 @@ pub fn render(
         out.sample(name, &[], get());
     }
     out.0
+}
+
+/// ClientHello outcomes and SNI routes, for frontends that read hellos.
+fn render_routes(out: &mut Exposition, frontends: &[std::sync::Arc<model::FrontendSnapshot>]) {
+    let routing = || frontends.iter().filter(|f| f.config.tls.reads_hello());
+    let name = "ringlb_frontend_client_hello_refused_total";
+    out.family(name, "counter");
+    for f in routing() {
+        for (reason, counter) in Refusal::ALL.iter().zip(&f.shared.stats.hello_refused) {
+            let labels = [
+                ("frontend", f.config.name.as_str()),
+                ("reason", reason.label()),
+            ];
+            out.sample(name, &labels, counter.load(Relaxed));
+        }
+    }
+    let name = "ringlb_frontend_client_hello_no_sni_total";
+    out.family(name, "counter");
+    for f in routing() {
+        let labels = [("frontend", f.config.name.as_str())];
+        out.sample(name, &labels, f.shared.stats.hello_no_sni.load(Relaxed));
+    }
+    let route_metrics: &[Metric<model::RouteStats>] = &[
+        ("ringlb_route_connections_total", "counter", |s| {
+            &s.connections
+        }),
+        ("ringlb_route_no_backend_total", "counter", |s| {
+            &s.no_backend
+        }),
+    ];
+    for &(name, kind, get) in route_metrics {
+        out.family(name, kind);
+        for f in routing() {
+            for route in &f.routes {
+                let labels = [("frontend", f.config.name.as_str()), ("route", &route.name)];
+                out.sample(name, &labels, get(&route.stats).load(Relaxed));
+            }
+        }
+    }
 }
 
 /// A page in the Prometheus text format (version 0.0.4) being written.

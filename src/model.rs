@@ -330,6 +330,19 @@ pub struct FrontendStats {
     /// Connections reset on both sides because ringlb could not carry them
     /// on (no fd for a backend socket, a local connect or relay error).
     pub local_errors: AtomicU64,
+    /// ClientHellos refused, by [`crate::hello::Refusal`] (in its order).
+    pub hello_refused: [AtomicU64; 4],
+    /// ClientHellos read that carried no server name.
+    pub hello_no_sni: AtomicU64,
+}
+
+/// Per route of a frontend, kept across reloads by route name.
+#[derive(Default)]
+pub struct RouteStats {
+    /// Connections whose ClientHello chose this route.
+    pub connections: AtomicU64,
+    /// Of those, refused because the route had no usable backend.
+    pub no_backend: AtomicU64,
 }
 
 /// A frontend's state that outlives snapshots: kept across reloads while a
@@ -347,6 +360,9 @@ pub struct FrontendShared {
     /// none). An id, not an index, so a reload that reorders backends keeps
     /// the promotion on the right one.
     promoted: AtomicU64,
+    /// Route counters by route name (the default route included), taken
+    /// by each snapshot that has the route.
+    routes: Mutex<std::collections::HashMap<String, Arc<RouteStats>>>,
 }
 
 impl FrontendShared {
@@ -357,6 +373,15 @@ impl FrontendShared {
             waiting: Waiting::default(),
             sources: Arc::default(),
             promoted: AtomicU64::new(0),
+            routes: Mutex::default(),
+        }
+    }
+
+    /// The counters of a route (made on first use): the control plane's.
+    pub fn route_stats(&self, route: &str) -> Arc<RouteStats> {
+        match self.routes.lock() {
+            Ok(mut routes) => Arc::clone(routes.entry(route.to_string()).or_default()),
+            Err(_) => Arc::default(),
         }
     }
 }
@@ -585,14 +610,23 @@ impl Selector for Priority {
     }
 }
 
-/// The selector a frontend's settings call for.
-pub fn selector_for(config: &FrontendConfig) -> Box<dyn Selector> {
-    match config.mode {
+/// The selector a frontend's (or route's) settings call for.
+pub fn selector_for(mode: Mode, failback: bool) -> Box<dyn Selector> {
+    match mode {
         Mode::ActiveActive => Box::new(RoundRobin::default()),
-        Mode::ActivePassive => Box::new(Priority {
-            failback: config.failback,
-        }),
+        Mode::ActivePassive => Box::new(Priority { failback }),
     }
+}
+
+/// A group of a frontend's backends with its own selector: the
+/// frontend's own backends, or one SNI route's.
+pub struct Route {
+    /// [`crate::config::DEFAULT_ROUTE`] for the frontend's own backends.
+    pub name: String,
+    /// Its backends' place in the snapshot's `backends`.
+    pub backends: std::ops::Range<usize>,
+    selector: Box<dyn Selector>,
+    pub stats: Arc<RouteStats>,
 }
 
 /// One frontend as one snapshot has it: settings for new connections, its
@@ -601,7 +635,11 @@ pub struct FrontendSnapshot {
     pub config: FrontendConfig,
     pub shared: Arc<FrontendShared>,
     pub backends: Vec<Arc<BackendShared>>,
-    selector: Box<dyn Selector>,
+    /// `routes[0]` is the frontend's own backends; `routes[i + 1]` is the
+    /// config's route `i`.
+    pub routes: Vec<Route>,
+    /// Server names to route numbers (`i + 1`, as in `routes`).
+    pub router: crate::hello::Router,
 }
 
 impl FrontendSnapshot {
@@ -610,19 +648,45 @@ impl FrontendSnapshot {
         shared: Arc<FrontendShared>,
         backends: Vec<Arc<BackendShared>>,
     ) -> FrontendSnapshot {
-        let selector = selector_for(&config);
+        let default_route = crate::config::DEFAULT_ROUTE;
+        let mut routes = vec![Route {
+            name: default_route.to_string(),
+            backends: config.own_backends(),
+            selector: selector_for(config.mode, config.failback),
+            stats: shared.route_stats(default_route),
+        }];
+        routes.extend(config.tls.routes.iter().map(|r| Route {
+            name: r.name.clone(),
+            backends: r.backends.clone(),
+            selector: selector_for(r.mode, r.failback),
+            stats: shared.route_stats(&r.name),
+        }));
+        let router = crate::hello::Router::new(
+            std::iter::once(&[][..]).chain(config.tls.routes.iter().map(|r| r.sni.as_slice())),
+        );
         FrontendSnapshot {
             config,
             shared,
             backends,
-            selector,
+            routes,
+            router,
         }
     }
 
-    /// The backend for a new connection (or a retry, with the backends
-    /// already tried), or `None` when no usable backend is left.
+    /// The backend for a new connection of the frontend's own backends (or
+    /// a retry, with the backends already tried), or `None` when no usable
+    /// backend is left.
     pub fn select(&self, tried: &Tried) -> Option<usize> {
-        self.selector.pick(&self.shared, &self.backends, tried)
+        self.select_in(0, tried)
+    }
+
+    /// The same within one route; `tried` counts from the route's first
+    /// backend, the index returned from the frontend's.
+    pub fn select_in(&self, route: usize, tried: &Tried) -> Option<usize> {
+        let route = self.routes.get(route)?;
+        let backends = self.backends.get(route.backends.clone())?;
+        let pick = route.selector.pick(&self.shared, backends, tried)?;
+        Some(route.backends.start + pick)
     }
 
     pub fn name(&self) -> &str {

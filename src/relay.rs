@@ -68,6 +68,9 @@ pub enum End {
     FrontendRemoved,
     /// A local failure (out of fds, of memory); `Conn::local` says which.
     LocalError,
+    /// The client's TLS ClientHello was malformed, too large, late, or
+    /// cut short: nothing was sent to a backend.
+    HelloRefused,
 }
 
 /// What failed locally, for the worker's rate-limited log line.
@@ -120,6 +123,7 @@ impl End {
             End::BackendClosed => "backend closed by the operator",
             End::FrontendRemoved => "frontend removed, drain timeout passed",
             End::LocalError => "local error",
+            End::HelloRefused => "ClientHello refused",
         }
     }
 }
@@ -281,7 +285,7 @@ impl Conn {
         self.phase == Phase::Closing && self.inflight == 0
     }
 
-    fn submit(&mut self, io: &mut Io, entry: squeue::Entry) -> std::io::Result<()> {
+    pub fn submit(&mut self, io: &mut Io, entry: squeue::Entry) -> std::io::Result<()> {
         io.push(&entry)?;
         self.inflight += 1;
         Ok(())
@@ -630,6 +634,7 @@ impl Conn {
             | End::FrontendRemoved
             | End::LocalError
             | End::Stopped
+            | End::HelloRefused
             | End::NoBackend => {
                 self.reset_both();
             }

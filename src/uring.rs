@@ -36,10 +36,15 @@ pub enum Op {
     Cancel,
     /// A worker-level request whose completion needs no handling.
     Ignore,
+    /// Receive of a TLS ClientHello (SNI routing).
+    Hello,
+    /// Send of bytes that go to the backend before the relay (the
+    /// replayed ClientHello).
+    Preamble,
 }
 
 impl Op {
-    const ALL: [Op; 17] = [
+    const ALL: [Op; 19] = [
         Op::Accept,
         Op::AcceptPause,
         Op::AcceptPoll,
@@ -57,6 +62,8 @@ impl Op {
         Op::PollOut1,
         Op::Cancel,
         Op::Ignore,
+        Op::Hello,
+        Op::Preamble,
     ];
 
     pub fn recv(dir: usize) -> Op {

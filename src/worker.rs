@@ -32,6 +32,11 @@ use crate::model::{
 use crate::relay::{Conn, DOWNSTREAM, End, Event, LocalFailure, Phase, UPSTREAM};
 use crate::uring::{self, Io, Op, PipePool, token, untoken};
 
+/// The stages before the relay that read or send bytes of their own (the
+/// ClientHello read for SNI routing, and its replay to the backend).
+mod stages;
+use stages::Pending;
+
 /// Submission queue size; the completion queue is sized from the
 /// connection limit (`uring::cq_entries`).
 const RING_ENTRIES: u32 = 1024;
@@ -202,15 +207,24 @@ struct Listener {
 /// The connect stage: what only matters until a backend accepted.
 #[derive(Default)]
 struct Connecting {
-    /// Backends of the session's snapshot already tried, so a retry never
-    /// repeats one.
+    /// Backends of the session's route already tried (counted from the
+    /// route's first backend), so a retry never repeats one.
     tried: Tried,
+    /// Bytes the backend gets first, once connected (the ClientHello).
+    preamble: Option<Box<Pending>>,
 }
 
 /// Where a session is, for what is not the relay's business. Later stages
-/// before connect (a PROXY header, a TLS ClientHello) slot in here.
+/// before connect (a PROXY header) slot in here.
 enum Stage {
+    /// Reading the client's TLS ClientHello, to route by its server name.
+    /// The buffer a receive may be writing into lives here (boxed: the
+    /// slab moves sessions) until the session is freed.
+    Hello(Box<Pending>),
     Connect(Connecting),
+    /// The backend accepted; the preamble is being sent to it. Its active
+    /// count drops when the session ends, as in the relay.
+    Preamble(Box<Pending>),
     /// The backend accepted: its active count drops when this ends.
     Relay,
 }
@@ -224,6 +238,10 @@ struct Session {
     backend: Option<usize>,
     /// From accept to the backend's accept, for the access log.
     connected_after: Option<Duration>,
+    /// Index into `view.snap.routes` (0: the frontend's own backends).
+    route: usize,
+    /// The ClientHello's server name, for the access log.
+    server_name: Option<Box<str>>,
     stage: Stage,
     conn: Conn,
     /// Its place in the per-source table, given back when the session is
@@ -234,7 +252,7 @@ struct Session {
 
 impl Session {
     fn connected(&self) -> bool {
-        matches!(self.stage, Stage::Relay)
+        matches!(self.stage, Stage::Relay | Stage::Preamble(_))
     }
 
     /// The backend it relays to, if it got that far.
@@ -257,6 +275,8 @@ enum Sweep {
     RetryPipe,
     /// A connection waiting for an fd for its backend socket tries again.
     Connect,
+    /// Its ClientHello did not arrive within `timeout-client-hello`.
+    HelloLate,
 }
 
 /// One rate limit per kind of warning the data path can repeat.
@@ -451,6 +471,8 @@ impl Worker {
         let io = &mut self.io;
         let event = match op {
             Op::Connect => return self.on_connect(key, res),
+            Op::Hello => return self.on_hello(key, res),
+            Op::Preamble => return self.on_preamble(key, res),
             Op::ConnectTimeout | Op::Cancel => {
                 conn.inflight -= 1;
                 Event::None
@@ -941,14 +963,24 @@ impl Worker {
             }
         };
         view.snap.shared.stats.accepted.fetch_add(1, Relaxed);
+        let reads_hello = view.snap.config.tls.reads_hello();
         let key = self.sessions.insert(Session {
             view: Rc::clone(view),
             backend: None,
             connected_after: None,
-            stage: Stage::Connect(Connecting::default()),
+            route: 0,
+            server_name: None,
+            stage: if reads_hello {
+                Stage::Hello(Pending::new())
+            } else {
+                Stage::Connect(Connecting::default())
+            },
             conn,
             source,
         });
+        if reads_hello {
+            return self.read_hello(key);
+        }
         self.connect_next(key)
     }
 
@@ -1004,8 +1036,11 @@ impl Worker {
         };
         let view = &session.view;
         let conn = &mut session.conn;
-        let Some(index) = view.snap.select(&connecting.tried) else {
+        let Some(index) = view.snap.select_in(session.route, &connecting.tried) else {
             view.snap.shared.stats.no_backend.fetch_add(1, Relaxed);
+            if let Some(route) = view.snap.routes.get(session.route) {
+                route.stats.no_backend.fetch_add(1, Relaxed);
+            }
             conn.close(key, End::NoBackend, &mut self.io)?;
             self.free_if_finished(key);
             return Ok(());
@@ -1030,7 +1065,12 @@ impl Worker {
             }
         };
         conn.local = None;
-        connecting.tried.insert(index);
+        let first = view
+            .snap
+            .routes
+            .get(session.route)
+            .map_or(0, |r| r.backends.start);
+        connecting.tried.insert(index - first);
         uring::set_nodelay(fd);
         conn.backend = fd;
         session.backend = Some(index);
@@ -1064,6 +1104,14 @@ impl Worker {
             backend.stats.connections.fetch_add(1, Relaxed);
             backend.stats.active.fetch_add(1, Relaxed);
             session.connected_after = Some(self.now.saturating_duration_since(conn.started));
+            let preamble = match &mut session.stage {
+                Stage::Connect(connecting) => connecting.preamble.take(),
+                _ => None,
+            };
+            if let Some(preamble) = preamble {
+                session.stage = Stage::Preamble(preamble);
+                return self.send_preamble(key);
+            }
             session.stage = Stage::Relay;
             return conn.start_relay(key, &mut self.io);
         }
@@ -1368,6 +1416,7 @@ impl Worker {
                 Sweep::Fail(what) => conn.fail(key, what, 0, io)?,
                 Sweep::RetryPipe => conn.retry_pipe(key, io)?,
                 Sweep::Connect => self.connect_next(key)?,
+                Sweep::HelloLate => self.refuse_hello(key, crate::hello::Refusal::Timeout)?,
             }
             self.free_if_finished(key);
         }
@@ -1413,6 +1462,12 @@ fn sweep_action(
     }
     let idle = now.saturating_duration_since(conn.last_active);
     let config = &session.view.snap.config;
+    if let Stage::Hello(_) = session.stage {
+        // Counted from accept, not from the last byte: a client trickling
+        // its hello a byte at a time must not hold the slot forever.
+        let late = now.saturating_duration_since(conn.started) >= config.tls.client_hello_timeout;
+        return (conn.phase != Phase::Closing && late).then_some(Sweep::HelloLate);
+    }
     match conn.phase {
         // No backend socket yet: out of fds when it was tried.
         Phase::Connecting if conn.backend < 0 && idle > config.connect_timeout => {
@@ -1495,6 +1550,8 @@ fn access_entry(session: &Session, now: Instant) -> access::Entry<'_> {
         bytes_up: conn.dirs[UPSTREAM].bytes,
         bytes_down: conn.dirs[DOWNSTREAM].bytes,
         end: access::end_code(conn.end),
+        route: stages::route_name(session),
+        sni: session.server_name.as_deref(),
     }
 }
 
