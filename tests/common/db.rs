@@ -134,6 +134,15 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGSTOP or SIGCONT: a frozen server's kernel still completes
+    /// handshakes and takes requests; nothing answers them.
+    pub fn freeze(&self, frozen: bool) {
+        let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: plain libc call on our own child's pid (reaped only on
+        // drop, after the test is done with it).
+        unsafe { libc::kill(self.pid(), signal) };
+    }
+
     pub fn exited(&mut self) -> bool {
         !matches!(self.child.try_wait(), Ok(None))
     }
@@ -144,9 +153,13 @@ impl Proc {
         if self.exited() {
             return true;
         }
-        // SAFETY: plain libc call on our own child's pid, not yet reaped
-        // (try_wait above saw it running), so the pid is still ours.
-        unsafe { libc::kill(self.pid(), signal) };
+        // SAFETY: plain libc calls on our own child's pid, not yet reaped
+        // (try_wait above saw it running), so the pid is still ours. A
+        // process a test froze must be continued to act on the signal.
+        unsafe {
+            libc::kill(self.pid(), signal);
+            libc::kill(self.pid(), libc::SIGCONT);
+        }
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if self.exited() {
