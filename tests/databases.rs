@@ -414,13 +414,12 @@ fn redis_writes_follow_the_master_through_a_promotion() {
         master.info("replication").contains("role:slave"),
         "the old master is a replica now"
     );
-    let logs = lb.ringlb.logs();
-    assert!(
-        logs.contains("backend redis1 is DOWN (frontend redis-write)")
-            && logs.contains("backend redis2 is UP (frontend redis-write)"),
-        "{logs}"
+    assert_eq!(
+        up(lb, "redis-write", "redis1"),
+        Some(false),
+        "{}",
+        lb.ringlb.logs()
     );
-    assert_eq!(up(lb, "redis-write", "redis1"), Some(false), "{logs}");
     let reads = redis_nodes(read, 10);
     assert_eq!(reads.len(), 2, "both nodes still serve reads: {reads:?}");
 }
@@ -617,8 +616,17 @@ fn postgres_writes_follow_the_primary_through_a_switchover() {
     let promoted = Instant::now();
     setup.primary.rejoin_as_replica_of(&setup.replica);
     setup.primary.wait_streaming();
-    assert_eq!(roles(&setup.sidecars[0]), (503, 200, 200));
-    assert_eq!(roles(&setup.sidecars[1]), (200, 503, 200));
+    let seen = (roles(&setup.sidecars[0]), roles(&setup.sidecars[1]));
+    assert_eq!(
+        seen,
+        ((503, 200, 200), (200, 503, 200)),
+        "the sidecars see the switch: pg1 on {} ({}), pg2 on {}; pg1's sidecar:\n{}\npg1:\n{}",
+        setup.primary.port,
+        setup.sidecars[0].port,
+        setup.replica.port,
+        setup.sidecars[0].proc.log_text(),
+        setup.primary.log_text()
+    );
     must(
         "writes follow the promoted replica",
         bound + SLACK + Duration::from_secs(5),
@@ -694,8 +702,10 @@ fn pgbench_through_ringlb_and_reads_from_both_nodes() {
         );
         assert!(
             out.status.success(),
-            "pgbench {args:?}: {}\n{text}",
-            out.status
+            "pgbench {args:?}: {}\n{text}\nringlb:\n{}\npg1:\n{}",
+            out.status,
+            lb.ringlb.logs(),
+            setup.primary.log_text()
         );
         text
     };

@@ -181,18 +181,28 @@ impl Drop for Proc {
 }
 
 /// Waits for `condition`, panicking with `what` and the log of `proc`.
-fn wait_for(proc: &mut Proc, what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+fn wait_for(proc: &mut Proc, what: &str, timeout: Duration, condition: impl FnMut() -> bool) {
+    if let Err(log) = wait_ready(proc, what, timeout, condition) {
+        panic!("{} exited before {what}; its log:\n{log}", proc.name);
+    }
+}
+
+/// Waits for `condition`; `Err` with the log if the process exits first,
+/// a panic if it neither exits nor gets there in time.
+fn wait_ready(
+    proc: &mut Proc,
+    what: &str,
+    timeout: Duration,
+    mut condition: impl FnMut() -> bool,
+) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
         if condition() {
-            return;
+            return Ok(());
         }
-        assert!(
-            !proc.exited(),
-            "{} exited before {what}; its log:\n{}",
-            proc.name,
-            proc.log_text()
-        );
+        if proc.exited() {
+            return Err(proc.log_text());
+        }
         assert!(
             Instant::now() < deadline,
             "{} not {what} within {timeout:?}; its log:\n{}",
@@ -201,6 +211,31 @@ fn wait_for(proc: &mut Proc, what: &str, timeout: Duration, mut condition: impl 
         );
         std::thread::sleep(Duration::from_millis(25));
     }
+}
+
+/// Starts a server on `port` until one start gets its port: a port found
+/// free (see [`free_ports`]) may be taken by another test before the
+/// server binds it, and then the server is started again on another.
+/// `start` spawns on the port given; `ready` waits for it.
+fn start_on_free_port(
+    port: &mut u16,
+    log: &Path,
+    mut start: impl FnMut(u16) -> Proc,
+    mut ready: impl FnMut(&mut Proc, u16) -> Result<(), String>,
+) -> Proc {
+    for _ in 0..3 {
+        let mut proc = start(*port);
+        match ready(&mut proc, *port) {
+            Ok(()) => return proc,
+            Err(text) if text.contains("Address already in use") => {
+                drop(proc);
+                let _ = std::fs::remove_file(log);
+                *port = free_ports(1)[0];
+            }
+            Err(text) => panic!("{} did not start; its log:\n{text}", proc.name),
+        }
+    }
+    panic!("three ports in a row were taken before the server bound them");
 }
 
 // ---- Redis ----------------------------------------------------------------
@@ -333,29 +368,27 @@ impl Redis {
     pub fn start(scratch: &Scratch, name: &str, port: u16, master: Option<u16>) -> Redis {
         let dir = scratch.join(name);
         std::fs::create_dir_all(&dir).expect("redis directory");
-        let mut command = Command::new("redis-server");
-        command.args(["--port", &port.to_string(), "--bind", "127.0.0.1"]);
-        command.args(["--save", "", "--appendonly", "no", "--daemonize", "no"]);
-        command.args(["--logfile", "", "--dir"]).arg(&dir);
-        if let Some(master) = master {
-            command.args(["--replicaof", "127.0.0.1", &master.to_string()]);
-        }
         let log = scratch.join(&format!("{name}.log"));
-        let mut redis = Redis {
-            port,
-            proc: Proc::spawn(name, command, &log, libc::SIGTERM),
+        let spawn = |port: u16| {
+            let mut command = Command::new("redis-server");
+            command.args(["--port", &port.to_string(), "--bind", "127.0.0.1"]);
+            command.args(["--save", "", "--appendonly", "no", "--daemonize", "no"]);
+            command.args(["--logfile", "", "--dir"]).arg(&dir);
+            if let Some(master) = master {
+                command.args(["--replicaof", "127.0.0.1", &master.to_string()]);
+            }
+            Proc::spawn(name, command, &log, libc::SIGTERM)
         };
-        let addr = redis.addr();
-        wait_for(
-            &mut redis.proc,
-            "answering PING",
-            Duration::from_secs(20),
-            || {
-                Resp::connect(addr)
+        let answers = |proc: &mut Proc, port: u16| {
+            wait_ready(proc, "answering PING", Duration::from_secs(20), || {
+                Resp::connect(local(port))
                     .and_then(|mut c| c.call(&["PING"]))
                     .is_ok_and(|r| r == Reply::Status("PONG".into()))
-            },
-        );
+            })
+        };
+        let mut port = port;
+        let proc = start_on_free_port(&mut port, &log, spawn, answers);
+        let mut redis = Redis { port, proc };
         if master.is_some() {
             redis.wait_info("master_link_status:up", Duration::from_secs(20));
         }
@@ -521,10 +554,8 @@ pub fn pg_missing() -> Vec<String> {
     if PgUser::find().is_none() {
         missing.push("a `postgres` user to run the server as".to_string());
     }
-    for tool in ["psql", "python3"] {
-        if !found(tool) {
-            missing.push(tool.to_string());
-        }
+    if !found("python3") {
+        missing.push("python3 (for examples/pg-sidecar.py)".to_string());
     }
     missing
 }
@@ -537,6 +568,7 @@ pub struct Pg {
     bin: PathBuf,
     user: PgUser,
     log: PathBuf,
+    started: bool,
     pub proc: Option<Proc>,
 }
 
@@ -601,6 +633,7 @@ impl Pg {
             bin,
             user,
             log: scratch.join(&format!("{name}.log")),
+            started: false,
             proc: None,
         }
     }
@@ -608,33 +641,45 @@ impl Pg {
     /// Starts the postmaster as our child (so it is stopped by PID) and
     /// waits until it runs a query. fsync is off: these are throwaway
     /// servers, and the tests time failovers, not disks.
+    /// On the first start, a port taken meanwhile is replaced by another;
+    /// a restart keeps its port, which ringlb's config names by then.
     pub fn start(&mut self) {
-        let mut command = self.user.command(self.bin.join("postgres"));
-        command.arg("-D").arg(&self.data);
-        for setting in [
-            format!("port={}", self.port),
-            "listen_addresses=127.0.0.1".into(),
-            "unix_socket_directories=".into(),
-            "fsync=off".into(),
-            "shared_buffers=16MB".into(),
-            "max_connections=50".into(),
-            "logging_collector=off".into(),
-        ] {
-            command.args(["-c", &setting]);
-        }
-        // SIGQUIT: immediate shutdown, the postmaster ends its children.
-        let mut proc = Proc::spawn(&self.name, command, &self.log, libc::SIGQUIT);
-        let addr = self.addr();
-        wait_for(
-            &mut proc,
-            "running queries",
-            Duration::from_secs(30),
-            || {
-                PgConn::connect(addr)
+        let spawn = |port: u16| {
+            let mut command = self.user.command(self.bin.join("postgres"));
+            command.arg("-D").arg(&self.data);
+            for setting in [
+                format!("port={port}"),
+                "listen_addresses=127.0.0.1".into(),
+                "unix_socket_directories=".into(),
+                "fsync=off".into(),
+                "shared_buffers=16MB".into(),
+                "max_connections=50".into(),
+                "logging_collector=off".into(),
+            ] {
+                command.args(["-c", &setting]);
+            }
+            // SIGQUIT: immediate shutdown, the postmaster ends its children.
+            Proc::spawn(&self.name, command, &self.log, libc::SIGQUIT)
+        };
+        let queries = |proc: &mut Proc, port: u16| {
+            wait_ready(proc, "running queries", Duration::from_secs(30), || {
+                PgConn::connect(local(port))
                     .and_then(|mut c| c.query("select 1"))
                     .is_ok_and(|r| r.is_ok())
-            },
-        );
+            })
+        };
+        let mut port = self.port;
+        let proc = if self.started {
+            let mut proc = spawn(port);
+            if let Err(log) = queries(&mut proc, port) {
+                panic!("{} did not start again; its log:\n{log}", self.name);
+            }
+            proc
+        } else {
+            start_on_free_port(&mut port, &self.log, spawn, queries)
+        };
+        self.port = port;
+        self.started = true;
         self.proc = Some(proc);
     }
 
@@ -720,7 +765,7 @@ impl Pg {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// A client program of this installation (pgbench, psql).
+    /// A client program of this installation (pgbench).
     pub fn tool(&self, name: &str) -> Command {
         let local = self.bin.join(name);
         Command::new(if local.is_file() {
