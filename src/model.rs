@@ -21,14 +21,15 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{
-    AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst,
+    AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed, Ordering::SeqCst,
 };
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
 
-use crate::config::{FrontendConfig, Mode};
+use crate::config::FrontendConfig;
+pub use crate::select::{LeastConn, Priority, RoundRobin, Selector, Source, selector_for};
 
 /// Why a live connection could not reach a backend; the health scheduler
 /// reports it when the failures mark the backend down.
@@ -110,8 +111,12 @@ pub struct Health {
     /// [`AdminState`]; written only by the scheduler.
     agent_state: AtomicU8,
     /// The share of its configured weight the server takes, in percent
-    /// (an agent's `NN%` reply, a slow start's ramp); 100 by default.
+    /// (an agent's `NN%` reply); 100 by default. A slow start's ramp is
+    /// not kept here: selectors compute it from `up_since`.
     weight_percent: AtomicU32,
+    /// When `up` last turned true, on [`crate::select::now_ms`]'s clock; 0
+    /// while it has been up since the start (no slow start then).
+    up_since: AtomicU64,
 }
 
 impl Health {
@@ -127,6 +132,7 @@ impl Health {
             status: Mutex::new(Status::default()),
             agent_state: AtomicU8::new(AdminState::Ready as u8),
             weight_percent: AtomicU32::new(100),
+            up_since: AtomicU64::new(0),
         }
     }
 
@@ -136,7 +142,9 @@ impl Health {
 
     /// The health scheduler only (an agent's reply).
     pub fn set_agent_state(&self, state: AdminState) {
-        self.agent_state.store(state as u8, Relaxed);
+        if self.agent_state.swap(state as u8, Relaxed) != state as u8 {
+            crate::select::changed();
+        }
     }
 
     pub fn weight_percent(&self) -> u32 {
@@ -145,7 +153,14 @@ impl Health {
 
     /// The health scheduler only (an agent's `NN%`, a slow start).
     pub fn set_weight_percent(&self, percent: u32) {
-        self.weight_percent.store(percent, Relaxed);
+        if self.weight_percent.swap(percent, Relaxed) != percent {
+            crate::select::changed();
+        }
+    }
+
+    /// When it last came up (0: up since the start), for slow start.
+    pub fn up_since(&self) -> u64 {
+        self.up_since.load(Relaxed)
     }
 
     pub fn is_up(&self) -> bool {
@@ -155,7 +170,12 @@ impl Health {
     /// Only the health scheduler calls this (and the reload path, once,
     /// on a target it has just made and nobody checks yet).
     pub fn set_up(&self, up: bool) {
-        self.up.store(up, Relaxed);
+        if up && !self.up.load(Relaxed) {
+            self.up_since.store(crate::select::now_ms(), Relaxed);
+        }
+        if self.up.swap(up, Relaxed) != up {
+            crate::select::changed();
+        }
     }
 
     /// Called by a worker for every successful connect: on a healthy
@@ -286,7 +306,9 @@ impl BackendShared {
 
     /// The admin and reload path only.
     pub fn set_admin(&self, state: AdminState) {
-        self.admin.store(state as u8, Relaxed);
+        if self.admin.swap(state as u8, Relaxed) != state as u8 {
+            crate::select::changed();
+        }
     }
 
     /// Takes new connections: ready for the operator and for its agent,
@@ -353,6 +375,17 @@ impl FrontendShared {
             stats: FrontendStats::default(),
             waiting: Waiting::default(),
             promoted: AtomicU64::new(0),
+        }
+    }
+
+    /// The id of the backend promoted without fail-back (0: none).
+    pub fn promoted(&self) -> u64 {
+        self.promoted.load(Relaxed)
+    }
+
+    pub fn promote(&self, id: u64) {
+        if self.promoted.load(Relaxed) != id {
+            self.promoted.store(id, Relaxed);
         }
     }
 }
@@ -508,89 +541,6 @@ impl Tried {
     }
 }
 
-/// How a frontend picks a backend for a new connection (or a retry). Built
-/// per snapshot from its backend set; reads health and admin state from
-/// the atomics at pick time, so a check's verdict applies at once without
-/// a new snapshot. Returns an index into the snapshot's backends.
-pub trait Selector: Send + Sync {
-    fn pick(
-        &self,
-        frontend: &FrontendShared,
-        backends: &[Arc<BackendShared>],
-        tried: &Tried,
-    ) -> Option<usize>;
-}
-
-/// Round robin over the usable backends, with one turn counter shared by
-/// every worker: one `fetch_add` per connection keeps the spread exact
-/// across threads. Only usable backends count, so with one of three down
-/// the other two share evenly instead of the next in line taking double.
-#[derive(Default)]
-pub struct RoundRobin {
-    next: AtomicUsize,
-}
-
-impl Selector for RoundRobin {
-    fn pick(
-        &self,
-        _: &FrontendShared,
-        backends: &[Arc<BackendShared>],
-        tried: &Tried,
-    ) -> Option<usize> {
-        let usable = |i: &usize| !tried.contains(*i) && backends[*i].usable();
-        let count = (0..backends.len()).filter(usable).count();
-        if count == 0 {
-            return None;
-        }
-        let turn = self.next.fetch_add(1, Relaxed) % count;
-        // A check flipping a flag between the two passes may leave fewer
-        // usable than counted: the first usable one then takes the turn.
-        (0..backends.len())
-            .filter(usable)
-            .nth(turn)
-            .or_else(|| (0..backends.len()).find(usable))
-    }
-}
-
-/// Active-passive: everything to the first usable backend in the order
-/// given; without fail-back, the promoted one keeps the traffic.
-pub struct Priority {
-    pub failback: bool,
-}
-
-impl Selector for Priority {
-    fn pick(
-        &self,
-        frontend: &FrontendShared,
-        backends: &[Arc<BackendShared>],
-        tried: &Tried,
-    ) -> Option<usize> {
-        let usable = |i: &usize| !tried.contains(*i) && backends[*i].usable();
-        if !self.failback {
-            let promoted = frontend.promoted.load(Relaxed);
-            let kept = (0..backends.len()).find(|&i| backends[i].id == promoted);
-            if let Some(i) = kept.filter(usable) {
-                return Some(i);
-            }
-        }
-        let chosen = (0..backends.len()).find(usable)?;
-        if !self.failback && tried.is_empty() {
-            frontend.promoted.store(backends[chosen].id, Relaxed);
-        }
-        Some(chosen)
-    }
-}
-
-/// The selector a frontend's settings call for.
-pub fn selector_for(config: &FrontendConfig) -> Box<dyn Selector> {
-    match config.mode {
-        Mode::ActiveActive => Box::new(RoundRobin::default()),
-        Mode::ActivePassive => Box::new(Priority {
-            failback: config.failback,
-        }),
-    }
-}
-
 /// One frontend as one snapshot has it: settings for new connections, its
 /// backend set, and the selector over them. Immutable.
 pub struct FrontendSnapshot {
@@ -606,7 +556,7 @@ impl FrontendSnapshot {
         shared: Arc<FrontendShared>,
         backends: Vec<Arc<BackendShared>>,
     ) -> FrontendSnapshot {
-        let selector = selector_for(&config);
+        let selector = selector_for(&config, &backends);
         FrontendSnapshot {
             config,
             shared,
@@ -619,6 +569,17 @@ impl FrontendSnapshot {
     /// already tried), or `None` when no usable backend is left.
     pub fn select(&self, tried: &Tried) -> Option<usize> {
         self.selector.pick(&self.shared, &self.backends, tried)
+    }
+
+    /// The same with the client's address, which `balance = "source"`
+    /// hashes; read it at accept only when [`Self::needs_client`] says so.
+    pub fn select_for(&self, tried: &Tried, client: Option<std::net::IpAddr>) -> Option<usize> {
+        self.selector
+            .pick_for(&self.shared, &self.backends, tried, client)
+    }
+
+    pub fn needs_client(&self) -> bool {
+        self.selector.needs_client()
     }
 
     pub fn name(&self) -> &str {

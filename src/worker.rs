@@ -136,6 +136,8 @@ struct View {
     bytes: RefCell<Vec<[u64; 2]>>,
     /// Already in the tick's list of views to flush.
     dirty: Cell<bool>,
+    /// The selector hashes the client's address (`balance = "source"`).
+    needs_client: bool,
 }
 
 impl View {
@@ -149,6 +151,7 @@ impl View {
                 .collect(),
             bytes: RefCell::new(vec![[0; 2]; snap.backends.len()]),
             dirty: Cell::new(false),
+            needs_client: snap.needs_client(),
             snap: Arc::clone(snap),
         }
     }
@@ -917,8 +920,11 @@ impl Worker {
         view.snap.shared.stats.accepted.fetch_add(1, Relaxed);
         let mut conn = Conn::new(fd, self.now);
         // Read now: at the end the client may be gone. A frontend without
-        // an access log pays no syscall for it.
-        if view.snap.config.access_log != AccessLog::Off || log::log_enabled!(log::Level::Debug) {
+        // an access log or a source hash pays no syscall for it.
+        if view.snap.config.access_log != AccessLog::Off
+            || view.needs_client
+            || log::log_enabled!(log::Level::Debug)
+        {
             conn.client_addr = peer_addr(fd);
         }
         let key = self.sessions.insert(Session {
@@ -940,7 +946,8 @@ impl Worker {
         };
         let view = &session.view;
         let conn = &mut session.conn;
-        let Some(index) = view.snap.select(&connecting.tried) else {
+        let client = conn.client_addr.map(|a| a.ip());
+        let Some(index) = view.snap.select_for(&connecting.tried, client) else {
             view.snap.shared.stats.no_backend.fetch_add(1, Relaxed);
             conn.close(key, End::NoBackend, &mut self.io)?;
             self.free_if_finished(key);
