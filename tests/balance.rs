@@ -217,3 +217,158 @@ fn maxconn_holds_connections_beyond_the_limit_until_others_close() {
     std::io::Read::read_exact(&mut extra, &mut echoed).expect("served once others left");
     assert_eq!(&echoed, b"y");
 }
+
+// ---- Weights, leastconn, source, backups, slow start (issue 11). ----
+
+/// A config file in the temp dir, removed on drop.
+struct ConfigFile(std::path::PathBuf);
+
+impl ConfigFile {
+    fn new(tag: &str, text: &str) -> ConfigFile {
+        let path =
+            std::env::temp_dir().join(format!("ringlb-balance-{tag}-{}.toml", std::process::id()));
+        std::fs::write(&path, text).expect("write config");
+        ConfigFile(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().expect("utf-8 path")
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Starts ringlb on `text` and waits for every frontend to listen.
+fn start_config(file: &ConfigFile) -> Ringlb {
+    Ringlb::start_raw(&["--config", file.path()])
+}
+
+/// The address a frontend listens on, from its listening line.
+fn listening(ringlb: &Ringlb, name: &str) -> SocketAddr {
+    let pattern = format!("frontend {name} listening on ");
+    let line = ringlb
+        .wait_log(&pattern, Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("{name} not listening; logs:\n{}", ringlb.logs()));
+    line.split(&pattern)
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|a| a.parse().ok())
+        .expect("listen address in log")
+}
+
+/// `{ address = ..., name = ..., KEYS }` for each (backend, name, keys).
+fn tables(backends: &[(&Backend, &str, &str)]) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|(b, name, keys)| {
+            let keys = if keys.is_empty() {
+                String::new()
+            } else {
+                format!(", {keys}")
+            };
+            format!("{{ address = \"{}\", name = \"{name}\"{keys} }}", b.addr)
+        })
+        .collect();
+    list.join(", ")
+}
+
+/// `spread`, from `threads` clients at once, so both workers pick.
+fn spread_parallel(addr: SocketAddr, threads: usize, each: usize) -> HashMap<String, usize> {
+    let handles: Vec<_> = (0..threads)
+        .map(|_| std::thread::spawn(move || spread(addr, each)))
+        .collect();
+    let mut total = HashMap::new();
+    for h in handles {
+        for (name, n) in h.join().expect("client thread") {
+            *total.entry(name).or_insert(0) += n;
+        }
+    }
+    total
+}
+
+#[test]
+fn weights_are_exact_over_full_cycles_across_workers() {
+    let (a, b, c, z) = (
+        Backend::start(named("a")),
+        Backend::start(named("b")),
+        Backend::start(named("c")),
+        Backend::start(named("z")),
+    );
+    let text = format!(
+        "workers = 2\n[[frontend]]\nname = \"w\"\nlisten = \"127.0.0.1:0\"\nbackends = [{}]\n",
+        tables(&[
+            (&a, "a", "weight = 1"),
+            (&b, "b", "weight = 2"),
+            (&c, "c", "weight = 3"),
+            (&z, "z", "weight = 0"),
+        ])
+    );
+    let file = ConfigFile::new("weights", &text);
+    let ringlb = start_config(&file);
+    let addr = listening(&ringlb, "w");
+    // 40 full cycles of 6, from 4 clients at once over 2 workers.
+    let counts = spread_parallel(addr, 4, 60);
+    assert_eq!(counts.get("a"), Some(&40), "{counts:?}");
+    assert_eq!(counts.get("b"), Some(&80), "{counts:?}");
+    assert_eq!(counts.get("c"), Some(&120), "{counts:?}");
+    assert_eq!(
+        counts.get("z"),
+        None,
+        "weight 0 takes no connection: {counts:?}"
+    );
+}
+
+/// Connects, reads the backend's name, keeps the connection open.
+fn hold(addr: SocketAddr) -> (String, TcpStream) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut name = [0u8; 1];
+    s.read_exact(&mut name).expect("a name");
+    (String::from_utf8_lossy(&name).into_owned(), s)
+}
+
+#[test]
+fn leastconn_sends_new_connections_away_from_long_held_ones() {
+    let a = Backend::start(named("a"));
+    let b = Backend::start(named("b"));
+    let text = format!(
+        "workers = 2\nstats = \"127.0.0.1:0\"\n[[frontend]]\nname = \"lc\"\nlisten = \"127.0.0.1:0\"\nbalance = \"leastconn\"\nbackends = [{}]\n",
+        tables(&[(&a, "a", ""), (&b, "b", "")])
+    );
+    let file = ConfigFile::new("leastconn", &text);
+    let ringlb = start_config(&file);
+    let addr = listening(&ringlb, "lc");
+    // Long sessions take turns while every one is held: 6 each.
+    let sessions: Vec<_> = (0..12).map(|_| hold(addr)).collect();
+    let on = |n: &str| sessions.iter().filter(|(name, _)| name == n).count();
+    assert_eq!((on("a"), on("b")), (6, 6), "leastconn spreads equal loads");
+    // b's end, a's stay.
+    let held: Vec<_> = sessions.into_iter().filter(|(n, _)| n == "a").collect();
+    let active = |name: &str| {
+        ringlb.metric(&format!(
+            "ringlb_backend_connections_active{{frontend=\"lc\",backend=\"{name}\"}}"
+        ))
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || active("b") == Some(0)),
+        "b's sessions never ended: {:?}",
+        active("b")
+    );
+    assert_eq!(active("a"), Some(held.len() as u64));
+    // Every short connection goes to b, which never holds more than one.
+    let counts = spread(addr, 20);
+    assert_eq!(counts.get("b"), Some(&20), "{counts:?}");
+    drop(held);
+    // With a's sessions over, both take turns again.
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            spread(addr, 10).get("a").copied().unwrap_or(0) >= 3
+        }),
+        "a never took new connections again"
+    );
+}
