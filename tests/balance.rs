@@ -4,8 +4,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -370,5 +372,246 @@ fn leastconn_sends_new_connections_away_from_long_held_ones() {
             spread(addr, 10).get("a").copied().unwrap_or(0) >= 3
         }),
         "a never took new connections again"
+    );
+}
+
+/// The backend a client bound to `source` (port chosen by the kernel)
+/// reaches.
+fn which_from(addr: SocketAddr, source: std::net::Ipv4Addr) -> String {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .expect("client socket");
+    let from = SocketAddr::from((source, 0));
+    socket.bind(&from.into()).expect("bind the client's source");
+    socket.connect(&addr.into()).expect("connect");
+    let mut s = TcpStream::from(socket);
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut name = String::new();
+    s.read_to_string(&mut name).expect("a name");
+    assert!(!name.is_empty(), "closed without a name");
+    name
+}
+
+/// 127.0.0.2 to 127.0.0.81: eighty clients.
+fn clients() -> Vec<std::net::Ipv4Addr> {
+    (2..82)
+        .map(|i| std::net::Ipv4Addr::new(127, 0, 0, i))
+        .collect()
+}
+
+/// Where each client lands, asked three times (three source ports, so the
+/// kernel's reuseport hash spreads them over the workers): always the same.
+fn affinity(addr: SocketAddr) -> Vec<String> {
+    clients()
+        .into_iter()
+        .map(|c| {
+            let first = which_from(addr, c);
+            for _ in 0..2 {
+                assert_eq!(which_from(addr, c), first, "client {c} moved");
+            }
+            first
+        })
+        .collect()
+}
+
+#[test]
+fn source_affinity_holds_across_workers_and_instances_and_a_lost_backend_moves_only_its_clients() {
+    let a = Backend::start(named("a"));
+    let b = Backend::start(named("b"));
+    let mut c = Backend::start(named("c"));
+    let d = Backend::start(named("d"));
+    let text = format!(
+        "workers = 2\n[[frontend]]\nname = \"src\"\nlisten = \"127.0.0.1:0\"\nbalance = \"source\"\n\
+         check-interval = \"200ms\"\nfall = 1\nbackends = [{}]\n",
+        tables(&[(&a, "a", ""), (&b, "b", ""), (&c, "c", ""), (&d, "d", "")])
+    );
+    let file = ConfigFile::new("source", &text);
+    let ringlb = start_config(&file);
+    let addr = listening(&ringlb, "src");
+    let before = affinity(addr);
+    let used: std::collections::HashSet<_> = before.iter().collect();
+    assert_eq!(
+        used.len(),
+        4,
+        "80 clients hash onto every backend: {before:?}"
+    );
+    // Another ringlb with the same config sends each client to the same
+    // backend.
+    let other = start_config(&file);
+    assert_eq!(affinity(listening(&other, "src")), before);
+    drop(other);
+
+    c.kill();
+    assert!(
+        ringlb
+            .wait_log("backend c is DOWN", Duration::from_secs(10))
+            .is_some(),
+        "c never marked down; logs:\n{}",
+        ringlb.logs()
+    );
+    let after = affinity(addr);
+    for ((client, was), is) in clients().iter().zip(&before).zip(&after) {
+        if was == "c" {
+            assert_ne!(is, "c", "client {client} still on c");
+        } else {
+            assert_eq!(is, was, "client {client} of {was} moved to {is}");
+        }
+    }
+}
+
+/// Writes `+NAME` and ends its stream while `healthy` (a check expecting
+/// "+" passes); otherwise closes at once (the check fails).
+fn switchable(name: &'static str, healthy: Arc<AtomicBool>) -> Handler {
+    Arc::new(move |mut stream: TcpStream| {
+        if !healthy.load(SeqCst) {
+            return;
+        }
+        let _ = stream.write_all(format!("+{name}").as_bytes());
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink);
+    })
+}
+
+struct Switchable {
+    backend: Backend,
+    healthy: Arc<AtomicBool>,
+}
+
+impl Switchable {
+    fn start(name: &'static str) -> Switchable {
+        let healthy = Arc::new(AtomicBool::new(true));
+        Switchable {
+            backend: Backend::start(switchable(name, Arc::clone(&healthy))),
+            healthy,
+        }
+    }
+
+    fn set(&self, healthy: bool) {
+        self.healthy.store(healthy, SeqCst);
+    }
+}
+
+const CHECKS: &str = "check-interval = \"100ms\"\ncheck-expect = \"+\"\nrise = 1\nfall = 1\n";
+
+#[test]
+fn backups_serve_only_while_every_primary_is_down() {
+    let p1 = Switchable::start("p1");
+    let p2 = Switchable::start("p2");
+    let k1 = Switchable::start("k1");
+    let k2 = Switchable::start("k2");
+    // Backups listed first: order among the others decides, not position.
+    let list = tables(&[
+        (&k1.backend, "k1", "backup = true"),
+        (&p1.backend, "p1", ""),
+        (&k2.backend, "k2", "backup = true"),
+        (&p2.backend, "p2", ""),
+    ]);
+    let frontend = |name: &str, keys: &str| {
+        format!(
+            "[[frontend]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\n{keys}\n{CHECKS}backends = [{list}]\n"
+        )
+    };
+    let text = format!(
+        "workers = 2\n{}{}",
+        frontend("one", ""),
+        frontend("all", "allbackups = true")
+    );
+    let file = ConfigFile::new("backups", &text);
+    let ringlb = start_config(&file);
+    let (one, all) = (listening(&ringlb, "one"), listening(&ringlb, "all"));
+    let expect = |addr, pairs: &[(&str, usize)]| {
+        let counts = spread_parallel(addr, 2, 20);
+        let want: HashMap<String, usize> = pairs.iter().map(|(n, c)| (n.to_string(), *c)).collect();
+        assert_eq!(counts, want);
+    };
+    expect(one, &[("+p1", 20), ("+p2", 20)]);
+    expect(all, &[("+p1", 20), ("+p2", 20)]);
+
+    p1.set(false);
+    assert!(
+        ringlb
+            .wait_log("backend p1 is DOWN", Duration::from_secs(10))
+            .is_some()
+    );
+    expect(one, &[("+p2", 40)]);
+    p2.set(false);
+    assert!(
+        ringlb
+            .wait_log("backend p2 is DOWN", Duration::from_secs(10))
+            .is_some()
+    );
+    expect(one, &[("+k1", 40)]);
+    expect(all, &[("+k1", 20), ("+k2", 20)]);
+    k1.set(false);
+    assert!(
+        ringlb
+            .wait_log("backend k1 is DOWN", Duration::from_secs(10))
+            .is_some()
+    );
+    expect(one, &[("+k2", 40)]);
+
+    p2.set(true);
+    assert!(
+        ringlb
+            .wait_log("backend p2 is UP", Duration::from_secs(10))
+            .is_some()
+    );
+    expect(one, &[("+p2", 40)]);
+    expect(all, &[("+p2", 40)]);
+}
+
+#[test]
+fn slowstart_ramps_a_returning_backend_up_to_its_weight() {
+    let a = Switchable::start("a");
+    let b = Switchable::start("b");
+    let text = format!(
+        "workers = 2\n[[frontend]]\nname = \"ss\"\nlisten = \"127.0.0.1:0\"\nslowstart = \"8s\"\n\
+         {CHECKS}backends = [{}]\n",
+        tables(&[(&a.backend, "a", ""), (&b.backend, "b", "")])
+    );
+    let file = ConfigFile::new("slowstart", &text);
+    let ringlb = start_config(&file);
+    let addr = listening(&ringlb, "ss");
+    // Up from the start: no ramp.
+    let counts = spread(addr, 20);
+    assert_eq!((counts.get("+a"), counts.get("+b")), (Some(&10), Some(&10)));
+    a.set(false);
+    assert!(
+        ringlb
+            .wait_log("backend a is DOWN", Duration::from_secs(10))
+            .is_some()
+    );
+    a.set(true);
+    assert!(
+        ringlb
+            .wait_log("backend a is UP", Duration::from_secs(10))
+            .is_some()
+    );
+    let up = Instant::now();
+    // Its first second: 1/20 to 3/20 of b's share.
+    let early = spread(addr, 40);
+    let early_a = early.get("+a").copied().unwrap_or(0);
+    let took = up.elapsed();
+    if took < Duration::from_secs(2) {
+        assert!(
+            early_a <= 8,
+            "a took {early_a} of 40 right after it came back"
+        );
+    }
+    assert!(early_a >= 1, "a took nothing while ramping: {early:?}");
+    // Past the ramp (8 s): even again, exactly.
+    let mut late = HashMap::new();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            late = spread(addr, 40);
+            late.get("+a") == Some(&20)
+        }),
+        "a never came back to its full weight: {late:?}"
+    );
+    // At 5 s a is at 12/20 of b at most: 15 of 40.
+    assert!(
+        up.elapsed() >= Duration::from_secs(5),
+        "no ramp: even too soon"
     );
 }
