@@ -255,6 +255,10 @@ impl fmt::Display for AdminState {
 pub struct BackendStats {
     pub connections: AtomicU64,
     pub active: AtomicU64,
+    /// Connects in flight to it. Leastconn counts them with `active`, so a
+    /// burst of clients accepted together does not all go to the backend
+    /// that was least loaded before any of them connected.
+    pub connecting: AtomicU64,
     pub connect_failures: AtomicU64,
     pub bytes_to_backend: AtomicU64,
     pub bytes_from_backend: AtomicU64,

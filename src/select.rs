@@ -516,9 +516,11 @@ pub struct LeastConn {
 }
 
 impl LeastConn {
-    /// (active + 1) / weight, as a fraction to compare by cross-multiplying.
+    /// (active + 1) / weight, as a fraction to compare by cross-multiplying;
+    /// connects in flight count as active.
     fn load(backends: &[Arc<BackendShared>], i: usize, weight: u32) -> (u64, u64) {
-        let active = backends[i].stats.active.load(Relaxed);
+        let stats = &backends[i].stats;
+        let active = stats.active.load(Relaxed) + stats.connecting.load(Relaxed);
         (active + 1, u64::from(weight.max(1)))
     }
 
@@ -1000,6 +1002,11 @@ mod tests {
         f.backends[2].stats.active.store(6, Relaxed);
         // 11/1, 4/1, 7/2: backend 2.
         assert_eq!(f.select(&none), Some(2));
+        // Connects in flight count: a burst accepted at once spreads.
+        // (6 + 2 + 1)/2 > (3 + 1)/1.
+        f.backends[2].stats.connecting.store(2, Relaxed);
+        assert_eq!(f.select(&none), Some(1));
+        f.backends[2].stats.connecting.store(0, Relaxed);
         f.backends[2].health.set_up(false);
         assert_eq!(f.select(&none), Some(1));
     }

@@ -974,6 +974,7 @@ impl Worker {
         };
         conn.local = None;
         connecting.tried.insert(index);
+        view.backend(index).stats.connecting.fetch_add(1, Relaxed);
         uring::set_nodelay(fd);
         conn.backend = fd;
         session.backend = Some(index);
@@ -997,11 +998,12 @@ impl Worker {
         let Some(index) = session.backend else {
             return Ok(());
         };
+        let backend = session.view.backend(index);
+        backend.stats.connecting.fetch_sub(1, Relaxed);
         if conn.phase == Phase::Closing {
             self.free_if_finished(key);
             return Ok(());
         }
-        let backend = session.view.backend(index);
         if res == 0 {
             backend.report_connect_success();
             backend.stats.connections.fetch_add(1, Relaxed);

@@ -615,3 +615,29 @@ fn slowstart_ramps_a_returning_backend_up_to_its_weight() {
         "no ramp: even too soon"
     );
 }
+
+#[test]
+fn balance_on_the_command_line_and_its_conflict_with_mode() {
+    let a = Backend::start(named("a"));
+    let b = Backend::start(named("b"));
+    let (a_addr, b_addr) = (a.addr_str(), b.addr_str());
+    let ringlb = Ringlb::start(&[
+        "--balance",
+        "first",
+        "--backend",
+        &a_addr,
+        "--backend",
+        &b_addr,
+    ]);
+    assert_eq!(spread(ringlb.addr, 10).get("a"), Some(&10));
+    drop(ringlb);
+
+    let out = std::process::Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--backend", &a_addr])
+        .args(["--mode", "active-passive", "--balance", "leastconn"])
+        .output()
+        .expect("run ringlb");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("contradicts"), "{stderr}");
+}
