@@ -12,8 +12,8 @@ use crate::acl::{Acl, Cidr, PrefixSet};
 use crate::edge::EdgeConfig;
 
 use crate::config::{
-    self, BackendConfig, CheckConfig, Config, ConfigError, ConfigSource, FrontendConfig, Mode,
-    OnDown,
+    self, BackendConfig, Balance, BalanceConfig, CheckConfig, Config, ConfigError, ConfigSource,
+    FrontendConfig, Mode, OnDown,
 };
 
 const AFTER_HELP: &str = "\
@@ -44,9 +44,17 @@ pub struct Cli {
     #[arg(long = "backend", value_name = "ADDR", value_parser = parse_backend, conflicts_with = "config")]
     backends: Vec<BackendConfig>,
 
-    /// active-active: round robin over backends that are up; active-passive: all to the first that is up
-    #[arg(long, value_enum, default_value_t = Mode::ActiveActive, conflicts_with = "config")]
-    mode: Mode,
+    /// active-active: round robin over backends that are up; active-passive: all to the first that is up [default: active-active]
+    #[arg(long, value_enum, conflicts_with = "config")]
+    mode: Option<Mode>,
+
+    /// How to choose a backend (HAProxy's balance); active-active is roundrobin, active-passive is first [default: roundrobin]
+    #[arg(long, value_enum, value_name = "ALGORITHM", conflicts_with = "config")]
+    balance: Option<Balance>,
+
+    /// A backend that comes back up ramps from 1/20 of its share to all of it over this time (HAProxy's slowstart)
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration, conflicts_with = "config")]
+    slowstart: Option<Duration>,
 
     /// Worker threads, each with its own io_uring and listener [default: number of cores]
     #[arg(long, value_name = "N")]
@@ -314,10 +322,27 @@ impl Cli {
         if self.backends.is_empty() {
             return Err((2, "no backend: give at least one --backend ADDR".into()));
         }
+        let algorithm = match (self.balance, self.mode) {
+            (Some(b), Some(m)) if b.mode() != m => {
+                return Err((
+                    2,
+                    format!(
+                        "--balance {b} contradicts --mode {m} (active-passive is --balance first); keep one of them"
+                    ),
+                ));
+            }
+            (Some(b), _) => b,
+            (None, m) => Balance::for_mode(m.unwrap_or(Mode::ActiveActive)),
+        };
         let frontend = FrontendConfig {
             name: "default".into(),
             listen,
-            mode: self.mode,
+            mode: algorithm.mode(),
+            balance: BalanceConfig {
+                algorithm,
+                allbackups: false,
+                slowstart: self.slowstart,
+            },
             backends: self.backends,
             connect_timeout: self.connect_timeout,
             idle_timeout: self.idle_timeout,

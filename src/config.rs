@@ -64,6 +64,73 @@ impl fmt::Display for Mode {
     }
 }
 
+/// How a frontend chooses a backend for each new connection: HAProxy's
+/// `balance` algorithms of the same names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    /// Smooth weighted round robin, exact over each cycle across workers.
+    Roundrobin,
+    /// Fewest active connections relative to weight; ties take turns.
+    Leastconn,
+    /// A consistent hash (Maglev) of the client's IP address.
+    Source,
+    /// The first usable backend in the order given (active-passive).
+    First,
+}
+
+impl fmt::Display for Balance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Balance::Roundrobin => "roundrobin",
+            Balance::Leastconn => "leastconn",
+            Balance::Source => "source",
+            Balance::First => "first",
+        })
+    }
+}
+
+impl Balance {
+    /// `mode` as the shorthand it is: which algorithm it stands for.
+    pub fn for_mode(mode: Mode) -> Balance {
+        match mode {
+            Mode::ActiveActive => Balance::Roundrobin,
+            Mode::ActivePassive => Balance::First,
+        }
+    }
+
+    /// The `mode` an algorithm falls under: only `first` sends everything
+    /// to one backend.
+    pub fn mode(self) -> Mode {
+        match self {
+            Balance::First => Mode::ActivePassive,
+            _ => Mode::ActiveActive,
+        }
+    }
+}
+
+/// The balancing settings of one frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BalanceConfig {
+    pub algorithm: Balance,
+    /// With no non-backup backend usable, spread over every usable backup
+    /// (HAProxy's `option allbackups`) instead of the first one only.
+    pub allbackups: bool,
+    /// A backend that comes back up ramps from 1/20 of its weight to all
+    /// of it over this time (HAProxy's `slowstart`).
+    pub slowstart: Option<Duration>,
+}
+
+impl BalanceConfig {
+    pub fn new(algorithm: Balance) -> BalanceConfig {
+        BalanceConfig {
+            algorithm,
+            allbackups: false,
+            slowstart: None,
+        }
+    }
+}
+
 /// What happens to established connections when their backend is marked
 /// down (HAProxy's `on-marked-down`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -159,7 +226,9 @@ impl BackendConfig {
 pub struct FrontendConfig {
     pub name: String,
     pub listen: SocketAddr,
+    /// Always the one `balance` falls under (active-passive for `first`).
     pub mode: Mode,
+    pub balance: BalanceConfig,
     /// In priority order: in active-passive mode the first is the active one.
     pub backends: Vec<BackendConfig>,
     pub connect_timeout: Duration,
@@ -426,7 +495,10 @@ struct RawConfig {
 struct RawFrontend {
     name: Option<Spanned<String>>,
     listen: Spanned<String>,
-    mode: Option<Mode>,
+    mode: Option<Spanned<Mode>>,
+    balance: Option<Spanned<Balance>>,
+    allbackups: Option<bool>,
+    slowstart: Option<Spanned<String>>,
     #[serde(default)]
     backends: Vec<Spanned<RawBackend>>,
     connect_timeout: Option<Spanned<String>>,
@@ -659,13 +731,19 @@ impl RawFrontend {
         let interval = src
             .duration(&self.check_interval, "check-interval")?
             .unwrap_or(DEFAULT_CHECK_INTERVAL);
+        let balance = BalanceConfig {
+            algorithm: self.algorithm(src)?,
+            allbackups: self.allbackups.unwrap_or(false),
+            slowstart: src.duration(&self.slowstart, "slowstart")?,
+        };
         Ok(FrontendConfig {
             name: self
                 .name
                 .as_ref()
                 .map_or_else(|| format!("frontend{index}"), |n| n.get_ref().clone()),
             listen,
-            mode: self.mode.unwrap_or(Mode::ActiveActive),
+            mode: balance.algorithm.mode(),
+            balance,
             backends,
             connect_timeout: src
                 .duration(&self.connect_timeout, "connect-timeout")?
@@ -704,6 +782,8 @@ impl RawFrontend {
         backends: &mut Vec<BackendConfig>,
         src: &Source<'_>,
     ) -> Result<Vec<RouteConfig>, ConfigError> {
+        // A route without its own mode balances as its frontend does.
+        let inherited = self.algorithm(src)?.mode();
         let mut names: HashMap<String, ()> = HashMap::new();
         let mut patterns: HashMap<String, String> = HashMap::new();
         let mut routes = Vec::with_capacity(self.route.len());
@@ -771,7 +851,7 @@ impl RawFrontend {
             routes.push(RouteConfig {
                 name,
                 sni,
-                mode: raw.mode.or(self.mode).unwrap_or(Mode::ActiveActive),
+                mode: raw.mode.unwrap_or(inherited),
                 failback: raw.failback.or(self.failback).unwrap_or(true),
                 backends: start..backends.len(),
             });
@@ -806,6 +886,31 @@ impl RawFrontend {
             allow: allow.map(|a| PrefixSet::new(&a)),
             deny: PrefixSet::new(&deny.unwrap_or_default()),
         }))
+    }
+
+    /// `balance` wins; `mode` alone is its shorthand (active-active is
+    /// roundrobin, active-passive is first). Both given must agree: an
+    /// active-passive frontend that balances is a contradiction, not a
+    /// choice to guess at.
+    fn algorithm(&self, src: &Source<'_>) -> Result<Balance, ConfigError> {
+        match (&self.balance, &self.mode) {
+            (None, None) => Ok(Balance::Roundrobin),
+            (None, Some(mode)) => Ok(Balance::for_mode(*mode.get_ref())),
+            (Some(balance), None) => Ok(*balance.get_ref()),
+            (Some(balance), Some(mode)) => {
+                let (b, m) = (*balance.get_ref(), *mode.get_ref());
+                if b.mode() == m {
+                    return Ok(b);
+                }
+                Err(src.invalid(
+                    balance,
+                    format!(
+                        "balance = \"{b}\" contradicts mode = \"{m}\" (active-passive is \
+                         balance = \"first\"); keep one of them"
+                    ),
+                ))
+            }
+        }
     }
 
     /// A format without `log = true` would log nothing, which the operator
@@ -1586,6 +1691,51 @@ mod tests {
     }
 
     #[test]
+    fn balance_and_mode_resolve_and_must_agree() {
+        let resolve = |keys: &str| {
+            let text = format!(
+                "[[frontend]]\nlisten = \"127.0.0.1:80\"\n{keys}\nbackends = [\"127.0.0.1:81\"]\n"
+            );
+            Config::from_toml(&text, "f.toml").map(|c| c.frontends[0].clone())
+        };
+        let f = resolve("").expect("defaults");
+        assert_eq!(
+            (f.balance.algorithm, f.mode),
+            (Balance::Roundrobin, Mode::ActiveActive)
+        );
+        assert!(!f.balance.allbackups && f.balance.slowstart.is_none());
+        let f = resolve("mode = \"active-passive\"").expect("shorthand");
+        assert_eq!(f.balance.algorithm, Balance::First);
+        let f = resolve("balance = \"first\"").expect("first");
+        assert_eq!(f.mode, Mode::ActivePassive);
+        let f = resolve("balance = \"leastconn\"\nmode = \"active-active\"").expect("agree");
+        assert_eq!(f.balance.algorithm, Balance::Leastconn);
+        let f = resolve("balance = \"source\"\nallbackups = true\nslowstart = \"30s\"")
+            .expect("source");
+        assert_eq!(f.balance.algorithm, Balance::Source);
+        assert!(f.balance.allbackups);
+        assert_eq!(f.balance.slowstart, Some(Duration::from_secs(30)));
+
+        let err = resolve("mode = \"active-passive\"\nbalance = \"roundrobin\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("f.toml:4:") && err.contains("contradicts"),
+            "{err}"
+        );
+        let err = resolve("balance = \"random\"").unwrap_err().to_string();
+        assert!(
+            err.starts_with("f.toml:3:") && err.contains("leastconn"),
+            "{err}"
+        );
+        let err = resolve("slowstart = \"soon\"").unwrap_err().to_string();
+        assert!(
+            err.starts_with("f.toml:3:") && err.contains("slowstart"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn errors_name_the_line() {
         let text = "[[frontend]]\nlisten = \"127.0.0.1:80\"\nbackends = [\"nowhere\"]\n";
         let err = Config::from_toml(text, "f.toml").unwrap_err().to_string();
@@ -1669,6 +1819,7 @@ backends = [
             name: name.into(),
             listen: listen.parse().expect("listen"),
             mode: Mode::ActiveActive,
+            balance: BalanceConfig::new(Balance::Roundrobin),
             backends: backends
                 .iter()
                 .map(|b| BackendConfig::new(b.parse().expect("backend"), (*b).into()))

@@ -94,6 +94,7 @@ fn frontend(name: &str, mode: Mode, backends: &[&DemoBackend]) -> FrontendConfig
         name: name.into(),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         mode,
+        balance: crate::config::BalanceConfig::new(crate::config::Balance::for_mode(mode)),
         backends: backends
             .iter()
             .map(|b| BackendConfig::new(b.addr, format!("{} ({})", b.addr, b.name)))

@@ -62,6 +62,7 @@ pub mod model;
 pub mod notify;
 pub mod relay;
 pub mod reload;
+pub mod select;
 pub mod server;
 pub mod uring;
 pub mod view;

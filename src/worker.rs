@@ -144,6 +144,8 @@ struct View {
     dirty: Cell<bool>,
     /// Who may connect, and how often.
     edge: edge::Policy,
+    /// The selector hashes the client's address (`balance = "source"`).
+    needs_client: bool,
 }
 
 impl View {
@@ -158,6 +160,7 @@ impl View {
             bytes: RefCell::new(vec![[0; 2]; snap.backends.len()]),
             dirty: Cell::new(false),
             edge: edge::Policy::new(&snap.config.edge, &snap.shared.sources),
+            needs_client: snap.needs_client(),
             snap: Arc::clone(snap),
         }
     }
@@ -948,8 +951,10 @@ impl Worker {
         }
         let mut conn = Conn::new(fd, self.now);
         // Read now: at the end the client may be gone. A frontend without
-        // an access log or rules on sources pays no syscall for it.
+        // an access log, rules on sources or a source hash pays no syscall
+        // for it.
         if view.edge.is_active()
+            || view.needs_client
             || view.snap.config.access_log != AccessLog::Off
             || log::log_enabled!(log::Level::Debug)
         {
@@ -1036,7 +1041,11 @@ impl Worker {
         };
         let view = &session.view;
         let conn = &mut session.conn;
-        let Some(index) = view.snap.select_in(session.route, &connecting.tried) else {
+        let client = conn.client_addr.map(|a| a.ip());
+        let Some(index) = view
+            .snap
+            .select_in(session.route, &connecting.tried, client)
+        else {
             view.snap.shared.stats.no_backend.fetch_add(1, Relaxed);
             if let Some(route) = view.snap.routes.get(session.route) {
                 route.stats.no_backend.fetch_add(1, Relaxed);
@@ -1071,6 +1080,7 @@ impl Worker {
             .get(session.route)
             .map_or(0, |r| r.backends.start);
         connecting.tried.insert(index - first);
+        view.backend(index).stats.connecting.fetch_add(1, Relaxed);
         uring::set_nodelay(fd);
         conn.backend = fd;
         session.backend = Some(index);
@@ -1094,11 +1104,12 @@ impl Worker {
         let Some(index) = session.backend else {
             return Ok(());
         };
+        let backend = session.view.backend(index);
+        backend.stats.connecting.fetch_sub(1, Relaxed);
         if conn.phase == Phase::Closing {
             self.free_if_finished(key);
             return Ok(());
         }
-        let backend = session.view.backend(index);
         if res == 0 {
             backend.report_connect_success();
             backend.stats.connections.fetch_add(1, Relaxed);
