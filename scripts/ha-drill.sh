@@ -88,7 +88,14 @@ log() { printf '[ha-drill %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 now() { echo "$EPOCHREALTIME"; }
 fadd() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.6f", a+b}'; }
-sleep_until() { "$PY" "$DRILL_PY" sleep-until "$1"; }
+# In bash, not an interpreter: starting one can take seconds on a loaded host, and the
+# fault must come on time.
+usec() { local s=${1%.*} f=${1#*.}000000; [[ $1 == *.* ]] || f=000000; echo $((s * 1000000 + 10#${f:0:6})); }
+sleep_until() {
+    local d=$(($(usec "$1") - $(usec "$EPOCHREALTIME")))
+    ((d > 0)) && sleep "$((d / 1000000)).$(printf %06d $((d % 1000000)))"
+    return 0
+}
 in_ns() { local n; n=$(ns "$1"); shift; ip netns exec "$n" "$@"; }
 
 # ------------------------------------------------------- process bookkeeping
@@ -439,7 +446,7 @@ main() {
     {
         echo "date: $(date -u +%FT%TZ)"
         echo "command: $0 $*"
-        echo "host: $(uname -r), $(nproc) cores"
+        echo "host: $(uname -r), $(nproc) cores, load average at the start: $(cut -d' ' -f1-3 /proc/loadavg)"
         echo "keepalived: $(keepalived --version 2>&1 | head -n1)"
         echo "nginx: $(nginx -v 2>&1)"
         echo "ringlb: $RINGLB_BIN ($(cd "$REPO_DIR" && git rev-parse --short HEAD 2>/dev/null || echo '?'))"
@@ -472,6 +479,8 @@ main() {
         echo "  fail move / fail after: failed new connections (1 every 20 ms) before / after the move, until the repair"
         echo "  ka broken victim / others: keep-alive probe connections (10, 1 request / 20 ms each) open through"
         echo "    the victim / the other balancer when the fault hit: broken / open"
+        echo "  back / share: from the repair until the victim answers a new connection again / its share of"
+        echo "    the new connections from then on"
         echo "  fail repair / ka err repair: failures after the repair ($( ((PREEMPT)) && echo "preempt: the VIP moves back" || echo "nopreempt: the VIP stays where it is"))"
         echo "  wrk req / err: wrk -c50 keep-alive totals (errors: connect + read + write + timeout + status)"
         echo "  verdict: move within ${LIMIT}s (stop ${LIMIT_STOP}s), 0 fail after, 0 ka broken others, 0 after repair;"

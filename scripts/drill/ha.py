@@ -193,12 +193,20 @@ def cmd_analyze(args) -> int:
     # The move: the first new connection after the fault that a survivor
     # answered promptly (a SYN retransmitted after 1 s would blur it).
     moved = next((p[0] for p in probes if p[0] >= tf and ok_fast(p) and p[3] in others), None)
+    takeover = None
+    if m.get("takeover_pattern"):
+        hits = [t for t in _stamped(rundir / m["takeover_log"], m["takeover_pattern"]) if t >= tf]
+        takeover = min(hits) if hits else None
+    # With ECMP the others answer all along: the move is the router's
+    # route change (the victim's route withdrawn).
+    if m.get("move_by") == "takeover":
+        moved = takeover
     failed = [p for p in probes if p[2] != "ok"]
     mv = moved if moved is not None else tr
     row = {
         "fault": m["fault"], "victim": names.get(victim, victim), "round": int(m.get("round", 1)),
         "move_s": _r(moved - tf) if moved is not None else None,
-        "takeover_s": None,
+        "takeover_s": _r(takeover - tf) if takeover is not None else None,
         "fail_before": sum(1 for p in failed if p[1] < tf),
         # The port closed while the address still led to it: what a leave
         # delay longer than the move prevents.
@@ -212,15 +220,17 @@ def cmd_analyze(args) -> int:
     }
     for p in failed:
         row["probe_outcomes"][p[2]] = row["probe_outcomes"].get(p[2], 0) + 1
-    # A survivor's log line saying it took the address (keepalived) or the
-    # router's route change (BGP), as given by the drill in meta.
-    if m.get("takeover_pattern"):
-        hits = [t for t in _stamped(rundir / m["takeover_log"], m["takeover_pattern"]) if t >= tf]
-        row["takeover_s"] = _r(min(hits) - tf) if hits else None
+    # New connections by balancer before the fault: the spread.
+    row["spread"] = {n: sum(1 for p in probes if p[0] < tf and p[2] == "ok" and p[3] == a)
+                     for a, n in names.items()}
     # After the repair: when the victim answers new connections again (the
     # address moved back, or ECMP gave it its share again).
     back = next((p[0] for p in probes if p[0] >= tr and p[2] == "ok" and p[3] == victim), None)
     row["victim_after_repair_s"] = _r(back - tr) if back is not None else None
+    # Its share of the new connections once it is back (ECMP: 1/N when the
+    # router gives it its share again; a VIP pair with nopreempt: 0).
+    later = [p for p in probes if back is not None and p[0] >= back and p[2] == "ok"]
+    row["victim_share_after"] = _r(sum(1 for p in later if p[3] == victim) / len(later)) if later else None
     # Keep-alive connections: errors on those open through the victim vs the
     # survivors when the fault hit (the survivors' must stay at zero); a
     # connection's failed reconnects count against where it was at the fault.
@@ -304,7 +314,8 @@ def _table(headers, rows) -> str:
 def cmd_report(args) -> int:
     rows = [json.loads(l) for l in Path(args.rows).read_text().splitlines() if l.strip()]
     hdr = ["fault", "on", "move", args.takeover_label, "refused", "fail move", "fail after",
-           "ka broken victim", "ka broken others", "fail repair", "ka err repair", "wrk req", "wrk err", "verdict"]
+           "ka broken victim", "ka broken others", "back", "share", "fail repair", "ka err repair",
+           "wrk req", "wrk err", "verdict"]
     out = []
     for r in rows:
         k = r["kerr"]
@@ -317,6 +328,7 @@ def cmd_report(args) -> int:
         out.append([r["fault"], r["victim"], _f(r["move_s"]), _f(r["takeover_s"]), str(r["refused"]),
                     str(r["fail_during_move"]), str(r["fail_after_move"]),
                     f"{k['broken_victim']}/{k['open_victim']}", f"{k['broken_others']}/{k['open_others']}",
+                    _f(r.get("victim_after_repair_s")), _f(r.get("victim_share_after")),
                     str(r["fail_after_repair"]), str(k["after_repair"]),
                     _f(r["requests"]), _f(r["wrk_errors"]), "PASS" if ok else "FAIL"])
     print(_table(hdr, out))
