@@ -501,7 +501,7 @@ main() {
         echo "router: BIRD 'merge paths on' into table 100, copied into the main table (fib-sync, every 20 ms) as a"
         echo "  multipath route (runs *-hash: hash-threshold) or a resilient nexthop group (runs *-resilient: 128"
         echo "  buckets, idle timer 1 s); fib_multipath_hash_policy=1 (L4 hash)"
-        echo "bgp: eBGP, hold 3s, keepalive 1s, no BFD; announce while 'ringlb ctl ready' (checked every ${WATCH}s, timeout 0.5s)"
+        echo "bgp: eBGP, hold 3s, keepalive 1s, no BFD; announce while 'ringlb ctl ready' (examples/ha/ringlb-bgp-watch.sh: every ${WATCH}s; withdrawn at once on a 'not ready' or no ringlb, on the second 1 s timeout in a row)"
         echo "ringlb: leave-delay $LEAVE_DELAY, drain-timeout 3s, 1 worker each; 3 balancers"
         echo "load: wrk -t1 -c50 --timeout 2s; probe: 1 new connection / 20 ms; kprobe: 30 keep-alive connections, 1 request / 100 ms each"
         echo "runs: ${DURATION}s each, fault at ${FAULT_AT}s, repair at ${REPAIR_AT}s"
