@@ -23,8 +23,10 @@ Examples:
   ringlb --listen 0.0.0.0:5432 --mode active-passive --backend db1:5432 --backend db2:5432
   ringlb --config /etc/ringlb.toml
   ringlb demo
-Signals: SIGTERM, SIGINT or SIGUSR1 drains (stop accepting, let connections
-finish, up to --drain-timeout), a second one stops at once. SIGHUP and
+Signals: SIGTERM or SIGUSR1 leaves: /ready says 503 at once, ringlb keeps
+serving for --leave-delay (time for keepalived or BGP to move the address),
+then drains (stop accepting, let connections finish, up to --drain-timeout);
+SIGINT drains at once; a second signal skips ahead (leave, drain, stop). SIGHUP and
 SIGUSR2 are logged and ignored (reserved for reload); SIGQUIT logs a status
 line per frontend. `ringlb ctl` drives a ringlb started with --admin-socket
 (show, drain, disable, enable, reload). Logs: RUST_LOG=debug adds one line per connection; a
@@ -136,6 +138,10 @@ pub struct Cli {
     #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
     drain_timeout: Option<Duration>,
 
+    /// On SIGTERM or `ringlb ctl leave`, time ringlb reports not ready (/ready 503) while still serving, before it drains; 0 for none [default: 2s]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_delay)]
+    leave_delay: Option<Duration>,
+
     /// Serve Prometheus metrics over HTTP on this address, e.g. 127.0.0.1:9090
     #[arg(long, value_name = "ADDR", value_parser = config::parse_address)]
     stats: Option<SocketAddr>,
@@ -205,8 +211,10 @@ enum CtlCommand {
     },
     /// Re-read the config file and apply the difference; prints what changed
     Reload,
-    /// Exit 0 while ringlb accepts new connections, 1 once it drains (as HTTP /ready)
+    /// Exit 0 while ringlb accepts new connections, 1 once it leaves or drains (as HTTP /ready)
     Ready,
+    /// As SIGTERM: report not ready, serve on for the leave delay, then drain and exit
+    Leave,
 }
 
 impl CtlCommand {
@@ -224,11 +232,14 @@ impl CtlCommand {
             CtlCommand::Enable { target } => format!("enable {target}"),
             CtlCommand::Reload => "reload".into(),
             CtlCommand::Ready => "ready".into(),
+            CtlCommand::Leave => "leave".into(),
         }
     }
 }
 
 /// What the command line asks for.
+// Built once per process and moved once: its size costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Action {
     Run {
         config: Config,
@@ -298,6 +309,7 @@ impl Cli {
                 workers: self.workers,
                 buffers: self.buffers,
                 drain_timeout: self.drain_timeout,
+                leave_delay: self.leave_delay,
                 stats,
                 admin_socket: self.admin_socket,
             };
@@ -373,6 +385,7 @@ impl Cli {
             workers: self.workers.unwrap_or_else(config::default_workers),
             buffers: self.buffers.unwrap_or(config::DEFAULT_BUFFERS),
             drain_timeout: self.drain_timeout.unwrap_or(config::DEFAULT_DRAIN_TIMEOUT),
+            leave_delay: self.leave_delay.unwrap_or(config::DEFAULT_LEAVE_DELAY),
             stats,
             admin_socket: self.admin_socket,
             frontends: vec![frontend],

@@ -27,6 +27,10 @@ pub const DEFAULT_FALL: u32 = 3;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// HAProxy's `tcp-request inspect-delay` is commonly set to 5s for SNI.
 pub const DEFAULT_CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a leaving ringlb keeps serving while reporting not ready: long
+/// enough for keepalived with a 1 s advert and a 1 s check to move the
+/// address (see `Config::leave_delay`); a few seconds more on a stop.
+pub const DEFAULT_LEAVE_DELAY: Duration = Duration::from_secs(2);
 /// Receive buffers per worker (16 KiB each: 16 MiB). Only messages in
 /// flight hold one, so this bounds memory, not connections.
 pub const DEFAULT_BUFFERS: u32 = 1024;
@@ -307,6 +311,12 @@ pub struct Config {
     /// by a send to a slow peer, receives move to splice, which needs none.
     pub buffers: u32,
     pub drain_timeout: Duration,
+    /// On SIGTERM or `ringlb ctl leave`: how long ringlb reports not ready
+    /// (`/ready` 503, `ringlb ctl ready` 1) while still accepting, before
+    /// it drains. It must exceed the time the routing layer in front needs
+    /// to move traffic away (VRRP: 3 adverts plus the check interval; BGP:
+    /// the withdrawal's propagation), or clients meet a closed port.
+    pub leave_delay: Duration,
     /// Where the admin HTTP server (metrics) listens, if anywhere.
     pub stats: Option<SocketAddr>,
     /// The Unix socket `ringlb ctl` talks to, if any.
@@ -417,6 +427,18 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// A duration that may be zero ("0", "0s"): a leave delay of none.
+pub fn parse_delay(text: &str) -> Result<Duration, String> {
+    let digits = text
+        .trim()
+        .trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    if !digits.is_empty() && digits.bytes().all(|b| b == b'0') {
+        // The unit must still be one ringlb knows ("0x" is a typo).
+        return parse_duration(&text.trim().replacen('0', "1", 1)).map(|_| Duration::ZERO);
+    }
+    parse_duration(text)
+}
+
 /// Understands `\n`, `\r`, `\t`, `\0`, `\\` and `\xHH`, so binary health
 /// check payloads fit on a command line.
 pub fn parse_escapes(text: &str) -> Result<Vec<u8>, String> {
@@ -484,6 +506,7 @@ struct RawConfig {
     workers: Option<Spanned<usize>>,
     buffers: Option<Spanned<u32>>,
     drain_timeout: Option<Spanned<String>>,
+    leave_delay: Option<Spanned<String>>,
     stats: Option<Spanned<String>>,
     admin_socket: Option<Spanned<String>>,
     #[serde(default)]
@@ -1004,6 +1027,15 @@ impl Config {
             drain_timeout: src
                 .duration(&raw.drain_timeout, "drain-timeout")?
                 .unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+            leave_delay: raw
+                .leave_delay
+                .as_ref()
+                .map(|v| {
+                    parse_delay(v.get_ref())
+                        .map_err(|e| src.invalid(v, format!("leave-delay: {e}")))
+                })
+                .transpose()?
+                .unwrap_or(DEFAULT_LEAVE_DELAY),
             stats: raw
                 .stats
                 .as_ref()
@@ -1125,6 +1157,7 @@ pub struct ConfigSource {
     pub workers: Option<usize>,
     pub buffers: Option<u32>,
     pub drain_timeout: Option<Duration>,
+    pub leave_delay: Option<Duration>,
     pub stats: Option<SocketAddr>,
     pub admin_socket: Option<PathBuf>,
 }
@@ -1140,6 +1173,9 @@ impl ConfigSource {
         }
         if let Some(drain_timeout) = self.drain_timeout {
             config.drain_timeout = drain_timeout;
+        }
+        if let Some(leave_delay) = self.leave_delay {
+            config.leave_delay = leave_delay;
         }
         if self.stats.is_some() {
             config.stats = self.stats;

@@ -175,6 +175,7 @@ fn tour() -> Result<Tally, String> {
         workers: 2,
         buffers: crate::config::DEFAULT_BUFFERS,
         drain_timeout: Duration::from_secs(1),
+        leave_delay: Duration::ZERO,
         stats: None,
         admin_socket: None,
         frontends: vec![
