@@ -46,6 +46,14 @@ const PROBE: usize = 16;
 /// the better of two drawn by weight (power of two choices), so a pick
 /// costs the same with 10,000 backends as with 100.
 pub const LEASTCONN_EXACT_MAX: usize = 64;
+/// Past this many backends a rebuild reads thousands of atomics (about a
+/// millisecond at 10,000): such a pool rebuilds at most every
+/// [`LARGE_POOL_REBUILD_MS`], so backends flapping or agents changing
+/// weights cannot make every pick pay for one. Between rebuilds picks check
+/// each backend's own flags: one that went down is skipped at once, one
+/// that came back waits for the next rebuild.
+const LARGE_POOL: usize = 1000;
+const LARGE_POOL_REBUILD_MS: u64 = 50;
 /// Maglev table entries a `source` pick walks past unusable backends before
 /// it scans the pool.
 const WALK: usize = 128;
@@ -147,6 +155,8 @@ struct Tier {
 
 struct Live {
     epoch: u64,
+    /// When it was built, on [`now_ms`]'s clock.
+    built: u64,
     /// When a ramping backend's next slow-start step is due (0: none ramps).
     ramp_next: u64,
     tier: Arc<Tier>,
@@ -194,6 +204,7 @@ impl Pool {
             slowstart_ms,
             live: ArcSwap::from_pointee(Live {
                 epoch: 0,
+                built: 0,
                 ramp_next: 0,
                 tier: Arc::new(Tier::empty()),
             }),
@@ -220,6 +231,9 @@ impl Pool {
         let stale = live.epoch != epoch || (live.ramp_next != 0 && now_ms() >= live.ramp_next);
         if !stale {
             return pick(live, true);
+        }
+        if backends.len() > LARGE_POOL && now_ms() < live.built + LARGE_POOL_REBUILD_MS {
+            return pick(live, false);
         }
         match self.rebuilding.try_lock() {
             Ok(_guard) => {
@@ -252,6 +266,7 @@ impl Pool {
         };
         self.live.store(Arc::new(Live {
             epoch,
+            built: now,
             ramp_next,
             tier,
         }));
@@ -1121,6 +1136,18 @@ mod tests {
         f.backends[0].health.set_up(true);
         // Step 1 of 20 against 20 of 20.
         assert_eq!(counts(&f, 21 * 3), [3, 60]);
+    }
+
+    #[test]
+    fn a_large_pool_skips_a_backend_down_before_its_rebuild() {
+        let f = frontend("", &plain(LARGE_POOL * 2));
+        for round in 0..3 {
+            let down = round * 7;
+            f.backends[down].health.set_up(false);
+            let c = counts(&f, LARGE_POOL * 4);
+            assert_eq!(c[down], 0, "round {round}");
+            f.backends[down].health.set_up(true);
+        }
     }
 
     #[test]
