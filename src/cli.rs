@@ -96,6 +96,10 @@ pub struct Cli {
     #[arg(long, value_name = "N", conflicts_with = "config")]
     maxconn: Option<u32>,
 
+    /// Connect attempts after the first for one connection, on other backends or the same one
+    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_RETRIES, conflicts_with = "config")]
+    retries: u32,
+
     /// On SIGTERM, time open connections get to finish before they are closed [default: 30s]
     #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
     drain_timeout: Option<Duration>,
@@ -295,6 +299,8 @@ impl Cli {
             failback: !self.no_failback,
             on_down: self.on_down,
             maxconn: self.maxconn,
+            timeout_queue: None,
+            retries: self.retries,
             access_log: crate::config::AccessLog::Off,
         };
         let config = Config {

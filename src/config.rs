@@ -21,6 +21,10 @@ pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_RISE: u32 = 2;
 pub const DEFAULT_FALL: u32 = 3;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// HAProxy's default `retries`: a connection makes at most 4 connect
+/// attempts, so a client waits at most 4 connect timeouts (plus the short
+/// delays before trying a backend again) before it is reset.
+pub const DEFAULT_RETRIES: u32 = 3;
 /// Receive buffers per worker (16 KiB each: 16 MiB). Only messages in
 /// flight hold one, so this bounds memory, not connections.
 pub const DEFAULT_BUFFERS: u32 = 1024;
@@ -165,6 +169,13 @@ pub struct FrontendConfig {
     /// Most client connections at once on this frontend; more wait in the
     /// kernel's accept queue until one ends, so backends are never swamped.
     pub maxconn: Option<u32>,
+    /// How long a connection waits for a slot when every usable backend is
+    /// at its maxconn (HAProxy's `timeout queue`); the connect timeout when
+    /// unset.
+    pub timeout_queue: Option<Duration>,
+    /// Connect attempts after the first, across backends and on the same
+    /// one (HAProxy's `retries`).
+    pub retries: u32,
     /// `log = true`, in the format of `log-format`.
     pub access_log: AccessLog,
 }
@@ -378,6 +389,8 @@ struct RawFrontend {
     failback: Option<bool>,
     on_down: Option<OnDown>,
     maxconn: Option<u32>,
+    timeout_queue: Option<Spanned<String>>,
+    retries: Option<u32>,
     log: Option<bool>,
     log_format: Option<Spanned<LogFormat>>,
 }
@@ -566,6 +579,8 @@ impl RawFrontend {
             failback: self.failback.unwrap_or(true),
             on_down: self.on_down.unwrap_or(OnDown::Keep),
             maxconn: self.maxconn,
+            timeout_queue: src.duration(&self.timeout_queue, "timeout-queue")?,
+            retries: self.retries.unwrap_or(DEFAULT_RETRIES),
             access_log: self.access_log(src)?,
         })
     }
@@ -1377,6 +1392,8 @@ backends = [
             failback: true,
             on_down: OnDown::Keep,
             maxconn: None,
+            timeout_queue: None,
+            retries: crate::config::DEFAULT_RETRIES,
             access_log: AccessLog::Off,
         }
     }

@@ -241,6 +241,11 @@ pub struct BackendStats {
     pub went_down: AtomicU64,
     pub went_up: AtomicU64,
     pub checks_failed: AtomicU64,
+    /// Connections holding one of its `maxconn` slots, all workers
+    /// together: from the moment one is assigned (connecting counts) to
+    /// its end. Only counted while the backend has a maxconn, so a backend
+    /// without one pays no atomic for it.
+    pub slots: AtomicU64,
 }
 
 /// One backend of one frontend, as long as the config keeps it (same
@@ -258,7 +263,23 @@ pub struct BackendShared {
     /// and check settings: one probe, one state.
     pub health: Arc<Health>,
     admin: AtomicU8,
+    /// Most connections at once (0: no limit). Written only by the reload
+    /// path; read at pick time next to `admin`, on a line workers do not
+    /// write, so checking for room costs a backend without a limit one
+    /// plain load.
+    maxconn: AtomicU32,
     pub stats: BackendStats,
+}
+
+/// What [`BackendShared::take_slot`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// The backend has no maxconn: nothing was counted, nothing to give back.
+    Unlimited,
+    /// A slot was taken: give it back with [`BackendShared::give_slot`].
+    Taken,
+    /// At its maxconn: nothing was counted.
+    Full,
 }
 
 static NEXT_BACKEND_ID: AtomicU64 = AtomicU64::new(1);
@@ -272,8 +293,52 @@ impl BackendShared {
             id: NEXT_BACKEND_ID.fetch_add(1, Relaxed),
             health,
             admin: AtomicU8::new(AdminState::Ready as u8),
+            maxconn: AtomicU32::new(0),
             stats: BackendStats::default(),
         }
+    }
+
+    /// The reload path only: a lower limit takes effect as connections end.
+    pub fn set_maxconn(&self, maxconn: Option<u32>) {
+        self.maxconn.store(maxconn.unwrap_or(0), Relaxed);
+    }
+
+    pub fn maxconn(&self) -> Option<u32> {
+        Some(self.maxconn.load(Relaxed)).filter(|m| *m > 0)
+    }
+
+    /// Room for one more connection under its maxconn. For selectors, at
+    /// pick time: a backend without a limit costs one plain load of a line
+    /// that only reloads write. Only a hint: [`take_slot`] decides.
+    ///
+    /// [`take_slot`]: BackendShared::take_slot
+    pub fn has_room(&self) -> bool {
+        let max = self.maxconn.load(Relaxed);
+        max == 0 || self.stats.slots.load(Relaxed) < u64::from(max)
+    }
+
+    /// Counts a connection against the backend's maxconn, if it has one.
+    /// A compare-and-swap, so workers never take more than the limit
+    /// together; sequentially consistent with the queue's marks (see
+    /// [`Waiting::mark`]).
+    pub fn take_slot(&self) -> Slot {
+        let max = u64::from(self.maxconn.load(Relaxed));
+        if max == 0 {
+            return Slot::Unlimited;
+        }
+        match self
+            .stats
+            .slots
+            .fetch_update(SeqCst, Relaxed, |n| (n < max).then_some(n + 1))
+        {
+            Ok(_) => Slot::Taken,
+            Err(_) => Slot::Full,
+        }
+    }
+
+    /// Gives back a slot [`take_slot`](BackendShared::take_slot) took.
+    pub fn give_slot(&self) {
+        self.stats.slots.fetch_sub(1, SeqCst);
     }
 
     pub fn is_up(&self) -> bool {
@@ -330,6 +395,14 @@ pub struct FrontendStats {
     /// Connections reset on both sides because ringlb could not carry them
     /// on (no fd for a backend socket, a local connect or relay error).
     pub local_errors: AtomicU64,
+    /// Connections waiting now for a slot on a backend at its maxconn.
+    pub queued: AtomicU64,
+    /// Connections that ever waited in the queue.
+    pub queued_total: AtomicU64,
+    /// Queued connections reset when `timeout-queue` passed.
+    pub queue_timeouts: AtomicU64,
+    /// Connect attempts after a connection's first (HAProxy's `wretr`).
+    pub retries: AtomicU64,
 }
 
 /// A frontend's state that outlives snapshots: kept across reloads while a
@@ -339,6 +412,9 @@ pub struct FrontendShared {
     pub stats: FrontendStats,
     /// Workers that stopped accepting on this frontend at its maxconn.
     pub waiting: Waiting,
+    /// Workers with connections queued for a slot on this frontend's
+    /// backends: a slot given back on any worker wakes them.
+    pub queue_waiting: Waiting,
     /// Active-passive without fail-back: the id of the backend that was
     /// promoted and keeps the traffic after the active one returns (0:
     /// none). An id, not an index, so a reload that reorders backends keeps
@@ -352,6 +428,7 @@ impl FrontendShared {
             name: name.to_string(),
             stats: FrontendStats::default(),
             waiting: Waiting::default(),
+            queue_waiting: Waiting::default(),
             promoted: AtomicU64::new(0),
         }
     }
@@ -537,7 +614,8 @@ impl Selector for RoundRobin {
         backends: &[Arc<BackendShared>],
         tried: &Tried,
     ) -> Option<usize> {
-        let usable = |i: &usize| !tried.contains(*i) && backends[*i].usable();
+        let usable =
+            |i: &usize| !tried.contains(*i) && backends[*i].usable() && backends[*i].has_room();
         let count = (0..backends.len()).filter(usable).count();
         if count == 0 {
             return None;
@@ -566,18 +644,26 @@ impl Selector for Priority {
         tried: &Tried,
     ) -> Option<usize> {
         let usable = |i: &usize| !tried.contains(*i) && backends[*i].usable();
+        // At its maxconn, a backend overflows to the next in order (HAProxy's
+        // `balance first`): that is no failover, so nothing is promoted.
+        let open = |i: &usize| usable(i) && backends[*i].has_room();
         if !self.failback {
             let promoted = frontend.promoted.load(Relaxed);
             let kept = (0..backends.len()).find(|&i| backends[i].id == promoted);
             if let Some(i) = kept.filter(usable) {
-                return Some(i);
+                return Some(i)
+                    .filter(open)
+                    .or_else(|| (0..backends.len()).find(open));
             }
         }
-        let chosen = (0..backends.len()).find(usable)?;
-        if !self.failback && tried.is_empty() {
-            frontend.promoted.store(backends[chosen].id, Relaxed);
+        let first = (0..backends.len()).find(usable)?;
+        if !backends[first].has_room() {
+            return (0..backends.len()).find(open);
         }
-        Some(chosen)
+        if !self.failback && tried.is_empty() {
+            frontend.promoted.store(backends[first].id, Relaxed);
+        }
+        Some(first)
     }
 }
 

@@ -34,12 +34,14 @@ pub enum Op {
     PollOut1,
     /// A connection's cancel request.
     Cancel,
+    /// A queued connection's watch for its client leaving.
+    Watch,
     /// A worker-level request whose completion needs no handling.
     Ignore,
 }
 
 impl Op {
-    const ALL: [Op; 17] = [
+    const ALL: [Op; 18] = [
         Op::Accept,
         Op::AcceptPause,
         Op::AcceptPoll,
@@ -56,6 +58,7 @@ impl Op {
         Op::PollOut0,
         Op::PollOut1,
         Op::Cancel,
+        Op::Watch,
         Op::Ignore,
     ];
 
