@@ -364,3 +364,111 @@ fn retries_are_bounded_then_the_client_is_reset() {
         Some(1)
     );
 }
+
+/// "web" over a gated backend with `maxconn` (when given), then "other"
+/// over an echo backend (when given).
+fn frontends(web: Option<(SocketAddr, u32)>, other: Option<SocketAddr>) -> String {
+    let mut text = String::from("drain-timeout = \"60s\"\n");
+    if let Some((backend, maxconn)) = web {
+        text.push_str(&format!(
+            "[[frontend]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n\
+             check-interval = \"1h\"\ntimeout-queue = \"60s\"\n\
+             backends = [ {{ address = \"{backend}\", name = \"app\", maxconn = {maxconn} }} ]\n"
+        ));
+    }
+    if let Some(addr) = other {
+        text.push_str(&format!(
+            "[[frontend]]\nname = \"other\"\nlisten = \"127.0.0.1:0\"\n\
+             check-interval = \"1h\"\nbackends = [\"{addr}\"]\n"
+        ));
+    }
+    text
+}
+
+fn reload(ringlb: &Ringlb, config: &ConfigFile, text: &str, n: usize) {
+    std::fs::write(&config.0, text).expect("rewrite the config");
+    ringlb.signal(libc::SIGHUP);
+    let line = ringlb.wait_log(&format!("reload {n} "), WAIT);
+    assert!(
+        line.as_deref().is_some_and(|l| l.contains("applied")),
+        "reload {n}: {line:?}; logs:\n{}",
+        ringlb.logs()
+    );
+}
+
+/// A raw client that sends a byte and waits in the queue.
+fn queued_client(ringlb: &Ringlb) -> TcpStream {
+    let mut stream = ringlb.connect();
+    stream.write_all(b"x").expect("send while queued");
+    stream
+}
+
+#[test]
+fn queued_connections_wait_through_a_drain_and_a_stop_resets_them() {
+    let gate = Gate::default();
+    let backend = Backend::start(gate.handler());
+    let config = ConfigFile::new("drain", &frontends(Some((backend.addr, 1)), None));
+    let mut ringlb = config.start();
+    let holder = echo_client(ringlb.addr, 1);
+    assert!(eventually(WAIT, || gate.open() == 1));
+    let waits = echo_client(ringlb.addr, 2);
+    wait_metric(&ringlb, "ringlb_frontend_queued", 1);
+    let mut cut = queued_client(&ringlb);
+    wait_metric(&ringlb, "ringlb_frontend_queued", 2);
+    ringlb.signal(libc::SIGTERM);
+    assert!(ringlb.wait_log("draining", WAIT).is_some());
+    // Draining, the queue keeps its clients and a freed slot still serves
+    // the next one.
+    gate.release(1);
+    assert!(eventually(WAIT, || gate.served() == 2 && gate.open() == 1));
+    holder.join().expect("client thread").expect("served whole");
+    wait_metric(&ringlb, "ringlb_frontend_queued", 1);
+    ringlb.signal(libc::SIGTERM);
+    assert_eq!(
+        read_end(&mut cut),
+        Err(ErrorKind::ConnectionReset),
+        "a stop resets a queued connection"
+    );
+    gate.release(10);
+    let _ = waits.join().expect("client thread");
+    assert!(
+        ringlb.wait_exit(WAIT).is_some(),
+        "ringlb exits after the stop"
+    );
+}
+
+#[test]
+fn a_reload_resets_the_queue_of_a_removed_frontend_and_reroutes_a_kept_one() {
+    let gate = Gate::default();
+    let backend = Backend::start(gate.handler());
+    let other = Backend::start(echo());
+    let config = ConfigFile::new(
+        "reload",
+        &frontends(Some((backend.addr, 1)), Some(other.addr)),
+    );
+    let ringlb = config.start();
+    let holder = echo_client(ringlb.addr, 1);
+    assert!(eventually(WAIT, || gate.open() == 1));
+    // A kept frontend whose backend gets more room: the queued client is
+    // served at once, the holder still holding its slot.
+    let raised = echo_client(ringlb.addr, 2);
+    wait_metric(&ringlb, "ringlb_frontend_queued", 1);
+    let raised_config = frontends(Some((backend.addr, 2)), Some(other.addr));
+    reload(&ringlb, &config, &raised_config, 1);
+    assert!(eventually(WAIT, || gate.served() == 2));
+    wait_metric(&ringlb, "ringlb_frontend_queued", 0);
+    // Full again: a third client waits, then its frontend goes away.
+    let mut dropped = queued_client(&ringlb);
+    wait_metric(&ringlb, "ringlb_frontend_queued", 1);
+    let only_other = frontends(None, Some(other.addr));
+    reload(&ringlb, &config, &only_other, 2);
+    assert_eq!(
+        read_end(&mut dropped),
+        Err(ErrorKind::ConnectionReset),
+        "a queued connection of a removed frontend is reset"
+    );
+    // Connections already at the backend get the drain time.
+    gate.release(2);
+    holder.join().expect("client thread").expect("served whole");
+    raised.join().expect("client thread").expect("served whole");
+}
