@@ -276,7 +276,8 @@ fn maxconn_holds_across_workers() {
     let ringlb = config.start();
     let clients: Vec<_> = (0..12).map(|seed| echo_client(ringlb.addr, seed)).collect();
     wait_metric(&ringlb, "ringlb_frontend_queued", 9);
-    assert_eq!(gate.open(), 3);
+    assert!(eventually(WAIT, || gate.open() == 3));
+    assert_eq!(gate.served(), 3);
     // Let them through one at a time: a slot freed on one worker goes to a
     // client queued on either.
     for served in 4..=12 {
