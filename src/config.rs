@@ -1340,6 +1340,27 @@ backends = [
     }
 
     #[test]
+    fn timeout_queue_and_retries_have_haproxys_names_and_defaults() {
+        let text = "[[frontend]]\nlisten = \"127.0.0.1:1\"\nbackends = [\"127.0.0.1:2\"]\n";
+        let plain = &Config::from_toml(text, "f.toml").expect("config").frontends[0];
+        assert_eq!(
+            (plain.timeout_queue, plain.retries),
+            (None, DEFAULT_RETRIES)
+        );
+        let set = format!("{text}timeout-queue = \"5s\"\nretries = 0\n");
+        let set = &Config::from_toml(&set, "f.toml").expect("config").frontends[0];
+        assert_eq!(
+            (set.timeout_queue, set.retries),
+            (Some(Duration::from_secs(5)), 0)
+        );
+        let bad = format!("{text}timeout-queue = \"soon\"\n");
+        let err = Config::from_toml(&bad, "f.toml")
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("timeout-queue") && err.contains(":4"), "{err}");
+    }
+
+    #[test]
     fn a_bad_backend_table_names_its_line_and_key() {
         let with = |table: &str| {
             let text = format!(

@@ -883,6 +883,27 @@ mod tests {
     }
 
     #[test]
+    fn a_full_backend_is_skipped_and_an_overflow_promotes_nothing() {
+        let f = frontend("active-passive", false, 2);
+        let none = Tried::default();
+        f.backends[0].set_maxconn(Some(1));
+        assert!(f.backends[0].has_room());
+        assert_eq!(f.select(&none), Some(0));
+        assert_eq!(f.backends[0].take_slot(), Slot::Taken);
+        assert!(!f.backends[0].has_room());
+        // Full, not down: the next one takes the overflow...
+        assert_eq!(f.select(&none), Some(1));
+        // ...and once there is room again the traffic is back on the first.
+        f.backends[0].give_slot();
+        assert_eq!(f.select(&none), Some(0));
+        let rr = frontend("active-active", true, 3);
+        rr.backends[1].set_maxconn(Some(1));
+        assert_eq!(rr.backends[1].take_slot(), Slot::Taken);
+        let picks: Vec<_> = (0..4).map(|_| rr.select(&none)).collect();
+        assert!(picks.iter().all(|p| *p != Some(1)), "{picks:?}");
+    }
+
+    #[test]
     fn local_connect_errors_are_not_the_backends_fault() {
         assert_eq!(
             ConnectFailure::from_errno(libc::EADDRNOTAVAIL),

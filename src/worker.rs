@@ -1158,18 +1158,13 @@ impl Worker {
     }
 
     /// Every usable backend is at its maxconn: the connection waits for a
-    /// slot, up to `timeout-queue` (none: it is reset at once).
+    /// slot, up to `timeout-queue`.
     fn enqueue(&mut self, key: usize) -> std::io::Result<()> {
         let session = &mut self.sessions[key];
         let Stage::Connect(connecting) = &mut session.stage else {
             return Ok(());
         };
         let stats = &session.view.snap.shared.stats;
-        if session.view.timeout_queue.is_zero() {
-            session.conn.close(key, End::QueueTimeout, &mut self.io)?;
-            self.free_if_finished(key);
-            return Ok(());
-        }
         let connecting = std::mem::take(connecting);
         session.stage = Stage::Queued(Queued {
             connecting,
