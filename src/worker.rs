@@ -283,6 +283,7 @@ enum Sweep {
 struct Warnings {
     local: [RateLimit; LocalFailure::ALL.len()],
     pipe: RateLimit,
+    queue: RateLimit,
 }
 
 impl Warnings {
@@ -290,6 +291,7 @@ impl Warnings {
         Warnings {
             local: std::array::from_fn(|_| RateLimit::new(WARN_PERIOD)),
             pipe: RateLimit::new(WARN_PERIOD),
+            queue: RateLimit::new(WARN_PERIOD),
         }
     }
 }
@@ -1175,6 +1177,16 @@ impl Worker {
         stats.queued_total.fetch_add(1, Relaxed);
         session.conn.watch_client(key, &mut self.io)?;
         let shared = Arc::clone(&session.view.snap.shared);
+        if let Some(held_back) = self.warnings.queue.allow(self.now) {
+            log::warn!(
+                "worker {}: frontend {}: every usable backend is at its maxconn; new connections \
+                 wait in the queue up to {:?}{}",
+                self.id,
+                shared.name,
+                session.view.timeout_queue,
+                self.warnings.queue.suffix(held_back)
+            );
+        }
         self.queues.push(&shared, key);
         // Marked before the queue is served again (at the end of this
         // batch): a slot given back in between wakes this worker.
