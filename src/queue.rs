@@ -12,8 +12,9 @@
 //! `retries` bounds the connect attempts of one connection: a failed
 //! connect moves on to a backend not yet tried at once (HAProxy's
 //! `redispatch`); once every candidate was tried, the round starts again
-//! after a short delay, so a single backend that refuses while it restarts
-//! is tried again rather than costing the client its connection.
+//! after a short delay (200 ms, doubling up to 1 s), so a single backend
+//! that refuses while it restarts is tried again rather than costing the
+//! client its connection.
 //!
 //! [`Waiting`]: crate::model::Waiting
 
@@ -26,8 +27,9 @@ use crate::model::{FrontendShared, FrontendSnapshot, Slot, Tried};
 
 /// The delay before the first retry round; doubled each round up to
 /// [`RETRY_DELAY_MAX`]. Short, since a refused connect costs the backend
-/// nothing; growing, so a backend that stays away is not hammered.
-const RETRY_DELAY: Duration = Duration::from_millis(100);
+/// nothing; growing, so a backend that stays away is not hammered. With
+/// the default 3 retries a single backend gets 1.4 s to come back.
+const RETRY_DELAY: Duration = Duration::from_millis(200);
 /// HAProxy's fixed turn-around between retries on the same server.
 const RETRY_DELAY_MAX: Duration = Duration::from_secs(1);
 
@@ -273,8 +275,8 @@ mod tests {
     fn retry_delays_grow_to_a_second() {
         let ms = |r| retry_delay(r).as_millis();
         assert_eq!(
-            [ms(1), ms(2), ms(3), ms(4), ms(5), ms(40)],
-            [100, 200, 400, 800, 1000, 1000]
+            [ms(1), ms(2), ms(3), ms(4), ms(40)],
+            [200, 400, 800, 1000, 1000]
         );
     }
 
