@@ -115,6 +115,8 @@ pub fn end_code(end: Option<End>) -> &'static str {
         Some(End::FrontendRemoved) => "frontend-removed",
         Some(End::LocalError) => "local-error",
         Some(End::HelloRefused) => "bad-hello",
+        Some(End::QueueTimeout) => "queue-timeout",
+        Some(End::ClientAborted) => "client-aborted",
         None => "unknown",
     }
 }

@@ -133,6 +133,9 @@ pub struct Cli {
     /// Close a connection the client has ended (half-closed) once it idles this long [default: the idle timeout]
     #[arg(long, value_name = "DUR", value_parser = config::parse_duration, conflicts_with = "config")]
     timeout_server_fin: Option<Duration>,
+    /// Connect attempts after the first for one connection, on other backends or the same one
+    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_RETRIES, conflicts_with = "config")]
+    retries: u32,
 
     /// On SIGTERM, time open connections get to finish before they are closed [default: 30s]
     #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
@@ -371,6 +374,8 @@ impl Cli {
             failback: !self.no_failback,
             on_down: self.on_down,
             maxconn: self.maxconn,
+            timeout_queue: None,
+            retries: self.retries,
             access_log: crate::config::AccessLog::Off,
             edge: EdgeConfig {
                 acl: acl_of(&self.allow, &self.deny),

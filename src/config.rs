@@ -31,6 +31,10 @@ pub const DEFAULT_CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// enough for keepalived with a 1 s advert and a 1 s check to move the
 /// address (see `Config::leave_delay`); a few seconds more on a stop.
 pub const DEFAULT_LEAVE_DELAY: Duration = Duration::from_secs(2);
+/// HAProxy's default `retries`: a connection makes at most 4 connect
+/// attempts, so a client waits at most 4 connect timeouts (plus the short
+/// delays before trying a backend again) before it is reset.
+pub const DEFAULT_RETRIES: u32 = 3;
 /// Receive buffers per worker (16 KiB each: 16 MiB). Only messages in
 /// flight hold one, so this bounds memory, not connections.
 pub const DEFAULT_BUFFERS: u32 = 1024;
@@ -244,6 +248,13 @@ pub struct FrontendConfig {
     /// Most client connections at once on this frontend; more wait in the
     /// kernel's accept queue until one ends, so backends are never swamped.
     pub maxconn: Option<u32>,
+    /// How long a connection waits for a slot when every usable backend is
+    /// at its maxconn (HAProxy's `timeout queue`); the connect timeout when
+    /// unset.
+    pub timeout_queue: Option<Duration>,
+    /// Connect attempts after the first, across backends and on the same
+    /// one (HAProxy's `retries`).
+    pub retries: u32,
     /// `log = true`, in the format of `log-format`.
     pub access_log: AccessLog,
     /// Source ACL, per-source limits, half-closed timeouts.
@@ -535,6 +546,8 @@ struct RawFrontend {
     failback: Option<bool>,
     on_down: Option<OnDown>,
     maxconn: Option<u32>,
+    timeout_queue: Option<Spanned<String>>,
+    retries: Option<u32>,
     log: Option<bool>,
     log_format: Option<Spanned<LogFormat>>,
     timeout_client_hello: Option<Spanned<String>>,
@@ -787,6 +800,8 @@ impl RawFrontend {
             failback: self.failback.unwrap_or(true),
             on_down: self.on_down.unwrap_or(OnDown::Keep),
             maxconn: self.maxconn,
+            timeout_queue: src.duration(&self.timeout_queue, "timeout-queue")?,
+            retries: self.retries.unwrap_or(DEFAULT_RETRIES),
             access_log: self.access_log(src)?,
             edge: self.edge(src)?,
             tls: TlsSettings {
@@ -1820,6 +1835,27 @@ backends = [
     }
 
     #[test]
+    fn timeout_queue_and_retries_have_haproxys_names_and_defaults() {
+        let text = "[[frontend]]\nlisten = \"127.0.0.1:1\"\nbackends = [\"127.0.0.1:2\"]\n";
+        let plain = &Config::from_toml(text, "f.toml").expect("config").frontends[0];
+        assert_eq!(
+            (plain.timeout_queue, plain.retries),
+            (None, DEFAULT_RETRIES)
+        );
+        let set = format!("{text}timeout-queue = \"5s\"\nretries = 0\n");
+        let set = &Config::from_toml(&set, "f.toml").expect("config").frontends[0];
+        assert_eq!(
+            (set.timeout_queue, set.retries),
+            (Some(Duration::from_secs(5)), 0)
+        );
+        let bad = format!("{text}timeout-queue = \"soon\"\n");
+        let err = Config::from_toml(&bad, "f.toml")
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("timeout-queue") && err.contains(":4"), "{err}");
+    }
+
+    #[test]
     fn a_bad_backend_table_names_its_line_and_key() {
         let with = |table: &str| {
             let text = format!(
@@ -1873,6 +1909,8 @@ backends = [
             failback: true,
             on_down: OnDown::Keep,
             maxconn: None,
+            timeout_queue: None,
+            retries: crate::config::DEFAULT_RETRIES,
             access_log: AccessLog::Off,
             edge: EdgeConfig::default(),
             tls: TlsSettings::default(),

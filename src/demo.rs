@@ -112,6 +112,8 @@ fn frontend(name: &str, mode: Mode, backends: &[&DemoBackend]) -> FrontendConfig
         failback: true,
         on_down: OnDown::Keep,
         maxconn: None,
+        timeout_queue: None,
+        retries: crate::config::DEFAULT_RETRIES,
         access_log: crate::config::AccessLog::Off,
         edge: Default::default(),
         tls: Default::default(),

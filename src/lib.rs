@@ -60,6 +60,7 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod notify;
+pub mod queue;
 pub mod relay;
 pub mod reload;
 pub mod select;

@@ -56,6 +56,14 @@ pub fn render(
         ("ringlb_frontend_local_errors_total", "counter", |s| {
             &s.local_errors
         }),
+        ("ringlb_frontend_queued", "gauge", |s| &s.queued),
+        ("ringlb_frontend_queued_total", "counter", |s| {
+            &s.queued_total
+        }),
+        ("ringlb_frontend_queue_timeouts_total", "counter", |s| {
+            &s.queue_timeouts
+        }),
+        ("ringlb_frontend_retries_total", "counter", |s| &s.retries),
     ];
     for &(name, kind, get) in frontend_metrics {
         out.family(name, kind);
@@ -97,6 +105,9 @@ pub fn render(
         ("ringlb_backend_checks_failed_total", "counter", |s| {
             &s.checks_failed
         }),
+        // Connections holding a maxconn slot, connecting ones included;
+        // always 0 for a backend without maxconn (nothing is counted).
+        ("ringlb_backend_maxconn_slots_used", "gauge", |s| &s.slots),
     ];
     for &(name, kind, get) in backend_metrics {
         out.family(name, kind);
@@ -112,6 +123,14 @@ pub fn render(
         for b in &f.backends {
             let labels = [("frontend", f.config.name.as_str()), ("backend", &b.name)];
             out.sample("ringlb_backend_up", &labels, u64::from(b.is_up()));
+        }
+    }
+    out.family("ringlb_backend_maxconn", "gauge");
+    for f in frontends {
+        for b in f.backends.iter().filter(|b| b.maxconn().is_some()) {
+            let labels = [("frontend", f.config.name.as_str()), ("backend", &b.name)];
+            let max = b.maxconn().map_or(0, u64::from);
+            out.sample("ringlb_backend_maxconn", &labels, max);
         }
     }
     let reload_metrics: &[Metric<ReloadStats>] = &[

@@ -287,6 +287,11 @@ pub struct BackendStats {
     pub went_down: AtomicU64,
     pub went_up: AtomicU64,
     pub checks_failed: AtomicU64,
+    /// Connections holding one of its `maxconn` slots, all workers
+    /// together: from the moment one is assigned (connecting counts) to
+    /// its end. Only counted while the backend has a maxconn, so a backend
+    /// without one pays no atomic for it.
+    pub slots: AtomicU64,
 }
 
 /// One backend of one frontend, as long as the config keeps it (same
@@ -304,7 +309,23 @@ pub struct BackendShared {
     /// and check settings: one probe, one state.
     pub health: Arc<Health>,
     admin: AtomicU8,
+    /// Most connections at once (0: no limit). Written only by the reload
+    /// path; read at pick time next to `admin`, on a line workers do not
+    /// write, so checking for room costs a backend without a limit one
+    /// plain load.
+    maxconn: AtomicU32,
     pub stats: BackendStats,
+}
+
+/// What [`BackendShared::take_slot`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// The backend has no maxconn: nothing was counted, nothing to give back.
+    Unlimited,
+    /// A slot was taken: give it back with [`BackendShared::give_slot`].
+    Taken,
+    /// At its maxconn: nothing was counted.
+    Full,
 }
 
 static NEXT_BACKEND_ID: AtomicU64 = AtomicU64::new(1);
@@ -318,8 +339,52 @@ impl BackendShared {
             id: NEXT_BACKEND_ID.fetch_add(1, Relaxed),
             health,
             admin: AtomicU8::new(AdminState::Ready as u8),
+            maxconn: AtomicU32::new(0),
             stats: BackendStats::default(),
         }
+    }
+
+    /// The reload path only: a lower limit takes effect as connections end.
+    pub fn set_maxconn(&self, maxconn: Option<u32>) {
+        self.maxconn.store(maxconn.unwrap_or(0), Relaxed);
+    }
+
+    pub fn maxconn(&self) -> Option<u32> {
+        Some(self.maxconn.load(Relaxed)).filter(|m| *m > 0)
+    }
+
+    /// Room for one more connection under its maxconn. For selectors, at
+    /// pick time: a backend without a limit costs one plain load of a line
+    /// that only reloads write. Only a hint: [`take_slot`] decides.
+    ///
+    /// [`take_slot`]: BackendShared::take_slot
+    pub fn has_room(&self) -> bool {
+        let max = self.maxconn.load(Relaxed);
+        max == 0 || self.stats.slots.load(Relaxed) < u64::from(max)
+    }
+
+    /// Counts a connection against the backend's maxconn, if it has one.
+    /// A compare-and-swap, so workers never take more than the limit
+    /// together; sequentially consistent with the queue's marks (see
+    /// [`Waiting::mark`]).
+    pub fn take_slot(&self) -> Slot {
+        let max = u64::from(self.maxconn.load(Relaxed));
+        if max == 0 {
+            return Slot::Unlimited;
+        }
+        match self
+            .stats
+            .slots
+            .fetch_update(SeqCst, Relaxed, |n| (n < max).then_some(n + 1))
+        {
+            Ok(_) => Slot::Taken,
+            Err(_) => Slot::Full,
+        }
+    }
+
+    /// Gives back a slot [`take_slot`](BackendShared::take_slot) took.
+    pub fn give_slot(&self) {
+        self.stats.slots.fetch_sub(1, SeqCst);
     }
 
     pub fn is_up(&self) -> bool {
@@ -382,6 +447,14 @@ pub struct FrontendStats {
     pub hello_refused: [AtomicU64; 4],
     /// ClientHellos read that carried no server name.
     pub hello_no_sni: AtomicU64,
+    /// Connections waiting now for a slot on a backend at its maxconn.
+    pub queued: AtomicU64,
+    /// Connections that ever waited in the queue.
+    pub queued_total: AtomicU64,
+    /// Queued connections reset when `timeout-queue` passed.
+    pub queue_timeouts: AtomicU64,
+    /// Connect attempts after a connection's first (HAProxy's `wretr`).
+    pub retries: AtomicU64,
 }
 
 /// Per route of a frontend, kept across reloads by route name.
@@ -403,6 +476,9 @@ pub struct FrontendShared {
     /// The per-source table and the refusal counters, kept across reloads
     /// (connections in flight hold their place in it).
     pub sources: Arc<crate::edge::Sources>,
+    /// Workers with connections queued for a slot on this frontend's
+    /// backends: a slot given back on any worker wakes them.
+    pub queue_waiting: Waiting,
     /// Active-passive without fail-back: the id of the backend that was
     /// promoted and keeps the traffic after the active one returns (0:
     /// none). An id, not an index, so a reload that reorders backends keeps
@@ -420,6 +496,7 @@ impl FrontendShared {
             stats: FrontendStats::default(),
             waiting: Waiting::default(),
             sources: Arc::default(),
+            queue_waiting: Waiting::default(),
             promoted: AtomicU64::new(0),
             routes: Mutex::default(),
         }
@@ -861,6 +938,27 @@ mod tests {
         assert_eq!(reordered.select(&none), Some(0));
         f.backends[1].health.set_up(false);
         assert_eq!(f.select(&none), Some(0));
+    }
+
+    #[test]
+    fn a_full_backend_is_skipped_and_an_overflow_promotes_nothing() {
+        let f = frontend("active-passive", false, 2);
+        let none = Tried::default();
+        f.backends[0].set_maxconn(Some(1));
+        assert!(f.backends[0].has_room());
+        assert_eq!(f.select(&none), Some(0));
+        assert_eq!(f.backends[0].take_slot(), Slot::Taken);
+        assert!(!f.backends[0].has_room());
+        // Full, not down: the next one takes the overflow...
+        assert_eq!(f.select(&none), Some(1));
+        // ...and once there is room again the traffic is back on the first.
+        f.backends[0].give_slot();
+        assert_eq!(f.select(&none), Some(0));
+        let rr = frontend("active-active", true, 3);
+        rr.backends[1].set_maxconn(Some(1));
+        assert_eq!(rr.backends[1].take_slot(), Slot::Taken);
+        let picks: Vec<_> = (0..4).map(|_| rr.select(&none)).collect();
+        assert!(picks.iter().all(|p| *p != Some(1)), "{picks:?}");
     }
 
     #[test]

@@ -71,6 +71,10 @@ pub enum End {
     /// The client's TLS ClientHello was malformed, too large, late, or
     /// cut short: nothing was sent to a backend.
     HelloRefused,
+    /// Every usable backend stayed at its maxconn for `timeout-queue`.
+    QueueTimeout,
+    /// The client left while its connection waited in the queue.
+    ClientAborted,
 }
 
 /// What failed locally, for the worker's rate-limited log line.
@@ -124,6 +128,8 @@ impl End {
             End::FrontendRemoved => "frontend removed, drain timeout passed",
             End::LocalError => "local error",
             End::HelloRefused => "ClientHello refused",
+            End::QueueTimeout => "queue timeout, every backend at its maxconn",
+            End::ClientAborted => "client left while queued",
         }
     }
 }
@@ -301,6 +307,29 @@ impl Conn {
         io.push_linked(&first, &second)?;
         self.inflight += 2;
         Ok(())
+    }
+
+    /// Waits, while the connection is queued, for the client to leave (a
+    /// reset, or its end of stream). Data it sends meanwhile does not end
+    /// the wait: it stays in the socket for the backend.
+    pub fn watch_client(&mut self, key: usize, io: &mut Io) -> std::io::Result<()> {
+        let entry = opcode::PollAdd::new(
+            types::Fd(self.client),
+            (libc::POLLRDHUP | libc::POLLERR | libc::POLLHUP) as u32,
+        )
+        .build()
+        .user_data(token(Op::Watch, key));
+        self.submit(io, entry)
+    }
+
+    /// Ends the watch of [`watch_client`](Conn::watch_client): the
+    /// connection leaves the queue.
+    pub fn unwatch_client(&mut self, key: usize, io: &mut Io) -> std::io::Result<()> {
+        let cancel =
+            opcode::AsyncCancel2::new(types::CancelBuilder::user_data(token(Op::Watch, key)))
+                .build()
+                .user_data(token(Op::Cancel, key));
+        self.submit(io, cancel)
     }
 
     /// The backend answered the connect: start moving bytes both ways. The
@@ -635,7 +664,9 @@ impl Conn {
             | End::LocalError
             | End::Stopped
             | End::HelloRefused
-            | End::NoBackend => {
+            | End::NoBackend
+            | End::QueueTimeout
+            | End::ClientAborted => {
                 self.reset_both();
             }
             // A peer that stopped reading leaves bytes on their way to it:

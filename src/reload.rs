@@ -261,7 +261,7 @@ fn backends_of(
         .map(|b| {
             let health = targets.health(b.addr, &f.check);
             let label = || format!("{}/{}", f.name, b.name);
-            match old.get(b.name.as_str()) {
+            let backend = match old.get(b.name.as_str()) {
                 Some(o) if o.addr == b.addr && Arc::ptr_eq(&o.health, &health) => Arc::clone(o),
                 Some(o) => {
                     summary.backends_changed.push(label());
@@ -275,7 +275,11 @@ fn backends_of(
                     }
                     Arc::new(BackendShared::new(&f.name, &b.name, b.addr, health))
                 }
-            }
+            };
+            // On a kept backend too: its slot count carries over, the new
+            // limit applies to it at once.
+            backend.set_maxconn(b.maxconn);
+            backend
         })
         .collect()
 }

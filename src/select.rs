@@ -355,6 +355,11 @@ impl Pick<'_> {
     /// tried yet. On a fresh tier its membership says the first two (a
     /// flip since the epoch was read is caught by the next pick).
     fn takes(&self, i: usize) -> bool {
+        self.eligible(i) && self.has_room(i)
+    }
+
+    /// [`Self::takes`] but for room under the backend's maxconn.
+    fn eligible(&self, i: usize) -> bool {
         !self.tried.contains(i)
             && if self.fresh {
                 self.tier().has(i)
@@ -366,7 +371,17 @@ impl Pick<'_> {
     /// Like [`Self::takes`], for backends outside the tier too (backups
     /// when the tier holds the others).
     fn takes_any(&self, i: usize) -> bool {
+        self.eligible_any(i) && self.has_room(i)
+    }
+
+    fn eligible_any(&self, i: usize) -> bool {
         !self.tried.contains(i) && self.pool.usable_now(self.backends, i)
+    }
+
+    /// Under its maxconn (always, without one): a full backend is passed
+    /// over, and the queue waits for room when every one is full.
+    fn has_room(&self, i: usize) -> bool {
+        self.backends.get(i).is_some_and(|b| b.has_room())
     }
 
     /// The next slot of the weighted schedule that takes the connection,
@@ -645,20 +660,23 @@ impl Selector for Priority {
         tried: &Tried,
     ) -> Option<usize> {
         let pick = self.pool.begin(backends, tried);
-        if !self.failback
-            && let Some(i) = self.promoted(frontend, backends)
+        let promoted = (!self.failback)
+            .then(|| self.promoted(frontend, backends))
+            .flatten();
+        if let Some(i) = promoted
             && pick.takes_any(i)
         {
             return Some(i);
         }
-        let chosen = pick
-            .tier()
-            .members
-            .iter()
-            .map(|i| *i as usize)
+        let members = || pick.tier().members.iter().map(|i| *i as usize);
+        let chosen = members()
             .find(|&i| pick.takes(i))
             .or_else(|| pick.scan_in_order())?;
-        if !self.failback && tried.is_empty() {
+        // At its maxconn a backend overflows to the next in order
+        // (HAProxy's `balance first`): no failover, so nothing is promoted.
+        let overflow = promoted.is_some_and(|i| pick.eligible_any(i))
+            || members().find(|&i| pick.eligible(i)) != Some(chosen);
+        if !self.failback && tried.is_empty() && !overflow {
             frontend.promote(backends[chosen].id);
         }
         Some(chosen)

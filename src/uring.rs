@@ -34,6 +34,8 @@ pub enum Op {
     PollOut1,
     /// A connection's cancel request.
     Cancel,
+    /// A queued connection's watch for its client leaving.
+    Watch,
     /// A worker-level request whose completion needs no handling.
     Ignore,
     /// Receive of a TLS ClientHello (SNI routing).
@@ -44,7 +46,7 @@ pub enum Op {
 }
 
 impl Op {
-    const ALL: [Op; 19] = [
+    const ALL: [Op; 20] = [
         Op::Accept,
         Op::AcceptPause,
         Op::AcceptPoll,
@@ -61,6 +63,7 @@ impl Op {
         Op::PollOut0,
         Op::PollOut1,
         Op::Cancel,
+        Op::Watch,
         Op::Ignore,
         Op::Hello,
         Op::Preamble,

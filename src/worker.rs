@@ -29,6 +29,7 @@ use crate::model::{
     BackendShared, ConnectFailure, FrontendShared, FrontendSnapshot, Global, Snapshot, Tried,
     Waiting,
 };
+use crate::queue::{self, Pick, Queues};
 use crate::relay::{Conn, DOWNSTREAM, End, Event, LocalFailure, Phase, UPSTREAM};
 use crate::uring::{self, Io, Op, PipePool, token, untoken};
 
@@ -146,6 +147,10 @@ struct View {
     edge: edge::Policy,
     /// The selector hashes the client's address (`balance = "source"`).
     needs_client: bool,
+    /// Some backend has a maxconn: a pick that finds none may mean "all
+    /// full" (queue) rather than "none up". Without, nothing looks.
+    limited: bool,
+    timeout_queue: Duration,
 }
 
 impl View {
@@ -161,6 +166,11 @@ impl View {
             dirty: Cell::new(false),
             edge: edge::Policy::new(&snap.config.edge, &snap.shared.sources),
             needs_client: snap.needs_client(),
+            limited: snap.config.backends.iter().any(|b| b.maxconn.is_some()),
+            timeout_queue: snap
+                .config
+                .timeout_queue
+                .unwrap_or(snap.config.connect_timeout),
             snap: Arc::clone(snap),
         }
     }
@@ -215,6 +225,20 @@ struct Connecting {
     tried: Tried,
     /// Bytes the backend gets first, once connected (the ClientHello).
     preamble: Option<Box<Pending>>,
+    /// Connects made so far: at most 1 + `retries`.
+    attempts: u32,
+    /// Rounds started again after every candidate was tried (0: the first).
+    round: u32,
+    /// Between rounds: the tick connects again from then on.
+    retry_at: Option<Instant>,
+}
+
+/// Waiting for a slot: every usable backend is at its maxconn.
+struct Queued {
+    connecting: Connecting,
+    since: Instant,
+    /// The poll that notices the client leaving is in flight.
+    watching: bool,
 }
 
 /// Where a session is, for what is not the relay's business. Later stages
@@ -228,6 +252,8 @@ enum Stage {
     /// The backend accepted; the preamble is being sent to it. Its active
     /// count drops when the session ends, as in the relay.
     Preamble(Box<Pending>),
+    /// In this worker's queue for its frontend (see queue.rs).
+    Queued(Queued),
     /// The backend accepted: its active count drops when this ends.
     Relay,
 }
@@ -239,6 +265,8 @@ struct Session {
     view: Rc<View>,
     /// Index into `view`'s backends, once one was chosen.
     backend: Option<usize>,
+    /// Holds one of that backend's maxconn slots.
+    slot: bool,
     /// From accept to the backend's accept, for the access log.
     connected_after: Option<Duration>,
     /// Index into `view.snap.routes` (0: the frontend's own backends).
@@ -287,6 +315,7 @@ struct Warnings {
     local: [RateLimit; LocalFailure::ALL.len()],
     pipe: RateLimit,
     refused: RateLimit,
+    queue: RateLimit,
 }
 
 impl Warnings {
@@ -295,6 +324,7 @@ impl Warnings {
             local: std::array::from_fn(|_| RateLimit::new(WARN_PERIOD)),
             pipe: RateLimit::new(WARN_PERIOD),
             refused: RateLimit::new(WARN_PERIOD),
+            queue: RateLimit::new(WARN_PERIOD),
         }
     }
 }
@@ -333,6 +363,11 @@ pub struct Worker {
     sweep: Vec<(usize, Sweep)>,
     /// Views with bytes to flush at this tick.
     dirty: Vec<Rc<View>>,
+    /// Connections waiting for a backend slot, per frontend.
+    queues: Queues,
+    /// A slot may be free for a queued connection: serve the queues once
+    /// the batch is done.
+    serve_queued: bool,
 }
 
 impl Worker {
@@ -378,6 +413,8 @@ impl Worker {
             batch: Vec::with_capacity(cq_entries.min(4 * RING_ENTRIES) as usize),
             sweep: Vec::new(),
             dirty: Vec::new(),
+            queues: Queues::default(),
+            serve_queued: false,
         })
     }
 
@@ -431,6 +468,9 @@ impl Worker {
             if std::mem::take(&mut self.resume) {
                 self.resume_held()?;
             }
+            if std::mem::take(&mut self.serve_queued) {
+                self.serve_queues()?;
+            }
         }
         log::debug!("worker {} stopped", self.id);
         Ok(())
@@ -476,6 +516,7 @@ impl Worker {
             Op::Connect => return self.on_connect(key, res),
             Op::Hello => return self.on_hello(key, res),
             Op::Preamble => return self.on_preamble(key, res),
+            Op::Watch => return self.on_watch(key, res),
             Op::ConnectTimeout | Op::Cancel => {
                 conn.inflight -= 1;
                 Event::None
@@ -972,6 +1013,7 @@ impl Worker {
         let key = self.sessions.insert(Session {
             view: Rc::clone(view),
             backend: None,
+            slot: false,
             connected_after: None,
             route: 0,
             server_name: None,
@@ -985,6 +1027,11 @@ impl Worker {
         });
         if reads_hello {
             return self.read_hello(key);
+        }
+        // Behind those already waiting, on any worker: a new client must not
+        // take the slot a queued one was woken for.
+        if view.limited && view.snap.shared.stats.queued.load(Relaxed) > 0 {
+            return self.enqueue(key);
         }
         self.connect_next(key)
     }
@@ -1032,44 +1079,103 @@ impl Worker {
         }
     }
 
-    /// Connects to the next backend this connection has not tried, with the
-    /// frontend's connect timeout linked to the connect.
+    /// Connects to a backend this connection has not tried in this round,
+    /// as the frontend's retries allow; queues it when every usable one is
+    /// at its maxconn.
     fn connect_next(&mut self, key: usize) -> std::io::Result<()> {
+        let session = &mut self.sessions[key];
+        let Stage::Connect(connecting) = &mut session.stage else {
+            return Ok(());
+        };
+        connecting.retry_at = None;
+        let view = &session.view;
+        if connecting.attempts > view.snap.config.retries {
+            return self.no_backend(key);
+        }
+        let client = session.conn.client_addr.map(|a| a.ip());
+        let chosen = queue::pick(
+            &view.snap,
+            session.route,
+            &connecting.tried,
+            client,
+            view.limited,
+        );
+        match chosen {
+            Pick::Backend { index, slot } => self.connect_to(key, index, slot),
+            Pick::Full => self.enqueue(key),
+            Pick::Exhausted => self.retry_later(key),
+        }
+    }
+
+    /// Every candidate of this round was tried: start again after a short
+    /// delay while attempts are left and something is still usable (a
+    /// single backend that refuses while it restarts gets another chance,
+    /// as HAProxy retries the same server).
+    fn retry_later(&mut self, key: usize) -> std::io::Result<()> {
+        let session = &mut self.sessions[key];
+        let Stage::Connect(connecting) = &mut session.stage else {
+            return Ok(());
+        };
+        let snap = &session.view.snap;
+        let route = snap.routes.get(session.route).map(|r| r.backends.clone());
+        let again = !connecting.tried.is_empty()
+            && connecting.attempts <= snap.config.retries
+            && snap
+                .backends
+                .get(route.unwrap_or_default())
+                .is_some_and(|set| set.iter().any(|b| b.usable()));
+        if !again {
+            return self.no_backend(key);
+        }
+        connecting.round += 1;
+        connecting.tried = Tried::default();
+        connecting.retry_at = Some(self.now + queue::retry_delay(connecting.round));
+        Ok(())
+    }
+
+    fn no_backend(&mut self, key: usize) -> std::io::Result<()> {
+        let session = &mut self.sessions[key];
+        let snap = &session.view.snap;
+        snap.shared.stats.no_backend.fetch_add(1, Relaxed);
+        if let Some(route) = snap.routes.get(session.route) {
+            route.stats.no_backend.fetch_add(1, Relaxed);
+        }
+        session.conn.close(key, End::NoBackend, &mut self.io)?;
+        self.free_if_finished(key);
+        Ok(())
+    }
+
+    /// Connects to backend `index` (holding one of its slots when `slot`),
+    /// with the frontend's connect timeout linked to the connect.
+    fn connect_to(&mut self, key: usize, index: usize, slot: bool) -> std::io::Result<()> {
         let session = &mut self.sessions[key];
         let Stage::Connect(connecting) = &mut session.stage else {
             return Ok(());
         };
         let view = &session.view;
         let conn = &mut session.conn;
-        let client = conn.client_addr.map(|a| a.ip());
-        let Some(index) = view
-            .snap
-            .select_in(session.route, &connecting.tried, client)
-        else {
-            view.snap.shared.stats.no_backend.fetch_add(1, Relaxed);
-            if let Some(route) = view.snap.routes.get(session.route) {
-                route.stats.no_backend.fetch_add(1, Relaxed);
-            }
-            conn.close(key, End::NoBackend, &mut self.io)?;
-            self.free_if_finished(key);
-            return Ok(());
-        };
         let addr = &view.addrs[index];
         let fd = match backend_socket(addr.is_ipv6(), &mut self.io.pipes) {
             Ok(fd) => fd,
             Err(e) => {
                 let errno = e.raw_os_error().unwrap_or(0);
                 conn.local = Some((LocalFailure::BackendSocket, errno));
-                if !matches!(
+                let wait = matches!(
                     errno,
                     libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS
-                ) {
+                );
+                if !wait {
                     conn.close(key, End::LocalError, &mut self.io)?;
-                    self.free_if_finished(key);
+                }
+                // Not connecting: the slot goes to whoever can use it.
+                if slot {
+                    let view = Rc::clone(view);
+                    self.give_slot(&view, index);
                 }
                 // Out of fds or memory, which ending connections give back:
                 // the client waits and the tick tries again, up to the
                 // connect timeout; then it is reset.
+                self.free_if_finished(key);
                 return Ok(());
             }
         };
@@ -1081,9 +1187,14 @@ impl Worker {
             .map_or(0, |r| r.backends.start);
         connecting.tried.insert(index - first);
         view.backend(index).stats.connecting.fetch_add(1, Relaxed);
+        if connecting.attempts > 0 {
+            view.snap.shared.stats.retries.fetch_add(1, Relaxed);
+        }
+        connecting.attempts += 1;
         uring::set_nodelay(fd);
         conn.backend = fd;
         session.backend = Some(index);
+        session.slot = slot;
         // The address and the timespec live in the view, which this
         // session holds until the connect and its timeout have completed.
         let connect = opcode::Connect::new(types::Fd(fd), addr.as_ptr().cast(), addr.len())
@@ -1141,10 +1252,172 @@ impl Worker {
             backend.name,
             std::io::Error::from_raw_os_error(-res)
         );
-        backend.report_connect_failure(failure);
+        // One client retrying the same backend is no new evidence against
+        // it: only a connection's first round counts toward marking it
+        // down, so a single client cannot take the only backend out.
+        match &session.stage {
+            Stage::Connect(c) if c.round > 0 => {
+                backend.stats.connect_failures.fetch_add(1, Relaxed);
+            }
+            _ => backend.report_connect_failure(failure),
+        }
         uring::close(conn.backend);
         conn.backend = -1;
+        session.backend = None;
+        if std::mem::take(&mut session.slot) {
+            let view = Rc::clone(&session.view);
+            self.give_slot(&view, index);
+        }
         self.connect_next(key)
+    }
+
+    /// A backend slot is free again: a worker with connections queued on
+    /// that frontend serves its queue (this one once its batch is done).
+    fn give_slot(&mut self, view: &View, index: usize) {
+        view.backend(index).give_slot();
+        let waiting = view.snap.shared.queue_waiting.take();
+        if waiting == 0 {
+            return;
+        }
+        if Waiting::includes(waiting, self.id) {
+            self.serve_queued = true;
+        }
+        self.global.wake_others(waiting, self.id);
+    }
+
+    /// Every usable backend is at its maxconn: the connection waits for a
+    /// slot, up to `timeout-queue`.
+    fn enqueue(&mut self, key: usize) -> std::io::Result<()> {
+        let session = &mut self.sessions[key];
+        let Stage::Connect(connecting) = &mut session.stage else {
+            return Ok(());
+        };
+        let stats = &session.view.snap.shared.stats;
+        let connecting = std::mem::take(connecting);
+        session.stage = Stage::Queued(Queued {
+            connecting,
+            since: self.now,
+            watching: true,
+        });
+        stats.queued.fetch_add(1, Relaxed);
+        stats.queued_total.fetch_add(1, Relaxed);
+        session.conn.watch_client(key, &mut self.io)?;
+        let shared = Arc::clone(&session.view.snap.shared);
+        if let Some(held_back) = self.warnings.queue.allow(self.now) {
+            log::warn!(
+                "worker {}: frontend {}: every usable backend is at its maxconn; new connections \
+                 wait in the queue up to {:?}{}",
+                self.id,
+                shared.name,
+                session.view.timeout_queue,
+                self.warnings.queue.suffix(held_back)
+            );
+        }
+        self.queues.push(&shared, key);
+        // Marked before the queue is served again (at the end of this
+        // batch): a slot given back in between wakes this worker.
+        shared.queue_waiting.mark(self.id);
+        self.serve_queued = true;
+        Ok(())
+    }
+
+    /// Gives the free slots to this worker's queued connections, oldest
+    /// first, per frontend; stays marked as waiting while any is left.
+    fn serve_queues(&mut self) -> std::io::Result<()> {
+        if self.queues.is_empty() {
+            return Ok(());
+        }
+        for shared in self.queues.frontends() {
+            shared.queue_waiting.mark(self.id);
+            while let Some(key) = self.queues.front(&shared) {
+                if !self.try_place(&shared, key)? {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the connection at the head of a queue to a backend with room;
+    /// `false` when it must wait on.
+    fn try_place(&mut self, shared: &FrontendShared, key: usize) -> std::io::Result<bool> {
+        let Some(session) = self.sessions.get_mut(key) else {
+            self.queues.remove(shared, key);
+            return Ok(true);
+        };
+        let Stage::Queued(queued) = &mut session.stage else {
+            self.queues.remove(shared, key);
+            return Ok(true);
+        };
+        if session.conn.phase == Phase::Closing {
+            // Freed once its cancels complete; the gauge drops then.
+            self.queues.remove(shared, key);
+            return Ok(true);
+        }
+        let view = &session.view;
+        let found = queue::pick(
+            &view.snap,
+            session.route,
+            &queued.connecting.tried,
+            session.conn.client_addr.map(|a| a.ip()),
+            view.limited,
+        );
+        if found == Pick::Full {
+            return Ok(false);
+        }
+        self.dequeue(shared, key)?;
+        match found {
+            Pick::Backend { index, slot } => self.connect_to(key, index, slot)?,
+            _ => self.retry_later(key)?,
+        }
+        Ok(true)
+    }
+
+    /// Out of the queue and back to connecting.
+    fn dequeue(&mut self, shared: &FrontendShared, key: usize) -> std::io::Result<()> {
+        self.queues.remove(shared, key);
+        let session = &mut self.sessions[key];
+        let stage = std::mem::replace(&mut session.stage, Stage::Relay);
+        let Stage::Queued(queued) = stage else {
+            session.stage = stage;
+            return Ok(());
+        };
+        session.stage = Stage::Connect(queued.connecting);
+        session.view.snap.shared.stats.queued.fetch_sub(1, Relaxed);
+        if queued.watching {
+            session.conn.unwatch_client(key, &mut self.io)?;
+        }
+        Ok(())
+    }
+
+    /// The watch on a queued client completed: it left (a reset, or its
+    /// end of stream with nothing sent), or the watch was cancelled.
+    fn on_watch(&mut self, key: usize, res: i32) -> std::io::Result<()> {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return Ok(());
+        };
+        session.conn.inflight -= 1;
+        let queued = match &mut session.stage {
+            Stage::Queued(queued) => queued,
+            _ => {
+                self.free_if_finished(key);
+                return Ok(());
+            }
+        };
+        queued.watching = false;
+        let conn = &mut session.conn;
+        if conn.phase == Phase::Closing || res < 0 {
+            self.free_if_finished(key);
+            return Ok(());
+        }
+        // A client that sent its request and then ended its stream still
+        // waits for the answer: it stays (unwatched) until its turn.
+        let reset = res & (libc::POLLERR | libc::POLLHUP) as i32 != 0;
+        if reset || queue::unread_bytes(conn.client) == 0 {
+            conn.close(key, End::ClientAborted, &mut self.io)?;
+        }
+        self.free_if_finished(key);
+        Ok(())
     }
 
     fn free_if_finished(&mut self, key: usize) {
@@ -1158,15 +1431,29 @@ impl Worker {
         }
         let mut session = self.sessions.remove(key);
         self.release(&session.view.snap.shared);
+        if let (true, Some(index)) = (session.slot, session.backend) {
+            let view = Rc::clone(&session.view);
+            self.give_slot(&view, index);
+        }
         let stats = &session.view.snap.shared.stats;
+        if matches!(session.stage, Stage::Queued(_)) {
+            self.queues.remove(&session.view.snap.shared, key);
+            stats.queued.fetch_sub(1, Relaxed);
+        }
         let [up, down] = session.conn.take_uncounted();
         if let Some(backend) = session.relaying_to() {
             backend.stats.active.fetch_sub(1, Relaxed);
             backend.stats.bytes_to_backend.fetch_add(up, Relaxed);
             backend.stats.bytes_from_backend.fetch_add(down, Relaxed);
         }
-        if session.conn.end == Some(End::LocalError) {
-            stats.local_errors.fetch_add(1, Relaxed);
+        match session.conn.end {
+            Some(End::LocalError) => {
+                stats.local_errors.fetch_add(1, Relaxed);
+            }
+            Some(End::QueueTimeout) => {
+                stats.queue_timeouts.fetch_add(1, Relaxed);
+            }
+            _ => {}
         }
         let access_log = session.view.snap.config.access_log;
         if access_log != AccessLog::Off {
@@ -1229,6 +1516,7 @@ impl Worker {
         unsafe { libc::read(self.wake_fd, (&mut value as *mut u64).cast(), 8) };
         self.take_commands()?;
         self.resume_held()?;
+        self.serve_queues()?;
         if !self.finished() {
             self.arm_wake()?;
         }
@@ -1308,6 +1596,35 @@ impl Worker {
         for index in arm {
             self.serve_listener(index)?;
         }
+        self.requeue(&views)
+    }
+
+    /// Queued connections wait on for their frontend's new backend set
+    /// (nothing of the old one is in flight for them); those of a frontend
+    /// the snapshot no longer has are reset.
+    fn requeue(&mut self, views: &HashMap<&str, Rc<View>>) -> std::io::Result<()> {
+        for key in self.queues.keys() {
+            let Some(session) = self.sessions.get_mut(key) else {
+                continue;
+            };
+            let shared = &session.view.snap.shared;
+            let new = views.values().find(|v| Arc::ptr_eq(&v.snap.shared, shared));
+            match (new, &mut session.stage) {
+                (Some(view), Stage::Queued(queued)) => {
+                    session.view = Rc::clone(view);
+                    queued.connecting.tried = Tried::default();
+                }
+                (None, Stage::Queued(_)) => {
+                    session
+                        .conn
+                        .close(key, End::FrontendRemoved, &mut self.io)?;
+                    self.free_if_finished(key);
+                }
+                _ => {}
+            }
+        }
+        // A new snapshot may have room where the old one had none.
+        self.serve_queued = true;
         Ok(())
     }
 
@@ -1392,8 +1709,10 @@ impl Worker {
     /// its drain time; adds the bytes moved since the last tick to the
     /// shared counters.
     fn on_tick(&mut self) -> std::io::Result<()> {
-        // The net under the wake-ups between workers.
+        // The net under the wake-ups between workers (and the way queued
+        // connections see a backend come back or a limit raised).
         self.resume_held()?;
+        self.serve_queues()?;
         self.count_overflows();
         let now = self.now;
         let mut sweep = std::mem::take(&mut self.sweep);
@@ -1470,6 +1789,17 @@ fn sweep_action(
             .any(|(r, deadline)| Arc::ptr_eq(r, shared) && now >= *deadline)
     {
         return Some(Sweep::Close(End::FrontendRemoved));
+    }
+    match &session.stage {
+        _ if conn.phase != Phase::Connecting => {}
+        Stage::Queued(queued) => {
+            let expired = now >= queued.since + session.view.timeout_queue;
+            return expired.then_some(Sweep::Close(End::QueueTimeout));
+        }
+        Stage::Connect(Connecting {
+            retry_at: Some(at), ..
+        }) => return (now >= *at).then_some(Sweep::Connect),
+        _ => {}
     }
     let idle = now.saturating_duration_since(conn.last_active);
     let config = &session.view.snap.config;
