@@ -1409,6 +1409,38 @@ mod tests {
     }
 
     #[test]
+    fn edge_keys_resolve_and_zero_or_empty_is_refused() {
+        let base = "[[frontend]]\nlisten = \"127.0.0.1:0\"\nbackends = [\"10.0.0.1:1\"]\n";
+        let text = format!(
+            "{base}allow = [\"10.0.0.0/8\", \"::ffff:192.0.2.1\"]\nmax-conn-per-source = 10\n\
+             max-rate-per-source = 5\ntimeout-client-fin = \"2s\"\ntimeout-server-fin = \"3s\"\n"
+        );
+        let config = Config::from_toml(&text, "f.toml").expect("valid");
+        let edge = &config.frontends[0].edge;
+        let acl = edge.acl.as_ref().expect("an acl");
+        assert!(acl.allows("192.0.2.1".parse().expect("ip")));
+        assert!(!acl.allows("192.0.2.2".parse().expect("ip")));
+        assert_eq!(edge.max_conn_per_source, Some(10));
+        assert_eq!(edge.max_rate_per_source, Some(5));
+        assert_eq!(edge.client_fin_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(edge.server_fin_timeout, Some(Duration::from_secs(3)));
+        for (extra, needle) in [
+            ("max-conn-per-source = 0\n", "max-conn-per-source must be at least 1"),
+            ("max-rate-per-source = 0\n", "max-rate-per-source must be at least 1"),
+            ("allow = []\n", "allow: an empty list"),
+            ("deny = [\"10.0.0.1/8\"]\n", "10.0.0.0/8"),
+            ("deny-file = \"/nonexistent/deny.txt\"\n", "deny-file: cannot read"),
+        ] {
+            let err = Config::from_toml(&format!("{base}{extra}"), "f.toml")
+                .expect_err(extra)
+                .to_string();
+            assert!(err.starts_with("f.toml:4: ") && err.contains(needle), "{err}");
+        }
+        let none = Config::from_toml(base, "f.toml").expect("valid");
+        assert_eq!(none.frontends[0].edge, EdgeConfig::default());
+    }
+
+    #[test]
     fn the_line_named_is_the_key_at_fault() {
         let text = "[[frontend]]\nname = \"a\"\nlisten = \"0.0.0.0:7001\"\nbackends = [\"10.0.0.1:1\"]\n\
                     [[frontend]]\nname = \"b\"\nlisten = \"127.0.0.1:7001\"\nbackends = [\"10.0.0.1:1\"]\n";

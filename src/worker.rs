@@ -1430,6 +1430,9 @@ fn sweep_action(
             Some(Sweep::Fail(LocalFailure::Starved))
         }
         Phase::Relaying if idle >= config.idle_timeout => Some(Sweep::Close(End::IdleTimeout)),
+        Phase::Relaying if let Some(end) = fin_timeout(conn, config, idle) => {
+            Some(Sweep::Close(end))
+        }
         Phase::Relaying
             if config.on_down == OnDown::Shutdown
                 && session.relaying_to().is_some_and(|b| !b.is_up()) =>
@@ -1439,6 +1442,17 @@ fn sweep_action(
         Phase::Relaying if conn.wants_pipe() => Some(Sweep::RetryPipe),
         Phase::Relaying => None,
     }
+}
+
+/// A half-closed connection idle past its fin timeout: the client's once
+/// the backend's end reached it, the backend's once the client's did.
+fn fin_timeout(conn: &Conn, config: &crate::config::FrontendConfig, idle: Duration) -> Option<End> {
+    let edge = &config.edge;
+    let past = |limit: Option<Duration>| limit.is_some_and(|l| idle >= l);
+    if conn.ended(DOWNSTREAM) && past(edge.client_fin_timeout) {
+        return Some(End::ClientFinTimeout);
+    }
+    (conn.ended(UPSTREAM) && past(edge.server_fin_timeout)).then_some(End::ServerFinTimeout)
 }
 
 /// A backend socket; when fds run out, the pipes kept idle for splicing

@@ -521,3 +521,105 @@ fn the_rate_per_source_resets_a_burst_and_refills() {
         exchange("127.0.0.2", ringlb.addr) == Outcome::Served
     }));
 }
+
+/// `timeout-client-fin`: the backend answered and ended its stream; the
+/// client keeps its half open and idles. The connection is closed once it
+/// idled that long, not after the (much longer) idle timeout.
+#[test]
+fn a_client_idling_after_the_backends_end_is_closed_at_client_fin() {
+    let backend_saw_close = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&backend_saw_close);
+    let backend = Backend::start(Arc::new(move |mut stream: TcpStream| {
+        let _ = stream.write_all(b"bye\n");
+        let _ = stream.shutdown(Shutdown::Write);
+        let mut rest = Vec::new();
+        // Ends when ringlb closes its side (a FIN, or a reset).
+        let _ = stream.read_to_end(&mut rest);
+        seen.fetch_add(1, SeqCst);
+    }));
+    let ringlb = Ringlb::start(&[
+        "--backend",
+        &backend.addr_str(),
+        "--stats",
+        "127.0.0.1:0",
+        "--idle-timeout",
+        "5m",
+        "--timeout-client-fin",
+        "1s",
+        "--check-interval",
+        "1h",
+    ]);
+    let mut client = ringlb.connect();
+    let mut got = Vec::new();
+    client
+        .read_to_end(&mut got)
+        .expect("the backend's reply and end");
+    assert_eq!(got, b"bye\n");
+    // The client's half stays open, idle.
+    assert!(
+        eventually(Duration::from_secs(20), || active(&ringlb) == 0),
+        "still open after 20 s; logs:\n{}",
+        ringlb.logs()
+    );
+    // Every connection the backend had (health checks connect too) ended.
+    assert!(eventually(Duration::from_secs(10), || {
+        backend_saw_close.load(SeqCst) == backend.accepted.load(SeqCst)
+    }));
+    assert!(
+        ringlb.count_logs("client-fin timeout") == 1,
+        "{}",
+        ringlb.logs()
+    );
+    drop(client);
+}
+
+/// `timeout-server-fin`: the client sent its request and ended its stream;
+/// the backend never answers nor closes. The connection is closed once it
+/// idled that long; the client sees its end.
+#[test]
+fn a_backend_idling_after_the_clients_end_is_closed_at_server_fin() {
+    let backend = Backend::start(Arc::new(|mut stream: TcpStream| {
+        let mut request = Vec::new();
+        let _ = stream.read_to_end(&mut request);
+        // Silent and open until ringlb gives up on it.
+        std::thread::sleep(Duration::from_secs(60));
+    }));
+    let ringlb = Ringlb::start(&[
+        "--backend",
+        &backend.addr_str(),
+        "--stats",
+        "127.0.0.1:0",
+        "--idle-timeout",
+        "5m",
+        "--timeout-server-fin",
+        "1s",
+        "--check-interval",
+        "1h",
+    ]);
+    let mut client = ringlb.connect();
+    client.write_all(b"request\n").expect("send");
+    client.shutdown(Shutdown::Write).expect("FIN");
+    let started = std::time::Instant::now();
+    client
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut rest = Vec::new();
+    match client.read_to_end(&mut rest) {
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("not closed by server-fin: {e}; logs:\n{}", ringlb.logs()),
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed after {waited:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || ringlb
+            .count_logs("server-fin timeout")
+            == 1),
+        "{}",
+        ringlb.logs()
+    );
+    assert_eq!(active(&ringlb), 0);
+}
