@@ -136,6 +136,14 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     admin_socket: Option<PathBuf>,
 
+    /// Once listening, switch to this user (given by name or number); needs ringlb started as root
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
+
+    /// With --user: switch to this group [default: the user's primary group]
+    #[arg(long, value_name = "GROUP", requires = "user")]
+    group: Option<String>,
+
     /// Run from a TOML config file (several frontends); see examples/foobar.toml
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -223,7 +231,8 @@ impl CtlCommand {
 /// What the command line asks for.
 pub enum Action {
     Run {
-        config: Config,
+        /// Boxed: far larger than the other actions.
+        config: Box<Config>,
         /// `None` when started from flags alone: nothing to reload.
         source: Option<ConfigSource>,
     },
@@ -294,6 +303,8 @@ impl Cli {
                 drain_timeout: self.drain_timeout,
                 stats,
                 admin_socket: self.admin_socket,
+                user: self.user,
+                group: self.group,
             };
             let config = source.load().map_err(|e| match e {
                 // A flag out of range is a usage error; the file's are 1.
@@ -305,7 +316,7 @@ impl Cli {
                 e => (1, e.to_string()),
             })?;
             return Ok(Action::Run {
-                config,
+                config: Box::new(config),
                 source: Some(source),
             });
         }
@@ -351,11 +362,13 @@ impl Cli {
             drain_timeout: self.drain_timeout.unwrap_or(config::DEFAULT_DRAIN_TIMEOUT),
             stats,
             admin_socket: self.admin_socket,
+            user: self.user,
+            group: self.group,
             frontends: vec![frontend],
         };
         config.validate().map_err(|e| (2, e))?;
         Ok(Action::Run {
-            config,
+            config: Box::new(config),
             source: None,
         })
     }

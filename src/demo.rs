@@ -178,6 +178,8 @@ fn tour() -> Result<Tally, String> {
         drain_timeout: Duration::from_secs(1),
         stats: None,
         admin_socket: None,
+        user: None,
+        group: None,
         frontends: vec![
             frontend("web", Mode::ActiveActive, &[&app1, &app2]),
             frontend("db", Mode::ActivePassive, &[&app1, &app2]),

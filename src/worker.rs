@@ -1098,6 +1098,9 @@ impl Worker {
             return;
         }
         let mut session = self.sessions.remove(key);
+        // The source's place goes back no later than the frontend's count:
+        // whoever sees room there finds it in the per-source table too.
+        drop(std::mem::take(&mut session.source));
         self.release(&session.view.snap.shared);
         let stats = &session.view.snap.shared.stats;
         let [up, down] = session.conn.take_uncounted();

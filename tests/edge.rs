@@ -62,10 +62,12 @@ fn connect_from(source: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
 enum Outcome {
     Served,
     Reset,
+    /// Ended with a FIN before the echo.
+    Closed,
 }
 
-/// Sends a line and waits for its echo: served, or reset. Anything else
-/// (a clean close, a timeout) fails the test: a refusal is a reset.
+/// Sends a line and waits for its echo: served, reset, or closed; a
+/// timeout fails the test. Tests of refusals expect a reset.
 fn exchange(source: &str, to: SocketAddr) -> Outcome {
     let reset =
         |e: &std::io::Error| matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe);
@@ -86,6 +88,7 @@ fn exchange(source: &str, to: SocketAddr) -> Outcome {
             Outcome::Served
         }
         Err(e) if reset(&e) => Outcome::Reset,
+        Err(e) if e.kind() == ErrorKind::UnexpectedEof => Outcome::Closed,
         Err(e) => panic!("{source}: neither served nor reset: {e}"),
     }
 }
@@ -162,12 +165,8 @@ fn denied_and_unlisted_clients_are_reset_before_any_backend() {
         accepted, 3,
         "refused clients are not counted as connections"
     );
-    assert_eq!(
-        ringlb
-            .metric("ringlb_frontend_connections_active{frontend=\"default\"}")
-            .expect("active metric"),
-        0
-    );
+    // Ended as the clients closed (which ringlb sees a moment later).
+    assert!(eventually(Duration::from_secs(20), || active(&ringlb) == 0));
     // One debug line per refusal; at info, the first and then a summary
     // per period.
     assert_eq!(
@@ -407,7 +406,12 @@ fn an_idle_flood_from_one_address_does_not_lock_out_others() {
         refused(&ringlb, "default", "source-limit"),
         ringlb.logs()
     );
-    assert_eq!(active(&ringlb), 100);
+    // The flood's 100, once 127.0.0.3's connection has ended.
+    assert!(
+        eventually(Duration::from_secs(20), || active(&ringlb) == 100),
+        "active {}",
+        active(&ringlb)
+    );
     // The flood's own clients beyond its share were reset, not left open.
     let mut reset = failed;
     let mut open = 0;
@@ -461,6 +465,9 @@ fn every_end_gives_the_source_its_place_back() {
             match label {
                 "echo" => {
                     assert_eq!(exchange("127.0.0.2", ringlb.addr), Outcome::Served);
+                    // The place is given back as the connection ends, which
+                    // ringlb sees a moment after the client's close.
+                    assert!(eventually(Duration::from_secs(20), || active(&ringlb) == 0));
                     // A client that resets its own connection.
                     let s = connect_from("127.0.0.2", ringlb.addr).expect("connect");
                     socket2::SockRef::from(&s)
@@ -469,6 +476,10 @@ fn every_end_gives_the_source_its_place_back() {
                     (&s).write_all(b"x").expect("write");
                     drop(s);
                 }
+                // A backend's reset reaches the client as a reset, or as
+                // an end when ringlb's send met the reset first (the
+                // kernel reports it once; the receive then sees an end).
+                "resetting" => assert_ne!(exchange("127.0.0.2", ringlb.addr), Outcome::Served),
                 _ => assert_eq!(exchange("127.0.0.2", ringlb.addr), Outcome::Reset),
             }
             assert!(
