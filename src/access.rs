@@ -108,6 +108,8 @@ pub fn end_code(end: Option<End>) -> &'static str {
         Some(End::ClientReset) => "client-reset",
         Some(End::BackendReset) => "backend-reset",
         Some(End::IdleTimeout) => "idle-timeout",
+        Some(End::ClientFinTimeout) => "client-fin-timeout",
+        Some(End::ServerFinTimeout) => "server-fin-timeout",
         Some(End::NoBackend) => "no-backend",
         Some(End::BackendDown) => "backend-down",
         Some(End::Stopped) => "stopped",

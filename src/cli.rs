@@ -153,6 +153,14 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     admin_socket: Option<PathBuf>,
 
+    /// Once listening, switch to this user (given by name or number); needs ringlb started as root
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
+
+    /// With --user: switch to this group [default: the user's primary group]
+    #[arg(long, value_name = "GROUP", requires = "user")]
+    group: Option<String>,
+
     /// Run from a TOML config file (several frontends); see examples/foobar.toml
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -245,7 +253,8 @@ impl CtlCommand {
 #[allow(clippy::large_enum_variant)]
 pub enum Action {
     Run {
-        config: Config,
+        /// Boxed: far larger than the other actions.
+        config: Box<Config>,
         /// `None` when started from flags alone: nothing to reload.
         source: Option<ConfigSource>,
     },
@@ -315,6 +324,8 @@ impl Cli {
                 leave_delay: self.leave_delay,
                 stats,
                 admin_socket: self.admin_socket,
+                user: self.user,
+                group: self.group,
             };
             let config = source.load().map_err(|e| match e {
                 // A flag out of range is a usage error; the file's are 1.
@@ -326,7 +337,7 @@ impl Cli {
                 e => (1, e.to_string()),
             })?;
             return Ok(Action::Run {
-                config,
+                config: Box::new(config),
                 source: Some(source),
             });
         }
@@ -393,11 +404,13 @@ impl Cli {
             leave_delay: self.leave_delay.unwrap_or(config::DEFAULT_LEAVE_DELAY),
             stats,
             admin_socket: self.admin_socket,
+            user: self.user,
+            group: self.group,
             frontends: vec![frontend],
         };
         config.validate().map_err(|e| (2, e))?;
         Ok(Action::Run {
-            config,
+            config: Box::new(config),
             source: None,
         })
     }

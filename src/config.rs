@@ -332,6 +332,9 @@ pub struct Config {
     pub stats: Option<SocketAddr>,
     /// The Unix socket `ringlb ctl` talks to, if any.
     pub admin_socket: Option<PathBuf>,
+    /// Who ringlb runs as once everything is bound (privdrop.rs).
+    pub user: Option<String>,
+    pub group: Option<String>,
     pub frontends: Vec<FrontendConfig>,
 }
 
@@ -520,6 +523,8 @@ struct RawConfig {
     leave_delay: Option<Spanned<String>>,
     stats: Option<Spanned<String>>,
     admin_socket: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
     #[serde(default)]
     frontend: Vec<Spanned<RawFrontend>>,
 }
@@ -1066,8 +1071,21 @@ impl Config {
                     path => Ok(PathBuf::from(path)),
                 })
                 .transpose()?,
+            user: raw.user.as_ref().map(|u| u.get_ref().clone()),
+            group: raw.group.as_ref().map(|g| g.get_ref().clone()),
             frontends,
         };
+        if let Err(message) = config.identity() {
+            let at = raw.group.as_ref().or(raw.user.as_ref());
+            return Err(match at {
+                Some(at) => src.invalid(at, message),
+                None => ConfigError::Invalid {
+                    origin: origin.to_string(),
+                    line: None,
+                    message,
+                },
+            });
+        }
         if let (Err(message), Some(at)) = (config.check_stats(), &raw.stats) {
             return Err(src.invalid(at, message));
         }
@@ -1095,6 +1113,7 @@ impl Config {
     pub fn check_settings(&self) -> Result<(), String> {
         check_workers(self.workers)?;
         check_buffers(self.buffers)?;
+        self.identity()?;
         self.check_stats()
     }
 
@@ -1122,6 +1141,12 @@ impl Config {
             )),
             None => Ok(()),
         }
+    }
+
+    /// The user and group to switch to, looked up now (a missing user is
+    /// a config error, found before anything is bound).
+    pub fn identity(&self) -> Result<Option<crate::privdrop::Identity>, String> {
+        crate::privdrop::Identity::resolve(self.user.as_deref(), self.group.as_deref())
     }
 
     /// Bytes of receive buffers the workers allocate at start.
@@ -1175,6 +1200,8 @@ pub struct ConfigSource {
     pub leave_delay: Option<Duration>,
     pub stats: Option<SocketAddr>,
     pub admin_socket: Option<PathBuf>,
+    pub user: Option<String>,
+    pub group: Option<String>,
 }
 
 impl ConfigSource {
@@ -1197,6 +1224,12 @@ impl ConfigSource {
         }
         if self.admin_socket.is_some() {
             config.admin_socket.clone_from(&self.admin_socket);
+        }
+        if self.user.is_some() {
+            config.user.clone_from(&self.user);
+        }
+        if self.group.is_some() {
+            config.group.clone_from(&self.group);
         }
         // The file was checked as it was read; only the flags are new.
         config
@@ -2036,6 +2069,50 @@ backends = [
         assert_eq!(check_frontend(&f).map_err(|e| e.at), Err(At::Backend(1)));
         let f = frontend("a\"b", "127.0.0.1:80", &["127.0.0.1:1"]);
         assert_eq!(check_frontend(&f).map_err(|e| e.at), Err(At::Name));
+    }
+
+    #[test]
+    fn edge_keys_resolve_and_zero_or_empty_is_refused() {
+        let base = "[[frontend]]\nlisten = \"127.0.0.1:0\"\nbackends = [\"10.0.0.1:1\"]\n";
+        let text = format!(
+            "{base}allow = [\"10.0.0.0/8\", \"::ffff:192.0.2.1\"]\nmax-conn-per-source = 10\n\
+             max-rate-per-source = 5\ntimeout-client-fin = \"2s\"\ntimeout-server-fin = \"3s\"\n"
+        );
+        let config = Config::from_toml(&text, "f.toml").expect("valid");
+        let edge = &config.frontends[0].edge;
+        let acl = edge.acl.as_ref().expect("an acl");
+        assert!(acl.allows("192.0.2.1".parse().expect("ip")));
+        assert!(!acl.allows("192.0.2.2".parse().expect("ip")));
+        assert_eq!(edge.max_conn_per_source, Some(10));
+        assert_eq!(edge.max_rate_per_source, Some(5));
+        assert_eq!(edge.client_fin_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(edge.server_fin_timeout, Some(Duration::from_secs(3)));
+        for (extra, needle) in [
+            (
+                "max-conn-per-source = 0\n",
+                "max-conn-per-source must be at least 1",
+            ),
+            (
+                "max-rate-per-source = 0\n",
+                "max-rate-per-source must be at least 1",
+            ),
+            ("allow = []\n", "allow: an empty list"),
+            ("deny = [\"10.0.0.1/8\"]\n", "10.0.0.0/8"),
+            (
+                "deny-file = \"/nonexistent/deny.txt\"\n",
+                "deny-file: cannot read",
+            ),
+        ] {
+            let err = Config::from_toml(&format!("{base}{extra}"), "f.toml")
+                .expect_err(extra)
+                .to_string();
+            assert!(
+                err.starts_with("f.toml:4: ") && err.contains(needle),
+                "{err}"
+            );
+        }
+        let none = Config::from_toml(base, "f.toml").expect("valid");
+        assert_eq!(none.frontends[0].edge, EdgeConfig::default());
     }
 
     #[test]

@@ -180,6 +180,8 @@ fn tour() -> Result<Tally, String> {
         leave_delay: Duration::ZERO,
         stats: None,
         admin_socket: None,
+        user: None,
+        group: None,
         frontends: vec![
             frontend("web", Mode::ActiveActive, &[&app1, &app2]),
             frontend("db", Mode::ActivePassive, &[&app1, &app2]),

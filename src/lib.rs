@@ -35,6 +35,7 @@
 //! - [`relay`]: one client/backend pair: copy or splice, half-close, reset.
 //! - [`uring`]: ring setup, buffer ring, pipe pool, the raw syscalls.
 //! - [`metrics`] and [`admin`]: counters and the Prometheus endpoint.
+//! - [`privdrop`]: switching to `user`/`group` once everything is bound.
 //! - [`notify`]: systemd's readiness protocol (`Type=notify`).
 //! - [`generate`]: the man page and shell completions, from [`cli`].
 //! - [`control`] and [`ctl`]: the admin Unix socket and `ringlb ctl`.
@@ -60,6 +61,7 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod notify;
+pub mod privdrop;
 pub mod queue;
 pub mod relay;
 pub mod reload;

@@ -76,6 +76,14 @@ fn run(config: &Config, source: Option<&ConfigSource>) -> ExitCode {
     // Blocked before any thread starts, so every thread inherits the mask
     // and the signals wait here for sigtimedwait instead of killing us.
     let signals = Signals::block();
+    // Looked up before anything is bound: a missing user fails now.
+    let identity = match config.identity() {
+        Ok(identity) => identity,
+        Err(e) => {
+            eprintln!("ringlb: {e}");
+            return ExitCode::from(1);
+        }
+    };
     // Before any listener: a ringlb refused its admin socket (another one
     // serves on it) must not take a client from the other's port.
     let admin_socket = match config.admin_socket.as_deref().map(ringlb::control::bind) {
@@ -94,7 +102,7 @@ fn run(config: &Config, source: Option<&ConfigSource>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    log_settings(config);
+    log_settings(config, source);
     if let Some(addr) = config.stats {
         let state = ringlb::admin::State {
             published: server.published(),
@@ -128,6 +136,27 @@ fn run(config: &Config, source: Option<&ConfigSource>) -> ExitCode {
         },
         None => None,
     };
+    // Everything that may need root is bound: give root up before the
+    // first client is served.
+    if let Some(identity) = &identity {
+        match identity.drop_privileges() {
+            Ok(()) => log::info!(
+                "running as {}: no capabilities left; listeners on ports below 1024 can no \
+                 longer be added by a reload",
+                identity.describe()
+            ),
+            Err(e) => {
+                ringlb::logging::flush();
+                eprintln!(
+                    "ringlb: cannot drop privileges to {}: {e}",
+                    identity.describe()
+                );
+                server.stop();
+                let _ = server.join();
+                return ExitCode::from(1);
+            }
+        }
+    }
     // Ready once everything a client or an operator talks to is bound.
     ringlb::notify::ready(&ringlb::notify::serving_status(&server));
     let mut drain_deadline: Option<Instant> = None;
@@ -254,10 +283,15 @@ fn drain(why: &str, server: &Server) -> Instant {
 
 /// What the settings cost and where they look careless, after the start
 /// succeeded (a failed start prints its one error line alone).
-fn log_settings(config: &Config) {
+fn log_settings(config: &Config, source: Option<&ConfigSource>) {
     log::info!("{}", config.memory_note());
     for warning in config.warnings() {
         log::warn!("{warning}");
+    }
+    if let Some(source) = source {
+        for warning in ringlb::privdrop::file_warnings(&source.path) {
+            log::warn!("{warning}");
+        }
     }
 }
 

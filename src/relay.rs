@@ -55,6 +55,12 @@ pub enum End {
     ClientReset,
     BackendReset,
     IdleTimeout,
+    /// The backend ended its stream and the client then idled past
+    /// `timeout-client-fin`.
+    ClientFinTimeout,
+    /// The client ended its stream and the backend then idled past
+    /// `timeout-server-fin`.
+    ServerFinTimeout,
     /// Every backend was down or refused.
     NoBackend,
     /// Its backend was marked down and the frontend says `on-down shutdown`.
@@ -121,6 +127,8 @@ impl End {
             End::ClientReset => "client reset",
             End::BackendReset => "backend reset",
             End::IdleTimeout => "idle timeout",
+            End::ClientFinTimeout => "client-fin timeout (half-closed by the backend, idle)",
+            End::ServerFinTimeout => "server-fin timeout (half-closed by the client, idle)",
             End::NoBackend => "no backend available",
             End::BackendDown => "backend marked down",
             End::Stopped => "balancer stopping",
@@ -672,7 +680,11 @@ impl Conn {
             // A peer that stopped reading leaves bytes on their way to it:
             // ending with a FIN would pass the part it got off as the whole
             // stream. Idle with nothing undelivered is a clean end.
-            End::IdleTimeout if self.undelivered() => self.reset_both(),
+            End::IdleTimeout | End::ClientFinTimeout | End::ServerFinTimeout
+                if self.undelivered() =>
+            {
+                self.reset_both()
+            }
             _ => {}
         }
         if let Some((fd, _)) = self.reset_to {
@@ -746,6 +758,12 @@ impl Conn {
         self.dirs.iter().any(|d| d.held.is_some() || d.in_pipe > 0)
             || uring::unsent_bytes(self.client) > 0
             || (self.backend >= 0 && uring::unsent_bytes(self.backend) > 0)
+    }
+
+    /// The direction's end of stream was passed on to its sink: the
+    /// connection is half-closed that way.
+    pub fn ended(&self, dir: usize) -> bool {
+        self.dirs[dir].done
     }
 
     /// A direction is parked: idle only because ringlb has nothing to

@@ -1430,6 +1430,9 @@ impl Worker {
             return;
         }
         let mut session = self.sessions.remove(key);
+        // The source's place goes back no later than the frontend's count:
+        // whoever sees room there finds it in the per-source table too.
+        drop(std::mem::take(&mut session.source));
         self.release(&session.view.snap.shared);
         if let (true, Some(index)) = (session.slot, session.backend) {
             let view = Rc::clone(&session.view);
@@ -1826,6 +1829,9 @@ fn sweep_action(
             Some(Sweep::Fail(LocalFailure::Starved))
         }
         Phase::Relaying if idle >= config.idle_timeout => Some(Sweep::Close(End::IdleTimeout)),
+        Phase::Relaying if let Some(end) = fin_timeout(conn, config, idle) => {
+            Some(Sweep::Close(end))
+        }
         Phase::Relaying
             if config.on_down == OnDown::Shutdown
                 && session.relaying_to().is_some_and(|b| !b.is_up()) =>
@@ -1835,6 +1841,17 @@ fn sweep_action(
         Phase::Relaying if conn.wants_pipe() => Some(Sweep::RetryPipe),
         Phase::Relaying => None,
     }
+}
+
+/// A half-closed connection idle past its fin timeout: the client's once
+/// the backend's end reached it, the backend's once the client's did.
+fn fin_timeout(conn: &Conn, config: &crate::config::FrontendConfig, idle: Duration) -> Option<End> {
+    let edge = &config.edge;
+    let past = |limit: Option<Duration>| limit.is_some_and(|l| idle >= l);
+    if conn.ended(DOWNSTREAM) && past(edge.client_fin_timeout) {
+        return Some(End::ClientFinTimeout);
+    }
+    (conn.ended(UPSTREAM) && past(edge.server_fin_timeout)).then_some(End::ServerFinTimeout)
 }
 
 /// A backend socket; when fds run out, the pipes kept idle for splicing
