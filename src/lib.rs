@@ -44,6 +44,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod control;
