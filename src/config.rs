@@ -706,6 +706,7 @@ impl RawFrontend {
                     .map_err(|e| src.invalid(b, format!("backends: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let check = self.check_agent(self.check_config(src)?, &backends, src)?;
         Ok(FrontendConfig {
             name: self
                 .name
@@ -720,7 +721,7 @@ impl RawFrontend {
             idle_timeout: src
                 .duration(&self.idle_timeout, "idle-timeout")?
                 .unwrap_or(DEFAULT_IDLE_TIMEOUT),
-            check: self.check_config(src)?,
+            check,
             failback: self.failback.unwrap_or(true),
             on_down: self.on_down.unwrap_or(OnDown::Keep),
             maxconn: self.maxconn,
@@ -750,19 +751,6 @@ impl RawFrontend {
             other => Ok(other.as_ref().map(|p| *p.get_ref())),
         };
         let agent_port = port(&self.agent_port, "agent-port")?;
-        let agent_only = [
-            (&self.agent_interval, "agent-interval"),
-            (&self.agent_send, "agent-send"),
-            (&self.agent_address, "agent-address"),
-        ];
-        for (value, key) in agent_only {
-            if let (Some(v), None) = (value, agent_port) {
-                return Err(src.invalid(
-                    v,
-                    format!("{key}: no agent-port in this frontend (give agent-port here; a backend's own agent-port is set in its table)"),
-                ));
-            }
-        }
         Ok(CheckConfig {
             interval,
             timeout,
@@ -778,6 +766,33 @@ impl RawFrontend {
             agent_interval: src.duration(&self.agent_interval, "agent-interval")?,
             agent_send: src.bytes(&self.agent_send, "agent-send")?,
         })
+    }
+
+    /// Agent settings with no agent port anywhere would do nothing, which
+    /// the operator who wrote them surely did not mean.
+    fn check_agent(
+        &self,
+        check: CheckConfig,
+        backends: &[BackendConfig],
+        src: &Source<'_>,
+    ) -> Result<CheckConfig, ConfigError> {
+        if check.agent_port.is_some() || backends.iter().any(|b| b.agent_port.is_some()) {
+            return Ok(check);
+        }
+        let agent_only = [
+            (&self.agent_interval, "agent-interval"),
+            (&self.agent_send, "agent-send"),
+            (&self.agent_address, "agent-address"),
+        ];
+        for (value, key) in agent_only {
+            if let Some(v) = value {
+                return Err(src.invalid(
+                    v,
+                    format!("{key}: no agent-port in this frontend or its backends"),
+                ));
+            }
+        }
+        Ok(check)
     }
 
     /// One way of saying what a check does: `check`, `check-http`, or the
@@ -1699,6 +1714,63 @@ backends = [
         assert!(err.contains("same address"), "{err}");
         let err = with("42");
         assert!(err.contains("an address such as"), "{err}");
+    }
+
+    #[test]
+    fn check_keys_parse_and_faults_name_their_line() {
+        let with = |keys: &str| {
+            let text = format!(
+                "[[frontend]]\nlisten = \"127.0.0.1:80\"\nbackends = [{{ address = \"127.0.0.1:8001\", agent-port = 9 }}]\n{keys}\n"
+            );
+            Config::from_toml(&text, "f.toml").map(|c| c.frontends[0].check.clone())
+        };
+        let err = |keys: &str| with(keys).map(|_| ()).unwrap_err().to_string();
+        let check = with(
+            "check = \"redis-master\"\ncheck-port = 6380\nfastinter = \"100ms\"\nagent-send = \"hi\\n\"",
+        )
+        .expect("config");
+        assert_eq!(check.script, Script::ready_made(Kind::RedisMaster));
+        assert_eq!(check.port, Some(6380));
+        assert_eq!(check.fastinter, Some(Duration::from_millis(100)));
+        assert_eq!(check.agent_send.as_deref(), Some(&b"hi\n"[..]));
+        let http =
+            with("check-http = \"GET /primary\"\ncheck-http-status = [200, 204]").expect("config");
+        assert_eq!(http.script.kind, Kind::Http);
+        let e = err("check = \"nosuch\"");
+        assert!(
+            e.starts_with("f.toml:4:") && e.contains("redis-master"),
+            "{e}"
+        );
+        let e = err("check = [\n { send = \"a\", expect = \"b\" },\n]");
+        assert!(
+            e.starts_with("f.toml:5:") && e.contains("exactly one"),
+            "{e}"
+        );
+        let e = err("check-timeout = \"500ms\"\ncheck = [ { expect = \"b\", timeout = \"2s\" } ]");
+        assert!(e.contains("longer than the check's timeout"), "{e}");
+        let e = err("check = \"redis\"\ncheck-send = \"x\"");
+        assert!(
+            e.starts_with("f.toml:5:") && e.contains("give one of"),
+            "{e}"
+        );
+        let e = err("check-http-status = [200]");
+        assert!(
+            e.starts_with("f.toml:4:") && e.contains("go with check-http"),
+            "{e}"
+        );
+        let e = err("check-http = \"GET /\"\ncheck-http-status = [99]");
+        assert!(e.starts_with("f.toml:5:"), "{e}");
+        let e = err("check-expect-regex = \"(\"");
+        assert!(
+            e.starts_with("f.toml:4:") && e.contains("invalid regular expression"),
+            "{e}"
+        );
+        let text = "[[frontend]]\nlisten = \"127.0.0.1:80\"\nbackends = [\"127.0.0.1:8001\"]\nagent-send = \"x\"\n";
+        let e = Config::from_toml(text, "f.toml").unwrap_err().to_string();
+        assert!(
+            e.starts_with("f.toml:4:") && e.contains("no agent-port"),
+            "{e}"
+        );
     }
 
     fn frontend(name: &str, listen: &str, backends: &[&str]) -> FrontendConfig {
