@@ -495,19 +495,25 @@ fn check_http_status_list_body_match_and_host() {
     wait_up(&ringlb, "body", "d", 0);
 }
 
-/// An agent whose line the test sets; it answers each connection once.
-fn fake_agent(reply: Arc<Mutex<String>>) -> Handler {
+/// An agent whose line the test sets; it answers each connection once,
+/// and keeps what the last check sent it (`agent-send`).
+fn fake_agent(reply: Arc<Mutex<String>>, heard: Arc<Mutex<String>>) -> Handler {
     Arc::new(move |mut stream: TcpStream| {
         let line = format!("{}\n", reply.lock().unwrap());
         let _ = stream.write_all(line.as_bytes());
         let _ = stream.shutdown(Shutdown::Write);
-        let _ = stream.read(&mut [0u8; 64]);
+        let mut got = [0u8; 64];
+        if let Ok(n @ 1..) = stream.read(&mut got) {
+            *heard.lock().unwrap() = String::from_utf8_lossy(&got[..n]).into_owned();
+        }
     })
 }
 
 struct AgentSetup {
     ringlb: Ringlb,
     reply: Arc<Mutex<String>>,
+    heard: Arc<Mutex<String>>,
+    socket: PathBuf,
     addr: SocketAddr,
     _file: ConfigFile,
     _servers: Vec<Backend>,
@@ -516,7 +522,8 @@ struct AgentSetup {
 /// Backends a (with an agent) and b behind one round-robin frontend.
 fn agent_setup(tag: &str, first: &str) -> AgentSetup {
     let reply = Arc::new(Mutex::new(first.to_string()));
-    let agent = Backend::start(fake_agent(Arc::clone(&reply)));
+    let heard = Arc::new(Mutex::new(String::new()));
+    let agent = Backend::start(fake_agent(Arc::clone(&reply), Arc::clone(&heard)));
     let a = Backend::start(name_then_echo("a"));
     let b = Backend::start(name_then_echo("b"));
     let backends = format!(
@@ -528,12 +535,24 @@ fn agent_setup(tag: &str, first: &str) -> AgentSetup {
         ),
         table("b", b.addr, "")
     );
-    let text = frontend("web", &backends, "agent-interval = \"100ms\"");
+    let socket =
+        std::env::temp_dir().join(format!("ringlb-checks-{tag}-{}.sock", std::process::id()));
+    let text = format!(
+        "admin-socket = \"{}\"\n{}",
+        socket.display(),
+        frontend(
+            "web",
+            &backends,
+            "agent-interval = \"100ms\"\nagent-send = \"web/a\\n\""
+        )
+    );
     let (ringlb, file) = start(tag, &text);
     let addr = listening(&ringlb, "web");
     AgentSetup {
         ringlb,
         reply,
+        heard,
+        socket,
         addr,
         _file: file,
         _servers: vec![agent, a, b],
@@ -549,6 +568,16 @@ impl AgentSetup {
             "no '{log}' after the agent said '{line}'; logs:\n{}",
             self.ringlb.logs()
         );
+    }
+
+    fn show(&self) -> String {
+        let out = std::process::Command::new(BIN)
+            .args(["ctl", "--socket"])
+            .arg(&self.socket)
+            .arg("show")
+            .output()
+            .expect("ringlb ctl show");
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn names(&self, n: usize) -> Vec<String> {
@@ -593,6 +622,13 @@ fn an_agents_weight_shows_in_metrics_and_stats() {
     assert_eq!(entry["weight_percent"], 50, "{entry}");
     assert_eq!(entry["agent"]["reply"], "50%", "{entry}");
     assert_eq!(entry["agent"]["weight_percent"], 50, "{entry}");
+    assert_eq!(
+        setup.heard.lock().unwrap().as_str(),
+        "web/a\n",
+        "agent-send"
+    );
+    let shown = setup.show();
+    assert!(shown.contains("agent: 50%"), "{shown}");
 }
 
 #[test]
@@ -605,6 +641,11 @@ fn an_agent_says_maint_down_up_and_ready() {
     setup.say("down # disk full", "backend a is DOWN");
     let line = down_line(&setup.ringlb, "a");
     assert!(line.contains("its agent says down: disk full"), "{line}");
+    let shown = setup.show();
+    assert!(
+        shown.contains("its agent says down: disk full; agent: down # disk full"),
+        "{shown}"
+    );
     assert!(setup.names(6).iter().all(|n| n == "b"), "down: only b");
     setup.say("up", "backend a is UP");
     assert!(
@@ -932,4 +973,55 @@ fn redis_master_follows_a_real_redis_server() {
     wait_up(&ringlb, "w", "redis", 0);
     command("REPLICAOF NO ONE\r\n");
     wait_up(&ringlb, "w", "redis", 1);
+}
+
+/// A reload that changes a check makes a new target; it starts from what
+/// its own check address last showed, not from another check of the same
+/// traffic address.
+#[test]
+fn a_changed_check_starts_from_what_its_check_address_showed() {
+    let traffic = Backend::start(name_then_echo("t"));
+    let healthy = Sidecar::new(200, "ok");
+    let failing = Sidecar::new(503, "no");
+    let healthy_server = Backend::start(healthy.handler());
+    let failing_server = Backend::start(failing.handler());
+    let text = |path: &str| {
+        frontend(
+            "bad",
+            &table("db", traffic.addr, ""),
+            &format!(
+                "check-http = \"GET {path}\"\ncheck-port = {}",
+                failing_server.addr.port()
+            ),
+        ) + &frontend(
+            "good",
+            &table(
+                "db",
+                traffic.addr,
+                &format!(", check-port = {}", healthy_server.addr.port()),
+            ),
+            "check-http = \"GET /a\"",
+        )
+    };
+    let (ringlb, file) = start("reloadmemory", &text("/a"));
+    wait_up(&ringlb, "bad", "db", 0);
+    wait_up(&ringlb, "good", "db", 1);
+    std::fs::write(file.path(), text("/b")).expect("rewrite config");
+    ringlb.signal(libc::SIGHUP);
+    assert!(
+        ringlb.wait_log("reload 1 applied", WAIT).is_some(),
+        "{}",
+        ringlb.logs()
+    );
+    assert_eq!(up(&ringlb, "bad", "db"), Some(0), "starts down");
+    // Its new checks (counted from zero) find it down: no new DOWN line,
+    // which starting up would have needed.
+    wait_up(&ringlb, "bad", "db", 0);
+    assert_eq!(
+        ringlb.count_logs("backend db is DOWN (frontend bad)"),
+        1,
+        "{}",
+        ringlb.logs()
+    );
+    assert!(failing.seen.lock().unwrap().starts_with("GET /b "));
 }
