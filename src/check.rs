@@ -228,6 +228,9 @@ pub enum Step {
     Send(Vec<u8>),
     /// The HTTP request, rendered with the checked address as its Host.
     Http(HttpRequest),
+    /// A TLS ClientHello, made at each send: a random drawn when the
+    /// config is read would make every reload see a changed check.
+    ClientHello,
     Expect {
         matcher: Matcher,
         /// Its own deadline, inside the check's timeout.
@@ -253,6 +256,7 @@ impl Step {
         match self {
             Step::Send(bytes) => format!("send {}", quote(bytes)),
             Step::Http(r) => format!("{} {}", r.method, r.path),
+            Step::ClientHello => "send a TLS ClientHello".into(),
             Step::Expect { matcher, .. } => match matcher {
                 Matcher::Contains(b) => format!("expect {}", quote(b)),
                 Matcher::Regex(p) => format!("expect-regex {:?}", p.as_str()),
@@ -320,7 +324,7 @@ impl Script {
                 Step::expect(Matcher::Postgres),
             ],
             Kind::Mysql => vec![Step::expect(Matcher::Mysql)],
-            Kind::Tls => vec![Step::Send(client_hello()), Step::expect(Matcher::Tls)],
+            Kind::Tls => vec![Step::ClientHello, Step::expect(Matcher::Tls)],
             Kind::Http => {
                 let request = HttpRequest {
                     method: "GET".into(),
@@ -378,12 +382,13 @@ impl Script {
             let outcome = match step {
                 Step::Send(bytes) => send(stream, bytes, deadline).await,
                 Step::Http(request) => send(stream, &request.render(target), deadline).await,
+                Step::ClientHello => send(stream, &client_hello(), deadline).await,
                 Step::Expect { matcher, timeout } => {
                     let until = timeout.map_or(deadline, |t| (Instant::now() + t).min(deadline));
                     expect(stream, &mut got, matcher, until).await
                 }
             };
-            if matches!(step, Step::Send(_) | Step::Http(_)) {
+            if !matches!(step, Step::Expect { .. }) {
                 got.clear();
             }
             outcome.map_err(|failure| Failure::Step {
@@ -873,6 +878,7 @@ mod tests {
             verdict(&Matcher::Tls, b"\x15\x03\x03\x00\x02\x02\x28"),
             "fail"
         );
+        assert_eq!(Script::ready_made(Kind::Tls), Script::ready_made(Kind::Tls));
         let hello = client_hello();
         assert_eq!(hello[0], 0x16);
         assert_eq!(
