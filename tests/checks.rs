@@ -559,6 +559,13 @@ fn agent_setup(tag: &str, first: &str) -> AgentSetup {
     }
 }
 
+impl Drop for AgentSetup {
+    fn drop(&mut self) {
+        // A killed ringlb leaves its admin socket behind.
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
 impl AgentSetup {
     fn say(&self, line: &str, log: &str) {
         let before = self.ringlb.count_logs(log);
