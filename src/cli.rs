@@ -11,6 +11,8 @@ use std::sync::Arc;
 use crate::acl::{Acl, Cidr, PrefixSet};
 use crate::edge::EdgeConfig;
 
+use crate::check::{HttpExpect, HttpRequest, Pattern, Script};
+
 use crate::config::{
     self, BackendConfig, Balance, BalanceConfig, CheckConfig, Config, ConfigError, ConfigSource,
     FrontendConfig, Mode, OnDown,
@@ -94,9 +96,29 @@ pub struct Cli {
     #[arg(long, value_name = "STRING", value_parser = parse_bytes, conflicts_with = "config")]
     check_send: Option<Bytes>,
 
-    /// Bytes the check's reply must start with; catches a backend that accepts but hangs
+    /// Bytes the check's reply must contain (read until seen, closed or timed out); catches a backend that accepts but hangs
     #[arg(long, value_name = "STRING", value_parser = parse_bytes, conflicts_with = "config")]
     check_expect: Option<Bytes>,
+
+    /// A regular expression the check's reply must match (HAProxy's expect rstring)
+    #[arg(long, value_name = "REGEX", value_parser = parse_pattern, conflicts_with = "config")]
+    check_expect_regex: Option<Pattern>,
+
+    /// An HTTP check instead: "GET /path" passes on 2xx/3xx (HAProxy's httpchk)
+    #[arg(long, value_name = "REQUEST", value_parser = HttpRequest::parse, conflicts_with_all = ["config", "check_send", "check_expect", "check_expect_regex"])]
+    check_http: Option<HttpRequest>,
+
+    /// Check this port instead of each backend's traffic port (a sidecar)
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..), conflicts_with = "config")]
+    check_port: Option<u16>,
+
+    /// Interval while a backend's state is changing (HAProxy's fastinter) [default: the interval]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration, conflicts_with = "config")]
+    fastinter: Option<Duration>,
+
+    /// Interval while a backend is down (HAProxy's downinter) [default: the interval]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration, conflicts_with = "config")]
+    downinter: Option<Duration>,
 
     /// Active-passive: keep traffic on the promoted backend when the active one comes back
     #[arg(long, conflicts_with = "config")]
@@ -288,6 +310,10 @@ fn acl_of(allow: &[Cidr], deny: &[Cidr]) -> Option<Arc<Acl>> {
     }))
 }
 
+fn parse_pattern(text: &str) -> Result<Pattern, String> {
+    Pattern::new(text)
+}
+
 fn parse_backend(text: &str) -> Result<BackendConfig, String> {
     config::check_name(text)?;
     let backend =
@@ -379,8 +405,24 @@ impl Cli {
                     .unwrap_or_else(|| CheckConfig::default_timeout(self.check_interval)),
                 rise: self.rise,
                 fall: self.fall,
-                send: self.check_send.map(|b| b.0),
-                expect: self.check_expect.map(|b| b.0),
+                script: match self.check_http {
+                    Some(request) => Script::http(
+                        request,
+                        HttpExpect {
+                            statuses: Vec::new(),
+                            body: None,
+                        },
+                    ),
+                    None => Script::flat(
+                        self.check_send.map(|b| b.0),
+                        self.check_expect.map(|b| b.0),
+                        self.check_expect_regex,
+                    ),
+                },
+                fastinter: self.fastinter,
+                downinter: self.downinter,
+                port: self.check_port,
+                ..CheckConfig::new(self.check_interval)
             },
             failback: !self.no_failback,
             on_down: self.on_down,

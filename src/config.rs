@@ -17,6 +17,7 @@ use std::sync::Arc;
 use toml::Spanned;
 
 use crate::acl::{self, Acl, Cidr, PrefixSet};
+use crate::check::{HttpExpect, HttpRequest, Kind, Matcher, Pattern, Script, Step};
 pub use crate::edge::EdgeConfig;
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -171,17 +172,33 @@ enum LogFormat {
 }
 
 /// The failover watcher's settings for one frontend.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CheckConfig {
     pub interval: Duration,
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
-    /// Bytes written after connecting; with `expect`, catches a backend
-    /// that completes handshakes but no longer answers (a stopped process).
-    pub send: Option<Vec<u8>>,
-    /// The reply must start with these bytes within the timeout.
-    pub expect: Option<Vec<u8>>,
+    /// What the check does once connected: nothing (a connect check),
+    /// send/expect steps, or a ready-made kind. A send/expect check
+    /// catches a backend that completes handshakes but no longer answers
+    /// (a stopped process).
+    pub script: Script,
+    /// The interval while the state is changing: up after a failed check,
+    /// or down after a good one (HAProxy's `fastinter`).
+    pub fastinter: Option<Duration>,
+    /// The interval while down (HAProxy's `downinter`).
+    pub downinter: Option<Duration>,
+    /// Check this port or address instead of the one traffic goes to; a
+    /// backend's own `check-port` / `check-address` wins.
+    pub port: Option<u16>,
+    pub address: Option<IpAddr>,
+    /// An agent check (HAProxy's `agent-check`) runs for every backend
+    /// with a port for it, here or in its table.
+    pub agent_port: Option<u16>,
+    pub agent_address: Option<IpAddr>,
+    /// Default: the check interval.
+    pub agent_interval: Option<Duration>,
+    pub agent_send: Option<Vec<u8>>,
 }
 
 impl CheckConfig {
@@ -189,6 +206,51 @@ impl CheckConfig {
     /// but waiting more than a second only delays failover.
     pub fn default_timeout(interval: Duration) -> Duration {
         interval.min(Duration::from_secs(1))
+    }
+
+    /// A connect check every `interval`, every other setting at its default.
+    pub fn new(interval: Duration) -> CheckConfig {
+        CheckConfig {
+            interval,
+            timeout: CheckConfig::default_timeout(interval),
+            rise: DEFAULT_RISE,
+            fall: DEFAULT_FALL,
+            script: Script::connect(),
+            fastinter: None,
+            downinter: None,
+            port: None,
+            address: None,
+            agent_port: None,
+            agent_address: None,
+            agent_interval: None,
+            agent_send: None,
+        }
+    }
+
+    /// Where `backend`'s checks go: its check address and port, else the
+    /// frontend's, else its traffic address.
+    pub fn target(&self, backend: &BackendConfig) -> SocketAddr {
+        let ip = backend
+            .check_address
+            .or(self.address)
+            .unwrap_or(backend.addr.ip());
+        let port = backend
+            .check_port
+            .or(self.port)
+            .unwrap_or(backend.addr.port());
+        SocketAddr::new(ip, port)
+    }
+
+    /// Where `backend`'s agent answers, if it has one.
+    pub fn agent_target(&self, backend: &BackendConfig) -> Option<SocketAddr> {
+        let port = backend.agent_port.or(self.agent_port)?;
+        let ip = backend
+            .agent_address
+            .or(self.agent_address)
+            .or(backend.check_address)
+            .or(self.address)
+            .unwrap_or(backend.addr.ip());
+        Some(SocketAddr::new(ip, port))
     }
 }
 
@@ -213,6 +275,9 @@ pub struct BackendConfig {
     pub check_port: Option<u16>,
     /// Check another address than the one traffic goes to.
     pub check_address: Option<IpAddr>,
+    /// Its agent's port and address (HAProxy's `agent-port`, `agent-addr`).
+    pub agent_port: Option<u16>,
+    pub agent_address: Option<IpAddr>,
 }
 
 impl BackendConfig {
@@ -226,6 +291,8 @@ impl BackendConfig {
             maxconn: None,
             check_port: None,
             check_address: None,
+            agent_port: None,
+            agent_address: None,
         }
     }
 }
@@ -548,6 +615,20 @@ struct RawFrontend {
     fall: Option<u32>,
     check_send: Option<Spanned<String>>,
     check_expect: Option<Spanned<String>>,
+    check_expect_regex: Option<Spanned<String>>,
+    check: Option<Spanned<RawCheck>>,
+    check_http: Option<Spanned<String>>,
+    check_http_host: Option<Spanned<String>>,
+    check_http_status: Option<Spanned<Vec<u16>>>,
+    check_http_expect: Option<Spanned<String>>,
+    check_port: Option<Spanned<u16>>,
+    check_address: Option<Spanned<String>>,
+    fastinter: Option<Spanned<String>>,
+    downinter: Option<Spanned<String>>,
+    agent_port: Option<Spanned<u16>>,
+    agent_address: Option<Spanned<String>>,
+    agent_interval: Option<Spanned<String>>,
+    agent_send: Option<Spanned<String>>,
     failback: Option<bool>,
     on_down: Option<OnDown>,
     maxconn: Option<u32>,
@@ -584,6 +665,8 @@ struct RawBackendTable {
     maxconn: Option<u32>,
     check_port: Option<u16>,
     check_address: Option<String>,
+    agent_port: Option<u16>,
+    agent_address: Option<String>,
 }
 
 /// By hand rather than `untagged`: serde's untagged error ("did not match
@@ -611,6 +694,89 @@ impl<'de> Deserialize<'de> for RawBackend {
     }
 }
 
+/// `check = "redis"` or `check = [ { send = "..." }, { expect = "..." } ]`.
+enum RawCheck {
+    Kind(String),
+    Steps(Vec<Spanned<RawStep>>),
+}
+
+/// One step of a written check: exactly one of send, expect, expect-regex.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawStep {
+    send: Option<String>,
+    expect: Option<String>,
+    expect_regex: Option<String>,
+    timeout: Option<String>,
+}
+
+/// By hand, as [`RawBackend`]: a string or a list, each with its own error.
+impl<'de> Deserialize<'de> for RawCheck {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawCheck;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "a kind such as \"redis\" or a list of steps such as [ { send = \"PING\\r\\n\" }, { expect = \"+PONG\" } ]",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawCheck, E> {
+                Ok(RawCheck::Kind(v.to_string()))
+            }
+            fn visit_seq<S: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: S,
+            ) -> Result<RawCheck, S::Error> {
+                let mut steps = Vec::new();
+                while let Some(step) = seq.next_element::<Spanned<RawStep>>()? {
+                    steps.push(step);
+                }
+                Ok(RawCheck::Steps(steps))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl RawStep {
+    fn resolve(&self, check_timeout: Duration) -> Result<Step, String> {
+        let timeout = self
+            .timeout
+            .as_deref()
+            .map(|t| parse_duration(t).map_err(|e| format!("timeout: {e}")))
+            .transpose()?;
+        if let Some(t) = timeout
+            && t > check_timeout
+        {
+            return Err(format!(
+                "timeout {t:?} is longer than the check's timeout ({check_timeout:?}): the check would end first"
+            ));
+        }
+        let step = match (&self.send, &self.expect, &self.expect_regex) {
+            (Some(send), None, None) => {
+                if timeout.is_some() {
+                    return Err("timeout is for expect steps (a send takes the check's)".into());
+                }
+                return parse_escapes(send)
+                    .map(Step::Send)
+                    .map_err(|e| format!("send: {e}"));
+            }
+            (None, Some(expect), None) => {
+                Matcher::Contains(parse_escapes(expect).map_err(|e| format!("expect: {e}"))?)
+            }
+            (None, None, Some(regex)) => {
+                Matcher::Regex(Pattern::new(regex).map_err(|e| format!("expect-regex: {e}"))?)
+            }
+            _ => return Err("each step takes exactly one of send, expect or expect-regex".into()),
+        };
+        Ok(Step::Expect {
+            matcher: step,
+            timeout,
+        })
+    }
+}
+
 impl RawBackend {
     fn resolve(&self) -> Result<BackendConfig, String> {
         let table = match self {
@@ -625,14 +791,15 @@ impl RawBackend {
         let name = table.name.as_ref().unwrap_or(&table.address);
         check_name(name)?;
         let addr = parse_address(&table.address)?;
-        let check_address = table
-            .check_address
-            .as_ref()
-            .map(|a| {
-                a.parse::<IpAddr>()
-                    .map_err(|_| format!("check-address: '{a}' is not an IP address"))
-            })
-            .transpose()?;
+        let ip = |key: &str, a: &Option<String>| {
+            a.as_ref()
+                .map(|a| {
+                    a.parse::<IpAddr>()
+                        .map_err(|_| format!("{key}: '{a}' is not an IP address"))
+                })
+                .transpose()
+        };
+        let check_address = ip("check-address", &table.check_address)?;
         Ok(BackendConfig {
             addr,
             name: name.clone(),
@@ -641,6 +808,8 @@ impl RawBackend {
             maxconn: table.maxconn,
             check_port: table.check_port,
             check_address,
+            agent_port: table.agent_port,
+            agent_address: ip("agent-address", &table.agent_address)?,
         })
     }
 }
@@ -769,14 +938,12 @@ impl RawFrontend {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let routes = self.routes(&mut backends, src)?;
-        let interval = src
-            .duration(&self.check_interval, "check-interval")?
-            .unwrap_or(DEFAULT_CHECK_INTERVAL);
         let balance = BalanceConfig {
             algorithm: self.algorithm(src)?,
             allbackups: self.allbackups.unwrap_or(false),
             slowstart: src.duration(&self.slowstart, "slowstart")?,
         };
+        let check = self.check_agent(self.check_config(src)?, &backends, src)?;
         Ok(FrontendConfig {
             name: self
                 .name
@@ -792,16 +959,7 @@ impl RawFrontend {
             idle_timeout: src
                 .duration(&self.idle_timeout, "idle-timeout")?
                 .unwrap_or(DEFAULT_IDLE_TIMEOUT),
-            check: CheckConfig {
-                interval,
-                timeout: src
-                    .duration(&self.check_timeout, "check-timeout")?
-                    .unwrap_or_else(|| CheckConfig::default_timeout(interval)),
-                rise: self.rise.unwrap_or(DEFAULT_RISE),
-                fall: self.fall.unwrap_or(DEFAULT_FALL),
-                send: src.bytes(&self.check_send, "check-send")?,
-                expect: src.bytes(&self.check_expect, "check-expect")?,
-            },
+            check,
             failback: self.failback.unwrap_or(true),
             on_down: self.on_down.unwrap_or(OnDown::Keep),
             maxconn: self.maxconn,
@@ -954,6 +1112,202 @@ impl RawFrontend {
                 ))
             }
         }
+    }
+
+    fn check_config(&self, src: &Source<'_>) -> Result<CheckConfig, ConfigError> {
+        let interval = src
+            .duration(&self.check_interval, "check-interval")?
+            .unwrap_or(DEFAULT_CHECK_INTERVAL);
+        let timeout = src
+            .duration(&self.check_timeout, "check-timeout")?
+            .unwrap_or_else(|| CheckConfig::default_timeout(interval));
+        let ip = |value: &Option<Spanned<String>>, key: &str| {
+            value
+                .as_ref()
+                .map(|v| {
+                    v.get_ref().parse::<IpAddr>().map_err(|_| {
+                        src.invalid(v, format!("{key}: '{}' is not an IP address", v.get_ref()))
+                    })
+                })
+                .transpose()
+        };
+        let port = |value: &Option<Spanned<u16>>, key: &str| match value {
+            Some(p) if *p.get_ref() == 0 => Err(src.invalid(p, format!("{key}: 0 is no port"))),
+            other => Ok(other.as_ref().map(|p| *p.get_ref())),
+        };
+        let agent_port = port(&self.agent_port, "agent-port")?;
+        Ok(CheckConfig {
+            interval,
+            timeout,
+            rise: self.rise.unwrap_or(DEFAULT_RISE),
+            fall: self.fall.unwrap_or(DEFAULT_FALL),
+            script: self.script(src, timeout)?,
+            fastinter: src.duration(&self.fastinter, "fastinter")?,
+            downinter: src.duration(&self.downinter, "downinter")?,
+            port: port(&self.check_port, "check-port")?,
+            address: ip(&self.check_address, "check-address")?,
+            agent_port,
+            agent_address: ip(&self.agent_address, "agent-address")?,
+            agent_interval: src.duration(&self.agent_interval, "agent-interval")?,
+            agent_send: src.bytes(&self.agent_send, "agent-send")?,
+        })
+    }
+
+    /// Agent settings with no agent port anywhere would do nothing, which
+    /// the operator who wrote them surely did not mean.
+    fn check_agent(
+        &self,
+        check: CheckConfig,
+        backends: &[BackendConfig],
+        src: &Source<'_>,
+    ) -> Result<CheckConfig, ConfigError> {
+        if check.agent_port.is_some() || backends.iter().any(|b| b.agent_port.is_some()) {
+            return Ok(check);
+        }
+        let agent_only = [
+            (&self.agent_interval, "agent-interval"),
+            (&self.agent_send, "agent-send"),
+            (&self.agent_address, "agent-address"),
+        ];
+        for (value, key) in agent_only {
+            if let Some(v) = value {
+                return Err(src.invalid(
+                    v,
+                    format!("{key}: no agent-port in this frontend or its backends"),
+                ));
+            }
+        }
+        Ok(check)
+    }
+
+    /// One way of saying what a check does: `check`, `check-http`, or the
+    /// check-send / check-expect / check-expect-regex keys.
+    fn script(&self, src: &Source<'_>, timeout: Duration) -> Result<Script, ConfigError> {
+        let flat = [
+            &self.check_send,
+            &self.check_expect,
+            &self.check_expect_regex,
+        ];
+        let flat_at = flat.iter().find_map(|k| k.as_ref().map(Spanned::span));
+        let ways = [
+            self.check.as_ref().map(Spanned::span),
+            self.check_http.as_ref().map(Spanned::span),
+            flat_at,
+        ];
+        if ways.iter().flatten().count() > 1 {
+            let second = ways.iter().flatten().nth(1).cloned().unwrap_or_default();
+            return Err(ConfigError::Invalid {
+                origin: src.origin.to_string(),
+                line: Some(src.line_col(second.start).0),
+                message: "give one of check, check-http, or check-send/check-expect/check-expect-regex: they all say what a check does".into(),
+            });
+        }
+        let script = match (&self.check, &self.check_http) {
+            (Some(check), _) => self.written_check(check, src, timeout)?,
+            (None, Some(line)) => {
+                let request = HttpRequest::parse(line.get_ref())
+                    .map_err(|e| src.invalid(line, format!("check-http: {e}")))?;
+                self.http_script(request, src)?
+            }
+            (None, None) => Script::flat(
+                src.bytes(&self.check_send, "check-send")?,
+                src.bytes(&self.check_expect, "check-expect")?,
+                self.check_expect_regex
+                    .as_ref()
+                    .map(|r| {
+                        Pattern::new(r.get_ref())
+                            .map_err(|e| src.invalid(r, format!("check-expect-regex: {e}")))
+                    })
+                    .transpose()?,
+            ),
+        };
+        if script.kind != Kind::Http {
+            let http_only = [
+                self.check_http_host.as_ref().map(Spanned::span),
+                self.check_http_status.as_ref().map(Spanned::span),
+                self.check_http_expect.as_ref().map(Spanned::span),
+            ];
+            if let Some(at) = http_only.into_iter().flatten().next() {
+                return Err(ConfigError::Invalid {
+                    origin: src.origin.to_string(),
+                    line: Some(src.line_col(at.start).0),
+                    message: "check-http-host, check-http-status and check-http-expect go with check-http (or check = \"http\")".into(),
+                });
+            }
+        }
+        Ok(script)
+    }
+
+    fn written_check(
+        &self,
+        check: &Spanned<RawCheck>,
+        src: &Source<'_>,
+        timeout: Duration,
+    ) -> Result<Script, ConfigError> {
+        match check.get_ref() {
+            RawCheck::Kind(name) if name == "http" => {
+                let request = HttpRequest::parse("GET /").map_err(|e| src.invalid(check, e))?;
+                self.http_script(request, src)
+            }
+            RawCheck::Kind(name) => {
+                Kind::from_name(name)
+                    .map(Script::ready_made)
+                    .ok_or_else(|| {
+                        src.invalid(
+                            check,
+                            format!(
+                                "check: unknown kind '{name}' (use {}, or a list of steps)",
+                                Kind::READY_MADE.join(", ")
+                            ),
+                        )
+                    })
+            }
+            RawCheck::Steps(steps) if steps.is_empty() => Err(src.invalid(
+                check,
+                "check: the list of steps is empty (leave check out for a connect check)".into(),
+            )),
+            RawCheck::Steps(steps) => Ok(Script {
+                kind: Kind::Steps,
+                steps: steps
+                    .iter()
+                    .enumerate()
+                    .map(|(i, step)| {
+                        step.get_ref()
+                            .resolve(timeout)
+                            .map_err(|e| src.invalid(step, format!("check: step {}: {e}", i + 1)))
+                    })
+                    .collect::<Result<_, _>>()?,
+            }),
+        }
+    }
+
+    fn http_script(
+        &self,
+        mut request: HttpRequest,
+        src: &Source<'_>,
+    ) -> Result<Script, ConfigError> {
+        if let Some(host) = &self.check_http_host {
+            crate::check::check_host(host.get_ref())
+                .map_err(|e| src.invalid(host, format!("check-http-host: {e}")))?;
+            request.host = Some(host.get_ref().clone());
+        }
+        let statuses = match &self.check_http_status {
+            Some(list) => {
+                if list.get_ref().is_empty()
+                    || list.get_ref().iter().any(|s| !(100..=599).contains(s))
+                {
+                    return Err(src.invalid(
+                        list,
+                        "check-http-status: give HTTP statuses from 100 to 599, e.g. [200, 204]"
+                            .into(),
+                    ));
+                }
+                list.get_ref().clone()
+            }
+            None => Vec::new(),
+        };
+        let body = src.bytes(&self.check_http_expect, "check-http-expect")?;
+        Ok(Script::http(request, HttpExpect { statuses, body }))
     }
 
     /// A format without `log = true` would log nothing, which the operator
@@ -1431,6 +1785,9 @@ pub fn check_backend(backend: &BackendConfig) -> Result<(), String> {
     if backend.check_port == Some(0) {
         return Err(format!("'{}': check-port 0 is no port", backend.name));
     }
+    if backend.agent_port == Some(0) {
+        return Err(format!("'{}': agent-port 0 is no port", backend.name));
+    }
     Ok(())
 }
 
@@ -1703,7 +2060,10 @@ mod tests {
         let db = &config.frontends[1];
         assert_eq!(db.mode, Mode::ActivePassive);
         assert_eq!(db.check.timeout, Duration::from_millis(500));
-        assert_eq!(db.check.send.as_deref(), Some(&b"PING\r\n"[..]));
+        assert_eq!(
+            db.check.script,
+            Script::flat(Some(b"PING\r\n".to_vec()), Some(b"+PONG".to_vec()), None)
+        );
         assert!(!db.failback);
         assert_eq!(db.on_down, OnDown::Shutdown);
     }
@@ -1919,6 +2279,63 @@ backends = [
         assert!(err.contains("an address such as"), "{err}");
     }
 
+    #[test]
+    fn check_keys_parse_and_faults_name_their_line() {
+        let with = |keys: &str| {
+            let text = format!(
+                "[[frontend]]\nlisten = \"127.0.0.1:80\"\nbackends = [{{ address = \"127.0.0.1:8001\", agent-port = 9 }}]\n{keys}\n"
+            );
+            Config::from_toml(&text, "f.toml").map(|c| c.frontends[0].check.clone())
+        };
+        let err = |keys: &str| with(keys).map(|_| ()).unwrap_err().to_string();
+        let check = with(
+            "check = \"redis-master\"\ncheck-port = 6380\nfastinter = \"100ms\"\nagent-send = \"hi\\n\"",
+        )
+        .expect("config");
+        assert_eq!(check.script, Script::ready_made(Kind::RedisMaster));
+        assert_eq!(check.port, Some(6380));
+        assert_eq!(check.fastinter, Some(Duration::from_millis(100)));
+        assert_eq!(check.agent_send.as_deref(), Some(&b"hi\n"[..]));
+        let http =
+            with("check-http = \"GET /primary\"\ncheck-http-status = [200, 204]").expect("config");
+        assert_eq!(http.script.kind, Kind::Http);
+        let e = err("check = \"nosuch\"");
+        assert!(
+            e.starts_with("f.toml:4:") && e.contains("redis-master"),
+            "{e}"
+        );
+        let e = err("check = [\n { send = \"a\", expect = \"b\" },\n]");
+        assert!(
+            e.starts_with("f.toml:5:") && e.contains("exactly one"),
+            "{e}"
+        );
+        let e = err("check-timeout = \"500ms\"\ncheck = [ { expect = \"b\", timeout = \"2s\" } ]");
+        assert!(e.contains("longer than the check's timeout"), "{e}");
+        let e = err("check = \"redis\"\ncheck-send = \"x\"");
+        assert!(
+            e.starts_with("f.toml:5:") && e.contains("give one of"),
+            "{e}"
+        );
+        let e = err("check-http-status = [200]");
+        assert!(
+            e.starts_with("f.toml:4:") && e.contains("go with check-http"),
+            "{e}"
+        );
+        let e = err("check-http = \"GET /\"\ncheck-http-status = [99]");
+        assert!(e.starts_with("f.toml:5:"), "{e}");
+        let e = err("check-expect-regex = \"(\"");
+        assert!(
+            e.starts_with("f.toml:4:") && e.contains("invalid regular expression"),
+            "{e}"
+        );
+        let text = "[[frontend]]\nlisten = \"127.0.0.1:80\"\nbackends = [\"127.0.0.1:8001\"]\nagent-send = \"x\"\n";
+        let e = Config::from_toml(text, "f.toml").unwrap_err().to_string();
+        assert!(
+            e.starts_with("f.toml:4:") && e.contains("no agent-port"),
+            "{e}"
+        );
+    }
+
     fn frontend(name: &str, listen: &str, backends: &[&str]) -> FrontendConfig {
         FrontendConfig {
             name: name.into(),
@@ -1932,12 +2349,10 @@ backends = [
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             check: CheckConfig {
-                interval: DEFAULT_CHECK_INTERVAL,
                 timeout: DEFAULT_CHECK_INTERVAL,
                 rise: 1,
                 fall: 1,
-                send: None,
-                expect: None,
+                ..CheckConfig::new(DEFAULT_CHECK_INTERVAL)
             },
             failback: true,
             on_down: OnDown::Keep,

@@ -498,8 +498,24 @@ fn row(b: &BackendView, now: f64) -> Vec<String> {
     let checked = match &b.last_check {
         None => "-".to_string(),
         Some(c) if c.ok => format!("ok {}ms {}", c.took_ms, ago(c.at)),
-        Some(c) => format!("failed {}", ago(c.at)),
+        Some(c) => match c.step.as_deref().and_then(|s| s.split(" (").next()) {
+            Some(step) => format!("failed in {step} {}", ago(c.at)),
+            None => format!("failed {}", ago(c.at)),
+        },
     };
+    let mut reason = if b.reason.is_empty() {
+        "-".to_string()
+    } else {
+        b.reason.clone()
+    };
+    if let Some(agent) = &b.agent {
+        let said = agent
+            .reply
+            .as_deref()
+            .or(agent.error.as_deref())
+            .unwrap_or("");
+        reason = format!("{reason}; agent: {said}");
+    }
     vec![
         b.name.clone(),
         b.addr.clone(),
@@ -512,11 +528,7 @@ fn row(b: &BackendView, now: f64) -> Vec<String> {
         b.checks_failed.to_string(),
         checked,
         ago(b.changed_at),
-        if b.reason.is_empty() {
-            "-".into()
-        } else {
-            b.reason.clone()
-        },
+        reason,
     ]
 }
 

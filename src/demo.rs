@@ -102,12 +102,10 @@ fn frontend(name: &str, mode: Mode, backends: &[&DemoBackend]) -> FrontendConfig
         connect_timeout: Duration::from_millis(500),
         idle_timeout: Duration::from_secs(30),
         check: CheckConfig {
-            interval: Duration::from_millis(500),
             timeout: Duration::from_millis(500),
             rise: 2,
             fall: 2,
-            send: None,
-            expect: None,
+            ..CheckConfig::new(Duration::from_millis(500))
         },
         failback: true,
         on_down: OnDown::Keep,

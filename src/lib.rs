@@ -48,6 +48,7 @@
 pub mod access;
 pub mod acl;
 pub mod admin;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod control;

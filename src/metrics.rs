@@ -133,6 +133,7 @@ pub fn render(
             out.sample("ringlb_backend_maxconn", &labels, max);
         }
     }
+    render_checks(&mut out, snapshot);
     let reload_metrics: &[Metric<ReloadStats>] = &[
         ("ringlb_reloads_total", "counter", |s| &s.reloads),
         ("ringlb_reload_failures_total", "counter", |s| &s.failures),
@@ -212,6 +213,52 @@ fn render_routes(out: &mut Exposition, frontends: &[std::sync::Arc<model::Fronte
     }
 }
 
+/// What the last check of each backend found, and its agent's weight.
+/// Series appear once there is something to say: a backend not checked
+/// yet has no `check_ok`, one without an agent no agent weight.
+fn render_checks(out: &mut Exposition, snapshot: &Snapshot) {
+    let statuses: Vec<(&str, &str, model::Status)> = snapshot
+        .frontends
+        .iter()
+        .flat_map(|f| {
+            f.backends
+                .iter()
+                .map(|b| (f.config.name.as_str(), b.name.as_str(), b.health.status()))
+        })
+        .collect();
+    let labels = |f, b| [("frontend", f), ("backend", b)];
+    out.family("ringlb_backend_checks_total", "counter");
+    for (f, b, status) in &statuses {
+        out.sample(
+            "ringlb_backend_checks_total",
+            &labels(*f, *b),
+            status.checks,
+        );
+    }
+    out.family("ringlb_backend_check_ok", "gauge");
+    for (f, b, status) in &statuses {
+        if let Some(result) = &status.last_check {
+            let name = "ringlb_backend_check_ok";
+            out.sample(name, &labels(*f, *b), u64::from(result.is_ok()));
+        }
+    }
+    out.family("ringlb_backend_check_duration_seconds", "gauge");
+    for (f, b, status) in &statuses {
+        if status.last_check.is_some() {
+            let name = "ringlb_backend_check_duration_seconds";
+            let seconds = status.last_check_took.as_secs_f64();
+            out.sample_f64(name, &labels(*f, *b), seconds);
+        }
+    }
+    out.family("ringlb_backend_agent_weight_percent", "gauge");
+    for (f, b, status) in &statuses {
+        if let Some(percent) = status.agent.as_ref().and_then(|a| a.weight_percent) {
+            let name = "ringlb_backend_agent_weight_percent";
+            out.sample(name, &labels(*f, *b), u64::from(percent));
+        }
+    }
+}
+
 /// A page in the Prometheus text format (version 0.0.4) being written.
 #[derive(Default)]
 struct Exposition(String);
@@ -225,6 +272,16 @@ impl Exposition {
     /// chose), so each is escaped: a quote or newline in one must not end
     /// the value and start a series of its own.
     fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
+        self.labels(name, labels);
+        let _ = writeln!(self.0, " {value}");
+    }
+
+    fn sample_f64(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        self.labels(name, labels);
+        let _ = writeln!(self.0, " {value}");
+    }
+
+    fn labels(&mut self, name: &str, labels: &[(&str, &str)]) {
         self.0.push_str(name);
         for (i, (label, text)) in labels.iter().enumerate() {
             self.0.push(if i == 0 { '{' } else { ',' });
@@ -236,7 +293,6 @@ impl Exposition {
         if !labels.is_empty() {
             self.0.push('}');
         }
-        let _ = writeln!(self.0, " {value}");
     }
 }
 

@@ -112,6 +112,25 @@ pub struct Status {
     pub changed_at: Option<SystemTime>,
     /// Why it is in its current state, as the UP/DOWN line said it.
     pub reason: String,
+    /// Checks run since checking started.
+    pub checks: u64,
+    /// The step the last check failed in (`None` if it passed, or failed
+    /// at the connect).
+    pub failed_step: Option<String>,
+    /// What its agent last answered, if it has one.
+    pub agent: Option<AgentStatus>,
+}
+
+/// An agent check's last outcome, written only by the scheduler.
+#[derive(Clone, Debug)]
+pub struct AgentStatus {
+    /// The agent's line, or why there was none (which changes nothing).
+    pub reply: Result<String, String>,
+    pub at: SystemTime,
+    /// The last `NN%` it gave.
+    pub weight_percent: Option<u32>,
+    /// Set while its `down`, `fail` or `stopped` holds the backend down.
+    pub down: Option<String>,
 }
 
 /// The health of one check target (an address with check settings),

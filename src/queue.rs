@@ -270,7 +270,10 @@ mod tests {
                 slot: true
             }
         );
-        assert_eq!(pick_past_full(&f, 0, &Tried::default(), None, 0), Pick::Full);
+        assert_eq!(
+            pick_past_full(&f, 0, &Tried::default(), None, 0),
+            Pick::Full
+        );
     }
 
     #[test]

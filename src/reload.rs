@@ -259,7 +259,7 @@ fn backends_of(
     f.backends
         .iter()
         .map(|b| {
-            let health = targets.health(b.addr, &f.check);
+            let health = targets.health(b, &f.check);
             let label = || format!("{}/{}", f.name, b.name);
             let backend = match old.get(b.name.as_str()) {
                 Some(o) if o.addr == b.addr && Arc::ptr_eq(&o.health, &health) => Arc::clone(o),
