@@ -783,6 +783,69 @@ fn pgbench_through_ringlb_and_reads_from_both_nodes() {
     );
 }
 
+/// examples/pg-sidecar.py answers by role, over each authentication a
+/// server may ask for (trust, password, md5, SCRAM-SHA-256), and with 503
+/// when it cannot ask: a wrong password, no password, the server down.
+#[test]
+fn pg_sidecar_answers_by_role_with_each_authentication() {
+    if !require("PostgreSQL test", &pg_missing()) {
+        return;
+    }
+    let scratch = Scratch::new("sidecar");
+    let mut pg = Pg::primary(&scratch, "pg", free_ports(1)[0]);
+    for sql in [
+        "create role scram login password 'sekret'",
+        "set password_encryption = 'md5'; create role md5 login password 'md5pass'",
+        "create role plain login password 'plainpass'",
+    ] {
+        pg.query(sql);
+    }
+    let hba = "host all scram 127.0.0.1/32 scram-sha-256\n\
+               host all md5 127.0.0.1/32 md5\n\
+               host all plain 127.0.0.1/32 password\n\
+               host all all 127.0.0.1/32 trust\n";
+    std::fs::write(pg.data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
+    assert_eq!(pg.query("select pg_reload_conf()"), ["t"]);
+    must(
+        "the new pg_hba.conf in force",
+        Duration::from_secs(20),
+        || PgConn::connect_as(pg.addr(), "scram").is_err(),
+    );
+    let cases = [
+        ("postgres", None, 200),
+        ("scram", Some("sekret"), 200),
+        ("md5", Some("md5pass"), 200),
+        ("plain", Some("plainpass"), 200),
+        ("scram", Some("wrong"), 503),
+        ("md5", None, 503),
+    ];
+    let sidecars: Vec<Sidecar> = cases
+        .iter()
+        .map(|(user, password, _)| Sidecar::start_as(&scratch, &pg, user, *password))
+        .collect();
+    for ((user, password, status), sidecar) in cases.iter().zip(&sidecars) {
+        let expected = if *status == 200 {
+            (200, 503, 200)
+        } else {
+            (503, 503, 503)
+        };
+        assert_eq!(
+            roles(sidecar),
+            expected,
+            "as {user} with password {password:?}; the sidecar's log:\n{}",
+            sidecar.proc.log_text()
+        );
+    }
+    assert_eq!(sidecars[0].status("/nowhere"), 404);
+    pg.stop();
+    assert_eq!(roles(&sidecars[0]), (503, 503, 503));
+    assert!(
+        sidecars[0].proc.log_text().contains("node is unreachable"),
+        "{}",
+        sidecars[0].proc.log_text()
+    );
+}
+
 /// Both examples pass `ringlb --check` as written.
 #[test]
 #[ignore = "needs check, check-http and balance (issue 11)"]

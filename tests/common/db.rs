@@ -803,6 +803,11 @@ impl PgConn {
     /// the session (starting up, shutting down, too many clients) is an
     /// `Err` carrying its message.
     pub fn connect(addr: SocketAddr) -> std::io::Result<PgConn> {
+        PgConn::connect_as(addr, "postgres")
+    }
+
+    /// Connects as `user` to database `postgres`.
+    pub fn connect_as(addr: SocketAddr, user: &str) -> std::io::Result<PgConn> {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
         stream.set_read_timeout(Some(Duration::from_secs(20)))?;
         stream.set_nodelay(true)?;
@@ -810,7 +815,7 @@ impl PgConn {
             stream: BufReader::new(stream),
         };
         let mut body = 196_608u32.to_be_bytes().to_vec();
-        body.extend(b"user\0postgres\0database\0postgres\0\0");
+        body.extend(format!("user\0{user}\0database\0postgres\0\0").bytes());
         let mut startup = ((body.len() + 4) as u32).to_be_bytes().to_vec();
         startup.extend(body);
         conn.stream.get_mut().write_all(&startup)?;
@@ -930,15 +935,27 @@ pub struct Sidecar {
 
 impl Sidecar {
     pub fn start(scratch: &Scratch, node: &Pg) -> Sidecar {
+        Sidecar::start_as(scratch, node, "postgres", None)
+    }
+
+    /// A sidecar connecting as `user`, with PGPASSWORD set when given.
+    pub fn start_as(scratch: &Scratch, node: &Pg, user: &str, password: Option<&str>) -> Sidecar {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/pg-sidecar.py");
-        let log = scratch.join(&format!("{}-sidecar.log", node.name));
+        // A log of its own: the port is read from it.
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, SeqCst);
+        let log = scratch.join(&format!("{}-{user}-sidecar-{n}.log", node.name));
         let mut command = Command::new("python3");
         command
             .arg(script)
             .args(["--listen", "127.0.0.1:0", "--port", &node.port.to_string()])
-            .args(["--user", "postgres"]);
+            .args(["--user", user])
+            .env_remove("PGPASSWORD");
+        if let Some(password) = password {
+            command.env("PGPASSWORD", password);
+        }
         let mut proc = Proc::spawn(
-            &format!("{}'s sidecar", node.name),
+            &format!("{}'s sidecar as {user}", node.name),
             command,
             &log,
             libc::SIGTERM,
