@@ -283,6 +283,18 @@ impl Resp {
         })
     }
 
+    /// Connects, and authenticates first when `password` is given.
+    pub fn connect_auth(addr: SocketAddr, password: Option<&str>) -> std::io::Result<Resp> {
+        let mut resp = Resp::connect(addr)?;
+        if let Some(password) = password {
+            match resp.call(&["AUTH", password])? {
+                Reply::Status(s) if s == "OK" => {}
+                other => return Err(bad(format!("AUTH: {other:?}"))),
+            }
+        }
+        Ok(resp)
+    }
+
     pub fn call(&mut self, args: &[&str]) -> std::io::Result<Reply> {
         let mut request = format!("*{}\r\n", args.len()).into_bytes();
         for arg in args {
@@ -352,6 +364,7 @@ impl Resp {
 pub struct Redis {
     pub port: u16,
     pub proc: Proc,
+    password: Option<String>,
 }
 
 impl Redis {
@@ -366,6 +379,17 @@ impl Redis {
     /// Starts a node on `port` (a replica of `master` when given) and waits
     /// until it answers PING, and for a replica until its link is up.
     pub fn start(scratch: &Scratch, name: &str, port: u16, master: Option<u16>) -> Redis {
+        Redis::start_with(scratch, name, port, master, None)
+    }
+
+    /// As `start`, with `requirepass` (and `masterauth`) set when given.
+    pub fn start_with(
+        scratch: &Scratch,
+        name: &str,
+        port: u16,
+        master: Option<u16>,
+        password: Option<&str>,
+    ) -> Redis {
         let dir = scratch.join(name);
         std::fs::create_dir_all(&dir).expect("redis directory");
         let log = scratch.join(&format!("{name}.log"));
@@ -377,18 +401,26 @@ impl Redis {
             if let Some(master) = master {
                 command.args(["--replicaof", "127.0.0.1", &master.to_string()]);
             }
+            if let Some(password) = password {
+                command.args(["--requirepass", password, "--masterauth", password]);
+            }
             Proc::spawn(name, command, &log, libc::SIGTERM)
         };
+        let password = password.map(String::from);
         let answers = |proc: &mut Proc, port: u16| {
             wait_ready(proc, "answering PING", Duration::from_secs(20), || {
-                Resp::connect(local(port))
+                Resp::connect_auth(local(port), password.as_deref())
                     .and_then(|mut c| c.call(&["PING"]))
                     .is_ok_and(|r| r == Reply::Status("PONG".into()))
             })
         };
         let mut port = port;
         let proc = start_on_free_port(&mut port, &log, spawn, answers);
-        let mut redis = Redis { port, proc };
+        let mut redis = Redis {
+            port,
+            proc,
+            password,
+        };
         if master.is_some() {
             redis.wait_info("master_link_status:up", Duration::from_secs(20));
         }
@@ -401,7 +433,7 @@ impl Redis {
 
     /// One command on a new direct connection (not through ringlb).
     pub fn call(&self, args: &[&str]) -> std::io::Result<Reply> {
-        Resp::connect(self.addr())?.call(args)
+        Resp::connect_auth(self.addr(), self.password.as_deref())?.call(args)
     }
 
     pub fn info(&self, section: &str) -> String {
@@ -411,9 +443,9 @@ impl Redis {
     }
 
     pub fn wait_info(&mut self, needle: &str, timeout: Duration) {
-        let addr = self.addr();
+        let (addr, password) = (self.addr(), self.password.clone());
         wait_for(&mut self.proc, needle, timeout, || {
-            Resp::connect(addr)
+            Resp::connect_auth(addr, password.as_deref())
                 .and_then(|mut c| c.call(&["INFO", "replication"]))
                 .is_ok_and(|r| r.text().contains(needle))
         });
@@ -803,6 +835,11 @@ impl PgConn {
     /// the session (starting up, shutting down, too many clients) is an
     /// `Err` carrying its message.
     pub fn connect(addr: SocketAddr) -> std::io::Result<PgConn> {
+        PgConn::connect_as(addr, "postgres")
+    }
+
+    /// Connects as `user` to database `postgres`.
+    pub fn connect_as(addr: SocketAddr, user: &str) -> std::io::Result<PgConn> {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
         stream.set_read_timeout(Some(Duration::from_secs(20)))?;
         stream.set_nodelay(true)?;
@@ -810,7 +847,7 @@ impl PgConn {
             stream: BufReader::new(stream),
         };
         let mut body = 196_608u32.to_be_bytes().to_vec();
-        body.extend(b"user\0postgres\0database\0postgres\0\0");
+        body.extend(format!("user\0{user}\0database\0postgres\0\0").bytes());
         let mut startup = ((body.len() + 4) as u32).to_be_bytes().to_vec();
         startup.extend(body);
         conn.stream.get_mut().write_all(&startup)?;
@@ -930,15 +967,27 @@ pub struct Sidecar {
 
 impl Sidecar {
     pub fn start(scratch: &Scratch, node: &Pg) -> Sidecar {
+        Sidecar::start_as(scratch, node, "postgres", None)
+    }
+
+    /// A sidecar connecting as `user`, with PGPASSWORD set when given.
+    pub fn start_as(scratch: &Scratch, node: &Pg, user: &str, password: Option<&str>) -> Sidecar {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/pg-sidecar.py");
-        let log = scratch.join(&format!("{}-sidecar.log", node.name));
+        // A log of its own: the port is read from it.
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, SeqCst);
+        let log = scratch.join(&format!("{}-{user}-sidecar-{n}.log", node.name));
         let mut command = Command::new("python3");
         command
             .arg(script)
             .args(["--listen", "127.0.0.1:0", "--port", &node.port.to_string()])
-            .args(["--user", "postgres"]);
+            .args(["--user", user])
+            .env_remove("PGPASSWORD");
+        if let Some(password) = password {
+            command.env("PGPASSWORD", password);
+        }
         let mut proc = Proc::spawn(
-            &format!("{}'s sidecar", node.name),
+            &format!("{}'s sidecar as {user}", node.name),
             command,
             &log,
             libc::SIGTERM,
