@@ -355,7 +355,6 @@ fn redis_nodes(addr: SocketAddr, n: usize) -> BTreeMap<u16, usize> {
 /// check bound, none reaches the demoted master after that, and reads
 /// are served by both nodes before and after.
 #[test]
-#[ignore = "needs check = \"redis-master\" and balance (issue 11)"]
 fn redis_writes_follow_the_master_through_a_promotion() {
     let Some(setup) = redis_setup() else { return };
     let (master, replica, lb) = (&setup.master, &setup.replica, &setup.lb);
@@ -427,7 +426,6 @@ fn redis_writes_follow_the_master_through_a_promotion() {
 /// redis-benchmark's SETs and GETs through the write frontend: every one
 /// answered without an error, and all of them by the master.
 #[test]
-#[ignore = "needs check = \"redis-master\" and balance (issue 11)"]
 fn redis_benchmark_through_ringlb_has_no_error() {
     let Some(setup) = redis_setup() else { return };
     let (master, lb) = (&setup.master, &setup.lb);
@@ -493,7 +491,6 @@ fn redis_session_on(addr: SocketAddr, node: u16) -> Resp {
 /// if the server had closed them; reads then all reach the master; once
 /// it runs again it comes back after `rise` good checks.
 #[test]
-#[ignore = "needs check = \"redis\" and balance (issue 11)"]
 fn redis_reads_leave_a_hung_replica_and_its_sessions_are_reset() {
     let Some(setup) = redis_setup() else { return };
     let (master, lb) = (&setup.master, &setup.lb);
@@ -552,7 +549,6 @@ fn commented_check(text: &str, n: usize) -> String {
 /// then the check), used exactly as written there, find the master, and a
 /// client that authenticates writes through ringlb to it.
 #[test]
-#[ignore = "needs multi-step checks and balance (issue 11)"]
 fn redis_with_a_password_follows_the_master_with_the_documented_steps() {
     if !require("Redis test", &Redis::binaries_missing()) {
         return;
@@ -686,7 +682,6 @@ fn roles(sidecar: &Sidecar) -> (u16, u16, u16) {
 /// a replica (the rejoined old primary included), and every acknowledged
 /// write is on the new primary.
 #[test]
-#[ignore = "needs check-http, check-port and balance (issue 11)"]
 fn postgres_writes_follow_the_primary_through_a_switchover() {
     let Some(mut setup) = pg_setup() else { return };
     assert_eq!(roles(&setup.sidecars[0]), (200, 503, 200));
@@ -773,7 +768,6 @@ fn postgres_writes_follow_the_primary_through_a_switchover() {
 /// transaction; SELECTs through the read frontend from both nodes, spread
 /// by leastconn.
 #[test]
-#[ignore = "needs check-http, check-port and leastconn (issue 11)"]
 fn pgbench_through_ringlb_and_reads_from_both_nodes() {
     let Some(setup) = pg_setup() else { return };
     let lb = &setup.lb;
@@ -942,7 +936,6 @@ fn pg_sidecar_answers_by_role_with_each_authentication() {
 
 /// Both examples pass `ringlb --check` as written.
 #[test]
-#[ignore = "needs check, check-http and balance (issue 11)"]
 fn the_database_examples_pass_check() {
     for example in ["redis.toml", "postgres.toml"] {
         let path = format!("{}/examples/{example}", env!("CARGO_MANIFEST_DIR"));
