@@ -115,6 +115,7 @@ pub fn end_code(end: Option<End>) -> &'static str {
         Some(End::FrontendRemoved) => "frontend-removed",
         Some(End::LocalError) => "local-error",
         Some(End::HelloRefused) => "bad-hello",
+        Some(End::HandshakeFailed) => "tls-handshake",
         None => "unknown",
     }
 }

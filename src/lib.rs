@@ -59,6 +59,7 @@ pub mod notify;
 pub mod relay;
 pub mod reload;
 pub mod server;
+pub mod tls;
 pub mod uring;
 pub mod view;
 pub mod worker;

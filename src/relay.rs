@@ -71,6 +71,9 @@ pub enum End {
     /// The client's TLS ClientHello was malformed, too large, late, or
     /// cut short: nothing was sent to a backend.
     HelloRefused,
+    /// The TLS handshake with the client failed (after its alert) or did
+    /// not complete in time (reset).
+    HandshakeFailed,
 }
 
 /// What failed locally, for the worker's rate-limited log line.
@@ -124,6 +127,7 @@ impl End {
             End::FrontendRemoved => "frontend removed, drain timeout passed",
             End::LocalError => "local error",
             End::HelloRefused => "ClientHello refused",
+            End::HandshakeFailed => "TLS handshake failed",
         }
     }
 }
