@@ -3,7 +3,7 @@
 #
 #   bench/run.sh                 full run: 5 rounds of 10 s runs, every scenario
 #   bench/run.sh --quick         smoke run (< 2 minutes): 2 rounds of 2 s runs, fewer idle conns
-#   bench/run.sh --rounds N --duration S --scenarios a,b,c,d,dR,e,f,g
+#   bench/run.sh --rounds N --duration S --scenarios a,b,c,d,dR,e,f,g,h,hR,i,j,k
 #                --systems direct,haproxy,ringlb --workers N --idle-conns N
 #                --port-base P --noisy CORES --out DIR
 #                --ringlb PATH   (another ringlb binary; then nothing is built)
@@ -20,6 +20,15 @@
 #   f  as a, with 2 proxy workers/threads (ringlb --workers 2, HAProxy nbthread 2)
 #   g  latency at a fixed moderate rate: wrk -t1 -c10, each connection pauses 2 ms
 #      between requests (wrk2 is not packaged; this keeps both proxies far from saturation)
+#   TLS at the proxy (HAProxy `bind ... ssl crt`, ringlb `tls = {...}`), the same self-signed
+#   certificate for both, plain HTTP to the same nginx backends; 'direct' does not run these:
+#   h  new TLS connection per request (Connection: close, full handshake: wrk does not resume
+#      sessions), ECDSA P-256, 100 B, wrk -t1 -c50
+#   hR the same with an RSA 2048 certificate
+#   i  keep-alive requests over TLS, 100 B, wrk -t1 -c50
+#   j  keep-alive over TLS, 1 MiB responses, wrk -t1 -c10
+#   k  resumed handshakes: 8 parallel `openssl s_time -reuse` (a new connection per request,
+#      each resuming the session with a ticket), 100 B; s_time gives no latencies
 #
 # Every round runs every system once per scenario, the order of the systems rotated each
 # round, so slow drifts of the machine hit all systems alike. Figures land in
@@ -74,12 +83,12 @@ done
 if ((QUICK)); then
     : "${ROUNDS:=2}" "${DURATION:=2}" "${SCENARIOS:=a,b,c,d,e,f,g}" "${IDLE_CONNS:=2000}" "${IDLE_HOLD:=1}"
 else
-    : "${ROUNDS:=5}" "${DURATION:=10}" "${SCENARIOS:=a,b,c,d,dR,e,f,g}" "${IDLE_CONNS:=10000}" "${IDLE_HOLD:=3}"
+    : "${ROUNDS:=5}" "${DURATION:=10}" "${SCENARIOS:=a,b,c,d,dR,e,f,g,h,hR,i,j,k}" "${IDLE_CONNS:=10000}" "${IDLE_HOLD:=3}"
 fi
 IFS=, read -r -a SCEN <<<"$SCENARIOS"
 IFS=, read -r -a SYS <<<"$SYSTEMS"
 for s in "${SCEN[@]}"; do
-    [[ $s =~ ^(a|b|c|d|dR|e|f|g)$ ]] || { echo "unknown scenario '$s'" >&2; exit 2; }
+    [[ $s =~ ^(a|b|c|d|dR|e|f|g|h|hR|i|j|k)$ ]] || { echo "unknown scenario '$s'" >&2; exit 2; }
 done
 for s in "${SYS[@]}"; do
     [[ $s =~ ^(direct|haproxy|ringlb|base)$ ]] || { echo "unknown system '$s'" >&2; exit 2; }
@@ -93,6 +102,8 @@ if [[ -n $BASE_BIN && ",$SYSTEMS," != *",base,"* ]]; then SYSTEMS=$SYSTEMS,base;
 
 has_scen() { [[ ",$SCENARIOS," == *",$1,"* ]]; }
 has_sys() { [[ ",$SYSTEMS," == *",$1,"* ]]; }
+has_tls() { has_scen h || has_scen hR || has_scen i || has_scen j || has_scen k; }
+is_tls() { [[ $1 =~ ^(h|hR|i|j|k)$ ]]; }
 
 # Fixed ports in a high range, one per server.
 NGINX1_PORT=$((PORT_BASE + 1)) NGINX2_PORT=$((PORT_BASE + 2))
@@ -104,9 +115,12 @@ HAPE_PORT=$((PORT_BASE + 31)) RLBE_PORT=$((PORT_BASE + 32))   # e (fresh instanc
 # The baseline binary of an A/B (--baseline): the same roles on ports of its own.
 BASE1_PORT=$((PORT_BASE + 15)) BASE2_PORT=$((PORT_BASE + 16))
 BASEI_PORT=$((PORT_BASE + 23)) BASEE_PORT=$((PORT_BASE + 33))
-ALL_PORTS=("$NGINX1_PORT" "$NGINX2_PORT" "$HAP1_PORT" "$RLB1_PORT" "$HAP2_PORT" "$RLB2_PORT"
+HAPT_PORT=$((PORT_BASE + 41)) RLBT_PORT=$((PORT_BASE + 42))   # h i j k (TLS, ECDSA P-256)
+HAPTR_PORT=$((PORT_BASE + 43)) RLBTR_PORT=$((PORT_BASE + 44)) # hR (TLS, RSA 2048)
+BASET_PORT=$((PORT_BASE + 45)) BASETR_PORT=$((PORT_BASE + 46))
+ALL_PORTS=("$HAPT_PORT" "$RLBT_PORT" "$HAPTR_PORT" "$RLBTR_PORT" "$NGINX1_PORT" "$NGINX2_PORT" "$HAP1_PORT" "$RLB1_PORT" "$HAP2_PORT" "$RLB2_PORT"
     "$IPERF_PORT" "$HAPI_PORT" "$RLBI_PORT" "$HAPE_PORT" "$RLBE_PORT")
-[[ -z $BASE_BIN ]] || ALL_PORTS+=("$BASE1_PORT" "$BASE2_PORT" "$BASEI_PORT" "$BASEE_PORT")
+[[ -z $BASE_BIN ]] || ALL_PORTS+=("$BASE1_PORT" "$BASE2_PORT" "$BASEI_PORT" "$BASEE_PORT" "$BASET_PORT" "$BASETR_PORT")
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 die() { log "ERROR: $*" >&2; exit 1; }
@@ -313,6 +327,82 @@ start_ringlb() { # NAME PORT WORKERS CHECKS(yes|no) BACKEND_PORT...  (binary: $S
     start_server "$name" "$RESULTS/logs/$name.log" "${cmd[@]}"
 }
 
+# TLS at the proxy: one self-signed certificate per key type, used by both proxies.
+make_certs() { # -> $WORK/tls/{ec,rsa}.{pem,key,both}
+    local dir=$WORK/tls kind
+    mkdir -p "$dir"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 7 \
+        -subj /CN=bench.ringlb.test -addext subjectAltName=DNS:bench.ringlb.test \
+        -keyout "$dir/ec.key" -out "$dir/ec.pem" 2>/dev/null || die "openssl: no ECDSA certificate"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 7 \
+        -subj /CN=bench.ringlb.test -addext subjectAltName=DNS:bench.ringlb.test \
+        -keyout "$dir/rsa.key" -out "$dir/rsa.pem" 2>/dev/null || die "openssl: no RSA certificate"
+    for kind in ec rsa; do cat "$dir/$kind.pem" "$dir/$kind.key" >"$dir/$kind.both"; done
+}
+
+start_haproxy_tls() { # NAME PORT THREADS KIND(ec|rsa) BACKEND_PORT...
+    local name=$1 port=$2 threads=$3 kind=$4 cfg=$WORK/$1.cfg i=0 b
+    shift 4
+    # Debian's defaults for TLS (1.2 and 1.3, tickets and a 20,000-session cache on), the
+    # same checks as the layer-4 configs; no splice on a TLS side (HAProxy cannot either).
+    cat >"$cfg" <<EOF
+global
+    nbthread $threads
+    maxconn $HAP_MAXCONN
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+defaults
+    mode tcp
+    balance roundrobin
+    maxconn $HAP_MAXCONN
+    timeout connect 2s
+    timeout client 10m
+    timeout server 10m
+frontend fe
+    bind 127.0.0.1:$port ssl crt $WORK/tls/$kind.both
+    default_backend be
+backend be
+EOF
+    for b in "$@"; do
+        i=$((i + 1))
+        echo "    server b$i 127.0.0.1:$b check inter 2s rise 2 fall 3" >>"$cfg"
+    done
+    haproxy -c -q -f "$cfg" || die "bad HAProxy config $cfg"
+    cp "$cfg" "$RESULTS/configs/$name.cfg"
+    start_server "$name" "$RESULTS/logs/$name.log" haproxy -db -f "$cfg"
+}
+
+start_ringlb_tls() { # NAME PORT WORKERS KIND(ec|rsa) BACKEND_PORT...  (binary: $START_BIN or $BIN)
+    local name=$1 port=$2 workers=$3 kind=$4 cfg=$WORK/$1.toml list= b
+    shift 4
+    for b in "$@"; do list+="${list:+, }\"127.0.0.1:$b\""; done
+    cat >"$cfg" <<EOF
+workers = $workers
+[[frontend]]
+name = "tls"
+listen = "127.0.0.1:$port"
+backends = [$list]
+idle-timeout = "10m"
+connect-timeout = "2s"
+check-interval = "2s"
+rise = 2
+fall = 3
+tls = { cert = "$WORK/tls/$kind.pem", key = "$WORK/tls/$kind.key" }
+EOF
+    cp "$cfg" "$RESULTS/configs/$name.toml"
+    start_server "$name" "$RESULTS/logs/$name.log" "${START_BIN:-$BIN}" --config "$cfg"
+}
+
+wait_https() { # NAME PORT: a GET of the 100 B file over TLS returns 200
+    local i
+    python3 "$LIB" waitport 127.0.0.1 "$2" 20 || die "$1 on port $2 is not ready (see $RESULTS/logs/$1.log)"
+    for ((i = 0; i < 100; i++)); do
+        [[ $(curl -sk -o /dev/null -w '%{http_code}' --max-time 2 "https://127.0.0.1:$2/100b") == 200 ]] && break
+        sleep 0.2
+    done
+    ((i < 100)) || die "$1 on port $2 does not answer over TLS (see $RESULTS/logs/$1.log)"
+    alive "$1" || die "$1 exited (see $RESULTS/logs/$1.log)"
+}
+
 wait_http() { # NAME PORT: the port answers and a GET of the 100 B file returns 200
     python3 "$LIB" waitport 127.0.0.1 "$2" 20 && python3 "$LIB" waithttp 127.0.0.1 "$2" /100b 20 ||
         die "$1 on port $2 is not ready (see $RESULTS/logs/$1.log)"
@@ -363,6 +453,12 @@ target() {
     case $sc:$sys in
         d:direct | dR:direct) T_PORT=$IPERF_PORT T_PID= T_WORKERS= ;;
         *:direct) T_PORT=$NGINX1_PORT T_PID= T_WORKERS= ;;
+        hR:haproxy) T_PORT=$HAPTR_PORT T_PID=${PID_OF[hap_tls_rsa]:-} ;;
+        hR:ringlb) T_PORT=$RLBTR_PORT T_PID=${PID_OF[rlb_tls_rsa]:-} ;;
+        hR:base) T_PORT=$BASETR_PORT T_PID=${PID_OF[base_tls_rsa]:-} ;;
+        [hijk]:haproxy) T_PORT=$HAPT_PORT T_PID=${PID_OF[hap_tls]:-} ;;
+        [hijk]:ringlb) T_PORT=$RLBT_PORT T_PID=${PID_OF[rlb_tls]:-} ;;
+        [hijk]:base) T_PORT=$BASET_PORT T_PID=${PID_OF[base_tls]:-} ;;
         d:haproxy | dR:haproxy) T_PORT=$HAPI_PORT T_PID=${PID_OF[hap_iperf]:-} ;;
         d:ringlb | dR:ringlb) T_PORT=$RLBI_PORT T_PID=${PID_OF[rlb_iperf]:-} ;;
         f:haproxy) T_PORT=$HAP2_PORT T_PID=${PID_OF[hap_w2]:-} T_WORKERS=$WORKERS_F ;;
@@ -395,11 +491,15 @@ run_load() { # ROUND SCENARIO SYSTEM KIND CMD...
 wrk_cmd() { # CONNS PATH [extra wrk args...] -> WRK array
     local conns=$1 path=$2
     shift 2
-    WRK=(wrk -t1 "-c$conns" "-d${DURATION}s" --latency --timeout 5s "$@" "http://127.0.0.1:$T_PORT$path")
+    WRK=(wrk -t1 "-c$conns" "-d${DURATION}s" --latency --timeout 5s "$@" "${SCHEME:-http}://127.0.0.1:$T_PORT$path")
 }
 
 run_one() { # ROUND SCENARIO SYSTEM
-    local r=$1 sc=$2 sys=$3
+    local r=$1 sc=$2 sys=$3 SCHEME=http
+    if is_tls "$sc"; then
+        [[ $sys == direct ]] && return 0   # nginx speaks plain HTTP here
+        SCHEME=https
+    fi
     [[ $sc == e ]] || target "$sc" "$sys"
     if [[ $sc != e && -n $T_PID ]] && ! kill -0 "$T_PID" 2>/dev/null; then
         log "WARNING: the $sys process for scenario $sc is gone (see $RESULTS/logs/)"
@@ -417,6 +517,13 @@ run_one() { # ROUND SCENARIO SYSTEM
         d) run_load "$r" "$sc" "$sys" iperf iperf3 -c 127.0.0.1 -p "$T_PORT" -t "$DURATION" -J --connect-timeout 3000 ;;
         dR) run_load "$r" "$sc" "$sys" iperf iperf3 -c 127.0.0.1 -p "$T_PORT" -t "$DURATION" -J -R --connect-timeout 3000 ;;
         e) run_idle "$r" "$sys" ;;
+        h | hR) wrk_cmd 50 /100b -H 'Connection: close' -s "$BENCH_DIR/wrk-report.lua"
+            run_load "$r" "$sc" "$sys" wrk "${WRK[@]}" ;;
+        i) wrk_cmd 50 /100b -s "$BENCH_DIR/wrk-report.lua"
+            run_load "$r" "$sc" "$sys" wrk "${WRK[@]}" ;;
+        j) wrk_cmd 10 /1m -s "$BENCH_DIR/wrk-report.lua"
+            run_load "$r" "$sc" "$sys" wrk "${WRK[@]}" ;;
+        k) run_load "$r" "$sc" "$sys" wrk python3 "$LIB" stime --port "$T_PORT" --duration "$DURATION" --n 8 ;;
     esac
 }
 
@@ -467,6 +574,16 @@ warm_up() {
             target f "$sys"
             timeout 10 wrk -t1 -c10 -d1s "http://127.0.0.1:$T_PORT/100b" >/dev/null ||
                 log "WARNING: warm-up wrk through $sys (2 workers) failed"
+        fi
+        if has_tls && [[ $sys != direct ]]; then
+            target i "$sys"
+            timeout 10 wrk -t1 -c10 -d1s "https://127.0.0.1:$T_PORT/100b" >/dev/null ||
+                log "WARNING: warm-up wrk over TLS through $sys failed"
+            if has_scen hR; then
+                target hR "$sys"
+                timeout 10 wrk -t1 -c10 -d1s "https://127.0.0.1:$T_PORT/100b" >/dev/null ||
+                    log "WARNING: warm-up wrk over TLS (RSA) through $sys failed"
+            fi
         fi
         if has_scen d || has_scen dR; then
             target d "$sys"
@@ -580,6 +697,30 @@ if has_scen d || has_scen dR; then
         START_BIN=$BASE_BIN start_ringlb base_iperf "$BASEI_PORT" "$WORKERS" no "$IPERF_PORT"
         wait_port base_iperf "$BASEI_PORT"
     fi
+fi
+
+if has_tls; then
+    make_certs
+    for kind in ec rsa; do
+        [[ $kind == rsa ]] && ! has_scen hR && continue
+        [[ $kind == ec ]] && ! { has_scen h || has_scen i || has_scen j || has_scen k; } && continue
+        sfx=$([[ $kind == rsa ]] && echo _rsa || true)
+        if has_sys haproxy; then
+            port=$([[ $kind == rsa ]] && echo "$HAPTR_PORT" || echo "$HAPT_PORT")
+            start_haproxy_tls "hap_tls$sfx" "$port" "$WORKERS" "$kind" "$NGINX1_PORT" "$NGINX2_PORT"
+            wait_https "hap_tls$sfx" "$port"
+        fi
+        if has_sys ringlb; then
+            port=$([[ $kind == rsa ]] && echo "$RLBTR_PORT" || echo "$RLBT_PORT")
+            start_ringlb_tls "rlb_tls$sfx" "$port" "$WORKERS" "$kind" "$NGINX1_PORT" "$NGINX2_PORT"
+            wait_https "rlb_tls$sfx" "$port"
+        fi
+        if has_sys base; then
+            port=$([[ $kind == rsa ]] && echo "$BASETR_PORT" || echo "$BASET_PORT")
+            START_BIN=$BASE_BIN start_ringlb_tls "base_tls$sfx" "$port" "$WORKERS" "$kind" "$NGINX1_PORT" "$NGINX2_PORT"
+            wait_https "base_tls$sfx" "$port"
+        fi
+    done
 fi
 
 warm_up

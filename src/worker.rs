@@ -995,6 +995,10 @@ impl Worker {
             return Ok(());
         }
         if terminates {
+            // Records go out as rustls makes them, often two per response
+            // (headers, body): Nagle would hold the second for the client's
+            // delayed ACK (40 ms).
+            uring::set_nodelay(fd);
             return self.start_tls(key);
         }
         if reads_hello {
