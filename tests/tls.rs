@@ -85,13 +85,27 @@ impl Pki {
     /// A certificate signed by the CA; `dns` its subjectAltName (none for
     /// a client), `dates` (start, end) as YYYYMMDDHHMMSSZ or valid now.
     fn issue(&self, file: &str, cn: &str, dns: Option<&str>, dates: Option<(&str, &str)>) {
-        let mut req = vec![
-            "req".to_string(),
-            "-new".into(),
-            "-newkey".into(),
-            "ec".into(),
-            "-pkeyopt".into(),
-            "ec_paramgen_curve:prime256v1".into(),
+        self.issue_key(
+            file,
+            cn,
+            dns,
+            dates,
+            &["ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"],
+        );
+    }
+
+    /// As `issue`, with the key made by `-newkey KEY...`.
+    fn issue_key(
+        &self,
+        file: &str,
+        cn: &str,
+        dns: Option<&str>,
+        dates: Option<(&str, &str)>,
+        key: &[&str],
+    ) {
+        let mut req = vec!["req".to_string(), "-new".into(), "-newkey".into()];
+        req.extend(key.iter().map(|k| k.to_string()));
+        req.extend([
             "-nodes".into(),
             "-subj".into(),
             format!("/CN={cn}"),
@@ -99,7 +113,7 @@ impl Pki {
             format!("{file}.key"),
             "-out".into(),
             format!("{file}.csr"),
-        ];
+        ]);
         // An extension in each, so each is an X.509 v3 certificate (webpki
         // refuses v1).
         match dns {
@@ -652,4 +666,149 @@ fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
     let mut answer = String::new();
     tls.read_to_string(&mut answer).expect("answer");
     assert!(answer.ends_with("backend:plain"), "{answer}");
+}
+
+/// CPU time of this thread, for costs measured on a shared machine.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Moves every pending TLS byte from one side to the other; the CPU time
+/// spent in the server's calls is added to `server_cpu`.
+fn shuttle(
+    client: &mut rustls::ClientConnection,
+    server: &mut rustls::ServerConnection,
+    server_cpu: &mut Duration,
+) {
+    let mut buf = Vec::new();
+    while client.is_handshaking() || server.is_handshaking() || server.wants_write() {
+        buf.clear();
+        while client.wants_write() {
+            client.write_tls(&mut buf).expect("client write");
+        }
+        let t = thread_cpu();
+        let mut data = &buf[..];
+        while !data.is_empty() {
+            server.read_tls(&mut data).expect("server read");
+        }
+        server.process_new_packets().expect("server process");
+        let mut out = Vec::new();
+        while server.wants_write() {
+            server.write_tls(&mut out).expect("server write");
+        }
+        *server_cpu += thread_cpu() - t;
+        let mut data = &out[..];
+        while !data.is_empty() {
+            client.read_tls(&mut data).expect("client read");
+        }
+        client.process_new_packets().expect("client process");
+        if out.is_empty() && buf.is_empty() {
+            break;
+        }
+    }
+}
+
+/// What one handshake costs the server (ringlb's side): run with
+/// `cargo test --release --test tls handshake_cost -- --ignored --nocapture`.
+/// Server CPU time only (the thread's clock), so waiting for the CPU does
+/// not count (cache contention from other work still does); TLS 1.3 with
+/// X25519, aws-lc-rs, in memory (no sockets, no syscalls).
+#[test]
+#[ignore = "a measurement, not a check: run it by name"]
+fn handshake_cost() {
+    let pki = Pki::new("cost");
+    pki.issue_key("rsa", "rsa.test", Some("rsa.test"), None, &["rsa:2048"]);
+    pki.issue("ec", "ec.test", Some("ec.test"), None);
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    // The client offers X25519 only, as OpenSSL 3.0 (wrk, curl, HAProxy's
+    // peers here) does; rustls' own default would be X25519MLKEM768.
+    let x25519 = Arc::new(rustls::crypto::CryptoProvider {
+        kx_groups: vec![rustls::crypto::aws_lc_rs::kx_group::X25519],
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    });
+    use rustls::pki_types::pem::PemObject;
+    for (kind, name, cert, key) in [
+        ("ECDSA P-256", "ec.test", "ec.pem", "ec.key"),
+        ("RSA 2048", "rsa.test", "rsa.pem", "rsa.key"),
+    ] {
+        let chain: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(pki.path(cert))
+            .expect("cert")
+            .map(|c| c.expect("cert"))
+            .collect();
+        let key_der = rustls::pki_types::PrivateKeyDer::from_pem_file(pki.path(key)).expect("key");
+        // Signing alone, as `openssl speed` measures it.
+        let signing = provider
+            .key_provider
+            .load_private_key(key_der.clone_key())
+            .expect("signing key");
+        let schemes = [
+            rustls::SignatureScheme::ECDSA_NISTP256_SHA256,
+            rustls::SignatureScheme::RSA_PSS_SHA256,
+        ];
+        let signer = signing.choose_scheme(&schemes).expect("a scheme");
+        let n = 300;
+        signer.sign(b"warm-up").expect("sign");
+        let t = thread_cpu();
+        for i in 0..n {
+            signer
+                .sign(format!("message {i}").as_bytes())
+                .expect("sign");
+        }
+        let sign_us = (thread_cpu() - t).as_secs_f64() * 1e6 / f64::from(n);
+        let server_config = Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_no_client_auth()
+                .with_single_cert(chain.clone(), key_der)
+                .expect("server config"),
+        );
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = "ca.pem";
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(pki.path(ca)).expect("ca") {
+            roots.add(c.expect("ca")).expect("add");
+        }
+        let client_config = || {
+            Arc::new(
+                rustls::ClientConfig::builder_with_provider(Arc::clone(&x25519))
+                    .with_safe_default_protocol_versions()
+                    .expect("versions")
+                    .with_root_certificates(roots.clone())
+                    .with_no_client_auth(),
+            )
+        };
+        let server_name = rustls::pki_types::ServerName::try_from(name.to_string()).expect("name");
+        let (mut full, mut resumed) = (Duration::ZERO, Duration::ZERO);
+        let rounds = 200;
+        for _ in 0..rounds {
+            // A fresh client each time: a full handshake; then the same
+            // client config again: resumed with the ticket it got.
+            let fresh = client_config();
+            for (cost, kind) in [
+                (&mut full, rustls::HandshakeKind::Full),
+                (&mut resumed, rustls::HandshakeKind::Resumed),
+            ] {
+                let mut client =
+                    rustls::ClientConnection::new(Arc::clone(&fresh), server_name.clone())
+                        .expect("client");
+                let mut server =
+                    rustls::ServerConnection::new(Arc::clone(&server_config)).expect("server");
+                shuttle(&mut client, &mut server, cost);
+                assert!(!server.is_handshaking());
+                assert_eq!(server.handshake_kind(), Some(kind));
+            }
+        }
+        println!(
+            "{kind}: signing {sign_us:.0} us; server CPU per full TLS 1.3 handshake {:.0} us, \
+             per resumed one {:.0} us",
+            full.as_secs_f64() * 1e6 / f64::from(rounds),
+            resumed.as_secs_f64() * 1e6 / f64::from(rounds)
+        );
+    }
 }
