@@ -61,6 +61,8 @@ SCENARIOS = {
     "i": ("i TLS: keep-alive, 100 B responses, wrk -t1 -c50", "req/s", "higher"),
     "j": ("j TLS: keep-alive, 1 MiB responses, wrk -t1 -c10", "MiB/s", "higher"),
     "k": ("k TLS: resumed handshake per request (openssl s_time -reuse x8), 100 B", "req/s", "higher"),
+    "hP": ("hP TLS passed through to nginx, plain TCP frontend, new connection per request, wrk -t1 -c50", "req/s", "higher"),
+    "hS": ("hS TLS passed through to nginx, SNI-routing frontend, new connection per request, wrk -t1 -c50", "req/s", "higher"),
 }
 
 
@@ -674,6 +676,15 @@ def cmd_table(args) -> int:
             if (sysname and ("a", sysname) in medians and ("f", sysname) in medians):
                 out.append(f"   {sysname:<8} 2 workers / 1 worker = "
                            f"{medians[('f', sysname)] / medians[('a', sysname)]:.2f}")
+    if any(k[0] == "hS" for k in medians) and any(k[0] == "hP" for k in medians):
+        out.append("")
+        out.append("== hS vs hP: new TLS connections/s through SNI routing over a plain TCP frontend (same backends)")
+        for sysname in ("haproxy", "ringlb", "base"):
+            if ("hP", sysname) in medians and ("hS", sysname) in medians:
+                cpu = ""
+                if cpu_medians.get(("hP", sysname)) and ("hS", sysname) in cpu_medians:
+                    cpu = f", CPU per connection {cpu_medians[('hS', sysname)] / cpu_medians[('hP', sysname)]:.2f}x"
+                out.append(f"   {sysname:<8} SNI / plain = {medians[('hS', sysname)] / medians[('hP', sysname)]:.2f}{cpu}")
     out.append("")
     out.append("Notes: 'proxy CPU' = utime+stime of the proxy process (all threads) during the run, per request")
     out.append("or per MiB moved; 'CPU x HAP' = ringlb's proxy CPU over HAProxy's. 'x HAProxy' and 'x direct' are")
