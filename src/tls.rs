@@ -5,7 +5,7 @@
 //!
 //! The crypto provider is aws-lc-rs: its P-256 signing (what a full
 //! ECDSA handshake costs the server) is the fastest of rustls' providers;
-//! `tls_handshake_cost` in the tests measures it here.
+//! `handshake_cost` in tests/tls.rs measures it here.
 //!
 //! Session resumption: tickets from a rotating key (a new key every 6
 //! hours, the previous one still accepted) and a server-side session cache,

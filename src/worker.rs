@@ -959,7 +959,10 @@ impl Worker {
         }
         let reads_hello = view.snap.config.tls.reads_hello();
         let tls = match &view.snap.config.tls.server {
-            Some(server) => match tls_relay::TlsState::new(&server.config) {
+            Some(server) => match tls_relay::TlsState::new(
+                &server.config,
+                view.snap.config.tls.backend.as_ref(),
+            ) {
                 Ok(state) => Some(state),
                 Err(e) => {
                     log::warn!("frontend {}: TLS: {e}; the client was reset", view.name());

@@ -1,13 +1,13 @@
 //! TLS termination over real sockets, against the real binary: curl and
 //! openssl as clients (TLS 1.2 and 1.3, ALPN, resumption, client
 //! certificates), a rustls client for byte-exact bulk transfers, an
-//! openssl s_server behind `backend-tls`, certificate reload on SIGHUP.
+//! a rustls TLS backend behind `backend-tls`, certificate reload on SIGHUP.
 //! Certificates are made by each test with the openssl CLI.
 
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
@@ -289,6 +289,7 @@ fn curl_gets_through_with_tls_1_2_and_1_3_and_the_handshakes_are_counted() {
         .wait_log("frontend=https backend=127.0.0.1", Duration::from_secs(10))
         .expect("access line");
     assert!(line.contains("end=done"), "{line}");
+    assert!(line.contains("route=default sni=www.foobar.com"), "{line}");
 }
 
 #[test]
@@ -546,62 +547,111 @@ fn bulk_bytes_cross_the_tls_side_exactly_both_ways() {
     assert_eq!(got, expected);
 }
 
-/// An `openssl s_server -www` (a status page over HTTPS); killed on drop.
-struct TlsServer(Child, SocketAddr);
-
-impl Drop for TlsServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// A TLS backend (rustls) with the certificate `cert` of the PKI: answers
+/// one HTTP request with `backend:tls-inner` over TLS.
+fn tls_backend(pki: &Pki, cert: &str) -> Backend {
+    use rustls::pki_types::pem::PemObject;
+    let chain: Vec<_> =
+        rustls::pki_types::CertificateDer::pem_file_iter(pki.path(&format!("{cert}.pem")))
+            .expect("cert")
+            .map(|c| c.expect("cert"))
+            .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(pki.path(&format!("{cert}.key")))
+        .expect("key");
+    let config = Arc::new(
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server config"),
+    );
+    Backend::start(Arc::new(move |stream: TcpStream| {
+        let Ok(conn) = rustls::ServerConnection::new(Arc::clone(&config)) else {
+            return;
+        };
+        let mut tls = rustls::StreamOwned::new(conn, stream);
+        let mut request = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Health checks connect and leave: a failed handshake ends here.
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tls.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => request.extend_from_slice(&buf[..n]),
+            }
+        }
+        let body = "backend:tls-inner";
+        let _ = write!(
+            tls,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        tls.conn.send_close_notify();
+        let _ = tls.flush();
+    }))
 }
 
-fn s_server(pki: &Pki, cert: &str) -> TlsServer {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let child = Command::new("openssl")
-        .args(["s_server", "-www", "-accept", &format!("127.0.0.1:{port}")])
-        .args([
-            "-cert",
-            &pki.path(&format!("{cert}.pem")),
-            "-key",
-            &pki.path(&format!("{cert}.key")),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("s_server");
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    assert!(eventually(Duration::from_secs(10), || TcpStream::connect(
-        addr
-    )
-    .is_ok()));
-    TlsServer(child, addr)
+/// A rustls client that buffers its request before the handshake, so that
+/// the request leaves in the same write (and segment) as its Finished.
+fn request_with_finished(pki: &Pki, ringlb: &Ringlb) -> String {
+    let tls = tls_client(pki, ringlb);
+    let (mut conn, mut sock) = (tls.conn, tls.sock);
+    conn.writer()
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("buffer the request");
+    loop {
+        let mut out = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut out).expect("tls out");
+        }
+        if !out.is_empty() {
+            sock.write_all(&out).expect("send");
+        }
+        if !conn.is_handshaking() {
+            break;
+        }
+        conn.read_tls(&mut sock).expect("tls in");
+        conn.process_new_packets().expect("handshake");
+    }
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    let mut answer = String::new();
+    let _ = tls.read_to_string(&mut answer);
+    answer
 }
 
 #[test]
 fn backend_tls_re_encrypts_and_checks_the_backend_certificate() {
     let pki = Pki::new("reencrypt");
     pki.issue("inner", "inner.local", Some("inner.local"), None);
-    let inner = s_server(&pki, "inner");
+    let inner = tls_backend(&pki, "inner");
     let front = www(&pki);
     let ca = pki.path("ca.pem");
     let good =
         format!("backend-tls = true\nbackend-ca = \"{ca}\"\nbackend-server-name = \"inner.local\"");
-    let ringlb = start(&pki, &config(inner.1, &front, &good));
+    let ringlb = start(&pki, &config(inner.addr, &front, &good));
     let url = format!("https://www.foobar.com:{}/", ringlb.addr.port());
     let out = curl(&ringlb, &pki, &[&url]);
-    assert!(text(&out).contains("s_server"), "{}", text(&out));
+    assert!(
+        text(&out).contains("backend:tls-inner"),
+        "{}\nlogs:\n{}",
+        text(&out),
+        ringlb.logs()
+    );
+    // A request sent with the client's Finished, in one segment: it must
+    // reach the backend through its TLS session, never before it.
+    for _ in 0..5 {
+        let answer = request_with_finished(&pki, &ringlb);
+        assert!(answer.ends_with("backend:tls-inner"), "{answer}");
+    }
     drop(ringlb);
     // The backend's certificate is not for this name: nothing goes through.
     let wrong =
         format!("backend-tls = true\nbackend-ca = \"{ca}\"\nbackend-server-name = \"other.local\"");
-    let ringlb = start(&pki, &config(inner.1, &front, &wrong));
+    let ringlb = start(&pki, &config(inner.addr, &front, &wrong));
     let out = curl(&ringlb, &pki, &[&url]);
-    assert!(!text(&out).contains("s_server"), "{}", text(&out));
+    assert!(!text(&out).contains("backend:tls-inner"), "{}", text(&out));
     assert!(!out.status.success());
 }
 

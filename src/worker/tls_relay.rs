@@ -103,13 +103,30 @@ pub struct TlsState {
 }
 
 impl TlsState {
-    pub fn new(config: &Arc<rustls::ServerConfig>) -> Result<Box<TlsState>, rustls::Error> {
+    /// The backend's TLS client (`backend-tls`) is made now, not once the
+    /// client's handshake is done: the client's first plaintext may come
+    /// with its Finished, and must go through it, never around it.
+    pub fn new(
+        config: &Arc<rustls::ServerConfig>,
+        backend: Option<&crate::tls::TlsClient>,
+    ) -> Result<Box<TlsState>, rustls::Error> {
         let mut server = rustls::ServerConnection::new(Arc::clone(config))?;
         // Our own HIGH_WATER bounds what waits; rustls' limit would make a
         // write of plaintext partial for no gain.
         server.set_buffer_limit(None);
+        let client = match backend {
+            Some(b) => {
+                let mut c =
+                    rustls::ClientConnection::new(Arc::clone(&b.config), b.server_name.clone())?;
+                c.set_buffer_limit(None);
+                Some(c.into())
+            }
+            None => None,
+        };
+        let mut backend_side = Side::new(client);
+        backend_side.flush_tls();
         Ok(Box::new(TlsState {
-            sides: [Side::new(Some(server.into())), Side::new(None)],
+            sides: [Side::new(Some(server.into())), backend_side],
             connected: false,
         }))
     }
@@ -256,6 +273,7 @@ impl TlsState {
         };
         let mut data = &source.rx[..len];
         let was_handshaking = tls.is_handshaking();
+        let mut plain = [0u8; 16 * 1024];
         while !data.is_empty() {
             if tls.read_tls(&mut data).is_err() {
                 return Next::Close(reset_of(side));
@@ -269,7 +287,6 @@ impl TlsState {
                 log::debug!("TLS error on side {side}: {e}");
                 return Next::Close(reset_of(side));
             }
-            let mut plain = [0u8; 16 * 1024];
             loop {
                 match tls.reader().read(&mut plain) {
                     Ok(0) => {
@@ -430,22 +447,6 @@ impl Worker {
         };
         count_handshake(&snap, server);
         let name = server.server_name().map(Box::<str>::from);
-        if let Some(client) = &snap.config.tls.backend {
-            match rustls::ClientConnection::new(
-                Arc::clone(&client.config),
-                client.server_name.clone(),
-            ) {
-                Ok(mut c) => {
-                    c.set_buffer_limit(None);
-                    tls.sides[BACKEND].tls = Some(c.into());
-                    tls.sides[BACKEND].flush_tls();
-                }
-                Err(e) => {
-                    log::warn!("frontend {}: backend TLS: {e}", snap.name());
-                    return session.conn.close(key, End::LocalError, &mut self.io);
-                }
-            }
-        }
         let route = if snap.config.tls.routes_by_name() {
             name.as_deref()
                 .and_then(|n| snap.router.route(n))
