@@ -6,10 +6,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use std::sync::Arc;
+
+use crate::acl::{Acl, Cidr, PrefixSet};
+use crate::edge::EdgeConfig;
 
 use crate::config::{
-    self, BackendConfig, CheckConfig, Config, ConfigError, ConfigSource, FrontendConfig, Mode,
-    OnDown,
+    self, BackendConfig, Balance, BalanceConfig, CheckConfig, Config, ConfigError, ConfigSource,
+    FrontendConfig, Mode, OnDown,
 };
 
 const AFTER_HELP: &str = "\
@@ -19,8 +23,10 @@ Examples:
   ringlb --listen 0.0.0.0:5432 --mode active-passive --backend db1:5432 --backend db2:5432
   ringlb --config /etc/ringlb.toml
   ringlb demo
-Signals: SIGTERM, SIGINT or SIGUSR1 drains (stop accepting, let connections
-finish, up to --drain-timeout), a second one stops at once. SIGHUP and
+Signals: SIGTERM or SIGUSR1 leaves: /ready says 503 at once, ringlb keeps
+serving for --leave-delay (time for keepalived or BGP to move the address),
+then drains (stop accepting, let connections finish, up to --drain-timeout);
+SIGINT drains at once; a second signal skips ahead (leave, drain, stop). SIGHUP and
 SIGUSR2 are logged and ignored (reserved for reload); SIGQUIT logs a status
 line per frontend. `ringlb ctl` drives a ringlb started with --admin-socket
 (show, drain, disable, enable, reload). Logs: RUST_LOG=debug adds one line per connection; a
@@ -40,9 +46,17 @@ pub struct Cli {
     #[arg(long = "backend", value_name = "ADDR", value_parser = parse_backend, conflicts_with = "config")]
     backends: Vec<BackendConfig>,
 
-    /// active-active: round robin over backends that are up; active-passive: all to the first that is up
-    #[arg(long, value_enum, default_value_t = Mode::ActiveActive, conflicts_with = "config")]
-    mode: Mode,
+    /// active-active: round robin over backends that are up; active-passive: all to the first that is up [default: active-active]
+    #[arg(long, value_enum, conflicts_with = "config")]
+    mode: Option<Mode>,
+
+    /// How to choose a backend (HAProxy's balance); active-active is roundrobin, active-passive is first [default: roundrobin]
+    #[arg(long, value_enum, value_name = "ALGORITHM", conflicts_with = "config")]
+    balance: Option<Balance>,
+
+    /// A backend that comes back up ramps from 1/20 of its share to all of it over this time (HAProxy's slowstart)
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration, conflicts_with = "config")]
+    slowstart: Option<Duration>,
 
     /// Worker threads, each with its own io_uring and listener [default: number of cores]
     #[arg(long, value_name = "N")]
@@ -96,9 +110,37 @@ pub struct Cli {
     #[arg(long, value_name = "N", conflicts_with = "config")]
     maxconn: Option<u32>,
 
+    /// Accept only clients in this CIDR (or address); repeat for each. Anything else is reset
+    #[arg(long = "allow", value_name = "CIDR", value_parser = Cidr::parse, conflicts_with = "config")]
+    allow: Vec<Cidr>,
+
+    /// Reset clients in this CIDR (or address); repeat for each. Deny wins over allow
+    #[arg(long = "deny", value_name = "CIDR", value_parser = Cidr::parse, conflicts_with = "config")]
+    deny: Vec<Cidr>,
+
+    /// Most connections open at once from one client address (an IPv6 /64); more are reset [default: no limit]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "config")]
+    max_conn_per_source: Option<u32>,
+
+    /// Most new connections per second from one client address (an IPv6 /64); more are reset [default: no limit]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "config")]
+    max_rate_per_source: Option<u32>,
+
+    /// Close a connection the backend has ended (half-closed) once it idles this long [default: the idle timeout]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration, conflicts_with = "config")]
+    timeout_client_fin: Option<Duration>,
+
+    /// Close a connection the client has ended (half-closed) once it idles this long [default: the idle timeout]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration, conflicts_with = "config")]
+    timeout_server_fin: Option<Duration>,
+
     /// On SIGTERM, time open connections get to finish before they are closed [default: 30s]
     #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
     drain_timeout: Option<Duration>,
+
+    /// On SIGTERM or `ringlb ctl leave`, time ringlb reports not ready (/ready 503) while still serving, before it drains; 0 for none [default: 2s]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_delay)]
+    leave_delay: Option<Duration>,
 
     /// Serve Prometheus metrics over HTTP on this address, e.g. 127.0.0.1:9090
     #[arg(long, value_name = "ADDR", value_parser = config::parse_address)]
@@ -169,8 +211,10 @@ enum CtlCommand {
     },
     /// Re-read the config file and apply the difference; prints what changed
     Reload,
-    /// Exit 0 while ringlb accepts new connections, 1 once it drains (as HTTP /ready)
+    /// Exit 0 while ringlb accepts new connections, 1 once it leaves or drains (as HTTP /ready)
     Ready,
+    /// As SIGTERM: report not ready, serve on for the leave delay, then drain and exit
+    Leave,
 }
 
 impl CtlCommand {
@@ -188,11 +232,14 @@ impl CtlCommand {
             CtlCommand::Enable { target } => format!("enable {target}"),
             CtlCommand::Reload => "reload".into(),
             CtlCommand::Ready => "ready".into(),
+            CtlCommand::Leave => "leave".into(),
         }
     }
 }
 
 /// What the command line asks for.
+// Built once per process and moved once: its size costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Action {
     Run {
         config: Config,
@@ -218,12 +265,21 @@ fn parse_bytes(text: &str) -> Result<Bytes, String> {
     config::parse_escapes(text).map(Bytes)
 }
 
+/// `--allow` and `--deny` as a frontend's ACL; `None` without either.
+fn acl_of(allow: &[Cidr], deny: &[Cidr]) -> Option<Arc<Acl>> {
+    if allow.is_empty() && deny.is_empty() {
+        return None;
+    }
+    Some(Arc::new(Acl {
+        allow: (!allow.is_empty()).then(|| PrefixSet::new(allow)),
+        deny: PrefixSet::new(deny),
+    }))
+}
+
 fn parse_backend(text: &str) -> Result<BackendConfig, String> {
     config::check_name(text)?;
-    let backend = config::parse_address(text).map(|addr| BackendConfig {
-        addr,
-        name: text.to_string(),
-    })?;
+    let backend =
+        config::parse_address(text).map(|addr| BackendConfig::new(addr, text.to_string()))?;
     config::check_backend(&backend)?;
     Ok(backend)
 }
@@ -253,6 +309,7 @@ impl Cli {
                 workers: self.workers,
                 buffers: self.buffers,
                 drain_timeout: self.drain_timeout,
+                leave_delay: self.leave_delay,
                 stats,
                 admin_socket: self.admin_socket,
             };
@@ -277,10 +334,27 @@ impl Cli {
         if self.backends.is_empty() {
             return Err((2, "no backend: give at least one --backend ADDR".into()));
         }
+        let algorithm = match (self.balance, self.mode) {
+            (Some(b), Some(m)) if b.mode() != m => {
+                return Err((
+                    2,
+                    format!(
+                        "--balance {b} contradicts --mode {m} (active-passive is --balance first); keep one of them"
+                    ),
+                ));
+            }
+            (Some(b), _) => b,
+            (None, m) => Balance::for_mode(m.unwrap_or(Mode::ActiveActive)),
+        };
         let frontend = FrontendConfig {
             name: "default".into(),
             listen,
-            mode: self.mode,
+            mode: algorithm.mode(),
+            balance: BalanceConfig {
+                algorithm,
+                allbackups: false,
+                slowstart: self.slowstart,
+            },
             backends: self.backends,
             connect_timeout: self.connect_timeout,
             idle_timeout: self.idle_timeout,
@@ -298,12 +372,20 @@ impl Cli {
             on_down: self.on_down,
             maxconn: self.maxconn,
             access_log: crate::config::AccessLog::Off,
+            edge: EdgeConfig {
+                acl: acl_of(&self.allow, &self.deny),
+                max_conn_per_source: self.max_conn_per_source,
+                max_rate_per_source: self.max_rate_per_source,
+                client_fin_timeout: self.timeout_client_fin,
+                server_fin_timeout: self.timeout_server_fin,
+            },
             tls: Default::default(),
         };
         let config = Config {
             workers: self.workers.unwrap_or_else(config::default_workers),
             buffers: self.buffers.unwrap_or(config::DEFAULT_BUFFERS),
             drain_timeout: self.drain_timeout.unwrap_or(config::DEFAULT_DRAIN_TIMEOUT),
+            leave_delay: self.leave_delay.unwrap_or(config::DEFAULT_LEAVE_DELAY),
             stats,
             admin_socket: self.admin_socket,
             frontends: vec![frontend],

@@ -13,7 +13,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use std::sync::Arc;
 use toml::Spanned;
+
+use crate::acl::{self, Acl, Cidr, PrefixSet};
+pub use crate::edge::EdgeConfig;
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -23,6 +27,10 @@ pub const DEFAULT_FALL: u32 = 3;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// HAProxy's `tcp-request inspect-delay` is commonly set to 5s for SNI.
 pub const DEFAULT_CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a leaving ringlb keeps serving while reporting not ready: long
+/// enough for keepalived with a 1 s advert and a 1 s check to move the
+/// address (see `Config::leave_delay`); a few seconds more on a stop.
+pub const DEFAULT_LEAVE_DELAY: Duration = Duration::from_secs(2);
 /// Receive buffers per worker (16 KiB each: 16 MiB). Only messages in
 /// flight hold one, so this bounds memory, not connections.
 pub const DEFAULT_BUFFERS: u32 = 1024;
@@ -57,6 +65,73 @@ impl fmt::Display for Mode {
             Mode::ActiveActive => "active-active",
             Mode::ActivePassive => "active-passive",
         })
+    }
+}
+
+/// How a frontend chooses a backend for each new connection: HAProxy's
+/// `balance` algorithms of the same names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    /// Smooth weighted round robin, exact over each cycle across workers.
+    Roundrobin,
+    /// Fewest active connections relative to weight; ties take turns.
+    Leastconn,
+    /// A consistent hash (Maglev) of the client's IP address.
+    Source,
+    /// The first usable backend in the order given (active-passive).
+    First,
+}
+
+impl fmt::Display for Balance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Balance::Roundrobin => "roundrobin",
+            Balance::Leastconn => "leastconn",
+            Balance::Source => "source",
+            Balance::First => "first",
+        })
+    }
+}
+
+impl Balance {
+    /// `mode` as the shorthand it is: which algorithm it stands for.
+    pub fn for_mode(mode: Mode) -> Balance {
+        match mode {
+            Mode::ActiveActive => Balance::Roundrobin,
+            Mode::ActivePassive => Balance::First,
+        }
+    }
+
+    /// The `mode` an algorithm falls under: only `first` sends everything
+    /// to one backend.
+    pub fn mode(self) -> Mode {
+        match self {
+            Balance::First => Mode::ActivePassive,
+            _ => Mode::ActiveActive,
+        }
+    }
+}
+
+/// The balancing settings of one frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BalanceConfig {
+    pub algorithm: Balance,
+    /// With no non-backup backend usable, spread over every usable backup
+    /// (HAProxy's `option allbackups`) instead of the first one only.
+    pub allbackups: bool,
+    /// A backend that comes back up ramps from 1/20 of its weight to all
+    /// of it over this time (HAProxy's `slowstart`).
+    pub slowstart: Option<Duration>,
+}
+
+impl BalanceConfig {
+    pub fn new(algorithm: Balance) -> BalanceConfig {
+        BalanceConfig {
+            algorithm,
+            allbackups: false,
+            slowstart: None,
+        }
     }
 }
 
@@ -113,18 +188,51 @@ impl CheckConfig {
     }
 }
 
+/// HAProxy's default and ceiling for `weight`.
+pub const DEFAULT_WEIGHT: u32 = 1;
+pub const MAX_WEIGHT: u32 = 256;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendConfig {
     pub addr: SocketAddr,
-    /// As the user wrote it (a host name stays a host name in the logs).
+    /// As the user wrote it (a host name stays a host name in the logs),
+    /// or the table's `name`.
     pub name: String,
+    /// Share of new connections relative to the others, 0 to 256; 0 takes
+    /// none (HAProxy's `weight`).
+    pub weight: u32,
+    /// Takes traffic only when no non-backup backend is usable.
+    pub backup: bool,
+    /// Most connections at once to this backend; more wait in a queue.
+    pub maxconn: Option<u32>,
+    /// Check another port than the one traffic goes to (a sidecar).
+    pub check_port: Option<u16>,
+    /// Check another address than the one traffic goes to.
+    pub check_address: Option<IpAddr>,
+}
+
+impl BackendConfig {
+    /// A backend given as a bare address: every setting at its default.
+    pub fn new(addr: SocketAddr, name: String) -> BackendConfig {
+        BackendConfig {
+            addr,
+            name,
+            weight: DEFAULT_WEIGHT,
+            backup: false,
+            maxconn: None,
+            check_port: None,
+            check_address: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendConfig {
     pub name: String,
     pub listen: SocketAddr,
+    /// Always the one `balance` falls under (active-passive for `first`).
     pub mode: Mode,
+    pub balance: BalanceConfig,
     /// In priority order: in active-passive mode the first is the active one.
     pub backends: Vec<BackendConfig>,
     pub connect_timeout: Duration,
@@ -138,6 +246,8 @@ pub struct FrontendConfig {
     pub maxconn: Option<u32>,
     /// `log = true`, in the format of `log-format`.
     pub access_log: AccessLog,
+    /// Source ACL, per-source limits, half-closed timeouts.
+    pub edge: EdgeConfig,
     /// SNI routes and TLS settings: none by default (plain TCP).
     pub tls: TlsSettings,
 }
@@ -218,6 +328,12 @@ pub struct Config {
     /// by a send to a slow peer, receives move to splice, which needs none.
     pub buffers: u32,
     pub drain_timeout: Duration,
+    /// On SIGTERM or `ringlb ctl leave`: how long ringlb reports not ready
+    /// (`/ready` 503, `ringlb ctl ready` 1) while still accepting, before
+    /// it drains. It must exceed the time the routing layer in front needs
+    /// to move traffic away (VRRP: 3 adverts plus the check interval; BGP:
+    /// the withdrawal's propagation), or clients meet a closed port.
+    pub leave_delay: Duration,
     /// Where the admin HTTP server (metrics) listens, if anywhere.
     pub stats: Option<SocketAddr>,
     /// The Unix socket `ringlb ctl` talks to, if any.
@@ -328,6 +444,18 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// A duration that may be zero ("0", "0s"): a leave delay of none.
+pub fn parse_delay(text: &str) -> Result<Duration, String> {
+    let digits = text
+        .trim()
+        .trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    if !digits.is_empty() && digits.bytes().all(|b| b == b'0') {
+        // The unit must still be one ringlb knows ("0x" is a typo).
+        return parse_duration(&text.trim().replacen('0', "1", 1)).map(|_| Duration::ZERO);
+    }
+    parse_duration(text)
+}
+
 /// Understands `\n`, `\r`, `\t`, `\0`, `\\` and `\xHH`, so binary health
 /// check payloads fit on a command line.
 pub fn parse_escapes(text: &str) -> Result<Vec<u8>, String> {
@@ -395,6 +523,7 @@ struct RawConfig {
     workers: Option<Spanned<usize>>,
     buffers: Option<Spanned<u32>>,
     drain_timeout: Option<Spanned<String>>,
+    leave_delay: Option<Spanned<String>>,
     stats: Option<Spanned<String>>,
     admin_socket: Option<Spanned<String>>,
     #[serde(default)]
@@ -406,9 +535,12 @@ struct RawConfig {
 struct RawFrontend {
     name: Option<Spanned<String>>,
     listen: Spanned<String>,
-    mode: Option<Mode>,
+    mode: Option<Spanned<Mode>>,
+    balance: Option<Spanned<Balance>>,
+    allbackups: Option<bool>,
+    slowstart: Option<Spanned<String>>,
     #[serde(default)]
-    backends: Vec<Spanned<String>>,
+    backends: Vec<Spanned<RawBackend>>,
     connect_timeout: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
     check_interval: Option<Spanned<String>>,
@@ -429,6 +561,14 @@ struct RawFrontend {
     backend_tls: Option<Spanned<bool>>,
     backend_ca: Option<Spanned<String>>,
     backend_server_name: Option<Spanned<String>>,
+    allow: Option<Spanned<Vec<Spanned<String>>>>,
+    deny: Option<Spanned<Vec<Spanned<String>>>>,
+    allow_file: Option<Spanned<String>>,
+    deny_file: Option<Spanned<String>>,
+    max_conn_per_source: Option<Spanned<u32>>,
+    max_rate_per_source: Option<Spanned<u32>>,
+    timeout_client_fin: Option<Spanned<String>>,
+    timeout_server_fin: Option<Spanned<String>>,
 }
 
 /// `tls = { cert = "...", key = "...", ... }`.
@@ -454,6 +594,83 @@ struct RawCert {
     key: String,
 }
 
+/// A backend as written: `"10.0.0.11:8080"` or a table with settings.
+enum RawBackend {
+    Address(String),
+    Table(RawBackendTable),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawBackendTable {
+    address: String,
+    name: Option<String>,
+    weight: Option<u32>,
+    backup: Option<bool>,
+    maxconn: Option<u32>,
+    check_port: Option<u16>,
+    check_address: Option<String>,
+}
+
+/// By hand rather than `untagged`: serde's untagged error ("did not match
+/// any variant") would hide which key of the table is wrong.
+impl<'de> Deserialize<'de> for RawBackend {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawBackend;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an address such as \"10.0.0.11:8080\" or a table with address = ...")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawBackend, E> {
+                Ok(RawBackend::Address(v.to_string()))
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                map: M,
+            ) -> Result<RawBackend, M::Error> {
+                let de = serde::de::value::MapAccessDeserializer::new(map);
+                RawBackendTable::deserialize(de).map(RawBackend::Table)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl RawBackend {
+    fn resolve(&self) -> Result<BackendConfig, String> {
+        let table = match self {
+            RawBackend::Address(text) => {
+                // Before resolving: a name that cannot be a label is
+                // refused as such, not as a failed lookup.
+                check_name(text)?;
+                return Ok(BackendConfig::new(parse_address(text)?, text.clone()));
+            }
+            RawBackend::Table(table) => table,
+        };
+        let name = table.name.as_ref().unwrap_or(&table.address);
+        check_name(name)?;
+        let addr = parse_address(&table.address)?;
+        let check_address = table
+            .check_address
+            .as_ref()
+            .map(|a| {
+                a.parse::<IpAddr>()
+                    .map_err(|_| format!("check-address: '{a}' is not an IP address"))
+            })
+            .transpose()?;
+        Ok(BackendConfig {
+            addr,
+            name: name.clone(),
+            weight: table.weight.unwrap_or(DEFAULT_WEIGHT),
+            backup: table.backup.unwrap_or(false),
+            maxconn: table.maxconn,
+            check_port: table.check_port,
+            check_address,
+        })
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawRoute {
@@ -461,7 +678,7 @@ struct RawRoute {
     #[serde(default)]
     sni: Vec<Spanned<String>>,
     #[serde(default)]
-    backends: Vec<Spanned<String>>,
+    backends: Vec<Spanned<RawBackend>>,
     mode: Option<Mode>,
     failback: Option<bool>,
 }
@@ -518,6 +735,40 @@ impl Source<'_> {
             .transpose()
     }
 
+    /// A CIDR list from `key = [...]` and `key-file = "PATH"` (relative to
+    /// the config file's directory); `None` when neither is given.
+    fn cidrs(
+        &self,
+        inline: &Option<Spanned<Vec<Spanned<String>>>>,
+        file: &Option<Spanned<String>>,
+        key: &str,
+    ) -> Result<Option<Vec<Cidr>>, ConfigError> {
+        if inline.is_none() && file.is_none() {
+            return Ok(None);
+        }
+        let mut cidrs = Vec::new();
+        if let Some(list) = inline {
+            if list.get_ref().is_empty() {
+                let message = format!(
+                    "{key}: an empty list would refuse every client; remove the key, or list                      the clients"
+                );
+                return Err(self.invalid(list, message));
+            }
+            for entry in list.get_ref() {
+                let cidr = Cidr::parse(entry.get_ref())
+                    .map_err(|e| self.invalid(entry, format!("{key}: {e}")))?;
+                cidrs.push(cidr);
+            }
+        }
+        if let Some(path) = file {
+            let base = Path::new(self.origin).parent().unwrap_or(Path::new(""));
+            let listed = acl::read_list(&base.join(path.get_ref()))
+                .map_err(|e| self.invalid(path, format!("{key}-file: {e}")))?;
+            cidrs.extend(listed);
+        }
+        Ok(Some(cidrs))
+    }
+
     fn bytes(
         &self,
         value: &Option<Spanned<String>>,
@@ -538,14 +789,8 @@ impl RawFrontend {
             .backends
             .iter()
             .map(|b| {
-                // Before resolving: a name that cannot be a label is refused
-                // as such, not as a failed lookup.
-                check_name(b.get_ref())
-                    .and_then(|()| parse_address(b.get_ref()))
-                    .map(|addr| BackendConfig {
-                        addr,
-                        name: b.get_ref().clone(),
-                    })
+                b.get_ref()
+                    .resolve()
                     .map_err(|e| src.invalid(b, format!("backends: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -553,13 +798,19 @@ impl RawFrontend {
         let interval = src
             .duration(&self.check_interval, "check-interval")?
             .unwrap_or(DEFAULT_CHECK_INTERVAL);
+        let balance = BalanceConfig {
+            algorithm: self.algorithm(src)?,
+            allbackups: self.allbackups.unwrap_or(false),
+            slowstart: src.duration(&self.slowstart, "slowstart")?,
+        };
         Ok(FrontendConfig {
             name: self
                 .name
                 .as_ref()
                 .map_or_else(|| format!("frontend{index}"), |n| n.get_ref().clone()),
             listen,
-            mode: self.mode.unwrap_or(Mode::ActiveActive),
+            mode: balance.algorithm.mode(),
+            balance,
             backends,
             connect_timeout: src
                 .duration(&self.connect_timeout, "connect-timeout")?
@@ -581,6 +832,7 @@ impl RawFrontend {
             on_down: self.on_down.unwrap_or(OnDown::Keep),
             maxconn: self.maxconn,
             access_log: self.access_log(src)?,
+            edge: self.edge(src)?,
             tls: TlsSettings {
                 routes,
                 client_hello_timeout: src
@@ -688,6 +940,8 @@ impl RawFrontend {
         backends: &mut Vec<BackendConfig>,
         src: &Source<'_>,
     ) -> Result<Vec<RouteConfig>, ConfigError> {
+        // A route without its own mode balances as its frontend does.
+        let inherited = self.algorithm(src)?.mode();
         let mut names: HashMap<String, ()> = HashMap::new();
         let mut patterns: HashMap<String, String> = HashMap::new();
         let mut routes = Vec::with_capacity(self.route.len());
@@ -731,10 +985,12 @@ impl RawFrontend {
             }
             let start = backends.len();
             for b in &raw.backends {
-                let backend = parse_address(b.get_ref())
-                    .map(|addr| BackendConfig {
-                        addr,
-                        name: format!("{name}/{}", b.get_ref()),
+                let backend = b
+                    .get_ref()
+                    .resolve()
+                    .map(|backend| BackendConfig {
+                        name: format!("{name}/{}", backend.name),
+                        ..backend
                     })
                     .map_err(|e| src.invalid(b, format!("route {name}: backends: {e}")))?;
                 backends.push(backend);
@@ -753,12 +1009,66 @@ impl RawFrontend {
             routes.push(RouteConfig {
                 name,
                 sni,
-                mode: raw.mode.or(self.mode).unwrap_or(Mode::ActiveActive),
+                mode: raw.mode.unwrap_or(inherited),
                 failback: raw.failback.or(self.failback).unwrap_or(true),
                 backends: start..backends.len(),
             });
         }
         Ok(routes)
+    }
+
+    fn edge(&self, src: &Source<'_>) -> Result<EdgeConfig, ConfigError> {
+        let positive = |value: &Option<Spanned<u32>>, key: &str| match value {
+            Some(v) if *v.get_ref() == 0 => {
+                Err(src.invalid(v, format!("{key} must be at least 1")))
+            }
+            v => Ok(v.as_ref().map(|v| *v.get_ref())),
+        };
+        Ok(EdgeConfig {
+            acl: self.acl(src)?.map(Arc::new),
+            max_conn_per_source: positive(&self.max_conn_per_source, "max-conn-per-source")?,
+            max_rate_per_source: positive(&self.max_rate_per_source, "max-rate-per-source")?,
+            client_fin_timeout: src.duration(&self.timeout_client_fin, "timeout-client-fin")?,
+            server_fin_timeout: src.duration(&self.timeout_server_fin, "timeout-server-fin")?,
+        })
+    }
+
+    /// The inline lists and the list files together; `None` without any.
+    fn acl(&self, src: &Source<'_>) -> Result<Option<Acl>, ConfigError> {
+        let allow = src.cidrs(&self.allow, &self.allow_file, "allow")?;
+        let deny = src.cidrs(&self.deny, &self.deny_file, "deny")?;
+        if allow.is_none() && deny.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Acl {
+            allow: allow.map(|a| PrefixSet::new(&a)),
+            deny: PrefixSet::new(&deny.unwrap_or_default()),
+        }))
+    }
+
+    /// `balance` wins; `mode` alone is its shorthand (active-active is
+    /// roundrobin, active-passive is first). Both given must agree: an
+    /// active-passive frontend that balances is a contradiction, not a
+    /// choice to guess at.
+    fn algorithm(&self, src: &Source<'_>) -> Result<Balance, ConfigError> {
+        match (&self.balance, &self.mode) {
+            (None, None) => Ok(Balance::Roundrobin),
+            (None, Some(mode)) => Ok(Balance::for_mode(*mode.get_ref())),
+            (Some(balance), None) => Ok(*balance.get_ref()),
+            (Some(balance), Some(mode)) => {
+                let (b, m) = (*balance.get_ref(), *mode.get_ref());
+                if b.mode() == m {
+                    return Ok(b);
+                }
+                Err(src.invalid(
+                    balance,
+                    format!(
+                        "balance = \"{b}\" contradicts mode = \"{m}\" (active-passive is \
+                         balance = \"first\"); keep one of them"
+                    ),
+                ))
+            }
+        }
     }
 
     /// A format without `log = true` would log nothing, which the operator
@@ -852,6 +1162,15 @@ impl Config {
             drain_timeout: src
                 .duration(&raw.drain_timeout, "drain-timeout")?
                 .unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+            leave_delay: raw
+                .leave_delay
+                .as_ref()
+                .map(|v| {
+                    parse_delay(v.get_ref())
+                        .map_err(|e| src.invalid(v, format!("leave-delay: {e}")))
+                })
+                .transpose()?
+                .unwrap_or(DEFAULT_LEAVE_DELAY),
             stats: raw
                 .stats
                 .as_ref()
@@ -973,6 +1292,7 @@ pub struct ConfigSource {
     pub workers: Option<usize>,
     pub buffers: Option<u32>,
     pub drain_timeout: Option<Duration>,
+    pub leave_delay: Option<Duration>,
     pub stats: Option<SocketAddr>,
     pub admin_socket: Option<PathBuf>,
 }
@@ -988,6 +1308,9 @@ impl ConfigSource {
         }
         if let Some(drain_timeout) = self.drain_timeout {
             config.drain_timeout = drain_timeout;
+        }
+        if let Some(leave_delay) = self.leave_delay {
+            config.leave_delay = leave_delay;
         }
         if self.stats.is_some() {
             config.stats = self.stats;
@@ -1182,6 +1505,18 @@ pub fn check_backend(backend: &BackendConfig) -> Result<(), String> {
             "'{}': port 0 is no port a backend can listen on",
             backend.name
         ));
+    }
+    if backend.weight > MAX_WEIGHT {
+        return Err(format!(
+            "'{}': weight must be between 0 and {MAX_WEIGHT}, not {}",
+            backend.name, backend.weight
+        ));
+    }
+    if backend.maxconn == Some(0) {
+        return Err(format!("'{}': maxconn must be at least 1", backend.name));
+    }
+    if backend.check_port == Some(0) {
+        return Err(format!("'{}': check-port 0 is no port", backend.name));
     }
     Ok(())
 }
@@ -1527,6 +1862,51 @@ mod tests {
     }
 
     #[test]
+    fn balance_and_mode_resolve_and_must_agree() {
+        let resolve = |keys: &str| {
+            let text = format!(
+                "[[frontend]]\nlisten = \"127.0.0.1:80\"\n{keys}\nbackends = [\"127.0.0.1:81\"]\n"
+            );
+            Config::from_toml(&text, "f.toml").map(|c| c.frontends[0].clone())
+        };
+        let f = resolve("").expect("defaults");
+        assert_eq!(
+            (f.balance.algorithm, f.mode),
+            (Balance::Roundrobin, Mode::ActiveActive)
+        );
+        assert!(!f.balance.allbackups && f.balance.slowstart.is_none());
+        let f = resolve("mode = \"active-passive\"").expect("shorthand");
+        assert_eq!(f.balance.algorithm, Balance::First);
+        let f = resolve("balance = \"first\"").expect("first");
+        assert_eq!(f.mode, Mode::ActivePassive);
+        let f = resolve("balance = \"leastconn\"\nmode = \"active-active\"").expect("agree");
+        assert_eq!(f.balance.algorithm, Balance::Leastconn);
+        let f = resolve("balance = \"source\"\nallbackups = true\nslowstart = \"30s\"")
+            .expect("source");
+        assert_eq!(f.balance.algorithm, Balance::Source);
+        assert!(f.balance.allbackups);
+        assert_eq!(f.balance.slowstart, Some(Duration::from_secs(30)));
+
+        let err = resolve("mode = \"active-passive\"\nbalance = \"roundrobin\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("f.toml:4:") && err.contains("contradicts"),
+            "{err}"
+        );
+        let err = resolve("balance = \"random\"").unwrap_err().to_string();
+        assert!(
+            err.starts_with("f.toml:3:") && err.contains("leastconn"),
+            "{err}"
+        );
+        let err = resolve("slowstart = \"soon\"").unwrap_err().to_string();
+        assert!(
+            err.starts_with("f.toml:3:") && err.contains("slowstart"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn errors_name_the_line() {
         let text = "[[frontend]]\nlisten = \"127.0.0.1:80\"\nbackends = [\"nowhere\"]\n";
         let err = Config::from_toml(text, "f.toml").unwrap_err().to_string();
@@ -1543,17 +1923,77 @@ mod tests {
         assert!(err.contains("no backend"), "{err}");
     }
 
+    #[test]
+    fn backends_are_addresses_or_tables() {
+        let text = r#"
+[[frontend]]
+listen = "127.0.0.1:80"
+backends = [
+    "127.0.0.1:8001",
+    { address = "127.0.0.1:8002", name = "app2", weight = 3, backup = true, maxconn = 500, check-port = 8008, check-address = "127.0.0.9" },
+]
+"#;
+        let config = Config::from_toml(text, "f.toml").expect("config");
+        let [plain, table] = &config.frontends[0].backends[..] else {
+            panic!("two backends expected");
+        };
+        assert_eq!(
+            plain,
+            &BackendConfig::new(
+                "127.0.0.1:8001".parse().expect("a"),
+                "127.0.0.1:8001".into()
+            )
+        );
+        assert_eq!(table.name, "app2");
+        assert_eq!(table.addr, "127.0.0.1:8002".parse().expect("a"));
+        assert_eq!(
+            (table.weight, table.backup, table.maxconn),
+            (3, true, Some(500))
+        );
+        assert_eq!(table.check_port, Some(8008));
+        assert_eq!(table.check_address, Some("127.0.0.9".parse().expect("ip")));
+    }
+
+    #[test]
+    fn a_bad_backend_table_names_its_line_and_key() {
+        let with = |table: &str| {
+            let text = format!(
+                "[[frontend]]\nlisten = \"127.0.0.1:80\"\nbackends = [\n  \"127.0.0.1:8001\",\n  {table},\n]\n"
+            );
+            Config::from_toml(&text, "f.toml").unwrap_err().to_string()
+        };
+        let err = with(r#"{ address = "127.0.0.1:8002", wieght = 3 }"#);
+        assert!(err.starts_with("f.toml:5:"), "{err}");
+        assert!(err.contains("wieght"), "{err}");
+        let err = with(r#"{ address = "127.0.0.1:8002", weight = 257 }"#);
+        assert!(
+            err.starts_with("f.toml:5:") && err.contains("weight must be between 0 and 256"),
+            "{err}"
+        );
+        let err = with(r#"{ address = "127.0.0.1:8002", maxconn = 0 }"#);
+        assert!(err.contains("maxconn must be at least 1"), "{err}");
+        let err = with(r#"{ address = "127.0.0.1:8002", check-address = "db1" }"#);
+        assert!(
+            err.contains("check-address: 'db1' is not an IP address"),
+            "{err}"
+        );
+        let err = with(r#"{ name = "x" }"#);
+        assert!(err.contains("address"), "{err}");
+        let err = with(r#"{ address = "127.0.0.1:8001", name = "other" }"#);
+        assert!(err.contains("same address"), "{err}");
+        let err = with("42");
+        assert!(err.contains("an address such as"), "{err}");
+    }
+
     fn frontend(name: &str, listen: &str, backends: &[&str]) -> FrontendConfig {
         FrontendConfig {
             name: name.into(),
             listen: listen.parse().expect("listen"),
             mode: Mode::ActiveActive,
+            balance: BalanceConfig::new(Balance::Roundrobin),
             backends: backends
                 .iter()
-                .map(|b| BackendConfig {
-                    addr: b.parse().expect("backend"),
-                    name: (*b).into(),
-                })
+                .map(|b| BackendConfig::new(b.parse().expect("backend"), (*b).into()))
                 .collect(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
@@ -1569,6 +2009,7 @@ mod tests {
             on_down: OnDown::Keep,
             maxconn: None,
             access_log: AccessLog::Off,
+            edge: EdgeConfig::default(),
             tls: TlsSettings::default(),
         }
     }

@@ -94,12 +94,10 @@ fn frontend(name: &str, mode: Mode, backends: &[&DemoBackend]) -> FrontendConfig
         name: name.into(),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         mode,
+        balance: crate::config::BalanceConfig::new(crate::config::Balance::for_mode(mode)),
         backends: backends
             .iter()
-            .map(|b| BackendConfig {
-                addr: b.addr,
-                name: format!("{} ({})", b.addr, b.name),
-            })
+            .map(|b| BackendConfig::new(b.addr, format!("{} ({})", b.addr, b.name)))
             .collect(),
         connect_timeout: Duration::from_millis(500),
         idle_timeout: Duration::from_secs(30),
@@ -115,6 +113,7 @@ fn frontend(name: &str, mode: Mode, backends: &[&DemoBackend]) -> FrontendConfig
         on_down: OnDown::Keep,
         maxconn: None,
         access_log: crate::config::AccessLog::Off,
+        edge: Default::default(),
         tls: Default::default(),
     }
 }
@@ -176,6 +175,7 @@ fn tour() -> Result<Tally, String> {
         workers: 2,
         buffers: crate::config::DEFAULT_BUFFERS,
         drain_timeout: Duration::from_secs(1),
+        leave_delay: Duration::ZERO,
         stats: None,
         admin_socket: None,
         frontends: vec![

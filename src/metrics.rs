@@ -65,6 +65,17 @@ pub fn render(
             out.sample(name, &labels, get(&f.shared.stats).load(Relaxed));
         }
     }
+    out.family("ringlb_frontend_refused_total", "counter");
+    for f in frontends {
+        for refusal in crate::edge::Refusal::ALL {
+            let labels = [
+                ("frontend", f.config.name.as_str()),
+                ("reason", refusal.reason()),
+            ];
+            let value = f.shared.sources.refused(refusal);
+            out.sample("ringlb_frontend_refused_total", &labels, value);
+        }
+    }
     render_routes(&mut out, frontends);
     render_tls(&mut out, frontends);
     let backend_metrics: &[Metric<BackendStats>] = &[

@@ -21,14 +21,37 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{
-    AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst,
+    AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed, Ordering::SeqCst,
 };
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::Notify;
 
-use crate::config::{FrontendConfig, Mode};
+use crate::config::FrontendConfig;
+
+/// Bumped by every change that may change who takes new connections or how
+/// many (up/down, admin and agent state, weight percent).
+static EPOCH: AtomicU64 = AtomicU64::new(1);
+
+/// Tells every selector that a backend's state or weight changed; the
+/// next pick of each rebuilds its tier. Called after the change is stored.
+pub fn changed() {
+    EPOCH.fetch_add(1, std::sync::atomic::Ordering::Release);
+}
+
+/// The count [`changed`] bumps, for the selectors to compare.
+pub fn epoch() -> u64 {
+    EPOCH.load(std::sync::atomic::Ordering::Acquire)
+}
+
+/// Milliseconds on a monotonic clock that starts with the process, plus
+/// one: 0 stays free to mean "never" (or "since the start").
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+}
 
 /// Why a live connection could not reach a backend; the health scheduler
 /// reports it when the failures mark the backend down.
@@ -105,6 +128,17 @@ pub struct Health {
     /// Wakes the target's task when the live streak reaches `fall`.
     pub wake: Notify,
     status: Mutex<Status>,
+    /// What an agent check last said of the server's state (HAProxy's
+    /// `agent-check`: `ready`, `drain`, `maint`), apart from the operator's
+    /// [`AdminState`]; written only by the scheduler.
+    agent_state: AtomicU8,
+    /// The share of its configured weight the server takes, in percent
+    /// (an agent's `NN%` reply); 100 by default. A slow start's ramp is
+    /// not kept here: selectors compute it from `up_since`.
+    weight_percent: AtomicU32,
+    /// When `up` last turned true, on [`now_ms`]'s clock; 0
+    /// while it has been up since the start (no slow start then).
+    up_since: AtomicU64,
 }
 
 impl Health {
@@ -118,7 +152,37 @@ impl Health {
             fall: fall.max(1),
             wake: Notify::new(),
             status: Mutex::new(Status::default()),
+            agent_state: AtomicU8::new(AdminState::Ready as u8),
+            weight_percent: AtomicU32::new(100),
+            up_since: AtomicU64::new(0),
         }
+    }
+
+    pub fn agent_state(&self) -> AdminState {
+        AdminState::from_u8(self.agent_state.load(Relaxed))
+    }
+
+    /// The health scheduler only (an agent's reply).
+    pub fn set_agent_state(&self, state: AdminState) {
+        if self.agent_state.swap(state as u8, Relaxed) != state as u8 {
+            changed();
+        }
+    }
+
+    pub fn weight_percent(&self) -> u32 {
+        self.weight_percent.load(Relaxed)
+    }
+
+    /// The health scheduler only (an agent's `NN%`, a slow start).
+    pub fn set_weight_percent(&self, percent: u32) {
+        if self.weight_percent.swap(percent, Relaxed) != percent {
+            changed();
+        }
+    }
+
+    /// When it last came up (0: up since the start), for slow start.
+    pub fn up_since(&self) -> u64 {
+        self.up_since.load(Relaxed)
     }
 
     pub fn is_up(&self) -> bool {
@@ -128,7 +192,12 @@ impl Health {
     /// Only the health scheduler calls this (and the reload path, once,
     /// on a target it has just made and nobody checks yet).
     pub fn set_up(&self, up: bool) {
-        self.up.store(up, Relaxed);
+        if up && !self.up.load(Relaxed) {
+            self.up_since.store(now_ms(), Relaxed);
+        }
+        if self.up.swap(up, Relaxed) != up {
+            changed();
+        }
     }
 
     /// Called by a worker for every successful connect: on a healthy
@@ -208,6 +277,10 @@ impl fmt::Display for AdminState {
 pub struct BackendStats {
     pub connections: AtomicU64,
     pub active: AtomicU64,
+    /// Connects in flight to it. Leastconn counts them with `active`, so a
+    /// burst of clients accepted together does not all go to the backend
+    /// that was least loaded before any of them connected.
+    pub connecting: AtomicU64,
     pub connect_failures: AtomicU64,
     pub bytes_to_backend: AtomicU64,
     pub bytes_from_backend: AtomicU64,
@@ -259,12 +332,17 @@ impl BackendShared {
 
     /// The admin and reload path only.
     pub fn set_admin(&self, state: AdminState) {
-        self.admin.store(state as u8, Relaxed);
+        if self.admin.swap(state as u8, Relaxed) != state as u8 {
+            changed();
+        }
     }
 
-    /// Takes new connections: ready and up.
+    /// Takes new connections: ready for the operator and for its agent,
+    /// and up.
     pub fn usable(&self) -> bool {
-        self.admin.load(Relaxed) == AdminState::Ready as u8 && self.is_up()
+        self.admin.load(Relaxed) == AdminState::Ready as u8
+            && self.health.agent_state.load(Relaxed) == AdminState::Ready as u8
+            && self.is_up()
     }
 
     /// A connect on live traffic succeeded: the failure streak ends.
@@ -337,6 +415,9 @@ pub struct FrontendShared {
     pub stats: FrontendStats,
     /// Workers that stopped accepting on this frontend at its maxconn.
     pub waiting: Waiting,
+    /// The per-source table and the refusal counters, kept across reloads
+    /// (connections in flight hold their place in it).
+    pub sources: Arc<crate::edge::Sources>,
     /// Active-passive without fail-back: the id of the backend that was
     /// promoted and keeps the traffic after the active one returns (0:
     /// none). An id, not an index, so a reload that reorders backends keeps
@@ -353,6 +434,7 @@ impl FrontendShared {
             name: name.to_string(),
             stats: FrontendStats::default(),
             waiting: Waiting::default(),
+            sources: Arc::default(),
             promoted: AtomicU64::new(0),
             routes: Mutex::default(),
         }
@@ -363,6 +445,17 @@ impl FrontendShared {
         match self.routes.lock() {
             Ok(mut routes) => Arc::clone(routes.entry(route.to_string()).or_default()),
             Err(_) => Arc::default(),
+        }
+    }
+
+    /// The id of the backend promoted without fail-back (0: none).
+    pub fn promoted(&self) -> u64 {
+        self.promoted.load(Relaxed)
+    }
+
+    pub fn promote(&self, id: u64) {
+        if self.promoted.load(Relaxed) != id {
+            self.promoted.store(id, Relaxed);
         }
     }
 }
@@ -519,9 +612,10 @@ impl Tried {
 }
 
 /// How a frontend picks a backend for a new connection (or a retry). Built
-/// per snapshot from its backend set; reads health and admin state from
-/// the atomics at pick time, so a check's verdict applies at once without
-/// a new snapshot. Returns an index into the snapshot's backends.
+/// per snapshot from its backend set (the implementations live in
+/// `select.rs`); reads health and admin state from the atomics at pick
+/// time, so a check's verdict applies at once without a new snapshot.
+/// Returns an index into the backends it was given.
 pub trait Selector: Send + Sync {
     fn pick(
         &self,
@@ -529,73 +623,23 @@ pub trait Selector: Send + Sync {
         backends: &[Arc<BackendShared>],
         tried: &Tried,
     ) -> Option<usize>;
-}
 
-/// Round robin over the usable backends, with one turn counter shared by
-/// every worker: one `fetch_add` per connection keeps the spread exact
-/// across threads. Only usable backends count, so with one of three down
-/// the other two share evenly instead of the next in line taking double.
-#[derive(Default)]
-pub struct RoundRobin {
-    next: AtomicUsize,
-}
-
-impl Selector for RoundRobin {
-    fn pick(
-        &self,
-        _: &FrontendShared,
-        backends: &[Arc<BackendShared>],
-        tried: &Tried,
-    ) -> Option<usize> {
-        let usable = |i: &usize| !tried.contains(*i) && backends[*i].usable();
-        let count = (0..backends.len()).filter(usable).count();
-        if count == 0 {
-            return None;
-        }
-        let turn = self.next.fetch_add(1, Relaxed) % count;
-        // A check flipping a flag between the two passes may leave fewer
-        // usable than counted: the first usable one then takes the turn.
-        (0..backends.len())
-            .filter(usable)
-            .nth(turn)
-            .or_else(|| (0..backends.len()).find(usable))
-    }
-}
-
-/// Active-passive: everything to the first usable backend in the order
-/// given; without fail-back, the promoted one keeps the traffic.
-pub struct Priority {
-    pub failback: bool,
-}
-
-impl Selector for Priority {
-    fn pick(
+    /// The same with the client's address, which `source` hashes.
+    fn pick_for(
         &self,
         frontend: &FrontendShared,
         backends: &[Arc<BackendShared>],
         tried: &Tried,
+        client: Option<std::net::IpAddr>,
     ) -> Option<usize> {
-        let usable = |i: &usize| !tried.contains(*i) && backends[*i].usable();
-        if !self.failback {
-            let promoted = frontend.promoted.load(Relaxed);
-            let kept = (0..backends.len()).find(|&i| backends[i].id == promoted);
-            if let Some(i) = kept.filter(usable) {
-                return Some(i);
-            }
-        }
-        let chosen = (0..backends.len()).find(usable)?;
-        if !self.failback && tried.is_empty() {
-            frontend.promoted.store(backends[chosen].id, Relaxed);
-        }
-        Some(chosen)
+        let _ = client;
+        self.pick(frontend, backends, tried)
     }
-}
 
-/// The selector a frontend's (or route's) settings call for.
-pub fn selector_for(mode: Mode, failback: bool) -> Box<dyn Selector> {
-    match mode {
-        Mode::ActiveActive => Box::new(RoundRobin::default()),
-        Mode::ActivePassive => Box::new(Priority { failback }),
+    /// Whether `pick_for` uses the client's address: a worker reads it at
+    /// accept only then.
+    fn needs_client(&self) -> bool {
+        false
     }
 }
 
@@ -606,7 +650,7 @@ pub struct Route {
     pub name: String,
     /// Its backends' place in the snapshot's `backends`.
     pub backends: std::ops::Range<usize>,
-    selector: Box<dyn Selector>,
+    pub selector: Box<dyn Selector>,
     pub stats: Arc<RouteStats>,
 }
 
@@ -624,50 +668,39 @@ pub struct FrontendSnapshot {
 }
 
 impl FrontendSnapshot {
-    pub fn new(
-        config: FrontendConfig,
-        shared: Arc<FrontendShared>,
-        backends: Vec<Arc<BackendShared>>,
-    ) -> FrontendSnapshot {
-        let default_route = crate::config::DEFAULT_ROUTE;
-        let mut routes = vec![Route {
-            name: default_route.to_string(),
-            backends: config.own_backends(),
-            selector: selector_for(config.mode, config.failback),
-            stats: shared.route_stats(default_route),
-        }];
-        routes.extend(config.tls.routes.iter().map(|r| Route {
-            name: r.name.clone(),
-            backends: r.backends.clone(),
-            selector: selector_for(r.mode, r.failback),
-            stats: shared.route_stats(&r.name),
-        }));
-        let router = crate::hello::Router::new(
-            std::iter::once(&[][..]).chain(config.tls.routes.iter().map(|r| r.sni.as_slice())),
-        );
-        FrontendSnapshot {
-            config,
-            shared,
-            backends,
-            routes,
-            router,
-        }
-    }
-
     /// The backend for a new connection of the frontend's own backends (or
     /// a retry, with the backends already tried), or `None` when no usable
     /// backend is left.
     pub fn select(&self, tried: &Tried) -> Option<usize> {
-        self.select_in(0, tried)
+        self.select_in(0, tried, None)
     }
 
-    /// The same within one route; `tried` counts from the route's first
-    /// backend, the index returned from the frontend's.
-    pub fn select_in(&self, route: usize, tried: &Tried) -> Option<usize> {
+    /// The same with the client's address, which `balance = "source"`
+    /// hashes.
+    pub fn select_for(&self, tried: &Tried, client: Option<std::net::IpAddr>) -> Option<usize> {
+        self.select_in(0, tried, client)
+    }
+
+    /// The same within one route, with the client's address (which
+    /// `balance = "source"` hashes; read it at accept only when
+    /// [`Self::needs_client`] says so). `tried` counts from the route's
+    /// first backend, the index returned from the frontend's.
+    pub fn select_in(
+        &self,
+        route: usize,
+        tried: &Tried,
+        client: Option<std::net::IpAddr>,
+    ) -> Option<usize> {
         let route = self.routes.get(route)?;
         let backends = self.backends.get(route.backends.clone())?;
-        let pick = route.selector.pick(&self.shared, backends, tried)?;
+        let pick = route
+            .selector
+            .pick_for(&self.shared, backends, tried, client)?;
         Some(route.backends.start + pick)
+    }
+
+    pub fn needs_client(&self) -> bool {
+        self.routes.iter().any(|r| r.selector.needs_client())
     }
 
     pub fn name(&self) -> &str {
@@ -784,6 +817,18 @@ mod tests {
         f.backends[0].set_admin(AdminState::Drain);
         f.backends[2].set_admin(AdminState::Maint);
         assert!((0..10).all(|_| f.select(&none) == Some(1)));
+    }
+
+    #[test]
+    fn an_agent_that_says_drain_or_maint_takes_a_backend_out() {
+        let f = frontend("active-active", true, 2);
+        let none = Tried::default();
+        f.backends[0].health.set_agent_state(AdminState::Drain);
+        assert!(!f.backends[0].usable());
+        assert!((0..4).all(|_| f.select(&none) == Some(1)));
+        f.backends[0].health.set_agent_state(AdminState::Ready);
+        assert!(f.backends[0].usable());
+        assert_eq!(f.backends[0].health.weight_percent(), 100);
     }
 
     #[test]

@@ -23,6 +23,7 @@ use socket2::{SockAddr, Socket};
 
 use crate::access;
 use crate::config::{AccessLog, OnDown};
+use crate::edge::{self, Refusal, SourceGuard};
 use crate::logging::RateLimit;
 use crate::model::{
     BackendShared, ConnectFailure, FrontendShared, FrontendSnapshot, Global, Snapshot, Tried,
@@ -143,6 +144,10 @@ struct View {
     bytes: RefCell<Vec<[u64; 2]>>,
     /// Already in the tick's list of views to flush.
     dirty: Cell<bool>,
+    /// Who may connect, and how often.
+    edge: edge::Policy,
+    /// The selector hashes the client's address (`balance = "source"`).
+    needs_client: bool,
 }
 
 impl View {
@@ -156,6 +161,8 @@ impl View {
                 .collect(),
             bytes: RefCell::new(vec![[0; 2]; snap.backends.len()]),
             dirty: Cell::new(false),
+            edge: edge::Policy::new(&snap.config.edge, &snap.shared.sources),
+            needs_client: snap.needs_client(),
             snap: Arc::clone(snap),
         }
     }
@@ -248,6 +255,10 @@ struct Session {
     tls: Option<Box<tls_relay::TlsState>>,
     stage: Stage,
     conn: Conn,
+    /// Its place in the per-source table, given back when the session is
+    /// dropped, however it ends.
+    #[allow(dead_code, reason = "held for its Drop")]
+    source: SourceGuard,
 }
 
 impl Session {
@@ -285,6 +296,7 @@ enum Sweep {
 struct Warnings {
     local: [RateLimit; LocalFailure::ALL.len()],
     pipe: RateLimit,
+    refused: RateLimit,
 }
 
 impl Warnings {
@@ -292,6 +304,7 @@ impl Warnings {
         Warnings {
             local: std::array::from_fn(|_| RateLimit::new(WARN_PERIOD)),
             pipe: RateLimit::new(WARN_PERIOD),
+            refused: RateLimit::new(WARN_PERIOD),
         }
     }
 }
@@ -950,13 +963,25 @@ impl Worker {
             self.release(&view.snap.shared);
             return Ok(());
         }
-        view.snap.shared.stats.accepted.fetch_add(1, Relaxed);
         let mut conn = Conn::new(fd, self.now);
         // Read now: at the end the client may be gone. A frontend without
-        // an access log pays no syscall for it.
-        if view.snap.config.access_log != AccessLog::Off || log::log_enabled!(log::Level::Debug) {
+        // an access log, rules on sources or a source hash pays no syscall
+        // for it.
+        if view.edge.is_active()
+            || view.needs_client
+            || view.snap.config.access_log != AccessLog::Off
+            || log::log_enabled!(log::Level::Debug)
+        {
             conn.client_addr = peer_addr(fd);
         }
+        let source = match self.admit_source(view, conn.client_addr) {
+            Ok(guard) => guard,
+            Err(refusal) => {
+                self.refuse(view, fd, conn.client_addr, refusal);
+                return Ok(());
+            }
+        };
+        view.snap.shared.stats.accepted.fetch_add(1, Relaxed);
         let reads_hello = view.snap.config.tls.reads_hello();
         let tls = match &view.snap.config.tls.server {
             Some(server) => match tls_relay::TlsState::new(
@@ -989,6 +1014,7 @@ impl Worker {
                 Stage::Connect(Connecting::default())
             },
             conn,
+            source,
         });
         if failed {
             self.sessions[key]
@@ -1010,6 +1036,49 @@ impl Worker {
         self.connect_next(key)
     }
 
+    /// The frontend's ACL and per-source limits, at accept. A client whose
+    /// address cannot be read is already gone (reset while queued): it is
+    /// refused under the ACL only when there is one to satisfy.
+    fn admit_source(
+        &self,
+        view: &View,
+        client: Option<std::net::SocketAddr>,
+    ) -> Result<SourceGuard, Option<Refusal>> {
+        if !view.edge.is_active() {
+            return Ok(SourceGuard::default());
+        }
+        let addr = client.ok_or(None)?;
+        view.edge.admit_source(addr.ip(), self.now).map_err(Some)
+    }
+
+    /// Turns a client away with a reset, at once (no byte was read, no
+    /// backend touched). One debug line per client; at info, one line per
+    /// period with the count held back, so a flood cannot flood the log.
+    fn refuse(
+        &mut self,
+        view: &View,
+        fd: RawFd,
+        client: Option<std::net::SocketAddr>,
+        refusal: Option<Refusal>,
+    ) {
+        uring::set_linger_zero(fd);
+        uring::close(fd);
+        self.release(&view.snap.shared);
+        let (Some(refusal), Some(client)) = (refusal, client) else {
+            return;
+        };
+        let name = view.name();
+        log::debug!("{name} {client}: refused, {}", refusal.describe());
+        if let Some(held_back) = self.warnings.refused.allow(self.now) {
+            log::info!(
+                "worker {}: frontend {name}: refused {client} ({}){}",
+                self.id,
+                refusal.describe(),
+                self.warnings.refused.suffix(held_back)
+            );
+        }
+    }
+
     /// Connects to the next backend this connection has not tried, with the
     /// frontend's connect timeout linked to the connect.
     fn connect_next(&mut self, key: usize) -> std::io::Result<()> {
@@ -1019,7 +1088,11 @@ impl Worker {
         };
         let view = &session.view;
         let conn = &mut session.conn;
-        let Some(index) = view.snap.select_in(session.route, &connecting.tried) else {
+        let client = conn.client_addr.map(|a| a.ip());
+        let Some(index) = view
+            .snap
+            .select_in(session.route, &connecting.tried, client)
+        else {
             view.snap.shared.stats.no_backend.fetch_add(1, Relaxed);
             if let Some(route) = view.snap.routes.get(session.route) {
                 route.stats.no_backend.fetch_add(1, Relaxed);
@@ -1054,6 +1127,7 @@ impl Worker {
             .get(session.route)
             .map_or(0, |r| r.backends.start);
         connecting.tried.insert(index - first);
+        view.backend(index).stats.connecting.fetch_add(1, Relaxed);
         uring::set_nodelay(fd);
         conn.backend = fd;
         session.backend = Some(index);
@@ -1077,11 +1151,12 @@ impl Worker {
         let Some(index) = session.backend else {
             return Ok(());
         };
+        let backend = session.view.backend(index);
+        backend.stats.connecting.fetch_sub(1, Relaxed);
         if conn.phase == Phase::Closing {
             self.free_if_finished(key);
             return Ok(());
         }
-        let backend = session.view.backend(index);
         if res == 0 {
             backend.report_connect_success();
             backend.stats.connections.fetch_add(1, Relaxed);
