@@ -119,6 +119,7 @@ pub fn end_code(end: Option<End>) -> &'static str {
         Some(End::HelloRefused) => "bad-hello",
         Some(End::QueueTimeout) => "queue-timeout",
         Some(End::ClientAborted) => "client-aborted",
+        Some(End::HandshakeFailed) => "tls-handshake",
         None => "unknown",
     }
 }

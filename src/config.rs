@@ -349,6 +349,10 @@ pub struct TlsSettings {
     pub routes: Vec<RouteConfig>,
     /// How long a client has to send its whole ClientHello.
     pub client_hello_timeout: Duration,
+    /// `tls = { ... }`: TLS is terminated here.
+    pub server: Option<crate::tls::TlsServer>,
+    /// `backend-tls = true`: the backend side is TLS again.
+    pub backend: Option<crate::tls::TlsClient>,
 }
 
 impl Default for TlsSettings {
@@ -356,16 +360,29 @@ impl Default for TlsSettings {
         TlsSettings {
             routes: Vec::new(),
             client_hello_timeout: DEFAULT_CLIENT_HELLO_TIMEOUT,
+            server: None,
+            backend: None,
         }
     }
 }
 
 impl TlsSettings {
-    /// Whether connections start by reading a ClientHello.
+    /// Whether connections start by reading a ClientHello themselves (SNI
+    /// passthrough; a terminating frontend has rustls read it).
     pub fn reads_hello(&self) -> bool {
+        !self.routes.is_empty() && self.server.is_none()
+    }
+
+    /// Whether routes choose backends (by the hello's or the handshake's
+    /// server name).
+    pub fn routes_by_name(&self) -> bool {
         !self.routes.is_empty()
     }
 }
+
+/// Default time for a whole TLS handshake (HAProxy has none of its own;
+/// its `timeout client` applies).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A `[[frontend.route]]`: the connections whose server name matches go to
 /// its own backends, with its own balance mode (its backends are checked
@@ -639,6 +656,10 @@ struct RawFrontend {
     timeout_client_hello: Option<Spanned<String>>,
     #[serde(default)]
     route: Vec<Spanned<RawRoute>>,
+    tls: Option<Spanned<RawTls>>,
+    backend_tls: Option<Spanned<bool>>,
+    backend_ca: Option<Spanned<String>>,
+    backend_server_name: Option<Spanned<String>>,
     allow: Option<Spanned<Vec<Spanned<String>>>>,
     deny: Option<Spanned<Vec<Spanned<String>>>>,
     allow_file: Option<Spanned<String>>,
@@ -647,6 +668,29 @@ struct RawFrontend {
     max_rate_per_source: Option<Spanned<u32>>,
     timeout_client_fin: Option<Spanned<String>>,
     timeout_server_fin: Option<Spanned<String>>,
+}
+
+/// `tls = { cert = "...", key = "...", ... }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawTls {
+    cert: Option<String>,
+    key: Option<String>,
+    /// More certificates, chosen by the names they hold.
+    #[serde(default)]
+    certs: Vec<RawCert>,
+    min_version: Option<String>,
+    #[serde(default)]
+    alpn: Vec<String>,
+    client_ca: Option<String>,
+    handshake_timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCert {
+    cert: String,
+    key: String,
 }
 
 /// A backend as written: `"10.0.0.11:8080"` or a table with settings.
@@ -972,8 +1016,99 @@ impl RawFrontend {
                 client_hello_timeout: src
                     .duration(&self.timeout_client_hello, "timeout-client-hello")?
                     .unwrap_or(DEFAULT_CLIENT_HELLO_TIMEOUT),
+                server: self.tls_server(index, src)?,
+                backend: self.tls_client(src)?,
             },
         })
+    }
+
+    /// Loads the certificates of `tls = { ... }`: a file that cannot be
+    /// used fails the config (and so a reload, which keeps the old ones).
+    fn tls_server(
+        &self,
+        index: usize,
+        src: &Source<'_>,
+    ) -> Result<Option<crate::tls::TlsServer>, ConfigError> {
+        let Some(spanned) = &self.tls else {
+            return Ok(None);
+        };
+        let raw = spanned.get_ref();
+        let fail = |message: String| src.invalid(spanned, format!("tls: {message}"));
+        let mut certs = Vec::new();
+        match (&raw.cert, &raw.key) {
+            (Some(cert), Some(key)) => certs.push((PathBuf::from(cert), PathBuf::from(key))),
+            (None, None) => {}
+            _ => return Err(fail("give both cert and key".into())),
+        }
+        certs.extend(
+            raw.certs
+                .iter()
+                .map(|c| (PathBuf::from(&c.cert), PathBuf::from(&c.key))),
+        );
+        if certs.is_empty() {
+            return Err(fail("give cert and key (the default certificate)".into()));
+        }
+        let min_version = match raw.min_version.as_deref() {
+            None | Some("1.2") => crate::tls::Version::Tls12,
+            Some("1.3") => crate::tls::Version::Tls13,
+            Some(other) => {
+                return Err(fail(format!(
+                    "min-version: '{other}': TLS 1.2 and 1.3 are supported (\"1.2\" or \"1.3\")"
+                )));
+            }
+        };
+        if raw.alpn.iter().any(|p| p.is_empty() || p.len() > 255) {
+            return Err(fail("alpn: each protocol is 1 to 255 bytes".into()));
+        }
+        let handshake_timeout = raw
+            .handshake_timeout
+            .as_deref()
+            .map(parse_duration)
+            .transpose()
+            .map_err(|e| fail(format!("handshake-timeout: {e}")))?
+            .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT);
+        let options = crate::tls::ServerOptions {
+            certs,
+            min_version,
+            alpn: raw.alpn.clone(),
+            client_ca: raw.client_ca.as_ref().map(PathBuf::from),
+            handshake_timeout,
+        };
+        let name = self
+            .name
+            .as_ref()
+            .map_or_else(|| format!("frontend{index}"), |n| n.get_ref().clone());
+        crate::tls::server(&name, &options).map(Some).map_err(fail)
+    }
+
+    /// `backend-tls = true`, with `backend-ca` and `backend-server-name`.
+    fn tls_client(&self, src: &Source<'_>) -> Result<Option<crate::tls::TlsClient>, ConfigError> {
+        let on = self.backend_tls.as_ref().is_some_and(|b| *b.get_ref());
+        if !on {
+            for (key, value) in [
+                ("backend-ca", &self.backend_ca),
+                ("backend-server-name", &self.backend_server_name),
+            ] {
+                if let Some(v) = value {
+                    return Err(src.invalid(v, format!("{key}: add backend-tls = true")));
+                }
+            }
+            return Ok(None);
+        }
+        let Some(name) = &self.backend_server_name else {
+            let at = self.backend_tls.as_ref().map(Spanned::span);
+            return Err(ConfigError::Invalid {
+                origin: src.origin.to_string(),
+                line: at.map(|s| src.line_col(s.start).0),
+                message: "backend-tls: give backend-server-name, the name the backends' \
+                          certificates are checked for"
+                    .into(),
+            });
+        };
+        let ca = self.backend_ca.as_ref().map(|c| PathBuf::from(c.get_ref()));
+        crate::tls::client(ca.as_deref(), name.get_ref())
+            .map(Some)
+            .map_err(|e| src.invalid(name, e))
     }
 
     /// The `[[frontend.route]]` tables; their backends are appended to

@@ -68,6 +68,7 @@ pub mod relay;
 pub mod reload;
 pub mod select;
 pub mod server;
+pub mod tls;
 pub mod uring;
 pub mod view;
 pub mod worker;

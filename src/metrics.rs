@@ -9,6 +9,7 @@ use crate::admin::STATS as ADMIN;
 use crate::hello::Refusal;
 use crate::model::{self, ReloadStats, Snapshot};
 pub use crate::model::{BackendStats, FrontendStats};
+use crate::tls::Failure;
 
 /// A metric: name, Prometheus type, and where its value lives.
 type Metric<S> = (&'static str, &'static str, fn(&S) -> &AtomicU64);
@@ -84,6 +85,7 @@ pub fn render(
         }
     }
     render_routes(&mut out, frontends);
+    render_tls(&mut out, frontends);
     let backend_metrics: &[Metric<BackendStats>] = &[
         ("ringlb_backend_connections_total", "counter", |s| {
             &s.connections
@@ -255,6 +257,42 @@ fn render_checks(out: &mut Exposition, snapshot: &Snapshot) {
         if let Some(percent) = status.agent.as_ref().and_then(|a| a.weight_percent) {
             let name = "ringlb_backend_agent_weight_percent";
             out.sample(name, &labels(*f, *b), u64::from(percent));
+        }
+    }
+}
+
+/// TLS termination counters, for frontends that terminate.
+fn render_tls(out: &mut Exposition, frontends: &[std::sync::Arc<model::FrontendSnapshot>]) {
+    let terminating = || frontends.iter().filter(|f| f.config.tls.server.is_some());
+    let tls_metrics: &[Metric<model::TlsStats>] = &[
+        ("ringlb_tls_handshakes_total", "counter", |s| &s.handshakes),
+        ("ringlb_tls_resumed_total", "counter", |s| &s.resumed),
+    ];
+    for &(name, kind, get) in tls_metrics {
+        out.family(name, kind);
+        for f in terminating() {
+            let labels = [("frontend", f.config.name.as_str())];
+            out.sample(name, &labels, get(&f.shared.stats.tls).load(Relaxed));
+        }
+    }
+    let name = "ringlb_tls_handshakes_by_version_total";
+    out.family(name, "counter");
+    for f in terminating() {
+        let stats = &f.shared.stats.tls;
+        for (version, counter) in [("1.2", &stats.tls12), ("1.3", &stats.tls13)] {
+            let labels = [("frontend", f.config.name.as_str()), ("version", version)];
+            out.sample(name, &labels, counter.load(Relaxed));
+        }
+    }
+    let name = "ringlb_tls_handshake_failures_total";
+    out.family(name, "counter");
+    for f in terminating() {
+        for (failure, counter) in Failure::ALL.iter().zip(&f.shared.stats.tls.failures) {
+            let labels = [
+                ("frontend", f.config.name.as_str()),
+                ("reason", failure.label()),
+            ];
+            out.sample(name, &labels, counter.load(Relaxed));
         }
     }
 }

@@ -474,6 +474,21 @@ pub struct FrontendStats {
     pub queue_timeouts: AtomicU64,
     /// Connect attempts after a connection's first (HAProxy's `wretr`).
     pub retries: AtomicU64,
+    pub tls: TlsStats,
+}
+
+/// TLS termination counters of a frontend.
+#[derive(Default)]
+pub struct TlsStats {
+    /// Handshakes completed.
+    pub handshakes: AtomicU64,
+    /// Of those, resumed (ticket or session id).
+    pub resumed: AtomicU64,
+    /// Of those, TLS 1.2 and TLS 1.3.
+    pub tls12: AtomicU64,
+    pub tls13: AtomicU64,
+    /// Failed, by [`crate::tls::Failure`] (in its order).
+    pub failures: [AtomicU64; 5],
 }
 
 /// Per route of a frontend, kept across reloads by route name.

@@ -81,6 +81,9 @@ pub enum End {
     QueueTimeout,
     /// The client left while its connection waited in the queue.
     ClientAborted,
+    /// The TLS handshake with the client failed (after its alert) or did
+    /// not complete in time (reset).
+    HandshakeFailed,
 }
 
 /// What failed locally, for the worker's rate-limited log line.
@@ -138,6 +141,7 @@ impl End {
             End::HelloRefused => "ClientHello refused",
             End::QueueTimeout => "queue timeout, every backend at its maxconn",
             End::ClientAborted => "client left while queued",
+            End::HandshakeFailed => "TLS handshake failed",
         }
     }
 }

@@ -43,10 +43,15 @@ pub enum Op {
     /// Send of bytes that go to the backend before the relay (the
     /// replayed ClientHello).
     Preamble,
+    /// TLS relay: receive and send on the client (0) or backend (1) side.
+    TlsRecv0,
+    TlsRecv1,
+    TlsSend0,
+    TlsSend1,
 }
 
 impl Op {
-    const ALL: [Op; 20] = [
+    const ALL: [Op; 24] = [
         Op::Accept,
         Op::AcceptPause,
         Op::AcceptPoll,
@@ -67,6 +72,10 @@ impl Op {
         Op::Ignore,
         Op::Hello,
         Op::Preamble,
+        Op::TlsRecv0,
+        Op::TlsRecv1,
+        Op::TlsSend0,
+        Op::TlsSend1,
     ];
 
     pub fn recv(dir: usize) -> Op {

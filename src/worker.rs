@@ -37,6 +37,8 @@ use crate::uring::{self, Io, Op, PipePool, token, untoken};
 /// ClientHello read for SNI routing, and its replay to the backend).
 mod stages;
 use stages::Pending;
+/// TLS termination: the handshake and the record layer on the ring.
+mod tls_relay;
 
 /// Submission queue size; the completion queue is sized from the
 /// connection limit (`uring::cq_entries`).
@@ -248,6 +250,9 @@ enum Stage {
     /// The buffer a receive may be writing into lives here (boxed: the
     /// slab moves sessions) until the session is freed.
     Hello(Box<Pending>),
+    /// The TLS handshake with the client (terminating frontends); its
+    /// state is the session's `tls`.
+    Handshake,
     Connect(Connecting),
     /// The backend accepted; the preamble is being sent to it. Its active
     /// count drops when the session ends, as in the relay.
@@ -273,6 +278,9 @@ struct Session {
     route: usize,
     /// The ClientHello's server name, for the access log.
     server_name: Option<Box<str>>,
+    /// TLS termination state (buffers the kernel may be using included):
+    /// kept until the session is freed.
+    tls: Option<Box<tls_relay::TlsState>>,
     stage: Stage,
     conn: Conn,
     /// Its place in the per-source table, given back when the session is
@@ -308,6 +316,8 @@ enum Sweep {
     Connect,
     /// Its ClientHello did not arrive within `timeout-client-hello`.
     HelloLate,
+    /// Its TLS handshake did not complete within `handshake-timeout`.
+    HandshakeLate,
 }
 
 /// One rate limit per kind of warning the data path can repeat.
@@ -517,6 +527,10 @@ impl Worker {
             Op::Hello => return self.on_hello(key, res),
             Op::Preamble => return self.on_preamble(key, res),
             Op::Watch => return self.on_watch(key, res),
+            Op::TlsRecv0 => return self.on_tls_recv(key, tls_relay::CLIENT, res),
+            Op::TlsRecv1 => return self.on_tls_recv(key, tls_relay::BACKEND, res),
+            Op::TlsSend0 => return self.on_tls_send(key, tls_relay::CLIENT, res),
+            Op::TlsSend1 => return self.on_tls_send(key, tls_relay::BACKEND, res),
             Op::ConnectTimeout | Op::Cancel => {
                 conn.inflight -= 1;
                 Event::None
@@ -1010,6 +1024,22 @@ impl Worker {
         };
         view.snap.shared.stats.accepted.fetch_add(1, Relaxed);
         let reads_hello = view.snap.config.tls.reads_hello();
+        let tls = match &view.snap.config.tls.server {
+            Some(server) => match tls_relay::TlsState::new(
+                &server.config,
+                view.snap.config.tls.backend.as_ref(),
+            ) {
+                Ok(state) => Some(state),
+                Err(e) => {
+                    log::warn!("frontend {}: TLS: {e}; the client was reset", view.name());
+                    conn.local = Some((LocalFailure::Relay, 0));
+                    None
+                }
+            },
+            None => None,
+        };
+        let terminates = tls.is_some();
+        let failed = view.snap.config.tls.server.is_some() && !terminates;
         let key = self.sessions.insert(Session {
             view: Rc::clone(view),
             backend: None,
@@ -1017,7 +1047,10 @@ impl Worker {
             connected_after: None,
             route: 0,
             server_name: None,
-            stage: if reads_hello {
+            tls,
+            stage: if terminates {
+                Stage::Handshake
+            } else if reads_hello {
                 Stage::Hello(Pending::new())
             } else {
                 Stage::Connect(Connecting::default())
@@ -1025,6 +1058,20 @@ impl Worker {
             conn,
             source,
         });
+        if failed {
+            self.sessions[key]
+                .conn
+                .close(key, End::LocalError, &mut self.io)?;
+            self.free_if_finished(key);
+            return Ok(());
+        }
+        if terminates {
+            // Records go out as rustls makes them, often two per response
+            // (headers, body): Nagle would hold the second for the client's
+            // delayed ACK (40 ms).
+            uring::set_nodelay(fd);
+            return self.start_tls(key);
+        }
         if reads_hello {
             return self.read_hello(key);
         }
@@ -1233,6 +1280,9 @@ impl Worker {
             if let Some(preamble) = preamble {
                 session.stage = Stage::Preamble(preamble);
                 return self.send_preamble(key);
+            }
+            if session.tls.is_some() {
+                return self.tls_connected(key);
             }
             session.stage = Stage::Relay;
             return conn.start_relay(key, &mut self.io);
@@ -1750,6 +1800,7 @@ impl Worker {
                 Sweep::RetryPipe => conn.retry_pipe(key, io)?,
                 Sweep::Connect => self.connect_next(key)?,
                 Sweep::HelloLate => self.refuse_hello(key, crate::hello::Refusal::Timeout)?,
+                Sweep::HandshakeLate => self.refuse_handshake(key, crate::tls::Failure::Timeout)?,
             }
             self.free_if_finished(key);
         }
@@ -1811,6 +1862,10 @@ fn sweep_action(
         // its hello a byte at a time must not hold the slot forever.
         let late = now.saturating_duration_since(conn.started) >= config.tls.client_hello_timeout;
         return (conn.phase != Phase::Closing && late).then_some(Sweep::HelloLate);
+    }
+    if let (Stage::Handshake, Some(server)) = (&session.stage, &config.tls.server) {
+        let late = now.saturating_duration_since(conn.started) >= server.options.handshake_timeout;
+        return (conn.phase != Phase::Closing && late).then_some(Sweep::HandshakeLate);
     }
     match conn.phase {
         // No backend socket yet: out of fds when it was tried.

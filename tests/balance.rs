@@ -492,7 +492,10 @@ impl Switchable {
     }
 }
 
-const CHECKS: &str = "check-interval = \"100ms\"\ncheck-expect = \"+\"\nrise = 1\nfall = 1\n";
+/// An unhealthy backend closes at once, so the check timeout only has to
+/// be long enough that a loaded machine does not fail a healthy one (the
+/// default, the interval, is 100 ms with fall 1).
+const CHECKS: &str = "check-interval = \"100ms\"\ncheck-timeout = \"2s\"\ncheck-expect = \"+\"\nrise = 1\nfall = 1\n";
 
 #[test]
 fn backups_serve_only_while_every_primary_is_down() {

@@ -241,8 +241,10 @@ fn malformed_oversized_and_cut_short_hellos_are_reset_and_counted() {
         c.write_all(&hello[..20]).expect("send");
         c.shutdown(std::net::Shutdown::Write).expect("half-close");
     });
-    for b in [&r._default, &r._www, &r._wild] {
-        assert_eq!(b.accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // Nothing reached a backend (health checks do connect: count routes).
+    for route in ["default", "www", "wild"] {
+        let series = format!(r#"ringlb_route_connections_total{{frontend="tls",route="{route}"}}"#);
+        assert_eq!(r.ringlb.metric(&series), Some(0), "{route}");
     }
     let line = r
         .ringlb

@@ -36,11 +36,14 @@ impl Pending {
     }
 }
 
-/// The route of the access log: only for frontends that route, and once
-/// the hello chose one.
+/// The route of the access log: only for frontends that route or
+/// terminate TLS, and once the hello or handshake chose one.
 pub fn route_name(session: &Session) -> Option<&str> {
     let snap = &session.view.snap;
-    if !snap.config.tls.reads_hello() || matches!(session.stage, Stage::Hello(_)) {
+    let tls = &snap.config.tls;
+    if !(tls.routes_by_name() || tls.server.is_some())
+        || matches!(session.stage, Stage::Hello(_) | Stage::Handshake)
+    {
         return None;
     }
     snap.routes.get(session.route).map(|r| r.name.as_str())
