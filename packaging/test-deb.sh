@@ -174,11 +174,12 @@ stopped() {
     grep -q "ringlb" "/proc/$service_pid/cmdline" || return 1
     kill -TERM "$service_pid"
     # wait, not a poll: it gives ringlb's own exit code (bounded by the
-    # drain timeout, 30 s, and no connection is open).
+    # leave delay, 2 s, plus the drain timeout, 30 s; no connection is open).
     wait "$service_pid"
-    grep -q "SIGTERM: draining" "$log" || { cat "$log"; return 1; }
+    grep -q "SIGTERM: leaving: not ready" "$log" || { cat "$log"; return 1; }
+    grep -q "leave delay over: draining" "$log" || { cat "$log"; return 1; }
 }
-check "as user ringlb: SIGTERM drains and exits 0" stopped
+check "as user ringlb: SIGTERM leaves (not ready for leave-delay), drains and exits 0" stopped
 check "without the capability the low port is refused (the cap is what grants it)" \
     sh -c "! setpriv --reuid ringlb --regid ringlb --clear-groups --no-new-privs \
            --inh-caps=-all --bounding-set=-all \

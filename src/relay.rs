@@ -170,6 +170,11 @@ pub struct Direction {
     /// The source ended with a reset: once the pipe is flushed, the reset is
     /// passed on instead of an end of stream.
     source_reset: bool,
+    /// A send to this direction's sink failed with the peer's reset. The
+    /// kernel reports a reset once: the other direction, reading the same
+    /// socket, may then see a plain end of stream, which must still be
+    /// passed on as a reset, never as a clean end.
+    sink_reset: bool,
     /// The last attempt to make a pipe failed: the direction copies, and
     /// tries a pipe again only after the worker's next tick, so a lasting
     /// shortage costs one failed pipe2(2) per tick, not one per buffer.
@@ -611,6 +616,14 @@ impl Conn {
     /// The source ended and every byte before the end was delivered: pass
     /// the end on, and close once both directions are done.
     fn finish_direction(&mut self, key: usize, dir: usize, io: &mut Io) -> std::io::Result<()> {
+        // This end of stream may come from a peer that reset: a send saw
+        // the reset first, or will when its completion comes. The socket's
+        // state tells only while ringlb has not ended its own side of it
+        // (after our FIN, a clean close leaves it CLOSE too).
+        let other = &self.dirs[1 - dir];
+        if other.sink_reset || (!other.done && uring::was_reset(self.source(dir))) {
+            return self.close(key, Self::reset_of_source(dir), io);
+        }
         self.dirs[dir].done = true;
         // Empty now (every byte was delivered) and never used again: a
         // half-closed connection must not keep a pipe another one needs.
@@ -626,9 +639,10 @@ impl Conn {
     }
 
     /// Writing to a direction's sink failed. If that peer reset, the other
-    /// direction reads from the same socket, drains what the peer sent
-    /// before its reset and then sees the reset itself; only if it has
-    /// already ended does the connection close here. Any other failure is
+    /// direction reads from the same socket and drains what the peer sent
+    /// before its reset; the kernel reports the reset only once (to this
+    /// send), so `sink_reset` makes that direction's end a reset too. Only
+    /// if it has already ended does the connection close here. Any other failure is
     /// local, and nothing would ever tell the peers: reset both.
     fn sink_failed(
         &mut self,
@@ -641,6 +655,7 @@ impl Conn {
             return self.fail(key, LocalFailure::Relay, errno, io);
         }
         self.dirs[dir].done = true;
+        self.dirs[dir].sink_reset = true;
         if self.dirs[1 - dir].done {
             return self.close(key, Self::reset_of_sink(dir), io);
         }

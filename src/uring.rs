@@ -566,6 +566,30 @@ pub fn shutdown_write(fd: RawFd) {
     unsafe { libc::shutdown(fd, libc::SHUT_WR) };
 }
 
+/// Whether a TCP socket whose receive just ended was reset rather than
+/// closed: the kernel reports a reset once, to whichever call sees it
+/// first (perhaps a send), and a receive after that finds a plain end of
+/// stream. A reset leaves the socket CLOSE; a peer's FIN leaves it
+/// CLOSE_WAIT (or TIME_WAIT, CLOSING, LAST_ACK after our own FIN).
+pub fn was_reset(fd: RawFd) -> bool {
+    const TCP_CLOSE: u8 = 7;
+    // tcpi_state is the first byte of struct tcp_info; the kernel copies
+    // at most the length given.
+    let mut info = [0u8; 8];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: the pointer and length describe a writable 8-byte buffer.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    rc == 0 && len >= 1 && info[0] == TCP_CLOSE
+}
+
 /// Bytes queued on a socket and not yet acknowledged by its peer.
 pub fn unsent_bytes(fd: RawFd) -> usize {
     let mut queued: libc::c_int = 0;

@@ -208,6 +208,59 @@ fn a_backend_reset_mid_stream_resets_the_client() {
     );
 }
 
+/// The kernel reports a peer's reset once: when ringlb's send to the
+/// backend is what sees it, the receive on that socket then finds a plain
+/// end of stream. The client must still get a reset, never a clean end.
+/// (The client can't tell on its own: its writing thread takes the one
+/// report of ringlb's reset, and its read then sees 0 either way; so
+/// ringlb's own line for each connection says how it ended it.)
+#[test]
+fn a_backend_reset_seen_by_a_send_still_resets_the_client() {
+    let backend = Backend::start(Arc::new(|mut s: TcpStream| {
+        let mut some = [0u8; 64 * 1024];
+        if s.read_exact(&mut some).is_err() {
+            return; // a health check
+        }
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+        drop(s);
+    }));
+    let addr = backend.addr_str();
+    let ringlb = Ringlb::start(&["--backend", &addr, "--workers", "1"]);
+    const CLIENTS: usize = 40;
+    for _ in 0..CLIENTS {
+        let mut s = ringlb.connect();
+        let mut writer = s.try_clone().expect("clone");
+        let upload = std::thread::spawn(move || {
+            let chunk = vec![7u8; 64 * 1024];
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && writer.write_all(&chunk).is_ok() {}
+        });
+        let _ = s.read(&mut [0u8; 16]);
+        drop(s);
+        upload.join().expect("upload thread");
+    }
+    let ended = |what: &str| {
+        ringlb
+            .logs()
+            .lines()
+            .filter(|l| l.contains(&format!("-> {addr}:")) && l.ends_with(what))
+            .count()
+    };
+    assert!(
+        ringlb
+            .wait_log_count(&format!("-> {addr}:"), CLIENTS, Duration::from_secs(20))
+            .is_some(),
+        "{}",
+        ringlb.logs()
+    );
+    assert_eq!(
+        (ended("backend reset"), ended("closed by both sides")),
+        (CLIENTS, 0),
+        "a backend's reset ended clients cleanly; logs:\n{}",
+        ringlb.logs()
+    );
+}
+
 #[test]
 fn bytes_sent_before_a_backend_reset_still_reach_a_slow_client() {
     // The backend sends 2 MiB, waits until ringlb's kernel has acknowledged
