@@ -104,6 +104,7 @@ pub fn end_code(end: Option<End>) -> &'static str {
         Some(End::BackendClosed) => "backend-closed",
         Some(End::FrontendRemoved) => "frontend-removed",
         Some(End::LocalError) => "local-error",
+        Some(End::ProxyHeader) => "proxy-header",
         None => "unknown",
     }
 }

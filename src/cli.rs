@@ -11,6 +11,21 @@ use crate::config::{
     self, BackendConfig, CheckConfig, Config, ConfigError, ConfigSource, FrontendConfig, Mode,
     OnDown,
 };
+use crate::proxy::{self, ProxyConfig, Version};
+
+/// A config message about keys, worded for the flags that set them.
+fn flags(message: &str) -> String {
+    message
+        .replace("accept-proxy-from", "--accept-proxy-from")
+        .replace("accept-proxy = true", "--accept-proxy")
+        .replace(
+            "[\"0.0.0.0/0\", \"::/0\"]",
+            "--accept-proxy-from 0.0.0.0/0 --accept-proxy-from ::/0",
+        )
+        .replace("timeout-proxy-header", "--timeout-proxy-header")
+        .replace("check-send-proxy", "--check-send-proxy")
+        .replace("set send-proxy", "set --send-proxy")
+}
 
 const AFTER_HELP: &str = "\
 Durations are written 500ms, 2s, 5m, 1h; a bare number is milliseconds.
@@ -91,6 +106,26 @@ pub struct Cli {
     /// What to do with established connections of a backend marked down
     #[arg(long, value_enum, value_name = "ACTION", default_value_t = OnDown::Keep, conflicts_with = "config")]
     on_down: OnDown,
+
+    /// Send a PROXY protocol header of this version to backends before the client's bytes
+    #[arg(long, value_enum, value_name = "VERSION", conflicts_with = "config")]
+    send_proxy: Option<Version>,
+
+    /// Health checks send a PROXY header too (v2 LOCAL or v1 UNKNOWN), for backends that require one
+    #[arg(long, requires = "send_proxy", conflicts_with = "config")]
+    check_send_proxy: bool,
+
+    /// Read a PROXY protocol header (v1 or v2) from each client first; needs --accept-proxy-from
+    #[arg(long, conflicts_with = "config")]
+    accept_proxy: bool,
+
+    /// A peer (address or CIDR prefix) allowed to send PROXY headers; repeat for each; others are reset
+    #[arg(long, value_name = "CIDR", value_parser = proxy::Cidr::parse, conflicts_with = "config")]
+    accept_proxy_from: Vec<proxy::Cidr>,
+
+    /// Time a client gets to send its whole PROXY header [default: 3s]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration, conflicts_with = "config")]
+    timeout_proxy_header: Option<Duration>,
 
     /// Most client connections at once; more wait in the accept queue [default: no limit]
     #[arg(long, value_name = "N", conflicts_with = "config")]
@@ -275,6 +310,15 @@ impl Cli {
         if self.backends.is_empty() {
             return Err((2, "no backend: give at least one --backend ADDR".into()));
         }
+        let from = (!self.accept_proxy_from.is_empty()).then_some(self.accept_proxy_from);
+        let proxy = ProxyConfig {
+            send: self.send_proxy,
+            accept: proxy::accept(self.accept_proxy, from, self.timeout_proxy_header)
+                .map_err(|e| (2, flags(&e)))?,
+        };
+        let check_proxy =
+            config::check_send_proxy(self.check_send_proxy, proxy.send, &self.backends)
+                .map_err(|e| (2, flags(&e)))?;
         let frontend = FrontendConfig {
             name: "default".into(),
             listen,
@@ -291,11 +335,13 @@ impl Cli {
                 fall: self.fall,
                 send: self.check_send.map(|b| b.0),
                 expect: self.check_expect.map(|b| b.0),
+                proxy: check_proxy,
             },
             failback: !self.no_failback,
             on_down: self.on_down,
             maxconn: self.maxconn,
             access_log: crate::config::AccessLog::Off,
+            proxy,
         };
         let config = Config {
             workers: self.workers.unwrap_or_else(config::default_workers),

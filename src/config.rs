@@ -15,6 +15,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::proxy::{self, ProxyConfig, Version};
+
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
@@ -101,6 +103,9 @@ pub struct CheckConfig {
     pub send: Option<Vec<u8>>,
     /// The reply must start with these bytes within the timeout.
     pub expect: Option<Vec<u8>>,
+    /// `check-send-proxy`: each check starts with a PROXY header of this
+    /// version that carries no client (v2 LOCAL, v1 UNKNOWN).
+    pub proxy: Option<Version>,
 }
 
 impl CheckConfig {
@@ -132,6 +137,8 @@ pub struct BackendConfig {
     pub check_port: Option<u16>,
     /// Check another address than the one traffic goes to.
     pub check_address: Option<IpAddr>,
+    /// This backend's `send-proxy`, over the frontend's.
+    pub send_proxy: Option<Version>,
 }
 
 impl BackendConfig {
@@ -145,6 +152,7 @@ impl BackendConfig {
             maxconn: None,
             check_port: None,
             check_address: None,
+            send_proxy: None,
         }
     }
 }
@@ -167,6 +175,18 @@ pub struct FrontendConfig {
     pub maxconn: Option<u32>,
     /// `log = true`, in the format of `log-format`.
     pub access_log: AccessLog,
+    /// `send-proxy`, `accept-proxy` and their settings.
+    pub proxy: ProxyConfig,
+}
+
+impl FrontendConfig {
+    /// The PROXY header backend `index` gets, if any.
+    pub fn send_proxy(&self, index: usize) -> Option<Version> {
+        self.backends
+            .get(index)
+            .and_then(|b| b.send_proxy)
+            .or(self.proxy.send)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -380,6 +400,11 @@ struct RawFrontend {
     maxconn: Option<u32>,
     log: Option<bool>,
     log_format: Option<Spanned<LogFormat>>,
+    send_proxy: Option<Version>,
+    check_send_proxy: Option<Spanned<bool>>,
+    accept_proxy: Option<Spanned<bool>>,
+    accept_proxy_from: Option<Spanned<Vec<String>>>,
+    timeout_proxy_header: Option<Spanned<String>>,
 }
 
 /// A backend as written: `"10.0.0.11:8080"` or a table with settings.
@@ -398,6 +423,7 @@ struct RawBackendTable {
     maxconn: Option<u32>,
     check_port: Option<u16>,
     check_address: Option<String>,
+    send_proxy: Option<Version>,
 }
 
 /// By hand rather than `untagged`: serde's untagged error ("did not match
@@ -455,6 +481,7 @@ impl RawBackend {
             maxconn: table.maxconn,
             check_port: table.check_port,
             check_address,
+            send_proxy: table.send_proxy,
         })
     }
 }
@@ -539,6 +566,8 @@ impl RawFrontend {
         let interval = src
             .duration(&self.check_interval, "check-interval")?
             .unwrap_or(DEFAULT_CHECK_INTERVAL);
+        let proxy = self.proxy(src)?;
+        let check_proxy = self.check_send_proxy(&proxy, &backends, src)?;
         Ok(FrontendConfig {
             name: self
                 .name
@@ -562,12 +591,55 @@ impl RawFrontend {
                 fall: self.fall.unwrap_or(DEFAULT_FALL),
                 send: src.bytes(&self.check_send, "check-send")?,
                 expect: src.bytes(&self.check_expect, "check-expect")?,
+                proxy: check_proxy,
             },
             failback: self.failback.unwrap_or(true),
             on_down: self.on_down.unwrap_or(OnDown::Keep),
             maxconn: self.maxconn,
             access_log: self.access_log(src)?,
+            proxy,
         })
+    }
+
+    /// The PROXY protocol keys, each fault at its own line.
+    fn proxy(&self, src: &Source<'_>) -> Result<ProxyConfig, ConfigError> {
+        let from = self
+            .accept_proxy_from
+            .as_ref()
+            .map(|list| {
+                proxy::parse_from(list.get_ref(), "accept-proxy-from")
+                    .map_err(|e| src.invalid(list, e))
+            })
+            .transpose()?;
+        let timeout = src.duration(&self.timeout_proxy_header, "timeout-proxy-header")?;
+        let on = self.accept_proxy.as_ref().is_some_and(|a| *a.get_ref());
+        let accept = proxy::accept(on, from, timeout).map_err(|e| {
+            // At the key that is there: the switch, or the list without it.
+            let at = self.accept_proxy.as_ref().map(Spanned::span);
+            let at = at.or(self.accept_proxy_from.as_ref().map(Spanned::span));
+            let at = at.or(self.timeout_proxy_header.as_ref().map(Spanned::span));
+            ConfigError::Invalid {
+                origin: src.origin.to_string(),
+                line: at.map(|span| src.line_col(span.start).0),
+                message: e,
+            }
+        })?;
+        Ok(ProxyConfig {
+            send: self.send_proxy,
+            accept,
+        })
+    }
+
+    fn check_send_proxy(
+        &self,
+        proxy: &ProxyConfig,
+        backends: &[BackendConfig],
+        src: &Source<'_>,
+    ) -> Result<Option<Version>, ConfigError> {
+        let Some(on) = &self.check_send_proxy else {
+            return Ok(None);
+        };
+        check_send_proxy(*on.get_ref(), proxy.send, backends).map_err(|e| src.invalid(on, e))
     }
 
     /// A format without `log = true` would log nothing, which the operator
@@ -587,6 +659,38 @@ impl RawFrontend {
             }),
         }
     }
+}
+
+/// The header version checks send with `check-send-proxy`: the one every
+/// backend of the frontend gets. Checks are per frontend, so backends that
+/// get different headers (or none) cannot all be checked with one.
+pub fn check_send_proxy(
+    on: bool,
+    send: Option<Version>,
+    backends: &[BackendConfig],
+) -> Result<Option<Version>, String> {
+    if !on {
+        return Ok(None);
+    }
+    let mut version = None;
+    for backend in backends {
+        let Some(theirs) = backend.send_proxy.or(send) else {
+            return Err(format!(
+                "check-send-proxy: backend {} gets no PROXY header (set send-proxy), so its \
+                 checks must not send one",
+                backend.name
+            ));
+        };
+        if version.is_some_and(|v| v != theirs) {
+            return Err(
+                "check-send-proxy: the backends get different send-proxy versions; checks \
+                 send one version per frontend"
+                    .into(),
+            );
+        }
+        version = Some(theirs);
+    }
+    Ok(version)
 }
 
 fn check_workers(workers: usize) -> Result<(), String> {
@@ -1373,11 +1477,13 @@ backends = [
                 fall: 1,
                 send: None,
                 expect: None,
+                proxy: None,
             },
             failback: true,
             on_down: OnDown::Keep,
             maxconn: None,
             access_log: AccessLog::Off,
+            proxy: ProxyConfig::default(),
         }
     }
 

@@ -107,11 +107,13 @@ fn frontend(name: &str, mode: Mode, backends: &[&DemoBackend]) -> FrontendConfig
             fall: 2,
             send: None,
             expect: None,
+            proxy: None,
         },
         failback: true,
         on_down: OnDown::Keep,
         maxconn: None,
         access_log: crate::config::AccessLog::Off,
+        proxy: Default::default(),
     }
 }
 

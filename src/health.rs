@@ -104,6 +104,7 @@ pub struct TargetKey {
     fall: u32,
     send: Option<Vec<u8>>,
     expect: Option<Vec<u8>>,
+    proxy: Option<crate::proxy::Version>,
 }
 
 impl TargetKey {
@@ -116,6 +117,7 @@ impl TargetKey {
             fall: check.fall,
             send: check.send.clone(),
             expect: check.expect.clone(),
+            proxy: check.proxy,
         }
     }
 
@@ -127,6 +129,7 @@ impl TargetKey {
             fall: self.fall,
             send: self.send.clone(),
             expect: self.expect.clone(),
+            proxy: self.proxy,
         }
     }
 }
@@ -197,6 +200,15 @@ async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
 }
 
 async fn exchange(mut stream: TcpStream, check: &CheckConfig) -> Result<(), Failure> {
+    // check-send-proxy: a backend that requires the header drops a
+    // connection without one, so the check would fail on a healthy backend.
+    if let Some(version) = check.proxy {
+        let header = crate::proxy::check_header(version);
+        stream
+            .write_all(&header)
+            .await
+            .map_err(|e| Failure::from_io(&e))?;
+    }
     if let Some(payload) = &check.send {
         stream
             .write_all(payload)
@@ -684,6 +696,7 @@ mod tests {
                 fall: 3,
                 send: None,
                 expect: None,
+                proxy: None,
             },
         );
         let mut jitter = Jitter::new(&key);
@@ -727,6 +740,7 @@ mod tests {
             fall: 3,
             send: None,
             expect: None,
+            proxy: None,
         };
         let addr: SocketAddr = "127.0.0.1:1".parse().expect("addr");
         let mut targets = Targets::default();
@@ -757,6 +771,7 @@ mod tests {
             fall: 1,
             send: Some(b"PING\r\n".to_vec()),
             expect: Some(b"+PONG".to_vec()),
+            proxy: None,
         };
         let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let silent_addr = silent.local_addr().expect("addr");

@@ -36,6 +36,7 @@
 //! - [`uring`]: ring setup, buffer ring, pipe pool, the raw syscalls.
 //! - [`metrics`] and [`admin`]: counters and the Prometheus endpoint.
 //! - [`notify`]: systemd's readiness protocol (`Type=notify`).
+//! - [`proxy`]: the PROXY protocol header, sent and accepted.
 //! - [`generate`]: the man page and shell completions, from [`cli`].
 //! - [`control`] and [`ctl`]: the admin Unix socket and `ringlb ctl`.
 //! - [`access`]: the access log line.
@@ -55,6 +56,7 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod notify;
+pub mod proxy;
 pub mod relay;
 pub mod reload;
 pub mod server;

@@ -63,6 +63,18 @@ pub fn render(
             out.sample(name, &labels, get(&f.shared.stats).load(Relaxed));
         }
     }
+    let refused = "ringlb_frontend_proxy_refused_total";
+    out.family(refused, "counter");
+    // Only where headers are read: elsewhere the series could only be 0.
+    for f in frontends.iter().filter(|f| f.config.proxy.accept.is_some()) {
+        for why in crate::proxy::Refusal::ALL {
+            let labels = [
+                ("frontend", f.config.name.as_str()),
+                ("reason", why.label()),
+            ];
+            out.sample(refused, &labels, f.shared.stats.proxy_refused.get(why));
+        }
+    }
     let backend_metrics: &[Metric<BackendStats>] = &[
         ("ringlb_backend_connections_total", "counter", |s| {
             &s.connections

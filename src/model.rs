@@ -330,6 +330,8 @@ pub struct FrontendStats {
     /// Connections reset on both sides because ringlb could not carry them
     /// on (no fd for a backend socket, a local connect or relay error).
     pub local_errors: AtomicU64,
+    /// accept-proxy: clients reset for want of a valid PROXY header, by why.
+    pub proxy_refused: crate::proxy::Refusals,
 }
 
 /// A frontend's state that outlives snapshots: kept across reloads while a

@@ -68,6 +68,8 @@ pub enum End {
     FrontendRemoved,
     /// A local failure (out of fds, of memory); `Conn::local` says which.
     LocalError,
+    /// accept-proxy: no valid PROXY header from a trusted peer in time.
+    ProxyHeader,
 }
 
 /// What failed locally, for the worker's rate-limited log line.
@@ -120,6 +122,7 @@ impl End {
             End::BackendClosed => "backend closed by the operator",
             End::FrontendRemoved => "frontend removed, drain timeout passed",
             End::LocalError => "local error",
+            End::ProxyHeader => "refused: no valid PROXY header",
         }
     }
 }
@@ -630,7 +633,8 @@ impl Conn {
             | End::FrontendRemoved
             | End::LocalError
             | End::Stopped
-            | End::NoBackend => {
+            | End::NoBackend
+            | End::ProxyHeader => {
                 self.reset_both();
             }
             // A peer that stopped reading leaves bytes on their way to it:

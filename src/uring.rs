@@ -36,10 +36,15 @@ pub enum Op {
     Cancel,
     /// A worker-level request whose completion needs no handling.
     Ignore,
+    /// A receive of a client's PROXY header (accept-proxy).
+    Header,
+    /// A send of what goes to a backend before the relay (a PROXY header,
+    /// the client's bytes read with its own header).
+    Preamble,
 }
 
 impl Op {
-    const ALL: [Op; 17] = [
+    const ALL: [Op; 19] = [
         Op::Accept,
         Op::AcceptPause,
         Op::AcceptPoll,
@@ -57,6 +62,8 @@ impl Op {
         Op::PollOut1,
         Op::Cancel,
         Op::Ignore,
+        Op::Header,
+        Op::Preamble,
     ];
 
     pub fn recv(dir: usize) -> Op {
@@ -228,11 +235,14 @@ impl Io {
     pub fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
         loop {
             // SAFETY: every buffer, address and timespec an entry points to
-            // is owned by the worker (the buffer ring) or by the session's
-            // view of its snapshot (connect timeout, backend addresses), and
-            // outlives the operation: none is freed while the operation is in
-            // flight, which the connection's in-flight count guarantees, and
-            // Io's Drop cancels whatever is left before freeing the buffers.
+            // is owned by the worker (the buffer ring), by the session's
+            // view of its snapshot (connect timeout, backend addresses), or
+            // boxed in the session's stage (a PROXY header read or sent: a
+            // heap allocation the slab does not move when it moves the
+            // session), and outlives the operation: none is freed while the
+            // operation is in flight, which the connection's in-flight count
+            // guarantees (a session leaves the slab only at zero), and Io's
+            // Drop cancels whatever is left before the worker's sessions go.
             if unsafe { self.ring.submission().push(entry) }.is_ok() {
                 return Ok(());
             }

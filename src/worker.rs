@@ -10,6 +10,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use crate::model::{
     BackendShared, ConnectFailure, FrontendShared, FrontendSnapshot, Global, Snapshot, Tried,
     Waiting,
 };
+use crate::proxy::{self, Parsed, Refusal, Version};
 use crate::relay::{Conn, DOWNSTREAM, End, Event, LocalFailure, Phase, UPSTREAM};
 use crate::uring::{self, Io, Op, PipePool, token, untoken};
 
@@ -136,6 +138,11 @@ struct View {
     bytes: RefCell<Vec<[u64; 2]>>,
     /// Already in the tick's list of views to flush.
     dirty: Cell<bool>,
+    /// The PROXY header each backend gets, if any.
+    send_proxy: Vec<Option<Version>>,
+    /// Sessions need the client's address and their own (a PROXY header
+    /// is read or sent).
+    wants_addrs: bool,
 }
 
 impl View {
@@ -149,6 +156,11 @@ impl View {
                 .collect(),
             bytes: RefCell::new(vec![[0; 2]; snap.backends.len()]),
             dirty: Cell::new(false),
+            send_proxy: (0..snap.backends.len())
+                .map(|i| snap.config.send_proxy(i))
+                .collect(),
+            wants_addrs: snap.config.proxy.accept.is_some()
+                || (0..snap.backends.len()).any(|i| snap.config.send_proxy(i).is_some()),
             snap: Arc::clone(snap),
         }
     }
@@ -201,13 +213,35 @@ struct Connecting {
     /// Backends of the session's snapshot already tried, so a retry never
     /// repeats one.
     tried: Tried,
+    /// The client's first bytes, read with its PROXY header: they go to
+    /// the backend before anything else the client sends.
+    early: Vec<u8>,
+}
+
+/// accept-proxy: the PROXY header being read. Boxed: a receive writes
+/// into it while the slab may move the session.
+struct HeaderRead {
+    buf: Box<[u8]>,
+    filled: usize,
+    deadline: Instant,
+}
+
+/// Bytes the backend gets before the relay starts (a PROXY header, then
+/// the client's early bytes), boxed for the send that reads them.
+struct Preamble {
+    buf: Box<[u8]>,
+    sent: usize,
 }
 
 /// Where a session is, for what is not the relay's business. Later stages
-/// before connect (a PROXY header, a TLS ClientHello) slot in here.
+/// before connect (a TLS ClientHello) slot in here.
 enum Stage {
+    /// Reading a PROXY header from a trusted upstream.
+    Header(HeaderRead),
     Connect(Connecting),
-    /// The backend accepted: its active count drops when this ends.
+    /// The backend accepted; the preamble is on its way to it. From here
+    /// on the backend's active count drops when the session ends.
+    Preamble(Preamble),
     Relay,
 }
 
@@ -222,11 +256,14 @@ struct Session {
     connected_after: Option<Duration>,
     stage: Stage,
     conn: Conn,
+    /// The address the client connected to, when a PROXY header needs it
+    /// (or the one a received header carried).
+    dest: Option<SocketAddr>,
 }
 
 impl Session {
     fn connected(&self) -> bool {
-        matches!(self.stage, Stage::Relay)
+        matches!(self.stage, Stage::Relay | Stage::Preamble(_))
     }
 
     /// The backend it relays to, if it got that far.
@@ -249,12 +286,15 @@ enum Sweep {
     RetryPipe,
     /// A connection waiting for an fd for its backend socket tries again.
     Connect,
+    /// No valid PROXY header in time.
+    Refuse(Refusal),
 }
 
 /// One rate limit per kind of warning the data path can repeat.
 struct Warnings {
     local: [RateLimit; LocalFailure::ALL.len()],
     pipe: RateLimit,
+    proxy: RateLimit,
 }
 
 impl Warnings {
@@ -262,6 +302,7 @@ impl Warnings {
         Warnings {
             local: std::array::from_fn(|_| RateLimit::new(WARN_PERIOD)),
             pipe: RateLimit::new(WARN_PERIOD),
+            proxy: RateLimit::new(WARN_PERIOD),
         }
     }
 }
@@ -441,6 +482,8 @@ impl Worker {
         let io = &mut self.io;
         let event = match op {
             Op::Connect => return self.on_connect(key, res),
+            Op::Header => return self.on_header(key, res),
+            Op::Preamble => return self.on_preamble(key, res),
             Op::ConnectTimeout | Op::Cancel => {
                 conn.inflight -= 1;
                 Event::None
@@ -917,18 +960,186 @@ impl Worker {
         view.snap.shared.stats.accepted.fetch_add(1, Relaxed);
         let mut conn = Conn::new(fd, self.now);
         // Read now: at the end the client may be gone. A frontend without
-        // an access log pays no syscall for it.
-        if view.snap.config.access_log != AccessLog::Off || log::log_enabled!(log::Level::Debug) {
+        // an access log or PROXY headers pays no syscall for it.
+        if view.snap.config.access_log != AccessLog::Off
+            || view.wants_addrs
+            || log::log_enabled!(log::Level::Debug)
+        {
             conn.client_addr = peer_addr(fd);
         }
+        let dest = if view.wants_addrs {
+            local_addr(fd)
+        } else {
+            None
+        };
+        let stage = match &view.snap.config.proxy.accept {
+            None => Stage::Connect(Connecting::default()),
+            Some(accept) => {
+                if !conn.client_addr.is_some_and(|a| accept.trusts(a.ip())) {
+                    self.refuse_untrusted(view, fd, conn.client_addr);
+                    return Ok(());
+                }
+                Stage::Header(HeaderRead {
+                    buf: vec![0; proxy::MAX_HEADER].into_boxed_slice(),
+                    filled: 0,
+                    deadline: self.now + accept.timeout,
+                })
+            }
+        };
+        let reading = matches!(stage, Stage::Header(_));
         let key = self.sessions.insert(Session {
             view: Rc::clone(view),
             backend: None,
             connected_after: None,
-            stage: Stage::Connect(Connecting::default()),
+            stage,
             conn,
+            dest,
         });
+        if reading {
+            return self.read_header(key);
+        }
         self.connect_next(key)
+    }
+
+    /// accept-proxy: a peer not in accept-proxy-from could claim to be any
+    /// client. Reset before anything is read or allocated for it.
+    fn refuse_untrusted(&mut self, view: &View, fd: RawFd, peer: Option<SocketAddr>) {
+        view.snap
+            .shared
+            .stats
+            .proxy_refused
+            .count(Refusal::Untrusted);
+        let peer = peer.map_or_else(|| "?".into(), |p| p.ip().to_string());
+        self.warn_proxy(view.name(), &peer, Refusal::Untrusted);
+        uring::set_linger_zero(fd);
+        uring::close(fd);
+        self.release(&view.snap.shared);
+    }
+
+    /// One line per period for every reason a header was refused: a
+    /// misconfigured upstream refuses every connection the same way.
+    fn warn_proxy(&mut self, frontend: &str, peer: &str, why: Refusal) {
+        let what = match why {
+            Refusal::Untrusted => "it is not in accept-proxy-from",
+            Refusal::Timeout => "no whole PROXY header within timeout-proxy-header",
+            Refusal::Truncated => "it closed before its PROXY header was complete",
+            Refusal::Malformed => "its PROXY header is malformed (or missing)",
+            Refusal::Oversized => "its PROXY header is too long",
+            Refusal::Version => "its PROXY header has an unknown version",
+        };
+        match self.warnings.proxy.allow(self.now) {
+            Some(held_back) => log::warn!(
+                "worker {}: frontend {frontend}: reset a connection from {peer}: {what}{}",
+                self.id,
+                self.warnings.proxy.suffix(held_back)
+            ),
+            None => log::debug!(
+                "worker {}: frontend {frontend}: reset a connection from {peer}: {what}",
+                self.id
+            ),
+        }
+    }
+
+    /// Reads more of a PROXY header into the rest of its buffer.
+    fn read_header(&mut self, key: usize) -> std::io::Result<()> {
+        let session = &mut self.sessions[key];
+        let Stage::Header(read) = &mut session.stage else {
+            return Ok(());
+        };
+        let rest = &mut read.buf[read.filled..];
+        let entry = opcode::Recv::new(
+            types::Fd(session.conn.client),
+            rest.as_mut_ptr(),
+            rest.len() as u32,
+        )
+        .build()
+        .user_data(token(Op::Header, key));
+        self.io.push(&entry)?;
+        session.conn.inflight += 1;
+        Ok(())
+    }
+
+    fn on_header(&mut self, key: usize, res: i32) -> std::io::Result<()> {
+        let session = &mut self.sessions[key];
+        let conn = &mut session.conn;
+        conn.inflight -= 1;
+        let Stage::Header(read) = &mut session.stage else {
+            return Ok(());
+        };
+        if conn.phase == Phase::Closing {
+            self.free_if_finished(key);
+            return Ok(());
+        }
+        conn.last_active = self.now;
+        let parsed = match res {
+            n if n > 0 => {
+                read.filled += n as usize;
+                proxy::parse(&read.buf[..read.filled])
+            }
+            0 => Parsed::Invalid(Refusal::Truncated),
+            n if matches!(
+                -n,
+                libc::ECONNRESET | libc::EPIPE | libc::ENOTCONN | libc::ETIMEDOUT
+            ) =>
+            {
+                Parsed::Invalid(Refusal::Truncated)
+            }
+            n => {
+                conn.fail(key, LocalFailure::Relay, -n, &mut self.io)?;
+                self.free_if_finished(key);
+                return Ok(());
+            }
+        };
+        match parsed {
+            Parsed::Partial if read.filled < read.buf.len() => self.read_header(key),
+            // The parser decides within MAX_HEADER bytes; never spin on a
+            // full buffer should that ever change.
+            Parsed::Partial => self.refuse(key, Refusal::Oversized),
+            Parsed::Invalid(why) => self.refuse(key, why),
+            Parsed::Done { len, addrs } => self.header_read(key, len, addrs),
+        }
+    }
+
+    /// A valid header: the address it carries is the client's from here
+    /// on (logs, metrics, a header sent on); the bytes after it are the
+    /// client's first bytes.
+    fn header_read(
+        &mut self,
+        key: usize,
+        len: usize,
+        addrs: Option<(SocketAddr, SocketAddr)>,
+    ) -> std::io::Result<()> {
+        let session = &mut self.sessions[key];
+        let connecting = Stage::Connect(Connecting::default());
+        let Stage::Header(read) = std::mem::replace(&mut session.stage, connecting) else {
+            return Ok(());
+        };
+        if let Some((client, dest)) = addrs {
+            session.conn.client_addr = Some(client);
+            session.dest = Some(dest);
+        }
+        let early = read.buf[len..read.filled].to_vec();
+        session.conn.dirs[UPSTREAM].bytes += early.len() as u64;
+        if let Stage::Connect(connecting) = &mut session.stage {
+            connecting.early = early;
+        }
+        // edge: admission with the carried address (the acl helper's
+        // source ACLs and per-source limits check session.conn.client_addr
+        // here, not the upstream balancer's address seen at accept).
+        self.connect_next(key)
+    }
+
+    /// Resets a client whose PROXY header is missing, invalid or late.
+    fn refuse(&mut self, key: usize, why: Refusal) -> std::io::Result<()> {
+        let session = &mut self.sessions[key];
+        let view = Rc::clone(&session.view);
+        view.snap.shared.stats.proxy_refused.count(why);
+        let peer =
+            peer_addr(session.conn.client).map_or_else(|| "?".into(), |p| p.ip().to_string());
+        session.conn.close(key, End::ProxyHeader, &mut self.io)?;
+        self.warn_proxy(view.name(), &peer, why);
+        self.free_if_finished(key);
+        Ok(())
     }
 
     /// Connects to the next backend this connection has not tried, with the
@@ -1000,8 +1211,7 @@ impl Worker {
             backend.stats.connections.fetch_add(1, Relaxed);
             backend.stats.active.fetch_add(1, Relaxed);
             session.connected_after = Some(self.now.saturating_duration_since(conn.started));
-            session.stage = Stage::Relay;
-            return conn.start_relay(key, &mut self.io);
+            return self.start_preamble(key, index);
         }
         let failure = ConnectFailure::from_errno(-res);
         if failure == ConnectFailure::Local {
@@ -1022,6 +1232,85 @@ impl Worker {
         uring::close(conn.backend);
         conn.backend = -1;
         self.connect_next(key)
+    }
+
+    /// The backend accepted: send what goes before the client's stream (a
+    /// PROXY header, the client's early bytes), or start relaying at once.
+    fn start_preamble(&mut self, key: usize, index: usize) -> std::io::Result<()> {
+        let session = &mut self.sessions[key];
+        let early = match std::mem::replace(&mut session.stage, Stage::Relay) {
+            Stage::Connect(connecting) => connecting.early,
+            _ => Vec::new(),
+        };
+        let mut bytes = match session.view.send_proxy[index] {
+            Some(version) => match (session.conn.client_addr, session.dest) {
+                (Some(client), Some(dest)) => proxy::header(version, client, dest),
+                // The client left before its address could be read: a
+                // header that says so rather than a made-up address.
+                _ => proxy::check_header(version),
+            },
+            None => Vec::new(),
+        };
+        if bytes.is_empty() && early.is_empty() {
+            return session.conn.start_relay(key, &mut self.io);
+        }
+        bytes.extend_from_slice(&early);
+        session.stage = Stage::Preamble(Preamble {
+            buf: bytes.into_boxed_slice(),
+            sent: 0,
+        });
+        self.send_preamble(key)
+    }
+
+    fn send_preamble(&mut self, key: usize) -> std::io::Result<()> {
+        let session = &mut self.sessions[key];
+        let Stage::Preamble(preamble) = &session.stage else {
+            return Ok(());
+        };
+        let rest = &preamble.buf[preamble.sent..];
+        let entry = opcode::Send::new(
+            types::Fd(session.conn.backend),
+            rest.as_ptr(),
+            rest.len() as u32,
+        )
+        .flags(libc::MSG_NOSIGNAL)
+        .build()
+        .user_data(token(Op::Preamble, key));
+        self.io.push(&entry)?;
+        session.conn.inflight += 1;
+        Ok(())
+    }
+
+    fn on_preamble(&mut self, key: usize, res: i32) -> std::io::Result<()> {
+        let session = &mut self.sessions[key];
+        let conn = &mut session.conn;
+        conn.inflight -= 1;
+        let Stage::Preamble(preamble) = &mut session.stage else {
+            return Ok(());
+        };
+        if conn.phase == Phase::Closing {
+            self.free_if_finished(key);
+            return Ok(());
+        }
+        if res <= 0 {
+            let errno = -res;
+            if matches!(errno, libc::ECONNRESET | libc::EPIPE | libc::ENOTCONN) {
+                conn.close(key, End::BackendReset, &mut self.io)?;
+            } else {
+                // A send of nothing would repeat forever: a local failure too.
+                conn.fail(key, LocalFailure::Relay, errno, &mut self.io)?;
+            }
+            self.free_if_finished(key);
+            return Ok(());
+        }
+        conn.last_active = self.now;
+        preamble.sent += res as usize;
+        if preamble.sent < preamble.buf.len() {
+            return self.send_preamble(key);
+        }
+        // Its send completed: the buffer may go.
+        session.stage = Stage::Relay;
+        session.conn.start_relay(key, &mut self.io)
     }
 
     fn free_if_finished(&mut self, key: usize) {
@@ -1297,6 +1586,10 @@ impl Worker {
         }
         self.dirty = dirty;
         for (key, action) in sweep.drain(..) {
+            if let Sweep::Refuse(why) = action {
+                self.refuse(key, why)?;
+                continue;
+            }
             let (conn, io) = (&mut self.sessions[key].conn, &mut self.io);
             match action {
                 Sweep::Free => {}
@@ -1304,6 +1597,7 @@ impl Worker {
                 Sweep::Fail(what) => conn.fail(key, what, 0, io)?,
                 Sweep::RetryPipe => conn.retry_pipe(key, io)?,
                 Sweep::Connect => self.connect_next(key)?,
+                Sweep::Refuse(_) => {}
             }
             self.free_if_finished(key);
         }
@@ -1346,6 +1640,10 @@ fn sweep_action(
             .any(|(r, deadline)| Arc::ptr_eq(r, shared) && now >= *deadline)
     {
         return Some(Sweep::Close(End::FrontendRemoved));
+    }
+    if let Stage::Header(read) = &session.stage {
+        let late = conn.phase != Phase::Closing && now >= read.deadline;
+        return late.then_some(Sweep::Refuse(Refusal::Timeout));
     }
     let idle = now.saturating_duration_since(conn.last_active);
     let config = &session.view.snap.config;
@@ -1432,6 +1730,15 @@ fn access_entry(session: &Session, now: Instant) -> access::Entry<'_> {
         bytes_down: conn.dirs[DOWNSTREAM].bytes,
         end: access::end_code(conn.end),
     }
+}
+
+/// The address a client connected to (ours): the destination of a PROXY
+/// header.
+fn local_addr(fd: RawFd) -> Option<SocketAddr> {
+    // SAFETY: the fd is the connection's open client socket, borrowed for
+    // this call only.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    socket2::SockRef::from(&fd).local_addr().ok()?.as_socket()
 }
 
 fn peer_addr(fd: RawFd) -> Option<std::net::SocketAddr> {
