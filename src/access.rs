@@ -105,6 +105,7 @@ pub fn end_code(end: Option<End>) -> &'static str {
         Some(End::FrontendRemoved) => "frontend-removed",
         Some(End::LocalError) => "local-error",
         Some(End::ProxyHeader) => "proxy-header",
+        Some(End::Refused) => "refused",
         None => "unknown",
     }
 }

@@ -6,6 +6,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use std::sync::Arc;
+
+use crate::acl::{Acl, Cidr, PrefixSet};
+use crate::edge::EdgeConfig;
 
 use crate::config::{
     self, BackendConfig, CheckConfig, Config, ConfigError, ConfigSource, FrontendConfig, Mode,
@@ -120,7 +124,7 @@ pub struct Cli {
     accept_proxy: bool,
 
     /// A peer (address or CIDR prefix) allowed to send PROXY headers; repeat for each; others are reset
-    #[arg(long, value_name = "CIDR", value_parser = proxy::Cidr::parse, conflicts_with = "config")]
+    #[arg(long, value_name = "CIDR", value_parser = crate::acl::Cidr::parse, conflicts_with = "config")]
     accept_proxy_from: Vec<proxy::Cidr>,
 
     /// Time a client gets to send its whole PROXY header [default: 3s]
@@ -130,6 +134,30 @@ pub struct Cli {
     /// Most client connections at once; more wait in the accept queue [default: no limit]
     #[arg(long, value_name = "N", conflicts_with = "config")]
     maxconn: Option<u32>,
+
+    /// Accept only clients in this CIDR (or address); repeat for each. Anything else is reset
+    #[arg(long = "allow", value_name = "CIDR", value_parser = Cidr::parse, conflicts_with = "config")]
+    allow: Vec<Cidr>,
+
+    /// Reset clients in this CIDR (or address); repeat for each. Deny wins over allow
+    #[arg(long = "deny", value_name = "CIDR", value_parser = Cidr::parse, conflicts_with = "config")]
+    deny: Vec<Cidr>,
+
+    /// Most connections open at once from one client address (an IPv6 /64); more are reset [default: no limit]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "config")]
+    max_conn_per_source: Option<u32>,
+
+    /// Most new connections per second from one client address (an IPv6 /64); more are reset [default: no limit]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "config")]
+    max_rate_per_source: Option<u32>,
+
+    /// Close a connection the backend has ended (half-closed) once it idles this long [default: the idle timeout]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration, conflicts_with = "config")]
+    timeout_client_fin: Option<Duration>,
+
+    /// Close a connection the client has ended (half-closed) once it idles this long [default: the idle timeout]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration, conflicts_with = "config")]
+    timeout_server_fin: Option<Duration>,
 
     /// On SIGTERM, time open connections get to finish before they are closed [default: 30s]
     #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
@@ -253,6 +281,17 @@ fn parse_bytes(text: &str) -> Result<Bytes, String> {
     config::parse_escapes(text).map(Bytes)
 }
 
+/// `--allow` and `--deny` as a frontend's ACL; `None` without either.
+fn acl_of(allow: &[Cidr], deny: &[Cidr]) -> Option<Arc<Acl>> {
+    if allow.is_empty() && deny.is_empty() {
+        return None;
+    }
+    Some(Arc::new(Acl {
+        allow: (!allow.is_empty()).then(|| PrefixSet::new(allow)),
+        deny: PrefixSet::new(deny),
+    }))
+}
+
 fn parse_backend(text: &str) -> Result<BackendConfig, String> {
     config::check_name(text)?;
     let backend =
@@ -342,6 +381,13 @@ impl Cli {
             maxconn: self.maxconn,
             access_log: crate::config::AccessLog::Off,
             proxy,
+            edge: EdgeConfig {
+                acl: acl_of(&self.allow, &self.deny),
+                max_conn_per_source: self.max_conn_per_source,
+                max_rate_per_source: self.max_rate_per_source,
+                client_fin_timeout: self.timeout_client_fin,
+                server_fin_timeout: self.timeout_server_fin,
+            },
         };
         let config = Config {
             workers: self.workers.unwrap_or_else(config::default_workers),

@@ -13,8 +13,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use std::sync::Arc;
 use toml::Spanned;
 
+use crate::acl::{self, Acl, Cidr, PrefixSet};
+pub use crate::edge::EdgeConfig;
 use crate::proxy::{self, ProxyConfig, Version};
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -177,6 +180,8 @@ pub struct FrontendConfig {
     pub access_log: AccessLog,
     /// `send-proxy`, `accept-proxy` and their settings.
     pub proxy: ProxyConfig,
+    /// Source ACL, per-source limits, half-closed timeouts.
+    pub edge: EdgeConfig,
 }
 
 impl FrontendConfig {
@@ -405,6 +410,14 @@ struct RawFrontend {
     accept_proxy: Option<Spanned<bool>>,
     accept_proxy_from: Option<Spanned<Vec<String>>>,
     timeout_proxy_header: Option<Spanned<String>>,
+    allow: Option<Spanned<Vec<Spanned<String>>>>,
+    deny: Option<Spanned<Vec<Spanned<String>>>>,
+    allow_file: Option<Spanned<String>>,
+    deny_file: Option<Spanned<String>>,
+    max_conn_per_source: Option<Spanned<u32>>,
+    max_rate_per_source: Option<Spanned<u32>>,
+    timeout_client_fin: Option<Spanned<String>>,
+    timeout_server_fin: Option<Spanned<String>>,
 }
 
 /// A backend as written: `"10.0.0.11:8080"` or a table with settings.
@@ -538,6 +551,40 @@ impl Source<'_> {
             .transpose()
     }
 
+    /// A CIDR list from `key = [...]` and `key-file = "PATH"` (relative to
+    /// the config file's directory); `None` when neither is given.
+    fn cidrs(
+        &self,
+        inline: &Option<Spanned<Vec<Spanned<String>>>>,
+        file: &Option<Spanned<String>>,
+        key: &str,
+    ) -> Result<Option<Vec<Cidr>>, ConfigError> {
+        if inline.is_none() && file.is_none() {
+            return Ok(None);
+        }
+        let mut cidrs = Vec::new();
+        if let Some(list) = inline {
+            if list.get_ref().is_empty() {
+                let message = format!(
+                    "{key}: an empty list would refuse every client; remove the key, or list                      the clients"
+                );
+                return Err(self.invalid(list, message));
+            }
+            for entry in list.get_ref() {
+                let cidr = Cidr::parse(entry.get_ref())
+                    .map_err(|e| self.invalid(entry, format!("{key}: {e}")))?;
+                cidrs.push(cidr);
+            }
+        }
+        if let Some(path) = file {
+            let base = Path::new(self.origin).parent().unwrap_or(Path::new(""));
+            let listed = acl::read_list(&base.join(path.get_ref()))
+                .map_err(|e| self.invalid(path, format!("{key}-file: {e}")))?;
+            cidrs.extend(listed);
+        }
+        Ok(Some(cidrs))
+    }
+
     fn bytes(
         &self,
         value: &Option<Spanned<String>>,
@@ -598,7 +645,37 @@ impl RawFrontend {
             maxconn: self.maxconn,
             access_log: self.access_log(src)?,
             proxy,
+            edge: self.edge(src)?,
         })
+    }
+
+    fn edge(&self, src: &Source<'_>) -> Result<EdgeConfig, ConfigError> {
+        let positive = |value: &Option<Spanned<u32>>, key: &str| match value {
+            Some(v) if *v.get_ref() == 0 => {
+                Err(src.invalid(v, format!("{key} must be at least 1")))
+            }
+            v => Ok(v.as_ref().map(|v| *v.get_ref())),
+        };
+        Ok(EdgeConfig {
+            acl: self.acl(src)?.map(Arc::new),
+            max_conn_per_source: positive(&self.max_conn_per_source, "max-conn-per-source")?,
+            max_rate_per_source: positive(&self.max_rate_per_source, "max-rate-per-source")?,
+            client_fin_timeout: src.duration(&self.timeout_client_fin, "timeout-client-fin")?,
+            server_fin_timeout: src.duration(&self.timeout_server_fin, "timeout-server-fin")?,
+        })
+    }
+
+    /// The inline lists and the list files together; `None` without any.
+    fn acl(&self, src: &Source<'_>) -> Result<Option<Acl>, ConfigError> {
+        let allow = src.cidrs(&self.allow, &self.allow_file, "allow")?;
+        let deny = src.cidrs(&self.deny, &self.deny_file, "deny")?;
+        if allow.is_none() && deny.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Acl {
+            allow: allow.map(|a| PrefixSet::new(&a)),
+            deny: PrefixSet::new(&deny.unwrap_or_default()),
+        }))
     }
 
     /// The PROXY protocol keys, each fault at its own line.
@@ -1484,6 +1561,7 @@ backends = [
             maxconn: None,
             access_log: AccessLog::Off,
             proxy: ProxyConfig::default(),
+            edge: EdgeConfig::default(),
         }
     }
 

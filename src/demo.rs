@@ -114,6 +114,7 @@ fn frontend(name: &str, mode: Mode, backends: &[&DemoBackend]) -> FrontendConfig
         maxconn: None,
         access_log: crate::config::AccessLog::Off,
         proxy: Default::default(),
+        edge: Default::default(),
     }
 }
 

@@ -40,16 +40,20 @@
 //! - [`generate`]: the man page and shell completions, from [`cli`].
 //! - [`control`] and [`ctl`]: the admin Unix socket and `ringlb ctl`.
 //! - [`access`]: the access log line.
+//! - [`acl`] and [`edge`]: source ACLs (a prefix table) and per-source
+//!   limits: the admission decision at accept.
 //! - [`view`]: what `ringlb ctl show`, `/stats` and the status page show.
 //! - [`demo`]: `ringlb demo`, a guided tour on loopback.
 
 pub mod access;
+pub mod acl;
 pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod demo;
+pub mod edge;
 pub mod generate;
 pub mod health;
 pub mod logging;

@@ -63,6 +63,25 @@ pub fn render(
             out.sample(name, &labels, get(&f.shared.stats).load(Relaxed));
         }
     }
+    out.family("ringlb_frontend_refused_total", "counter");
+    for f in frontends {
+        for refusal in crate::edge::Refusal::ALL {
+            let labels = [
+                ("frontend", f.config.name.as_str()),
+                ("reason", refusal.reason()),
+            ];
+            let value = f.shared.sources.refused(refusal);
+            out.sample("ringlb_frontend_refused_total", &labels, value);
+        }
+        // accept-proxy's refusals in one series here, by why in the next
+        // family.
+        let labels = [
+            ("frontend", f.config.name.as_str()),
+            ("reason", "proxy-header"),
+        ];
+        let value = f.shared.stats.proxy_refused.total();
+        out.sample("ringlb_frontend_refused_total", &labels, value);
+    }
     let refused = "ringlb_frontend_proxy_refused_total";
     out.family(refused, "counter");
     // Only where headers are read: elsewhere the series could only be 0.

@@ -341,6 +341,9 @@ pub struct FrontendShared {
     pub stats: FrontendStats,
     /// Workers that stopped accepting on this frontend at its maxconn.
     pub waiting: Waiting,
+    /// The per-source table and the refusal counters, kept across reloads
+    /// (connections in flight hold their place in it).
+    pub sources: Arc<crate::edge::Sources>,
     /// Active-passive without fail-back: the id of the backend that was
     /// promoted and keeps the traffic after the active one returns (0:
     /// none). An id, not an index, so a reload that reorders backends keeps
@@ -354,6 +357,7 @@ impl FrontendShared {
             name: name.to_string(),
             stats: FrontendStats::default(),
             waiting: Waiting::default(),
+            sources: Arc::default(),
             promoted: AtomicU64::new(0),
         }
     }

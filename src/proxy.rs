@@ -8,7 +8,8 @@
 //! trusted, and no allocation on the data path; the formats are small and
 //! fixed, and the parser is fuzzed (fuzz/fuzz_targets/proxy_header.rs).
 //!
-//! A leaf module: the config, the model and the worker use it.
+//! The config, the model and the worker use it; it uses only [`crate::acl`]
+//! (its prefixes, for the trusted upstreams).
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -16,6 +17,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+pub use crate::acl::Cidr;
+use crate::acl::PrefixSet;
 
 /// Version 1's longest header, CRLF included (the spec's bound).
 pub const V1_MAX: usize = 107;
@@ -49,109 +53,8 @@ impl fmt::Display for Version {
     }
 }
 
-/// An address prefix of `accept-proxy-from`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl Cidr {
-    /// `10.0.0.0/8`, `2001:db8::/32`, or a bare address (one host). Host
-    /// bits set under the mask are refused: `10.0.0.1/8` is more likely a
-    /// typo than a wish to trust 16 million addresses.
-    pub fn parse(text: &str) -> Result<Cidr, String> {
-        let text = text.trim();
-        let (addr, prefix) = match text.split_once('/') {
-            Some((addr, prefix)) => (addr, Some(prefix)),
-            None => (text, None),
-        };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("'{text}' is not an address or CIDR prefix"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            // Digits only: u8's parser would also take `+8`.
-            Some(p) => Some(p)
-                .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|p| p.parse::<u8>().ok())
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("'{text}': the prefix length must be 0 to {max}"))?,
-        };
-        let cidr = Cidr { addr, prefix };
-        if cidr.network() != bits(addr) {
-            return Err(format!(
-                "'{text}' has bits set beyond its /{prefix} prefix (did you mean {}?)",
-                cidr.masked()
-            ));
-        }
-        Ok(cidr)
-    }
-
-    /// Whether `ip` is inside; an IPv4-mapped IPv6 address is its IPv4
-    /// address (a dual-stack listener sees IPv4 peers that way).
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = unmap(ip);
-        if ip.is_ipv4() != self.addr.is_ipv4() {
-            return false;
-        }
-        bits(ip) & self.mask() == self.network()
-    }
-
-    fn width(&self) -> u32 {
-        if self.addr.is_ipv4() { 32 } else { 128 }
-    }
-
-    fn mask(&self) -> u128 {
-        let width = self.width();
-        let all = if width == 32 {
-            u128::from(u32::MAX)
-        } else {
-            u128::MAX
-        };
-        match u32::from(self.prefix) {
-            0 => 0,
-            p => all & !((1u128 << (width - p)).wrapping_sub(1)),
-        }
-    }
-
-    fn network(&self) -> u128 {
-        bits(self.addr) & self.mask()
-    }
-
-    fn masked(&self) -> String {
-        let addr = match self.addr {
-            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(self.network() as u32)),
-            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(self.network())),
-        };
-        format!("{addr}/{}", self.prefix)
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-fn bits(ip: IpAddr) -> u128 {
-    match ip {
-        IpAddr::V4(v4) => u128::from(u32::from(v4)),
-        IpAddr::V6(v6) => u128::from(v6),
-    }
-}
-
-/// An IPv4-mapped IPv6 address as the IPv4 address it is.
-pub fn unmap(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    }
-}
-
 fn unmap_addr(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(unmap(addr.ip()), addr.port())
+    SocketAddr::new(crate::acl::canonical(addr.ip()), addr.port())
 }
 
 /// A frontend's PROXY protocol settings.
@@ -168,14 +71,14 @@ pub struct ProxyConfig {
 pub struct Accept {
     /// `accept-proxy-from`: only these peers may send a header; any other
     /// peer is reset at accept. Never empty (the config refuses that).
-    pub from: Vec<Cidr>,
+    pub from: PrefixSet,
     /// `timeout-proxy-header`: from accept to the header's last byte.
     pub timeout: Duration,
 }
 
 impl Accept {
     pub fn trusts(&self, ip: IpAddr) -> bool {
-        self.from.iter().any(|c| c.contains(ip))
+        self.from.contains(ip)
     }
 }
 
@@ -214,7 +117,7 @@ pub fn accept(
                 .into(),
         ),
         (true, Some(from)) => Ok(Some(Accept {
-            from,
+            from: PrefixSet::new(&from),
             timeout: timeout.unwrap_or(DEFAULT_TIMEOUT),
         })),
     }
@@ -271,6 +174,10 @@ impl Refusals {
 
     pub fn get(&self, why: Refusal) -> u64 {
         self.0[why as usize].load(Relaxed)
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.iter().map(|n| n.load(Relaxed)).sum()
     }
 }
 
@@ -671,37 +578,6 @@ mod tests {
     }
 
     #[test]
-    fn cidrs_match_their_family_and_mapped_addresses() {
-        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
-        let net = Cidr::parse("10.1.0.0/16").expect("cidr");
-        assert!(net.contains(ip("10.1.200.3")));
-        assert!(net.contains(ip("::ffff:10.1.0.1")));
-        assert!(!net.contains(ip("10.2.0.1")));
-        assert!(!net.contains(ip("::1")));
-        let all = Cidr::parse("0.0.0.0/0").expect("cidr");
-        assert!(all.contains(ip("255.1.2.3")) && !all.contains(ip("2001:db8::1")));
-        let host = Cidr::parse("::1").expect("cidr");
-        assert!(host.contains(ip("::1")) && !host.contains(ip("::2")));
-        let v6 = Cidr::parse("2001:db8::/32").expect("cidr");
-        assert!(v6.contains(ip("2001:db8:ffff::1")) && !v6.contains(ip("2001:db9::")));
-        for bad in [
-            "10.0.0.1/8",
-            "10.0.0.0/33",
-            "10.0.0.0/",
-            "x",
-            "10.0.0.0/+8",
-            "::/129",
-        ] {
-            assert!(Cidr::parse(bad).is_err(), "{bad}");
-        }
-        assert!(
-            Cidr::parse("10.0.0.1/8")
-                .unwrap_err()
-                .contains("did you mean 10.0.0.0/8?")
-        );
-    }
-
-    #[test]
     fn accept_proxy_needs_its_trusted_peers() {
         let from = Some(vec![Cidr::parse("127.0.0.1").expect("cidr")]);
         assert!(accept(true, None, None).is_err());
@@ -711,5 +587,8 @@ mod tests {
         assert_eq!(accept(false, None, None), Ok(None));
         let on = accept(true, from, None).expect("valid").expect("on");
         assert_eq!(on.timeout, DEFAULT_TIMEOUT);
+        assert!(on.trusts("127.0.0.1".parse().expect("ip")));
+        assert!(on.trusts("::ffff:127.0.0.1".parse().expect("ip")));
+        assert!(!on.trusts("127.0.0.2".parse().expect("ip")));
     }
 }

@@ -70,6 +70,9 @@ pub enum End {
     LocalError,
     /// accept-proxy: no valid PROXY header from a trusted peer in time.
     ProxyHeader,
+    /// The client a PROXY header named is refused by the source ACL or a
+    /// per-source limit.
+    Refused,
 }
 
 /// What failed locally, for the worker's rate-limited log line.
@@ -123,6 +126,7 @@ impl End {
             End::FrontendRemoved => "frontend removed, drain timeout passed",
             End::LocalError => "local error",
             End::ProxyHeader => "refused: no valid PROXY header",
+            End::Refused => "refused by the source ACL or a per-source limit",
         }
     }
 }
@@ -634,7 +638,8 @@ impl Conn {
             | End::LocalError
             | End::Stopped
             | End::NoBackend
-            | End::ProxyHeader => {
+            | End::ProxyHeader
+            | End::Refused => {
                 self.reset_both();
             }
             // A peer that stopped reading leaves bytes on their way to it:

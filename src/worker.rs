@@ -24,12 +24,13 @@ use socket2::{SockAddr, Socket};
 
 use crate::access;
 use crate::config::{AccessLog, OnDown};
+use crate::edge::{self, Refusal, SourceGuard};
 use crate::logging::RateLimit;
 use crate::model::{
     BackendShared, ConnectFailure, FrontendShared, FrontendSnapshot, Global, Snapshot, Tried,
     Waiting,
 };
-use crate::proxy::{self, Parsed, Refusal, Version};
+use crate::proxy::{self, Parsed, Refusal as HeaderRefusal, Version};
 use crate::relay::{Conn, DOWNSTREAM, End, Event, LocalFailure, Phase, UPSTREAM};
 use crate::uring::{self, Io, Op, PipePool, token, untoken};
 
@@ -143,6 +144,8 @@ struct View {
     /// Sessions need the client's address and their own (a PROXY header
     /// is read or sent).
     wants_addrs: bool,
+    /// Who may connect, and how often.
+    edge: edge::Policy,
 }
 
 impl View {
@@ -161,6 +164,7 @@ impl View {
                 .collect(),
             wants_addrs: snap.config.proxy.accept.is_some()
                 || (0..snap.backends.len()).any(|i| snap.config.send_proxy(i).is_some()),
+            edge: edge::Policy::new(&snap.config.edge, &snap.shared.sources),
             snap: Arc::clone(snap),
         }
     }
@@ -259,6 +263,10 @@ struct Session {
     /// The address the client connected to, when a PROXY header needs it
     /// (or the one a received header carried).
     dest: Option<SocketAddr>,
+    /// Its place in the per-source table, given back when the session is
+    /// dropped, however it ends.
+    #[allow(dead_code, reason = "held for its Drop")]
+    source: SourceGuard,
 }
 
 impl Session {
@@ -287,7 +295,7 @@ enum Sweep {
     /// A connection waiting for an fd for its backend socket tries again.
     Connect,
     /// No valid PROXY header in time.
-    Refuse(Refusal),
+    Refuse(HeaderRefusal),
 }
 
 /// One rate limit per kind of warning the data path can repeat.
@@ -295,6 +303,7 @@ struct Warnings {
     local: [RateLimit; LocalFailure::ALL.len()],
     pipe: RateLimit,
     proxy: RateLimit,
+    refused: RateLimit,
 }
 
 impl Warnings {
@@ -303,6 +312,7 @@ impl Warnings {
             local: std::array::from_fn(|_| RateLimit::new(WARN_PERIOD)),
             pipe: RateLimit::new(WARN_PERIOD),
             proxy: RateLimit::new(WARN_PERIOD),
+            refused: RateLimit::new(WARN_PERIOD),
         }
     }
 }
@@ -957,12 +967,13 @@ impl Worker {
             self.release(&view.snap.shared);
             return Ok(());
         }
-        view.snap.shared.stats.accepted.fetch_add(1, Relaxed);
         let mut conn = Conn::new(fd, self.now);
         // Read now: at the end the client may be gone. A frontend without
-        // an access log or PROXY headers pays no syscall for it.
-        if view.snap.config.access_log != AccessLog::Off
+        // an access log, rules on sources or PROXY headers pays no syscall
+        // for it.
+        if view.edge.is_active()
             || view.wants_addrs
+            || view.snap.config.access_log != AccessLog::Off
             || log::log_enabled!(log::Level::Debug)
         {
             conn.client_addr = peer_addr(fd);
@@ -987,6 +998,20 @@ impl Worker {
             }
         };
         let reading = matches!(stage, Stage::Header(_));
+        // Behind accept-proxy the peer is the upstream balancer: sources are
+        // checked once its header says who the client is.
+        let source = match reading {
+            true => Ok(SourceGuard::default()),
+            false => self.admit_source(view, conn.client_addr),
+        };
+        let source = match source {
+            Ok(guard) => guard,
+            Err(refusal) => {
+                self.refuse(view, fd, conn.client_addr, refusal);
+                return Ok(());
+            }
+        };
+        view.snap.shared.stats.accepted.fetch_add(1, Relaxed);
         let key = self.sessions.insert(Session {
             view: Rc::clone(view),
             backend: None,
@@ -994,6 +1019,7 @@ impl Worker {
             stage,
             conn,
             dest,
+            source,
         });
         if reading {
             return self.read_header(key);
@@ -1008,9 +1034,9 @@ impl Worker {
             .shared
             .stats
             .proxy_refused
-            .count(Refusal::Untrusted);
+            .count(HeaderRefusal::Untrusted);
         let peer = peer.map_or_else(|| "?".into(), |p| p.ip().to_string());
-        self.warn_proxy(view.name(), &peer, Refusal::Untrusted);
+        self.warn_proxy(view.name(), &peer, HeaderRefusal::Untrusted);
         uring::set_linger_zero(fd);
         uring::close(fd);
         self.release(&view.snap.shared);
@@ -1018,14 +1044,14 @@ impl Worker {
 
     /// One line per period for every reason a header was refused: a
     /// misconfigured upstream refuses every connection the same way.
-    fn warn_proxy(&mut self, frontend: &str, peer: &str, why: Refusal) {
+    fn warn_proxy(&mut self, frontend: &str, peer: &str, why: HeaderRefusal) {
         let what = match why {
-            Refusal::Untrusted => "it is not in accept-proxy-from",
-            Refusal::Timeout => "no whole PROXY header within timeout-proxy-header",
-            Refusal::Truncated => "it closed before its PROXY header was complete",
-            Refusal::Malformed => "its PROXY header is malformed (or missing)",
-            Refusal::Oversized => "its PROXY header is too long",
-            Refusal::Version => "its PROXY header has an unknown version",
+            HeaderRefusal::Untrusted => "it is not in accept-proxy-from",
+            HeaderRefusal::Timeout => "no whole PROXY header within timeout-proxy-header",
+            HeaderRefusal::Truncated => "it closed before its PROXY header was complete",
+            HeaderRefusal::Malformed => "its PROXY header is malformed (or missing)",
+            HeaderRefusal::Oversized => "its PROXY header is too long",
+            HeaderRefusal::Version => "its PROXY header has an unknown version",
         };
         match self.warnings.proxy.allow(self.now) {
             Some(held_back) => log::warn!(
@@ -1076,13 +1102,13 @@ impl Worker {
                 read.filled += n as usize;
                 proxy::parse(&read.buf[..read.filled])
             }
-            0 => Parsed::Invalid(Refusal::Truncated),
+            0 => Parsed::Invalid(HeaderRefusal::Truncated),
             n if matches!(
                 -n,
                 libc::ECONNRESET | libc::EPIPE | libc::ENOTCONN | libc::ETIMEDOUT
             ) =>
             {
-                Parsed::Invalid(Refusal::Truncated)
+                Parsed::Invalid(HeaderRefusal::Truncated)
             }
             n => {
                 conn.fail(key, LocalFailure::Relay, -n, &mut self.io)?;
@@ -1094,8 +1120,8 @@ impl Worker {
             Parsed::Partial if read.filled < read.buf.len() => self.read_header(key),
             // The parser decides within MAX_HEADER bytes; never spin on a
             // full buffer should that ever change.
-            Parsed::Partial => self.refuse(key, Refusal::Oversized),
-            Parsed::Invalid(why) => self.refuse(key, why),
+            Parsed::Partial => self.refuse_header(key, HeaderRefusal::Oversized),
+            Parsed::Invalid(why) => self.refuse_header(key, why),
             Parsed::Done { len, addrs } => self.header_read(key, len, addrs),
         }
     }
@@ -1123,14 +1149,27 @@ impl Worker {
         if let Stage::Connect(connecting) = &mut session.stage {
             connecting.early = early;
         }
-        // edge: admission with the carried address (the acl helper's
-        // source ACLs and per-source limits check session.conn.client_addr
-        // here, not the upstream balancer's address seen at accept).
+        // The source ACL and per-source limits apply to the client the
+        // header names (the upstream's own, for LOCAL), not to the upstream.
+        let view = Rc::clone(&session.view);
+        let client = session.conn.client_addr;
+        match self.admit_source(&view, client) {
+            Ok(guard) => self.sessions[key].source = guard,
+            Err(refusal) => {
+                if let (Some(refusal), Some(client)) = (refusal, client) {
+                    self.log_refusal(view.name(), client, refusal);
+                }
+                let conn = &mut self.sessions[key].conn;
+                conn.close(key, End::Refused, &mut self.io)?;
+                self.free_if_finished(key);
+                return Ok(());
+            }
+        }
         self.connect_next(key)
     }
 
     /// Resets a client whose PROXY header is missing, invalid or late.
-    fn refuse(&mut self, key: usize, why: Refusal) -> std::io::Result<()> {
+    fn refuse_header(&mut self, key: usize, why: HeaderRefusal) -> std::io::Result<()> {
         let session = &mut self.sessions[key];
         let view = Rc::clone(&session.view);
         view.snap.shared.stats.proxy_refused.count(why);
@@ -1140,6 +1179,52 @@ impl Worker {
         self.warn_proxy(view.name(), &peer, why);
         self.free_if_finished(key);
         Ok(())
+    }
+
+    /// The frontend's ACL and per-source limits, at accept. A client whose
+    /// address cannot be read is already gone (reset while queued): it is
+    /// refused under the ACL only when there is one to satisfy.
+    fn admit_source(
+        &self,
+        view: &View,
+        client: Option<std::net::SocketAddr>,
+    ) -> Result<SourceGuard, Option<Refusal>> {
+        if !view.edge.is_active() {
+            return Ok(SourceGuard::default());
+        }
+        let addr = client.ok_or(None)?;
+        view.edge.admit_source(addr.ip(), self.now).map_err(Some)
+    }
+
+    /// Turns a client away with a reset, at once (no byte was read, no
+    /// backend touched). One debug line per client; at info, one line per
+    /// period with the count held back, so a flood cannot flood the log.
+    fn refuse(
+        &mut self,
+        view: &View,
+        fd: RawFd,
+        client: Option<std::net::SocketAddr>,
+        refusal: Option<Refusal>,
+    ) {
+        uring::set_linger_zero(fd);
+        uring::close(fd);
+        self.release(&view.snap.shared);
+        let (Some(refusal), Some(client)) = (refusal, client) else {
+            return;
+        };
+        self.log_refusal(view.name(), client, refusal);
+    }
+
+    fn log_refusal(&mut self, name: &str, client: SocketAddr, refusal: Refusal) {
+        log::debug!("{name} {client}: refused, {}", refusal.describe());
+        if let Some(held_back) = self.warnings.refused.allow(self.now) {
+            log::info!(
+                "worker {}: frontend {name}: refused {client} ({}){}",
+                self.id,
+                refusal.describe(),
+                self.warnings.refused.suffix(held_back)
+            );
+        }
     }
 
     /// Connects to the next backend this connection has not tried, with the
@@ -1587,7 +1672,7 @@ impl Worker {
         self.dirty = dirty;
         for (key, action) in sweep.drain(..) {
             if let Sweep::Refuse(why) = action {
-                self.refuse(key, why)?;
+                self.refuse_header(key, why)?;
                 continue;
             }
             let (conn, io) = (&mut self.sessions[key].conn, &mut self.io);
@@ -1643,7 +1728,7 @@ fn sweep_action(
     }
     if let Stage::Header(read) = &session.stage {
         let late = conn.phase != Phase::Closing && now >= read.deadline;
-        return late.then_some(Sweep::Refuse(Refusal::Timeout));
+        return late.then_some(Sweep::Refuse(HeaderRefusal::Timeout));
     }
     let idle = now.saturating_duration_since(conn.last_active);
     let config = &session.view.snap.config;

@@ -548,7 +548,7 @@ fn accept_proxy_settings_are_checked() {
         "{head}accept-proxy = true\naccept-proxy-from = [\"10.0.0.1/8\"]\n"
     ));
     assert!(
-        err.contains(":5:") && err.contains("did you mean 10.0.0.0/8"),
+        err.contains(":5:") && err.contains("write 10.0.0.0/8"),
         "{err}"
     );
     let (_, err) = check(&format!("{head}send-proxy = \"v3\"\n"));
@@ -568,4 +568,40 @@ fn accept_proxy_settings_are_checked() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("--accept-proxy-from 0.0.0.0/0"), "{err}");
+}
+
+#[test]
+fn the_source_acl_judges_the_carried_client_not_the_upstream() {
+    let dir = TempDir::new("acl");
+    let (backend, rx) = capture();
+    // The upstream (127.0.0.1) is not in the allow list: only the clients
+    // its headers name are.
+    let ringlb = accepting(
+        &dir,
+        "accept-proxy-from = [\"127.0.0.1\"]\nallow = [\"198.51.100.0/24\"]",
+        &backend,
+    );
+    let mut client = client_from("127.0.0.1", ringlb.addr);
+    let allowed = b"PROXY TCP4 198.51.100.7 127.0.0.1 1000 80\r\nok";
+    assert_eq!(exchange(&mut client, allowed).expect("served"), b"bye");
+    assert_eq!(received(&rx), b"ok");
+    let mut client = client_from("127.0.0.1", ringlb.addr);
+    client
+        .write_all(b"PROXY TCP4 203.0.113.9 127.0.0.1 1001 80\r\nno")
+        .expect("send");
+    let got = read_end(&mut client);
+    assert!(
+        matches!(&got, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "{got:?}"
+    );
+    let series = "ringlb_frontend_refused_total{frontend=\"edge\",reason=\"acl\"}";
+    assert_eq!(ringlb.metric(series), Some(1));
+    let line = ringlb
+        .wait_log("end=refused", WAIT)
+        .unwrap_or_else(|| panic!("{}", ringlb.logs()));
+    assert!(line.contains("client=203.0.113.9:1001"), "{line}");
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "nothing of the refused client reached the backend"
+    );
 }
