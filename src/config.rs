@@ -350,6 +350,15 @@ pub fn parse_escapes(text: &str) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// Whether [`parse_address`] may ask the resolver: off only in the fuzz
+/// harness and its corpus replay, where arbitrary input must not turn
+/// into DNS queries.
+static RESOLVE_NAMES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+pub fn resolve_names(on: bool) {
+    RESOLVE_NAMES.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Resolves `host:port` or `ip:port` (IPv6 as `[::1]:80`) to the first
 /// address the resolver gives.
 pub fn parse_address(text: &str) -> Result<SocketAddr, String> {
@@ -359,6 +368,11 @@ pub fn parse_address(text: &str) -> Result<SocketAddr, String> {
     if !text.contains(':') {
         return Err(format!(
             "invalid address '{text}': expected HOST:PORT, e.g. 127.0.0.1:8080"
+        ));
+    }
+    if !RESOLVE_NAMES.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(format!(
+            "invalid address '{text}': host names are not resolved here"
         ));
     }
     match text.to_socket_addrs() {
