@@ -27,7 +27,6 @@ fn flags(message: &str) -> String {
             "--accept-proxy-from 0.0.0.0/0 --accept-proxy-from ::/0",
         )
         .replace("timeout-proxy-header", "--timeout-proxy-header")
-        .replace("check-send-proxy", "--check-send-proxy")
         .replace("set send-proxy", "set --send-proxy")
 }
 
@@ -111,13 +110,9 @@ pub struct Cli {
     #[arg(long, value_enum, value_name = "ACTION", default_value_t = OnDown::Keep, conflicts_with = "config")]
     on_down: OnDown,
 
-    /// Send a PROXY protocol header of this version to backends before the client's bytes
+    /// Send a PROXY protocol header of this version to backends before the client's bytes (health checks send one too: v2 LOCAL, v1 UNKNOWN)
     #[arg(long, value_enum, value_name = "VERSION", conflicts_with = "config")]
     send_proxy: Option<Version>,
-
-    /// Health checks send a PROXY header too (v2 LOCAL or v1 UNKNOWN), for backends that require one
-    #[arg(long, requires = "send_proxy", conflicts_with = "config")]
-    check_send_proxy: bool,
 
     /// Read a PROXY protocol header (v1 or v2) from each client first; needs --accept-proxy-from
     #[arg(long, conflicts_with = "config")]
@@ -355,9 +350,7 @@ impl Cli {
             accept: proxy::accept(self.accept_proxy, from, self.timeout_proxy_header)
                 .map_err(|e| (2, flags(&e)))?,
         };
-        let check_proxy =
-            config::check_send_proxy(self.check_send_proxy, proxy.send, &self.backends)
-                .map_err(|e| (2, flags(&e)))?;
+        let check_proxy = config::default_check_send_proxy(proxy.send, &self.backends);
         let frontend = FrontendConfig {
             name: "default".into(),
             listen,

@@ -728,7 +728,7 @@ impl RawFrontend {
         src: &Source<'_>,
     ) -> Result<Option<Version>, ConfigError> {
         let Some(on) = &self.check_send_proxy else {
-            return Ok(None);
+            return Ok(default_check_send_proxy(proxy.send, backends));
         };
         check_send_proxy(*on.get_ref(), proxy.send, backends).map_err(|e| src.invalid(on, e))
     }
@@ -782,6 +782,24 @@ pub fn check_send_proxy(
         version = Some(theirs);
     }
     Ok(version)
+}
+
+/// Without `check-send-proxy`, HAProxy's default: checks send the header
+/// when the traffic does and goes to the same port (a backend that
+/// requires the header would drop a check without it, and nginx logs a
+/// "broken header" error for each); a check to its own port or address
+/// (another service, a sidecar) sends none.
+pub fn default_check_send_proxy(
+    send: Option<Version>,
+    backends: &[BackendConfig],
+) -> Option<Version> {
+    let elsewhere = backends
+        .iter()
+        .any(|b| b.check_port.is_some() || b.check_address.is_some());
+    if elsewhere {
+        return None;
+    }
+    check_send_proxy(true, send, backends).ok().flatten()
 }
 
 fn check_workers(workers: usize) -> Result<(), String> {

@@ -204,24 +204,46 @@ fn a_backend_table_sets_its_own_send_proxy() {
 }
 
 #[test]
-fn checks_send_a_header_without_a_client_with_check_send_proxy() {
-    for (version, header) in [
-        ("v1", b"PROXY UNKNOWN\r\n".to_vec()),
-        ("v2", [SIGNATURE, &[0x20, 0, 0, 0]].concat()),
-    ] {
-        let (backend, rx) = capture();
-        let addr = backend.addr_str();
-        let _ringlb = Ringlb::start(&[
-            "--backend",
-            &addr,
-            "--send-proxy",
-            version,
-            "--check-send-proxy",
-            "--check-interval",
-            "200ms",
-        ]);
-        assert_eq!(received(&rx), header, "{version}");
-    }
+fn checks_send_a_header_without_a_client_unless_told_not_to() {
+    // As HAProxy: with send-proxy, checks to the traffic port send one too.
+    let (backend, rx) = capture();
+    let addr = backend.addr_str();
+    let _ringlb = Ringlb::start(&[
+        "--backend",
+        &addr,
+        "--send-proxy",
+        "v1",
+        "--check-interval",
+        "200ms",
+    ]);
+    assert_eq!(received(&rx), b"PROXY UNKNOWN\r\n");
+
+    let dir = TempDir::new("checks");
+    let config = |backend: &Backend, extra: &str| {
+        format!(
+            "[[frontend]]\nlisten = \"127.0.0.1:0\"\nbackends = [\"{}\"]\ncheck-interval = \"200ms\"\n{extra}\n",
+            backend.addr
+        )
+    };
+    let (backend, rx) = capture();
+    let v2 = config(&backend, "send-proxy = \"v2\"\ncheck-send-proxy = true");
+    let _ringlb = start_config(&dir, "v2.toml", &v2);
+    assert_eq!(received(&rx), [SIGNATURE, &[0x20, 0, 0, 0]].concat());
+
+    let (backend, rx) = capture();
+    let off = config(&backend, "send-proxy = \"v2\"\ncheck-send-proxy = false");
+    let _ringlb = start_config(&dir, "off.toml", &off);
+    assert!(
+        eventually(WAIT, || backend
+            .accepted
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 2),
+        "checks ran"
+    );
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "check-send-proxy = false: checks send nothing"
+    );
 }
 
 /// nginx with `listen ... proxy_protocol`, logging `$proxy_protocol_addr`;
@@ -338,7 +360,8 @@ fn accept_proxy_takes_the_carried_client_and_keeps_the_bytes_after_the_header() 
     let (backend, rx) = capture();
     let ringlb = accepting(
         &dir,
-        "accept-proxy-from = [\"127.0.0.0/8\"]\nsend-proxy = \"v1\"",
+        // Checks without a header: they are not what this test captures.
+        "accept-proxy-from = [\"127.0.0.0/8\"]\nsend-proxy = \"v1\"\ncheck-send-proxy = false",
         &backend,
     );
     // Header and payload in one write: the payload must not be lost.
@@ -505,7 +528,6 @@ fn chained_balancers_pass_the_original_client_on() {
         &inner_addr,
         "--send-proxy",
         "v2",
-        "--check-send-proxy",
         "--check-interval",
         "200ms",
     ]);
