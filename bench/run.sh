@@ -3,7 +3,7 @@
 #
 #   bench/run.sh                 full run: 5 rounds of 10 s runs, every scenario
 #   bench/run.sh --quick         smoke run (< 2 minutes): 2 rounds of 2 s runs, fewer idle conns
-#   bench/run.sh --rounds N --duration S --scenarios a,b,c,d,dR,e,f,g
+#   bench/run.sh --rounds N --duration S --scenarios a,b,c,d,dR,e,f,g,h,hR,i,j,k
 #                --systems direct,haproxy,ringlb --workers N --idle-conns N
 #                --port-base P --noisy CORES --out DIR
 #                --ringlb PATH   (another ringlb binary; then nothing is built)
@@ -20,6 +20,19 @@
 #   f  as a, with 2 proxy workers/threads (ringlb --workers 2, HAProxy nbthread 2)
 #   g  latency at a fixed moderate rate: wrk -t1 -c10, each connection pauses 2 ms
 #      between requests (wrk2 is not packaged; this keeps both proxies far from saturation)
+#   TLS at the proxy (HAProxy `bind ... ssl crt`, ringlb `tls = {...}`), the same self-signed
+#   certificate for both, plain HTTP to the same nginx backends; 'direct' does not run these:
+#   h  new TLS connection per request (Connection: close, full handshake: wrk does not resume
+#      sessions), ECDSA P-256, 100 B, wrk -t1 -c50
+#   hR the same with an RSA 2048 certificate
+#   i  keep-alive requests over TLS, 100 B, wrk -t1 -c50
+#   j  keep-alive over TLS, 1 MiB responses, wrk -t1 -c10
+#   k  resumed handshakes: 8 parallel `openssl s_time -reuse` (a new connection per request,
+#      each resuming the session with a ticket), 100 B; s_time gives no latencies
+#   TLS passed through to nginx (which terminates it; 'direct' is nginx's TLS port):
+#   hP new TLS connection per request through a plain TCP frontend, wrk -t1 -c50
+#   hS the same through an SNI-routing frontend (ringlb [[frontend.route]], HAProxy
+#      inspect-delay + req.ssl_sni): hS / hP is what reading the ClientHello costs
 #
 # Every round runs every system once per scenario, the order of the systems rotated each
 # round, so slow drifts of the machine hit all systems alike. Figures land in
@@ -74,12 +87,12 @@ done
 if ((QUICK)); then
     : "${ROUNDS:=2}" "${DURATION:=2}" "${SCENARIOS:=a,b,c,d,e,f,g}" "${IDLE_CONNS:=2000}" "${IDLE_HOLD:=1}"
 else
-    : "${ROUNDS:=5}" "${DURATION:=10}" "${SCENARIOS:=a,b,c,d,dR,e,f,g}" "${IDLE_CONNS:=10000}" "${IDLE_HOLD:=3}"
+    : "${ROUNDS:=5}" "${DURATION:=10}" "${SCENARIOS:=a,b,c,d,dR,e,f,g,h,hR,i,j,k,hP,hS}" "${IDLE_CONNS:=10000}" "${IDLE_HOLD:=3}"
 fi
 IFS=, read -r -a SCEN <<<"$SCENARIOS"
 IFS=, read -r -a SYS <<<"$SYSTEMS"
 for s in "${SCEN[@]}"; do
-    [[ $s =~ ^(a|b|c|d|dR|e|f|g)$ ]] || { echo "unknown scenario '$s'" >&2; exit 2; }
+    [[ $s =~ ^(a|b|c|d|dR|e|f|g|h|hR|i|j|k|hP|hS)$ ]] || { echo "unknown scenario '$s'" >&2; exit 2; }
 done
 for s in "${SYS[@]}"; do
     [[ $s =~ ^(direct|haproxy|ringlb|base)$ ]] || { echo "unknown system '$s'" >&2; exit 2; }
@@ -93,6 +106,9 @@ if [[ -n $BASE_BIN && ",$SYSTEMS," != *",base,"* ]]; then SYSTEMS=$SYSTEMS,base;
 
 has_scen() { [[ ",$SCENARIOS," == *",$1,"* ]]; }
 has_sys() { [[ ",$SYSTEMS," == *",$1,"* ]]; }
+has_tls() { has_scen h || has_scen hR || has_scen i || has_scen j || has_scen k || has_pass; }
+has_pass() { has_scen hP || has_scen hS; }
+is_tls() { [[ $1 =~ ^(h|hR|i|j|k|hP|hS)$ ]]; }
 
 # Fixed ports in a high range, one per server.
 NGINX1_PORT=$((PORT_BASE + 1)) NGINX2_PORT=$((PORT_BASE + 2))
@@ -104,9 +120,17 @@ HAPE_PORT=$((PORT_BASE + 31)) RLBE_PORT=$((PORT_BASE + 32))   # e (fresh instanc
 # The baseline binary of an A/B (--baseline): the same roles on ports of its own.
 BASE1_PORT=$((PORT_BASE + 15)) BASE2_PORT=$((PORT_BASE + 16))
 BASEI_PORT=$((PORT_BASE + 23)) BASEE_PORT=$((PORT_BASE + 33))
-ALL_PORTS=("$NGINX1_PORT" "$NGINX2_PORT" "$HAP1_PORT" "$RLB1_PORT" "$HAP2_PORT" "$RLB2_PORT"
+HAPT_PORT=$((PORT_BASE + 41)) RLBT_PORT=$((PORT_BASE + 42))   # h i j k (TLS, ECDSA P-256)
+HAPTR_PORT=$((PORT_BASE + 43)) RLBTR_PORT=$((PORT_BASE + 44)) # hR (TLS, RSA 2048)
+BASET_PORT=$((PORT_BASE + 45)) BASETR_PORT=$((PORT_BASE + 46))
+NGINX1_TLS_PORT=$((PORT_BASE + 3)) NGINX2_TLS_PORT=$((PORT_BASE + 4))  # hP hS: nginx terminates
+HAPP_PORT=$((PORT_BASE + 51)) RLBP_PORT=$((PORT_BASE + 52))   # hP (plain TCP frontend)
+HAPS_PORT=$((PORT_BASE + 53)) RLBS_PORT=$((PORT_BASE + 54))   # hS (SNI routing)
+BASEP_PORT=$((PORT_BASE + 55)) BASES_PORT=$((PORT_BASE + 56))
+ALL_PORTS=("$HAPT_PORT" "$RLBT_PORT" "$HAPTR_PORT" "$RLBTR_PORT" "$NGINX1_TLS_PORT" "$NGINX2_TLS_PORT"
+    "$HAPP_PORT" "$RLBP_PORT" "$HAPS_PORT" "$RLBS_PORT" "$NGINX1_PORT" "$NGINX2_PORT" "$HAP1_PORT" "$RLB1_PORT" "$HAP2_PORT" "$RLB2_PORT"
     "$IPERF_PORT" "$HAPI_PORT" "$RLBI_PORT" "$HAPE_PORT" "$RLBE_PORT")
-[[ -z $BASE_BIN ]] || ALL_PORTS+=("$BASE1_PORT" "$BASE2_PORT" "$BASEI_PORT" "$BASEE_PORT")
+[[ -z $BASE_BIN ]] || ALL_PORTS+=("$BASE1_PORT" "$BASE2_PORT" "$BASEI_PORT" "$BASEE_PORT" "$BASET_PORT" "$BASETR_PORT" "$BASEP_PORT" "$BASES_PORT")
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 die() { log "ERROR: $*" >&2; exit 1; }
@@ -223,8 +247,18 @@ build_ringlb() {
     [[ -x $BIN ]] || die "no executable $BIN"
 }
 
-write_nginx_conf() { # NAME PORT -> $WORK/NAME/nginx.conf; one process, own temp folders
-    local dir=$WORK/$1 port=$2
+write_nginx_conf() { # NAME PORT TLS_PORT -> $WORK/NAME/nginx.conf; one process, own temp folders
+    local dir=$WORK/$1 port=$2 tls_server=
+    # The passthrough scenarios (hP, hS) need a backend that terminates TLS.
+    if has_pass; then
+        tls_server="    server {
+        listen 127.0.0.1:$3 ssl backlog=4096;
+        ssl_certificate $WORK/tls/ec.pem;
+        ssl_certificate_key $WORK/tls/ec.key;
+        root $WORK/www;
+        location / { }
+    }"
+    fi
     mkdir -p "$dir/tmp"
     cat >"$dir/nginx.conf" <<EOF
 # One nginx process (no master), so that the PID we start is the one that serves.
@@ -252,6 +286,7 @@ http {
         root $WORK/www;
         location / { }
     }
+$tls_server
 }
 EOF
 }
@@ -313,6 +348,143 @@ start_ringlb() { # NAME PORT WORKERS CHECKS(yes|no) BACKEND_PORT...  (binary: $S
     start_server "$name" "$RESULTS/logs/$name.log" "${cmd[@]}"
 }
 
+# TLS at the proxy: one self-signed certificate per key type, used by both proxies.
+make_certs() { # -> $WORK/tls/{ec,rsa}.{pem,key,both}
+    local dir=$WORK/tls kind
+    mkdir -p "$dir"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 7 \
+        -subj /CN=bench.ringlb.test -addext subjectAltName=DNS:bench.ringlb.test \
+        -keyout "$dir/ec.key" -out "$dir/ec.pem" 2>/dev/null || die "openssl: no ECDSA certificate"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 7 \
+        -subj /CN=bench.ringlb.test -addext subjectAltName=DNS:bench.ringlb.test \
+        -keyout "$dir/rsa.key" -out "$dir/rsa.pem" 2>/dev/null || die "openssl: no RSA certificate"
+    for kind in ec rsa; do cat "$dir/$kind.pem" "$dir/$kind.key" >"$dir/$kind.both"; done
+}
+
+start_haproxy_tls() { # NAME PORT THREADS KIND(ec|rsa) BACKEND_PORT...
+    local name=$1 port=$2 threads=$3 kind=$4 cfg=$WORK/$1.cfg i=0 b
+    shift 4
+    # Debian's defaults for TLS (1.2 and 1.3, tickets and a 20,000-session cache on), the
+    # same checks as the layer-4 configs; no splice on a TLS side (HAProxy cannot either).
+    cat >"$cfg" <<EOF
+global
+    nbthread $threads
+    maxconn $HAP_MAXCONN
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+defaults
+    mode tcp
+    balance roundrobin
+    maxconn $HAP_MAXCONN
+    timeout connect 2s
+    timeout client 10m
+    timeout server 10m
+frontend fe
+    bind 127.0.0.1:$port ssl crt $WORK/tls/$kind.both
+    default_backend be
+backend be
+EOF
+    for b in "$@"; do
+        i=$((i + 1))
+        echo "    server b$i 127.0.0.1:$b check inter 2s rise 2 fall 3" >>"$cfg"
+    done
+    haproxy -c -q -f "$cfg" || die "bad HAProxy config $cfg"
+    cp "$cfg" "$RESULTS/configs/$name.cfg"
+    start_server "$name" "$RESULTS/logs/$name.log" haproxy -db -f "$cfg"
+}
+
+start_ringlb_tls() { # NAME PORT WORKERS KIND(ec|rsa) BACKEND_PORT...  (binary: $START_BIN or $BIN)
+    local name=$1 port=$2 workers=$3 kind=$4 cfg=$WORK/$1.toml list= b
+    shift 4
+    for b in "$@"; do list+="${list:+, }\"127.0.0.1:$b\""; done
+    cat >"$cfg" <<EOF
+workers = $workers
+[[frontend]]
+name = "tls"
+listen = "127.0.0.1:$port"
+backends = [$list]
+idle-timeout = "10m"
+connect-timeout = "2s"
+check-interval = "2s"
+rise = 2
+fall = 3
+tls = { cert = "$WORK/tls/$kind.pem", key = "$WORK/tls/$kind.key" }
+EOF
+    cp "$cfg" "$RESULTS/configs/$name.toml"
+    start_server "$name" "$RESULTS/logs/$name.log" "${START_BIN:-$BIN}" --config "$cfg"
+}
+
+start_haproxy_pass() { # NAME PORT THREADS MODE(plain|sni) BACKEND_PORT...
+    local name=$1 port=$2 threads=$3 mode=$4 cfg=$WORK/$1.cfg i=0 b rules=
+    shift 4
+    # The classic SNI passthrough of HAProxy's docs: wait (up to 5 s) for a whole
+    # ClientHello, then route on its server name. wrk sends the URL's host, 127.0.0.1.
+    [[ $mode == sni ]] && rules="    tcp-request inspect-delay 5s
+    tcp-request content accept if { req.ssl_hello_type 1 }
+    use_backend be if { req.ssl_sni -i 127.0.0.1 bench.ringlb.test }"
+    cat >"$cfg" <<EOF
+global
+    nbthread $threads
+    maxconn $HAP_MAXCONN
+defaults
+    mode tcp
+    balance roundrobin
+    maxconn $HAP_MAXCONN
+    timeout connect 2s
+    timeout client 10m
+    timeout server 10m
+frontend fe
+    bind 127.0.0.1:$port
+$rules
+    default_backend be
+backend be
+EOF
+    for b in "$@"; do
+        i=$((i + 1))
+        echo "    server b$i 127.0.0.1:$b check inter 2s rise 2 fall 3" >>"$cfg"
+    done
+    haproxy -c -q -f "$cfg" || die "bad HAProxy config $cfg"
+    cp "$cfg" "$RESULTS/configs/$name.cfg"
+    start_server "$name" "$RESULTS/logs/$name.log" haproxy -db -f "$cfg"
+}
+
+start_ringlb_pass() { # NAME PORT WORKERS MODE(plain|sni) BACKEND_PORT...  (binary: $START_BIN or $BIN)
+    local name=$1 port=$2 workers=$3 mode=$4 cfg=$WORK/$1.toml list= b
+    shift 4
+    for b in "$@"; do list+="${list:+, }\"127.0.0.1:$b\""; done
+    cat >"$cfg" <<EOF
+workers = $workers
+[[frontend]]
+name = "pass"
+listen = "127.0.0.1:$port"
+backends = [$list]
+idle-timeout = "10m"
+connect-timeout = "2s"
+check-interval = "2s"
+rise = 2
+fall = 3
+EOF
+    # The route has the same backends: both paths end at nginx; wrk's SNI is 127.0.0.1.
+    [[ $mode == sni ]] && cat >>"$cfg" <<EOF
+[[frontend.route]]
+name = "bench"
+sni = ["127.0.0.1", "bench.ringlb.test"]
+backends = [$list]
+EOF
+    cp "$cfg" "$RESULTS/configs/$name.toml"
+    start_server "$name" "$RESULTS/logs/$name.log" "${START_BIN:-$BIN}" --config "$cfg"
+}
+
+wait_https() { # NAME PORT: a GET of the 100 B file over TLS returns 200
+    local i
+    python3 "$LIB" waitport 127.0.0.1 "$2" 20 || die "$1 on port $2 is not ready (see $RESULTS/logs/$1.log)"
+    for ((i = 0; i < 100; i++)); do
+        [[ $(curl -sk -o /dev/null -w '%{http_code}' --max-time 2 "https://127.0.0.1:$2/100b") == 200 ]] && break
+        sleep 0.2
+    done
+    ((i < 100)) || die "$1 on port $2 does not answer over TLS (see $RESULTS/logs/$1.log)"
+    alive "$1" || die "$1 exited (see $RESULTS/logs/$1.log)"
+}
+
 wait_http() { # NAME PORT: the port answers and a GET of the 100 B file returns 200
     python3 "$LIB" waitport 127.0.0.1 "$2" 20 && python3 "$LIB" waithttp 127.0.0.1 "$2" /100b 20 ||
         die "$1 on port $2 is not ready (see $RESULTS/logs/$1.log)"
@@ -362,7 +534,20 @@ target() {
     T_WORKERS=$WORKERS
     case $sc:$sys in
         d:direct | dR:direct) T_PORT=$IPERF_PORT T_PID= T_WORKERS= ;;
+        hP:direct | hS:direct) T_PORT=$NGINX1_TLS_PORT T_PID= T_WORKERS= ;;
         *:direct) T_PORT=$NGINX1_PORT T_PID= T_WORKERS= ;;
+        hP:haproxy) T_PORT=$HAPP_PORT T_PID=${PID_OF[hap_pass_plain]:-} ;;
+        hP:ringlb) T_PORT=$RLBP_PORT T_PID=${PID_OF[rlb_pass_plain]:-} ;;
+        hP:base) T_PORT=$BASEP_PORT T_PID=${PID_OF[base_pass_plain]:-} ;;
+        hS:haproxy) T_PORT=$HAPS_PORT T_PID=${PID_OF[hap_pass_sni]:-} ;;
+        hS:ringlb) T_PORT=$RLBS_PORT T_PID=${PID_OF[rlb_pass_sni]:-} ;;
+        hS:base) T_PORT=$BASES_PORT T_PID=${PID_OF[base_pass_sni]:-} ;;
+        hR:haproxy) T_PORT=$HAPTR_PORT T_PID=${PID_OF[hap_tls_rsa]:-} ;;
+        hR:ringlb) T_PORT=$RLBTR_PORT T_PID=${PID_OF[rlb_tls_rsa]:-} ;;
+        hR:base) T_PORT=$BASETR_PORT T_PID=${PID_OF[base_tls_rsa]:-} ;;
+        [hijk]:haproxy) T_PORT=$HAPT_PORT T_PID=${PID_OF[hap_tls]:-} ;;
+        [hijk]:ringlb) T_PORT=$RLBT_PORT T_PID=${PID_OF[rlb_tls]:-} ;;
+        [hijk]:base) T_PORT=$BASET_PORT T_PID=${PID_OF[base_tls]:-} ;;
         d:haproxy | dR:haproxy) T_PORT=$HAPI_PORT T_PID=${PID_OF[hap_iperf]:-} ;;
         d:ringlb | dR:ringlb) T_PORT=$RLBI_PORT T_PID=${PID_OF[rlb_iperf]:-} ;;
         f:haproxy) T_PORT=$HAP2_PORT T_PID=${PID_OF[hap_w2]:-} T_WORKERS=$WORKERS_F ;;
@@ -395,11 +580,16 @@ run_load() { # ROUND SCENARIO SYSTEM KIND CMD...
 wrk_cmd() { # CONNS PATH [extra wrk args...] -> WRK array
     local conns=$1 path=$2
     shift 2
-    WRK=(wrk -t1 "-c$conns" "-d${DURATION}s" --latency --timeout 5s "$@" "http://127.0.0.1:$T_PORT$path")
+    WRK=(wrk -t1 "-c$conns" "-d${DURATION}s" --latency --timeout 5s "$@" "${SCHEME:-http}://127.0.0.1:$T_PORT$path")
 }
 
 run_one() { # ROUND SCENARIO SYSTEM
-    local r=$1 sc=$2 sys=$3
+    local r=$1 sc=$2 sys=$3 SCHEME=http
+    if is_tls "$sc"; then
+        # nginx terminates TLS only for the passthrough scenarios.
+        [[ $sys == direct && ! $sc =~ ^h[PS]$ ]] && return 0
+        SCHEME=https
+    fi
     [[ $sc == e ]] || target "$sc" "$sys"
     if [[ $sc != e && -n $T_PID ]] && ! kill -0 "$T_PID" 2>/dev/null; then
         log "WARNING: the $sys process for scenario $sc is gone (see $RESULTS/logs/)"
@@ -417,6 +607,13 @@ run_one() { # ROUND SCENARIO SYSTEM
         d) run_load "$r" "$sc" "$sys" iperf iperf3 -c 127.0.0.1 -p "$T_PORT" -t "$DURATION" -J --connect-timeout 3000 ;;
         dR) run_load "$r" "$sc" "$sys" iperf iperf3 -c 127.0.0.1 -p "$T_PORT" -t "$DURATION" -J -R --connect-timeout 3000 ;;
         e) run_idle "$r" "$sys" ;;
+        h | hR | hP | hS) wrk_cmd 50 /100b -H 'Connection: close' -s "$BENCH_DIR/wrk-report.lua"
+            run_load "$r" "$sc" "$sys" wrk "${WRK[@]}" ;;
+        i) wrk_cmd 50 /100b -s "$BENCH_DIR/wrk-report.lua"
+            run_load "$r" "$sc" "$sys" wrk "${WRK[@]}" ;;
+        j) wrk_cmd 10 /1m -s "$BENCH_DIR/wrk-report.lua"
+            run_load "$r" "$sc" "$sys" wrk "${WRK[@]}" ;;
+        k) run_load "$r" "$sc" "$sys" wrk python3 "$LIB" stime --port "$T_PORT" --duration "$DURATION" --n 8 ;;
     esac
 }
 
@@ -468,6 +665,16 @@ warm_up() {
             timeout 10 wrk -t1 -c10 -d1s "http://127.0.0.1:$T_PORT/100b" >/dev/null ||
                 log "WARNING: warm-up wrk through $sys (2 workers) failed"
         fi
+        if has_tls && [[ $sys != direct ]]; then
+            target i "$sys"
+            timeout 10 wrk -t1 -c10 -d1s "https://127.0.0.1:$T_PORT/100b" >/dev/null ||
+                log "WARNING: warm-up wrk over TLS through $sys failed"
+            if has_scen hR; then
+                target hR "$sys"
+                timeout 10 wrk -t1 -c10 -d1s "https://127.0.0.1:$T_PORT/100b" >/dev/null ||
+                    log "WARNING: warm-up wrk over TLS (RSA) through $sys failed"
+            fi
+        fi
         if has_scen d || has_scen dR; then
             target d "$sys"
             timeout 6 iperf3 -c 127.0.0.1 -p "$T_PORT" -t 1 --connect-timeout 3000 >/dev/null ||
@@ -517,6 +724,9 @@ log "expected duration ~$((EXPECTED / 60))m$((EXPECTED % 60))s; everything is st
 
 python3 "$LIB" portcheck "${ALL_PORTS[@]}" || die "pick other ports with --port-base"
 
+# Certificates first: nginx serves TLS with one for the passthrough scenarios.
+if has_tls; then make_certs; fi
+
 # Content: exactly 100 bytes and exactly 1 MiB.
 mkdir -p "$WORK/www"
 head -c 99 /dev/zero | tr '\0' 'x' >"$WORK/www/100b" && echo >>"$WORK/www/100b"
@@ -524,8 +734,8 @@ head -c 1048576 /dev/urandom >"$WORK/www/1m"
 
 log "starting servers"
 for n in 1 2; do
-    port_var=NGINX${n}_PORT
-    write_nginx_conf "nginx$n" "${!port_var}"
+    port_var=NGINX${n}_PORT tls_var=NGINX${n}_TLS_PORT
+    write_nginx_conf "nginx$n" "${!port_var}" "${!tls_var}"
     cp "$WORK/nginx$n/nginx.conf" "$RESULTS/configs/nginx$n.conf"
     start_server "nginx$n" "$RESULTS/logs/nginx$n.log" \
         nginx -p "$WORK/nginx$n/" -c "$WORK/nginx$n/nginx.conf" -e "$RESULTS/logs/nginx$n-error.log"
@@ -580,6 +790,51 @@ if has_scen d || has_scen dR; then
         START_BIN=$BASE_BIN start_ringlb base_iperf "$BASEI_PORT" "$WORKERS" no "$IPERF_PORT"
         wait_port base_iperf "$BASEI_PORT"
     fi
+fi
+
+if has_tls; then
+    for kind in ec rsa; do
+        [[ $kind == rsa ]] && ! has_scen hR && continue
+        [[ $kind == ec ]] && ! { has_scen h || has_scen i || has_scen j || has_scen k; } && continue
+        sfx=$([[ $kind == rsa ]] && echo _rsa || true)
+        if has_sys haproxy; then
+            port=$([[ $kind == rsa ]] && echo "$HAPTR_PORT" || echo "$HAPT_PORT")
+            start_haproxy_tls "hap_tls$sfx" "$port" "$WORKERS" "$kind" "$NGINX1_PORT" "$NGINX2_PORT"
+            wait_https "hap_tls$sfx" "$port"
+        fi
+        if has_sys ringlb; then
+            port=$([[ $kind == rsa ]] && echo "$RLBTR_PORT" || echo "$RLBT_PORT")
+            start_ringlb_tls "rlb_tls$sfx" "$port" "$WORKERS" "$kind" "$NGINX1_PORT" "$NGINX2_PORT"
+            wait_https "rlb_tls$sfx" "$port"
+        fi
+        if has_sys base; then
+            port=$([[ $kind == rsa ]] && echo "$BASETR_PORT" || echo "$BASET_PORT")
+            START_BIN=$BASE_BIN start_ringlb_tls "base_tls$sfx" "$port" "$WORKERS" "$kind" "$NGINX1_PORT" "$NGINX2_PORT"
+            wait_https "base_tls$sfx" "$port"
+        fi
+    done
+fi
+
+if has_pass; then
+    for mode in plain sni; do
+        [[ $mode == plain ]] && ! has_scen hP && continue
+        [[ $mode == sni ]] && ! has_scen hS && continue
+        if has_sys haproxy; then
+            port=$([[ $mode == sni ]] && echo "$HAPS_PORT" || echo "$HAPP_PORT")
+            start_haproxy_pass "hap_pass_$mode" "$port" "$WORKERS" "$mode" "$NGINX1_TLS_PORT" "$NGINX2_TLS_PORT"
+            wait_https "hap_pass_$mode" "$port"
+        fi
+        if has_sys ringlb; then
+            port=$([[ $mode == sni ]] && echo "$RLBS_PORT" || echo "$RLBP_PORT")
+            start_ringlb_pass "rlb_pass_$mode" "$port" "$WORKERS" "$mode" "$NGINX1_TLS_PORT" "$NGINX2_TLS_PORT"
+            wait_https "rlb_pass_$mode" "$port"
+        fi
+        if has_sys base; then
+            port=$([[ $mode == sni ]] && echo "$BASES_PORT" || echo "$BASEP_PORT")
+            START_BIN=$BASE_BIN start_ringlb_pass "base_pass_$mode" "$port" "$WORKERS" "$mode" "$NGINX1_TLS_PORT" "$NGINX2_TLS_PORT"
+            wait_https "base_pass_$mode" "$port"
+        fi
+    done
 fi
 
 warm_up

@@ -178,6 +178,7 @@ install_tools() {
     for tool in wrk:wrk nginx:nginx haproxy:haproxy iptables:iptables ip:iproute2; do
         command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
     done
+    /usr/bin/python3 -c 'import matplotlib' 2>/dev/null || missing+=(python3-matplotlib)
     ((${#missing[@]})) || return 0
     log "installing ${missing[*]}"
     # Packages must not start their own services (an nginx on :80 we did not start):
@@ -516,6 +517,9 @@ main() {
     done
 
     python3 "$DRILL_PY" report "$RESULTS/rows.jsonl" --detect-limit "$DETECT_LIMIT" | tee "$RESULTS/table.txt"
+    # The timeline of round 1, ringlb beside HAProxy (Debian's python3 has matplotlib).
+    /usr/bin/python3 "$SCRIPT_DIR/drill/chart.py" --failover "$RESULTS" --out "$RESULTS/failover-drill.png" ||
+        log "no chart (python3-matplotlib missing?)"
     log "results and logs in $RESULTS"
 }
 

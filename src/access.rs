@@ -40,6 +40,12 @@ pub struct Entry<'a> {
     pub bytes_down: u64,
     /// A short code (see [`end_code`]).
     pub end: &'static str,
+    /// The SNI route that chose the backend (frontends with routes only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<&'a str>,
+    /// The server name of the client's ClientHello, when it sent one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sni: Option<&'a str>,
 }
 
 impl Entry<'_> {
@@ -81,7 +87,11 @@ impl fmt::Display for Entry<'_> {
             f,
             " duration_ms={} bytes_up={} bytes_down={} end={}",
             self.duration_ms, self.bytes_up, self.bytes_down, self.end
-        )
+        )?;
+        if let Some(route) = self.route {
+            write!(f, " route={route} sni={}", self.sni.unwrap_or("-"))?;
+        }
+        Ok(())
     }
 }
 
@@ -98,6 +108,8 @@ pub fn end_code(end: Option<End>) -> &'static str {
         Some(End::ClientReset) => "client-reset",
         Some(End::BackendReset) => "backend-reset",
         Some(End::IdleTimeout) => "idle-timeout",
+        Some(End::ClientFinTimeout) => "client-fin-timeout",
+        Some(End::ServerFinTimeout) => "server-fin-timeout",
         Some(End::NoBackend) => "no-backend",
         Some(End::BackendDown) => "backend-down",
         Some(End::Stopped) => "stopped",
@@ -106,6 +118,10 @@ pub fn end_code(end: Option<End>) -> &'static str {
         Some(End::LocalError) => "local-error",
         Some(End::ProxyHeader) => "proxy-header",
         Some(End::Refused) => "refused",
+        Some(End::HelloRefused) => "bad-hello",
+        Some(End::QueueTimeout) => "queue-timeout",
+        Some(End::ClientAborted) => "client-aborted",
+        Some(End::HandshakeFailed) => "tls-handshake",
         None => "unknown",
     }
 }
@@ -124,6 +140,8 @@ mod tests {
             bytes_up: 0,
             bytes_down: 0,
             end: end_code(Some(End::NoBackend)),
+            route: None,
+            sni: None,
         }
     }
 

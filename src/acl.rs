@@ -2,12 +2,14 @@
 //! `allow` / `deny` rules are checked against at accept.
 //!
 //! A list is kept as sorted, disjoint address ranges (one vector per
-//! family), built once per config: a lookup is a binary search, about 17
-//! steps for 100,000 prefixes against 4 for 10, with no allocation and
-//! the ranges packed in one array (cache lines, not pointer chasing). A
-//! trie would cost about the same per lookup; merged ranges are smaller,
-//! need no crate and make equality between two loads (a reload that
-//! changed nothing) a plain comparison.
+//! family), built once per config: a lookup is a binary search with no
+//! allocation, over ranges packed in one array. A large list (1,024 ranges
+//! or more) also gets an index on the top 16 bits of the address, which
+//! narrows the search to the few ranges of that block: a lookup in 100,000
+//! prefixes then reads two cache lines of index and one or two of ranges,
+//! where a plain binary search (17 steps over 1 MiB) would miss the cache
+//! at most of them. Merged ranges need no crate, and make equality
+//! between two loads (a reload that changed nothing) a plain comparison.
 //!
 //! IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`), as a dual-stack listener
 //! sees IPv4 clients, are IPv4 here, in rules and in lookups alike.
@@ -141,8 +143,8 @@ pub fn read_list(path: &Path) -> Result<Vec<Cidr>, String> {
 /// A set of prefixes as sorted, disjoint, inclusive address ranges.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PrefixSet {
-    v4: Vec<(u32, u32)>,
-    v6: Vec<(u128, u128)>,
+    v4: Ranges<u32>,
+    v6: Ranges<u128>,
     /// Prefixes it was built from (before merging), for log lines.
     prefixes: usize,
 }
@@ -164,16 +166,16 @@ impl PrefixSet {
             }
         }
         PrefixSet {
-            v4: merge(v4),
-            v6: merge(v6),
+            v4: Ranges::new(v4),
+            v6: Ranges::new(v6),
             prefixes: cidrs.len(),
         }
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
         match canonical(ip) {
-            IpAddr::V4(a) => within(&self.v4, u32::from(a)),
-            IpAddr::V6(a) => within(&self.v6, u128::from(a)),
+            IpAddr::V4(a) => self.v4.contains(u32::from(a)),
+            IpAddr::V6(a) => self.v6.contains(u128::from(a)),
         }
     }
 
@@ -182,12 +184,52 @@ impl PrefixSet {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.v4.is_empty() && self.v6.is_empty()
+        self.v4.ranges.is_empty() && self.v6.ranges.is_empty()
+    }
+}
+
+/// Ranges from which on a family gets its index: below, the binary search
+/// stays in a few cache lines anyway.
+const INDEXED_FROM: usize = 1024;
+/// One entry per value of an address's top 16 bits, plus the end.
+const BLOCKS: usize = 1 << 16;
+
+/// One family's ranges, with the index once there are many.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Ranges<T> {
+    ranges: Vec<(T, T)>,
+    /// `index[h]`: the first range that ends in block `h` or later. The
+    /// range holding an address of block `h`, if any, is among
+    /// `index[h]..=index[h + 1]`: any later one starts past the block.
+    index: Vec<u32>,
+}
+
+impl<T: num::Addr> Ranges<T> {
+    fn new(ranges: Vec<(T, T)>) -> Ranges<T> {
+        let ranges = merge(ranges);
+        let index = if ranges.len() >= INDEXED_FROM {
+            (0..=BLOCKS)
+                .map(|h| ranges.partition_point(|r| r.1.block() < h) as u32)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ranges { ranges, index }
+    }
+
+    fn contains(&self, x: T) -> bool {
+        if self.index.is_empty() {
+            return within(&self.ranges, x);
+        }
+        let h = x.block();
+        let first = self.index[h] as usize;
+        let last = (self.index[h + 1] as usize + 1).min(self.ranges.len());
+        within(&self.ranges[first..last.max(first)], x)
     }
 }
 
 /// Sorts ranges and joins those that overlap or touch.
-fn merge<T: Copy + Ord + num::Successor>(mut ranges: Vec<(T, T)>) -> Vec<(T, T)> {
+fn merge<T: num::Addr>(mut ranges: Vec<(T, T)>) -> Vec<(T, T)> {
     ranges.sort_unstable();
     let mut out: Vec<(T, T)> = Vec::with_capacity(ranges.len());
     for (start, end) in ranges {
@@ -209,17 +251,26 @@ fn within<T: Copy + Ord>(ranges: &[(T, T)], x: T) -> bool {
 }
 
 mod num {
-    pub trait Successor: Sized {
+    /// An address as a number: IPv4 as u32, IPv6 as u128.
+    pub trait Addr: Copy + Ord {
         fn successor(self) -> Option<Self>;
+        /// Its top 16 bits.
+        fn block(self) -> usize;
     }
-    impl Successor for u32 {
+    impl Addr for u32 {
         fn successor(self) -> Option<u32> {
             self.checked_add(1)
         }
+        fn block(self) -> usize {
+            (self >> 16) as usize
+        }
     }
-    impl Successor for u128 {
+    impl Addr for u128 {
         fn successor(self) -> Option<u128> {
             self.checked_add(1)
+        }
+        fn block(self) -> usize {
+            (self >> 112) as usize
         }
     }
 }
@@ -318,7 +369,7 @@ mod tests {
         assert!(all.contains(ip("255.255.255.255")) && all.contains(ip("::")));
         // Adjacent and nested ranges merge.
         let merged = set(&["10.0.0.0/9", "10.128.0.0/9", "10.1.0.0/16"]);
-        assert_eq!(merged.v4, vec![(0x0a00_0000, 0x0aff_ffff)]);
+        assert_eq!(merged.v4.ranges, vec![(0x0a00_0000, 0x0aff_ffff)]);
         assert_eq!(merged.prefixes(), 3);
     }
 
@@ -337,6 +388,30 @@ mod tests {
         };
         assert!(deny_only.allows(ip("10.0.0.1")));
         assert!(!deny_only.allows(ip("::ffff:127.0.0.3")));
+    }
+
+    /// The index finds exactly what a plain binary search finds: at every
+    /// range's edges, and between.
+    #[test]
+    fn the_index_agrees_with_the_plain_search() {
+        let mut seed = 0x2545_f491_4f6c_dd1d;
+        let text = random_list(20_000, &mut seed);
+        let set = PrefixSet::new(&parse_list(&text, "list").expect("list"));
+        assert!(!set.v4.index.is_empty() && !set.v6.index.is_empty());
+        let mut probes: Vec<u32> = vec![0, 1, u32::MAX, u32::MAX - 1];
+        for &(start, end) in &set.v4.ranges {
+            probes.extend([start, end, start.wrapping_sub(1), end.wrapping_add(1)]);
+        }
+        for x in probes {
+            assert_eq!(set.v4.contains(x), within(&set.v4.ranges, x), "{x:#x}");
+        }
+        for &(start, end) in &set.v6.ranges {
+            for x in [start, end, start.wrapping_sub(1), end.wrapping_add(1)] {
+                assert_eq!(set.v6.contains(x), within(&set.v6.ranges, x), "{x:#x}");
+            }
+        }
+        let edge = PrefixSet::new(&[Cidr::parse("255.255.0.0/16").expect("cidr")]);
+        assert!(edge.contains("255.255.255.255".parse().expect("ip")));
     }
 
     /// A tiny xorshift, so the table is the same on every run.
@@ -402,14 +477,19 @@ mod tests {
             allow: None,
             deny: s,
         };
-        let (small, large) = (acl(small), acl(large));
+        let mut unindexed = large.clone();
+        unindexed.v4.index.clear();
+        unindexed.v6.index.clear();
+        let (small, large, unindexed) = (acl(small), acl(large), acl(unindexed));
         let small_ns = ns_per_lookup(&small, &probes);
         let large_ns = ns_per_lookup(&large, &probes);
+        let unindexed_ns = ns_per_lookup(&unindexed, &probes);
         println!(
             "acl: lookup {small_ns:.0} ns with 10 prefixes, {large_ns:.0} ns with 100,000 \
-             ({} v4 + {} v6 ranges after merging); parsing and building 100,000 took {load:?}",
-            large.deny.v4.len(),
-            large.deny.v6.len()
+             ({unindexed_ns:.0} ns without the index; {} v4 + {} v6 ranges after merging); \
+             parsing and building 100,000 took {load:?}",
+            large.deny.v4.ranges.len(),
+            large.deny.v6.ranges.len()
         );
         assert!(load < Duration::from_secs(60), "{load:?}");
         // Every listed prefix is found, whatever the size.

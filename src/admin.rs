@@ -385,7 +385,7 @@ fn ready(state: &State) -> Response<Full<Bytes>> {
         text(
             StatusCode::SERVICE_UNAVAILABLE,
             PLAIN,
-            "draining: no new connections\n".into(),
+            "not ready: leaving or draining\n".into(),
         )
     }
 }

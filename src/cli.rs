@@ -11,9 +11,11 @@ use std::sync::Arc;
 use crate::acl::{Acl, Cidr, PrefixSet};
 use crate::edge::EdgeConfig;
 
+use crate::check::{HttpExpect, HttpRequest, Pattern, Script};
+
 use crate::config::{
-    self, BackendConfig, CheckConfig, Config, ConfigError, ConfigSource, FrontendConfig, Mode,
-    OnDown,
+    self, BackendConfig, Balance, BalanceConfig, CheckConfig, Config, ConfigError, ConfigSource,
+    FrontendConfig, Mode, OnDown,
 };
 use crate::proxy::{self, ProxyConfig, Version};
 
@@ -37,8 +39,10 @@ Examples:
   ringlb --listen 0.0.0.0:5432 --mode active-passive --backend db1:5432 --backend db2:5432
   ringlb --config /etc/ringlb.toml
   ringlb demo
-Signals: SIGTERM, SIGINT or SIGUSR1 drains (stop accepting, let connections
-finish, up to --drain-timeout), a second one stops at once. SIGHUP and
+Signals: SIGTERM or SIGUSR1 leaves: /ready says 503 at once, ringlb keeps
+serving for --leave-delay (time for keepalived or BGP to move the address),
+then drains (stop accepting, let connections finish, up to --drain-timeout);
+SIGINT drains at once; a second signal skips ahead (leave, drain, stop). SIGHUP and
 SIGUSR2 are logged and ignored (reserved for reload); SIGQUIT logs a status
 line per frontend. `ringlb ctl` drives a ringlb started with --admin-socket
 (show, drain, disable, enable, reload). Logs: RUST_LOG=debug adds one line per connection; a
@@ -58,9 +62,17 @@ pub struct Cli {
     #[arg(long = "backend", value_name = "ADDR", value_parser = parse_backend, conflicts_with = "config")]
     backends: Vec<BackendConfig>,
 
-    /// active-active: round robin over backends that are up; active-passive: all to the first that is up
-    #[arg(long, value_enum, default_value_t = Mode::ActiveActive, conflicts_with = "config")]
-    mode: Mode,
+    /// active-active: round robin over backends that are up; active-passive: all to the first that is up [default: active-active]
+    #[arg(long, value_enum, conflicts_with = "config")]
+    mode: Option<Mode>,
+
+    /// How to choose a backend (HAProxy's balance); active-active is roundrobin, active-passive is first [default: roundrobin]
+    #[arg(long, value_enum, value_name = "ALGORITHM", conflicts_with = "config")]
+    balance: Option<Balance>,
+
+    /// A backend that comes back up ramps from 1/20 of its share to all of it over this time (HAProxy's slowstart)
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration, conflicts_with = "config")]
+    slowstart: Option<Duration>,
 
     /// Worker threads, each with its own io_uring and listener [default: number of cores]
     #[arg(long, value_name = "N")]
@@ -98,9 +110,29 @@ pub struct Cli {
     #[arg(long, value_name = "STRING", value_parser = parse_bytes, conflicts_with = "config")]
     check_send: Option<Bytes>,
 
-    /// Bytes the check's reply must start with; catches a backend that accepts but hangs
+    /// Bytes the check's reply must contain (read until seen, closed or timed out); catches a backend that accepts but hangs
     #[arg(long, value_name = "STRING", value_parser = parse_bytes, conflicts_with = "config")]
     check_expect: Option<Bytes>,
+
+    /// A regular expression the check's reply must match (HAProxy's expect rstring)
+    #[arg(long, value_name = "REGEX", value_parser = parse_pattern, conflicts_with = "config")]
+    check_expect_regex: Option<Pattern>,
+
+    /// An HTTP check instead: "GET /path" passes on 2xx/3xx (HAProxy's httpchk)
+    #[arg(long, value_name = "REQUEST", value_parser = HttpRequest::parse, conflicts_with_all = ["config", "check_send", "check_expect", "check_expect_regex"])]
+    check_http: Option<HttpRequest>,
+
+    /// Check this port instead of each backend's traffic port (a sidecar)
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..), conflicts_with = "config")]
+    check_port: Option<u16>,
+
+    /// Interval while a backend's state is changing (HAProxy's fastinter) [default: the interval]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration, conflicts_with = "config")]
+    fastinter: Option<Duration>,
+
+    /// Interval while a backend is down (HAProxy's downinter) [default: the interval]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration, conflicts_with = "config")]
+    downinter: Option<Duration>,
 
     /// Active-passive: keep traffic on the promoted backend when the active one comes back
     #[arg(long, conflicts_with = "config")]
@@ -153,10 +185,17 @@ pub struct Cli {
     /// Close a connection the client has ended (half-closed) once it idles this long [default: the idle timeout]
     #[arg(long, value_name = "DUR", value_parser = config::parse_duration, conflicts_with = "config")]
     timeout_server_fin: Option<Duration>,
+    /// Connect attempts after the first for one connection, on other backends or the same one
+    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_RETRIES, conflicts_with = "config")]
+    retries: u32,
 
     /// On SIGTERM, time open connections get to finish before they are closed [default: 30s]
     #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
     drain_timeout: Option<Duration>,
+
+    /// On SIGTERM or `ringlb ctl leave`, time ringlb reports not ready (/ready 503) while still serving, before it drains; 0 for none [default: 2s]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_delay)]
+    leave_delay: Option<Duration>,
 
     /// Serve Prometheus metrics over HTTP on this address, e.g. 127.0.0.1:9090
     #[arg(long, value_name = "ADDR", value_parser = config::parse_address)]
@@ -165,6 +204,14 @@ pub struct Cli {
     /// Serve `ringlb ctl` on this Unix socket (created mode 0600), e.g. /run/ringlb.sock
     #[arg(long, value_name = "PATH")]
     admin_socket: Option<PathBuf>,
+
+    /// Once listening, switch to this user (given by name or number); needs ringlb started as root
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
+
+    /// With --user: switch to this group [default: the user's primary group]
+    #[arg(long, value_name = "GROUP", requires = "user")]
+    group: Option<String>,
 
     /// Run from a TOML config file (several frontends); see examples/foobar.toml
     #[arg(long, value_name = "FILE")]
@@ -227,8 +274,10 @@ enum CtlCommand {
     },
     /// Re-read the config file and apply the difference; prints what changed
     Reload,
-    /// Exit 0 while ringlb accepts new connections, 1 once it drains (as HTTP /ready)
+    /// Exit 0 while ringlb accepts new connections, 1 once it leaves or drains (as HTTP /ready)
     Ready,
+    /// As SIGTERM: report not ready, serve on for the leave delay, then drain and exit
+    Leave,
 }
 
 impl CtlCommand {
@@ -246,14 +295,18 @@ impl CtlCommand {
             CtlCommand::Enable { target } => format!("enable {target}"),
             CtlCommand::Reload => "reload".into(),
             CtlCommand::Ready => "ready".into(),
+            CtlCommand::Leave => "leave".into(),
         }
     }
 }
 
 /// What the command line asks for.
+// Built once per process and moved once: its size costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Action {
     Run {
-        config: Config,
+        /// Boxed: far larger than the other actions.
+        config: Box<Config>,
         /// `None` when started from flags alone: nothing to reload.
         source: Option<ConfigSource>,
     },
@@ -285,6 +338,10 @@ fn acl_of(allow: &[Cidr], deny: &[Cidr]) -> Option<Arc<Acl>> {
         allow: (!allow.is_empty()).then(|| PrefixSet::new(allow)),
         deny: PrefixSet::new(deny),
     }))
+}
+
+fn parse_pattern(text: &str) -> Result<Pattern, String> {
+    Pattern::new(text)
 }
 
 fn parse_backend(text: &str) -> Result<BackendConfig, String> {
@@ -320,8 +377,11 @@ impl Cli {
                 workers: self.workers,
                 buffers: self.buffers,
                 drain_timeout: self.drain_timeout,
+                leave_delay: self.leave_delay,
                 stats,
                 admin_socket: self.admin_socket,
+                user: self.user,
+                group: self.group,
             };
             let config = source.load().map_err(|e| match e {
                 // A flag out of range is a usage error; the file's are 1.
@@ -333,7 +393,7 @@ impl Cli {
                 e => (1, e.to_string()),
             })?;
             return Ok(Action::Run {
-                config,
+                config: Box::new(config),
                 source: Some(source),
             });
         }
@@ -344,34 +404,69 @@ impl Cli {
         if self.backends.is_empty() {
             return Err((2, "no backend: give at least one --backend ADDR".into()));
         }
+        let algorithm = match (self.balance, self.mode) {
+            (Some(b), Some(m)) if b.mode() != m => {
+                return Err((
+                    2,
+                    format!(
+                        "--balance {b} contradicts --mode {m} (active-passive is --balance first); keep one of them"
+                    ),
+                ));
+            }
+            (Some(b), _) => b,
+            (None, m) => Balance::for_mode(m.unwrap_or(Mode::ActiveActive)),
+        };
         let from = (!self.accept_proxy_from.is_empty()).then_some(self.accept_proxy_from);
         let proxy = ProxyConfig {
             send: self.send_proxy,
             accept: proxy::accept(self.accept_proxy, from, self.timeout_proxy_header)
                 .map_err(|e| (2, flags(&e)))?,
         };
-        let check_proxy = config::default_check_send_proxy(proxy.send, &self.backends);
+        let mut check = CheckConfig {
+            interval: self.check_interval,
+            timeout: self
+                .check_timeout
+                .unwrap_or_else(|| CheckConfig::default_timeout(self.check_interval)),
+            rise: self.rise,
+            fall: self.fall,
+            script: match self.check_http {
+                Some(request) => Script::http(
+                    request,
+                    HttpExpect {
+                        statuses: Vec::new(),
+                        body: None,
+                    },
+                ),
+                None => Script::flat(
+                    self.check_send.map(|b| b.0),
+                    self.check_expect.map(|b| b.0),
+                    self.check_expect_regex,
+                ),
+            },
+            fastinter: self.fastinter,
+            downinter: self.downinter,
+            port: self.check_port,
+            ..CheckConfig::new(self.check_interval)
+        };
+        check.proxy = config::default_check_send_proxy(proxy.send, &check, &self.backends);
         let frontend = FrontendConfig {
             name: "default".into(),
             listen,
-            mode: self.mode,
+            mode: algorithm.mode(),
+            balance: BalanceConfig {
+                algorithm,
+                allbackups: false,
+                slowstart: self.slowstart,
+            },
             backends: self.backends,
             connect_timeout: self.connect_timeout,
             idle_timeout: self.idle_timeout,
-            check: CheckConfig {
-                interval: self.check_interval,
-                timeout: self
-                    .check_timeout
-                    .unwrap_or_else(|| CheckConfig::default_timeout(self.check_interval)),
-                rise: self.rise,
-                fall: self.fall,
-                send: self.check_send.map(|b| b.0),
-                expect: self.check_expect.map(|b| b.0),
-                proxy: check_proxy,
-            },
+            check,
             failback: !self.no_failback,
             on_down: self.on_down,
             maxconn: self.maxconn,
+            timeout_queue: None,
+            retries: self.retries,
             access_log: crate::config::AccessLog::Off,
             proxy,
             edge: EdgeConfig {
@@ -381,18 +476,22 @@ impl Cli {
                 client_fin_timeout: self.timeout_client_fin,
                 server_fin_timeout: self.timeout_server_fin,
             },
+            tls: Default::default(),
         };
         let config = Config {
             workers: self.workers.unwrap_or_else(config::default_workers),
             buffers: self.buffers.unwrap_or(config::DEFAULT_BUFFERS),
             drain_timeout: self.drain_timeout.unwrap_or(config::DEFAULT_DRAIN_TIMEOUT),
+            leave_delay: self.leave_delay.unwrap_or(config::DEFAULT_LEAVE_DELAY),
             stats,
             admin_socket: self.admin_socket,
+            user: self.user,
+            group: self.group,
             frontends: vec![frontend],
         };
         config.validate().map_err(|e| (2, e))?;
         Ok(Action::Run {
-            config,
+            config: Box::new(config),
             source: None,
         })
     }

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use toml::Spanned;
 
 use crate::acl::{self, Acl, Cidr, PrefixSet};
+use crate::check::{HttpExpect, HttpRequest, Kind, Matcher, Pattern, Script, Step};
 pub use crate::edge::EdgeConfig;
 use crate::proxy::{self, ProxyConfig, Version};
 
@@ -26,6 +27,16 @@ pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_RISE: u32 = 2;
 pub const DEFAULT_FALL: u32 = 3;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// HAProxy's `tcp-request inspect-delay` is commonly set to 5s for SNI.
+pub const DEFAULT_CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a leaving ringlb keeps serving while reporting not ready: long
+/// enough for keepalived with a 1 s advert and a 1 s check to move the
+/// address (see `Config::leave_delay`); a few seconds more on a stop.
+pub const DEFAULT_LEAVE_DELAY: Duration = Duration::from_secs(2);
+/// HAProxy's default `retries`: a connection makes at most 4 connect
+/// attempts, so a client waits at most 4 connect timeouts (plus the short
+/// delays before trying a backend again) before it is reset.
+pub const DEFAULT_RETRIES: u32 = 3;
 /// Receive buffers per worker (16 KiB each: 16 MiB). Only messages in
 /// flight hold one, so this bounds memory, not connections.
 pub const DEFAULT_BUFFERS: u32 = 1024;
@@ -63,6 +74,73 @@ impl fmt::Display for Mode {
     }
 }
 
+/// How a frontend chooses a backend for each new connection: HAProxy's
+/// `balance` algorithms of the same names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    /// Smooth weighted round robin, exact over each cycle across workers.
+    Roundrobin,
+    /// Fewest active connections relative to weight; ties take turns.
+    Leastconn,
+    /// A consistent hash (Maglev) of the client's IP address.
+    Source,
+    /// The first usable backend in the order given (active-passive).
+    First,
+}
+
+impl fmt::Display for Balance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Balance::Roundrobin => "roundrobin",
+            Balance::Leastconn => "leastconn",
+            Balance::Source => "source",
+            Balance::First => "first",
+        })
+    }
+}
+
+impl Balance {
+    /// `mode` as the shorthand it is: which algorithm it stands for.
+    pub fn for_mode(mode: Mode) -> Balance {
+        match mode {
+            Mode::ActiveActive => Balance::Roundrobin,
+            Mode::ActivePassive => Balance::First,
+        }
+    }
+
+    /// The `mode` an algorithm falls under: only `first` sends everything
+    /// to one backend.
+    pub fn mode(self) -> Mode {
+        match self {
+            Balance::First => Mode::ActivePassive,
+            _ => Mode::ActiveActive,
+        }
+    }
+}
+
+/// The balancing settings of one frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BalanceConfig {
+    pub algorithm: Balance,
+    /// With no non-backup backend usable, spread over every usable backup
+    /// (HAProxy's `option allbackups`) instead of the first one only.
+    pub allbackups: bool,
+    /// A backend that comes back up ramps from 1/20 of its weight to all
+    /// of it over this time (HAProxy's `slowstart`).
+    pub slowstart: Option<Duration>,
+}
+
+impl BalanceConfig {
+    pub fn new(algorithm: Balance) -> BalanceConfig {
+        BalanceConfig {
+            algorithm,
+            allbackups: false,
+            slowstart: None,
+        }
+    }
+}
+
 /// What happens to established connections when their backend is marked
 /// down (HAProxy's `on-marked-down`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -95,17 +173,33 @@ enum LogFormat {
 }
 
 /// The failover watcher's settings for one frontend.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CheckConfig {
     pub interval: Duration,
     pub timeout: Duration,
     pub rise: u32,
     pub fall: u32,
-    /// Bytes written after connecting; with `expect`, catches a backend
-    /// that completes handshakes but no longer answers (a stopped process).
-    pub send: Option<Vec<u8>>,
-    /// The reply must start with these bytes within the timeout.
-    pub expect: Option<Vec<u8>>,
+    /// What the check does once connected: nothing (a connect check),
+    /// send/expect steps, or a ready-made kind. A send/expect check
+    /// catches a backend that completes handshakes but no longer answers
+    /// (a stopped process).
+    pub script: Script,
+    /// The interval while the state is changing: up after a failed check,
+    /// or down after a good one (HAProxy's `fastinter`).
+    pub fastinter: Option<Duration>,
+    /// The interval while down (HAProxy's `downinter`).
+    pub downinter: Option<Duration>,
+    /// Check this port or address instead of the one traffic goes to; a
+    /// backend's own `check-port` / `check-address` wins.
+    pub port: Option<u16>,
+    pub address: Option<IpAddr>,
+    /// An agent check (HAProxy's `agent-check`) runs for every backend
+    /// with a port for it, here or in its table.
+    pub agent_port: Option<u16>,
+    pub agent_address: Option<IpAddr>,
+    /// Default: the check interval.
+    pub agent_interval: Option<Duration>,
+    pub agent_send: Option<Vec<u8>>,
     /// `check-send-proxy`: each check starts with a PROXY header of this
     /// version that carries no client (v2 LOCAL, v1 UNKNOWN).
     pub proxy: Option<Version>,
@@ -116,6 +210,52 @@ impl CheckConfig {
     /// but waiting more than a second only delays failover.
     pub fn default_timeout(interval: Duration) -> Duration {
         interval.min(Duration::from_secs(1))
+    }
+
+    /// A connect check every `interval`, every other setting at its default.
+    pub fn new(interval: Duration) -> CheckConfig {
+        CheckConfig {
+            interval,
+            timeout: CheckConfig::default_timeout(interval),
+            rise: DEFAULT_RISE,
+            fall: DEFAULT_FALL,
+            script: Script::connect(),
+            fastinter: None,
+            downinter: None,
+            port: None,
+            address: None,
+            agent_port: None,
+            agent_address: None,
+            agent_interval: None,
+            agent_send: None,
+            proxy: None,
+        }
+    }
+
+    /// Where `backend`'s checks go: its check address and port, else the
+    /// frontend's, else its traffic address.
+    pub fn target(&self, backend: &BackendConfig) -> SocketAddr {
+        let ip = backend
+            .check_address
+            .or(self.address)
+            .unwrap_or(backend.addr.ip());
+        let port = backend
+            .check_port
+            .or(self.port)
+            .unwrap_or(backend.addr.port());
+        SocketAddr::new(ip, port)
+    }
+
+    /// Where `backend`'s agent answers, if it has one.
+    pub fn agent_target(&self, backend: &BackendConfig) -> Option<SocketAddr> {
+        let port = backend.agent_port.or(self.agent_port)?;
+        let ip = backend
+            .agent_address
+            .or(self.agent_address)
+            .or(backend.check_address)
+            .or(self.address)
+            .unwrap_or(backend.addr.ip());
+        Some(SocketAddr::new(ip, port))
     }
 }
 
@@ -140,6 +280,9 @@ pub struct BackendConfig {
     pub check_port: Option<u16>,
     /// Check another address than the one traffic goes to.
     pub check_address: Option<IpAddr>,
+    /// Its agent's port and address (HAProxy's `agent-port`, `agent-addr`).
+    pub agent_port: Option<u16>,
+    pub agent_address: Option<IpAddr>,
     /// This backend's `send-proxy`, over the frontend's.
     pub send_proxy: Option<Version>,
 }
@@ -155,6 +298,8 @@ impl BackendConfig {
             maxconn: None,
             check_port: None,
             check_address: None,
+            agent_port: None,
+            agent_address: None,
             send_proxy: None,
         }
     }
@@ -164,7 +309,9 @@ impl BackendConfig {
 pub struct FrontendConfig {
     pub name: String,
     pub listen: SocketAddr,
+    /// Always the one `balance` falls under (active-passive for `first`).
     pub mode: Mode,
+    pub balance: BalanceConfig,
     /// In priority order: in active-passive mode the first is the active one.
     pub backends: Vec<BackendConfig>,
     pub connect_timeout: Duration,
@@ -176,12 +323,90 @@ pub struct FrontendConfig {
     /// Most client connections at once on this frontend; more wait in the
     /// kernel's accept queue until one ends, so backends are never swamped.
     pub maxconn: Option<u32>,
+    /// How long a connection waits for a slot when every usable backend is
+    /// at its maxconn (HAProxy's `timeout queue`); the connect timeout when
+    /// unset.
+    pub timeout_queue: Option<Duration>,
+    /// Connect attempts after the first, across backends and on the same
+    /// one (HAProxy's `retries`).
+    pub retries: u32,
     /// `log = true`, in the format of `log-format`.
     pub access_log: AccessLog,
     /// `send-proxy`, `accept-proxy` and their settings.
     pub proxy: ProxyConfig,
     /// Source ACL, per-source limits, half-closed timeouts.
     pub edge: EdgeConfig,
+    /// SNI routes and TLS settings: none by default (plain TCP).
+    pub tls: TlsSettings,
+}
+
+impl FrontendConfig {
+    /// The frontend's own backends: those of its routes follow them in
+    /// `backends`.
+    pub fn own_backends(&self) -> std::ops::Range<usize> {
+        0..self
+            .tls
+            .routes
+            .first()
+            .map_or(self.backends.len(), |r| r.backends.start)
+    }
+}
+
+/// What a frontend does with TLS: route by the ClientHello's server name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// `[[frontend.route]]` tables, in the file's order.
+    pub routes: Vec<RouteConfig>,
+    /// How long a client has to send its whole ClientHello.
+    pub client_hello_timeout: Duration,
+    /// `tls = { ... }`: TLS is terminated here.
+    pub server: Option<crate::tls::TlsServer>,
+    /// `backend-tls = true`: the backend side is TLS again.
+    pub backend: Option<crate::tls::TlsClient>,
+}
+
+impl Default for TlsSettings {
+    fn default() -> TlsSettings {
+        TlsSettings {
+            routes: Vec::new(),
+            client_hello_timeout: DEFAULT_CLIENT_HELLO_TIMEOUT,
+            server: None,
+            backend: None,
+        }
+    }
+}
+
+impl TlsSettings {
+    /// Whether connections start by reading a ClientHello themselves (SNI
+    /// passthrough; a terminating frontend has rustls read it).
+    pub fn reads_hello(&self) -> bool {
+        !self.routes.is_empty() && self.server.is_none()
+    }
+
+    /// Whether routes choose backends (by the hello's or the handshake's
+    /// server name).
+    pub fn routes_by_name(&self) -> bool {
+        !self.routes.is_empty()
+    }
+}
+
+/// Default time for a whole TLS handshake (HAProxy has none of its own;
+/// its `timeout client` applies).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A `[[frontend.route]]`: the connections whose server name matches go to
+/// its own backends, with its own balance mode (its backends are checked
+/// with the frontend's check settings).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Host names and `*.domain` wildcards, lower case.
+    pub sni: Vec<String>,
+    pub mode: Mode,
+    pub failback: bool,
+    /// Its backends' place in the frontend's `backends`; each is named
+    /// `ROUTE/ADDRESS` there, so its metrics and state are its own.
+    pub backends: std::ops::Range<usize>,
 }
 
 impl FrontendConfig {
@@ -201,10 +426,19 @@ pub struct Config {
     /// by a send to a slow peer, receives move to splice, which needs none.
     pub buffers: u32,
     pub drain_timeout: Duration,
+    /// On SIGTERM or `ringlb ctl leave`: how long ringlb reports not ready
+    /// (`/ready` 503, `ringlb ctl ready` 1) while still accepting, before
+    /// it drains. It must exceed the time the routing layer in front needs
+    /// to move traffic away (VRRP: 3 adverts plus the check interval; BGP:
+    /// the withdrawal's propagation), or clients meet a closed port.
+    pub leave_delay: Duration,
     /// Where the admin HTTP server (metrics) listens, if anywhere.
     pub stats: Option<SocketAddr>,
     /// The Unix socket `ringlb ctl` talks to, if any.
     pub admin_socket: Option<PathBuf>,
+    /// Who ringlb runs as once everything is bound (privdrop.rs).
+    pub user: Option<String>,
+    pub group: Option<String>,
     pub frontends: Vec<FrontendConfig>,
 }
 
@@ -311,6 +545,18 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// A duration that may be zero ("0", "0s"): a leave delay of none.
+pub fn parse_delay(text: &str) -> Result<Duration, String> {
+    let digits = text
+        .trim()
+        .trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    if !digits.is_empty() && digits.bytes().all(|b| b == b'0') {
+        // The unit must still be one ringlb knows ("0x" is a typo).
+        return parse_duration(&text.trim().replacen('0', "1", 1)).map(|_| Duration::ZERO);
+    }
+    parse_duration(text)
+}
+
 /// Understands `\n`, `\r`, `\t`, `\0`, `\\` and `\xHH`, so binary health
 /// check payloads fit on a command line.
 pub fn parse_escapes(text: &str) -> Result<Vec<u8>, String> {
@@ -392,8 +638,11 @@ struct RawConfig {
     workers: Option<Spanned<usize>>,
     buffers: Option<Spanned<u32>>,
     drain_timeout: Option<Spanned<String>>,
+    leave_delay: Option<Spanned<String>>,
     stats: Option<Spanned<String>>,
     admin_socket: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
     #[serde(default)]
     frontend: Vec<Spanned<RawFrontend>>,
 }
@@ -403,7 +652,10 @@ struct RawConfig {
 struct RawFrontend {
     name: Option<Spanned<String>>,
     listen: Spanned<String>,
-    mode: Option<Mode>,
+    mode: Option<Spanned<Mode>>,
+    balance: Option<Spanned<Balance>>,
+    allbackups: Option<bool>,
+    slowstart: Option<Spanned<String>>,
     #[serde(default)]
     backends: Vec<Spanned<RawBackend>>,
     connect_timeout: Option<Spanned<String>>,
@@ -414,11 +666,34 @@ struct RawFrontend {
     fall: Option<u32>,
     check_send: Option<Spanned<String>>,
     check_expect: Option<Spanned<String>>,
+    check_expect_regex: Option<Spanned<String>>,
+    check: Option<Spanned<RawCheck>>,
+    check_http: Option<Spanned<String>>,
+    check_http_host: Option<Spanned<String>>,
+    check_http_status: Option<Spanned<Vec<u16>>>,
+    check_http_expect: Option<Spanned<String>>,
+    check_port: Option<Spanned<u16>>,
+    check_address: Option<Spanned<String>>,
+    fastinter: Option<Spanned<String>>,
+    downinter: Option<Spanned<String>>,
+    agent_port: Option<Spanned<u16>>,
+    agent_address: Option<Spanned<String>>,
+    agent_interval: Option<Spanned<String>>,
+    agent_send: Option<Spanned<String>>,
     failback: Option<bool>,
     on_down: Option<OnDown>,
     maxconn: Option<u32>,
+    timeout_queue: Option<Spanned<String>>,
+    retries: Option<u32>,
     log: Option<bool>,
     log_format: Option<Spanned<LogFormat>>,
+    timeout_client_hello: Option<Spanned<String>>,
+    #[serde(default)]
+    route: Vec<Spanned<RawRoute>>,
+    tls: Option<Spanned<RawTls>>,
+    backend_tls: Option<Spanned<bool>>,
+    backend_ca: Option<Spanned<String>>,
+    backend_server_name: Option<Spanned<String>>,
     send_proxy: Option<Version>,
     check_send_proxy: Option<Spanned<bool>>,
     accept_proxy: Option<Spanned<bool>>,
@@ -432,6 +707,29 @@ struct RawFrontend {
     max_rate_per_source: Option<Spanned<u32>>,
     timeout_client_fin: Option<Spanned<String>>,
     timeout_server_fin: Option<Spanned<String>>,
+}
+
+/// `tls = { cert = "...", key = "...", ... }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawTls {
+    cert: Option<String>,
+    key: Option<String>,
+    /// More certificates, chosen by the names they hold.
+    #[serde(default)]
+    certs: Vec<RawCert>,
+    min_version: Option<String>,
+    #[serde(default)]
+    alpn: Vec<String>,
+    client_ca: Option<String>,
+    handshake_timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCert {
+    cert: String,
+    key: String,
 }
 
 /// A backend as written: `"10.0.0.11:8080"` or a table with settings.
@@ -450,6 +748,8 @@ struct RawBackendTable {
     maxconn: Option<u32>,
     check_port: Option<u16>,
     check_address: Option<String>,
+    agent_port: Option<u16>,
+    agent_address: Option<String>,
     send_proxy: Option<Version>,
 }
 
@@ -478,6 +778,89 @@ impl<'de> Deserialize<'de> for RawBackend {
     }
 }
 
+/// `check = "redis"` or `check = [ { send = "..." }, { expect = "..." } ]`.
+enum RawCheck {
+    Kind(String),
+    Steps(Vec<Spanned<RawStep>>),
+}
+
+/// One step of a written check: exactly one of send, expect, expect-regex.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawStep {
+    send: Option<String>,
+    expect: Option<String>,
+    expect_regex: Option<String>,
+    timeout: Option<String>,
+}
+
+/// By hand, as [`RawBackend`]: a string or a list, each with its own error.
+impl<'de> Deserialize<'de> for RawCheck {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawCheck;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "a kind such as \"redis\" or a list of steps such as [ { send = \"PING\\r\\n\" }, { expect = \"+PONG\" } ]",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawCheck, E> {
+                Ok(RawCheck::Kind(v.to_string()))
+            }
+            fn visit_seq<S: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: S,
+            ) -> Result<RawCheck, S::Error> {
+                let mut steps = Vec::new();
+                while let Some(step) = seq.next_element::<Spanned<RawStep>>()? {
+                    steps.push(step);
+                }
+                Ok(RawCheck::Steps(steps))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl RawStep {
+    fn resolve(&self, check_timeout: Duration) -> Result<Step, String> {
+        let timeout = self
+            .timeout
+            .as_deref()
+            .map(|t| parse_duration(t).map_err(|e| format!("timeout: {e}")))
+            .transpose()?;
+        if let Some(t) = timeout
+            && t > check_timeout
+        {
+            return Err(format!(
+                "timeout {t:?} is longer than the check's timeout ({check_timeout:?}): the check would end first"
+            ));
+        }
+        let step = match (&self.send, &self.expect, &self.expect_regex) {
+            (Some(send), None, None) => {
+                if timeout.is_some() {
+                    return Err("timeout is for expect steps (a send takes the check's)".into());
+                }
+                return parse_escapes(send)
+                    .map(Step::Send)
+                    .map_err(|e| format!("send: {e}"));
+            }
+            (None, Some(expect), None) => {
+                Matcher::Contains(parse_escapes(expect).map_err(|e| format!("expect: {e}"))?)
+            }
+            (None, None, Some(regex)) => {
+                Matcher::Regex(Pattern::new(regex).map_err(|e| format!("expect-regex: {e}"))?)
+            }
+            _ => return Err("each step takes exactly one of send, expect or expect-regex".into()),
+        };
+        Ok(Step::Expect {
+            matcher: step,
+            timeout,
+        })
+    }
+}
+
 impl RawBackend {
     fn resolve(&self) -> Result<BackendConfig, String> {
         let table = match self {
@@ -492,14 +875,15 @@ impl RawBackend {
         let name = table.name.as_ref().unwrap_or(&table.address);
         check_name(name)?;
         let addr = parse_address(&table.address)?;
-        let check_address = table
-            .check_address
-            .as_ref()
-            .map(|a| {
-                a.parse::<IpAddr>()
-                    .map_err(|_| format!("check-address: '{a}' is not an IP address"))
-            })
-            .transpose()?;
+        let ip = |key: &str, a: &Option<String>| {
+            a.as_ref()
+                .map(|a| {
+                    a.parse::<IpAddr>()
+                        .map_err(|_| format!("{key}: '{a}' is not an IP address"))
+                })
+                .transpose()
+        };
+        let check_address = ip("check-address", &table.check_address)?;
         Ok(BackendConfig {
             addr,
             name: name.clone(),
@@ -508,9 +892,23 @@ impl RawBackend {
             maxconn: table.maxconn,
             check_port: table.check_port,
             check_address,
+            agent_port: table.agent_port,
+            agent_address: ip("agent-address", &table.agent_address)?,
             send_proxy: table.send_proxy,
         })
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawRoute {
+    name: Option<Spanned<String>>,
+    #[serde(default)]
+    sni: Vec<Spanned<String>>,
+    #[serde(default)]
+    backends: Vec<Spanned<RawBackend>>,
+    mode: Option<Mode>,
+    failback: Option<bool>,
 }
 
 /// Turns byte offsets from the TOML parser into the line a user sees.
@@ -615,7 +1013,7 @@ impl RawFrontend {
     fn resolve(&self, index: usize, src: &Source<'_>) -> Result<FrontendConfig, ConfigError> {
         let listen = parse_address(self.listen.get_ref())
             .map_err(|e| src.invalid(&self.listen, format!("listen: {e}")))?;
-        let backends = self
+        let mut backends = self
             .backends
             .iter()
             .map(|b| {
@@ -624,18 +1022,23 @@ impl RawFrontend {
                     .map_err(|e| src.invalid(b, format!("backends: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let interval = src
-            .duration(&self.check_interval, "check-interval")?
-            .unwrap_or(DEFAULT_CHECK_INTERVAL);
+        let routes = self.routes(&mut backends, src)?;
+        let balance = BalanceConfig {
+            algorithm: self.algorithm(src)?,
+            allbackups: self.allbackups.unwrap_or(false),
+            slowstart: src.duration(&self.slowstart, "slowstart")?,
+        };
         let proxy = self.proxy(src)?;
-        let check_proxy = self.check_send_proxy(&proxy, &backends, src)?;
+        let mut check = self.check_agent(self.check_config(src)?, &backends, src)?;
+        check.proxy = self.check_send_proxy(&proxy, &check, &backends, src)?;
         Ok(FrontendConfig {
             name: self
                 .name
                 .as_ref()
                 .map_or_else(|| format!("frontend{index}"), |n| n.get_ref().clone()),
             listen,
-            mode: self.mode.unwrap_or(Mode::ActiveActive),
+            mode: balance.algorithm.mode(),
+            balance,
             backends,
             connect_timeout: src
                 .duration(&self.connect_timeout, "connect-timeout")?
@@ -643,24 +1046,197 @@ impl RawFrontend {
             idle_timeout: src
                 .duration(&self.idle_timeout, "idle-timeout")?
                 .unwrap_or(DEFAULT_IDLE_TIMEOUT),
-            check: CheckConfig {
-                interval,
-                timeout: src
-                    .duration(&self.check_timeout, "check-timeout")?
-                    .unwrap_or_else(|| CheckConfig::default_timeout(interval)),
-                rise: self.rise.unwrap_or(DEFAULT_RISE),
-                fall: self.fall.unwrap_or(DEFAULT_FALL),
-                send: src.bytes(&self.check_send, "check-send")?,
-                expect: src.bytes(&self.check_expect, "check-expect")?,
-                proxy: check_proxy,
-            },
+            check,
             failback: self.failback.unwrap_or(true),
             on_down: self.on_down.unwrap_or(OnDown::Keep),
             maxconn: self.maxconn,
+            timeout_queue: src.duration(&self.timeout_queue, "timeout-queue")?,
+            retries: self.retries.unwrap_or(DEFAULT_RETRIES),
             access_log: self.access_log(src)?,
             proxy,
             edge: self.edge(src)?,
+            tls: TlsSettings {
+                routes,
+                client_hello_timeout: src
+                    .duration(&self.timeout_client_hello, "timeout-client-hello")?
+                    .unwrap_or(DEFAULT_CLIENT_HELLO_TIMEOUT),
+                server: self.tls_server(index, src)?,
+                backend: self.tls_client(src)?,
+            },
         })
+    }
+
+    /// Loads the certificates of `tls = { ... }`: a file that cannot be
+    /// used fails the config (and so a reload, which keeps the old ones).
+    fn tls_server(
+        &self,
+        index: usize,
+        src: &Source<'_>,
+    ) -> Result<Option<crate::tls::TlsServer>, ConfigError> {
+        let Some(spanned) = &self.tls else {
+            return Ok(None);
+        };
+        let raw = spanned.get_ref();
+        let fail = |message: String| src.invalid(spanned, format!("tls: {message}"));
+        let mut certs = Vec::new();
+        match (&raw.cert, &raw.key) {
+            (Some(cert), Some(key)) => certs.push((PathBuf::from(cert), PathBuf::from(key))),
+            (None, None) => {}
+            _ => return Err(fail("give both cert and key".into())),
+        }
+        certs.extend(
+            raw.certs
+                .iter()
+                .map(|c| (PathBuf::from(&c.cert), PathBuf::from(&c.key))),
+        );
+        if certs.is_empty() {
+            return Err(fail("give cert and key (the default certificate)".into()));
+        }
+        let min_version = match raw.min_version.as_deref() {
+            None | Some("1.2") => crate::tls::Version::Tls12,
+            Some("1.3") => crate::tls::Version::Tls13,
+            Some(other) => {
+                return Err(fail(format!(
+                    "min-version: '{other}': TLS 1.2 and 1.3 are supported (\"1.2\" or \"1.3\")"
+                )));
+            }
+        };
+        if raw.alpn.iter().any(|p| p.is_empty() || p.len() > 255) {
+            return Err(fail("alpn: each protocol is 1 to 255 bytes".into()));
+        }
+        let handshake_timeout = raw
+            .handshake_timeout
+            .as_deref()
+            .map(parse_duration)
+            .transpose()
+            .map_err(|e| fail(format!("handshake-timeout: {e}")))?
+            .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT);
+        let options = crate::tls::ServerOptions {
+            certs,
+            min_version,
+            alpn: raw.alpn.clone(),
+            client_ca: raw.client_ca.as_ref().map(PathBuf::from),
+            handshake_timeout,
+        };
+        let name = self
+            .name
+            .as_ref()
+            .map_or_else(|| format!("frontend{index}"), |n| n.get_ref().clone());
+        crate::tls::server(&name, &options).map(Some).map_err(fail)
+    }
+
+    /// `backend-tls = true`, with `backend-ca` and `backend-server-name`.
+    fn tls_client(&self, src: &Source<'_>) -> Result<Option<crate::tls::TlsClient>, ConfigError> {
+        let on = self.backend_tls.as_ref().is_some_and(|b| *b.get_ref());
+        if !on {
+            for (key, value) in [
+                ("backend-ca", &self.backend_ca),
+                ("backend-server-name", &self.backend_server_name),
+            ] {
+                if let Some(v) = value {
+                    return Err(src.invalid(v, format!("{key}: add backend-tls = true")));
+                }
+            }
+            return Ok(None);
+        }
+        let Some(name) = &self.backend_server_name else {
+            let at = self.backend_tls.as_ref().map(Spanned::span);
+            return Err(ConfigError::Invalid {
+                origin: src.origin.to_string(),
+                line: at.map(|s| src.line_col(s.start).0),
+                message: "backend-tls: give backend-server-name, the name the backends' \
+                          certificates are checked for"
+                    .into(),
+            });
+        };
+        let ca = self.backend_ca.as_ref().map(|c| PathBuf::from(c.get_ref()));
+        crate::tls::client(ca.as_deref(), name.get_ref())
+            .map(Some)
+            .map_err(|e| src.invalid(name, e))
+    }
+
+    /// The `[[frontend.route]]` tables; their backends are appended to
+    /// `backends`.
+    fn routes(
+        &self,
+        backends: &mut Vec<BackendConfig>,
+        src: &Source<'_>,
+    ) -> Result<Vec<RouteConfig>, ConfigError> {
+        // A route without its own mode balances as its frontend does.
+        let inherited = self.algorithm(src)?.mode();
+        let mut names: HashMap<String, ()> = HashMap::new();
+        let mut patterns: HashMap<String, String> = HashMap::new();
+        let mut routes = Vec::with_capacity(self.route.len());
+        for (i, spanned) in self.route.iter().enumerate() {
+            let raw = spanned.get_ref();
+            let name = raw
+                .name
+                .as_ref()
+                .map_or_else(|| format!("route{}", i + 1), |n| n.get_ref().clone());
+            let at_name = |message: String| match &raw.name {
+                Some(n) => src.invalid(n, message),
+                None => src.invalid(spanned, message),
+            };
+            check_name(&name).map_err(|e| at_name(format!("route name: {e}")))?;
+            if name == DEFAULT_ROUTE || name.contains('/') {
+                return Err(at_name(format!(
+                    "route name: '{name}' is reserved (the frontend's own backends), or has a /"
+                )));
+            }
+            if names.insert(name.clone(), ()).is_some() {
+                return Err(at_name(format!("two routes are named {name}")));
+            }
+            if raw.sni.is_empty() {
+                return Err(src.invalid(spanned, format!("route {name}: give sni = [...]")));
+            }
+            let mut sni = Vec::with_capacity(raw.sni.len());
+            for pattern in &raw.sni {
+                let lower = pattern.get_ref().to_ascii_lowercase();
+                crate::hello::check_pattern(&lower)
+                    .map_err(|e| src.invalid(pattern, format!("route {name}: sni: {e}")))?;
+                if let Some(other) = patterns.insert(lower.clone(), name.clone()) {
+                    return Err(src.invalid(
+                        pattern,
+                        format!("route {name}: sni: {lower} is also in route {other}"),
+                    ));
+                }
+                sni.push(lower);
+            }
+            if raw.backends.is_empty() {
+                return Err(src.invalid(spanned, format!("route {name}: no backend")));
+            }
+            let start = backends.len();
+            for b in &raw.backends {
+                let backend = b
+                    .get_ref()
+                    .resolve()
+                    .map(|backend| BackendConfig {
+                        name: format!("{name}/{}", backend.name),
+                        ..backend
+                    })
+                    .map_err(|e| src.invalid(b, format!("route {name}: backends: {e}")))?;
+                backends.push(backend);
+            }
+            check_backends(&backends[start..]).map_err(|fault| {
+                let at = match fault.at {
+                    At::Backend(k) => raw.backends.get(k).map_or(spanned.span(), |b| b.span()),
+                    _ => spanned.span(),
+                };
+                ConfigError::Invalid {
+                    origin: src.origin.to_string(),
+                    line: Some(src.line_col(at.start).0),
+                    message: format!("route {name}: {}", fault.message),
+                }
+            })?;
+            routes.push(RouteConfig {
+                name,
+                sni,
+                mode: raw.mode.unwrap_or(inherited),
+                failback: raw.failback.or(self.failback).unwrap_or(true),
+                backends: start..backends.len(),
+            });
+        }
+        Ok(routes)
     }
 
     fn edge(&self, src: &Source<'_>) -> Result<EdgeConfig, ConfigError> {
@@ -724,13 +1300,236 @@ impl RawFrontend {
     fn check_send_proxy(
         &self,
         proxy: &ProxyConfig,
+        check: &CheckConfig,
         backends: &[BackendConfig],
         src: &Source<'_>,
     ) -> Result<Option<Version>, ConfigError> {
         let Some(on) = &self.check_send_proxy else {
-            return Ok(default_check_send_proxy(proxy.send, backends));
+            return Ok(default_check_send_proxy(proxy.send, check, backends));
         };
         check_send_proxy(*on.get_ref(), proxy.send, backends).map_err(|e| src.invalid(on, e))
+    }
+
+    /// `balance` wins; `mode` alone is its shorthand (active-active is
+    /// roundrobin, active-passive is first). Both given must agree: an
+    /// active-passive frontend that balances is a contradiction, not a
+    /// choice to guess at.
+    fn algorithm(&self, src: &Source<'_>) -> Result<Balance, ConfigError> {
+        match (&self.balance, &self.mode) {
+            (None, None) => Ok(Balance::Roundrobin),
+            (None, Some(mode)) => Ok(Balance::for_mode(*mode.get_ref())),
+            (Some(balance), None) => Ok(*balance.get_ref()),
+            (Some(balance), Some(mode)) => {
+                let (b, m) = (*balance.get_ref(), *mode.get_ref());
+                if b.mode() == m {
+                    return Ok(b);
+                }
+                Err(src.invalid(
+                    balance,
+                    format!(
+                        "balance = \"{b}\" contradicts mode = \"{m}\" (active-passive is \
+                         balance = \"first\"); keep one of them"
+                    ),
+                ))
+            }
+        }
+    }
+
+    fn check_config(&self, src: &Source<'_>) -> Result<CheckConfig, ConfigError> {
+        let interval = src
+            .duration(&self.check_interval, "check-interval")?
+            .unwrap_or(DEFAULT_CHECK_INTERVAL);
+        let timeout = src
+            .duration(&self.check_timeout, "check-timeout")?
+            .unwrap_or_else(|| CheckConfig::default_timeout(interval));
+        let ip = |value: &Option<Spanned<String>>, key: &str| {
+            value
+                .as_ref()
+                .map(|v| {
+                    v.get_ref().parse::<IpAddr>().map_err(|_| {
+                        src.invalid(v, format!("{key}: '{}' is not an IP address", v.get_ref()))
+                    })
+                })
+                .transpose()
+        };
+        let port = |value: &Option<Spanned<u16>>, key: &str| match value {
+            Some(p) if *p.get_ref() == 0 => Err(src.invalid(p, format!("{key}: 0 is no port"))),
+            other => Ok(other.as_ref().map(|p| *p.get_ref())),
+        };
+        let agent_port = port(&self.agent_port, "agent-port")?;
+        Ok(CheckConfig {
+            interval,
+            timeout,
+            rise: self.rise.unwrap_or(DEFAULT_RISE),
+            fall: self.fall.unwrap_or(DEFAULT_FALL),
+            script: self.script(src, timeout)?,
+            fastinter: src.duration(&self.fastinter, "fastinter")?,
+            downinter: src.duration(&self.downinter, "downinter")?,
+            port: port(&self.check_port, "check-port")?,
+            address: ip(&self.check_address, "check-address")?,
+            agent_port,
+            agent_address: ip(&self.agent_address, "agent-address")?,
+            agent_interval: src.duration(&self.agent_interval, "agent-interval")?,
+            agent_send: src.bytes(&self.agent_send, "agent-send")?,
+            proxy: None,
+        })
+    }
+
+    /// Agent settings with no agent port anywhere would do nothing, which
+    /// the operator who wrote them surely did not mean.
+    fn check_agent(
+        &self,
+        check: CheckConfig,
+        backends: &[BackendConfig],
+        src: &Source<'_>,
+    ) -> Result<CheckConfig, ConfigError> {
+        if check.agent_port.is_some() || backends.iter().any(|b| b.agent_port.is_some()) {
+            return Ok(check);
+        }
+        let agent_only = [
+            (&self.agent_interval, "agent-interval"),
+            (&self.agent_send, "agent-send"),
+            (&self.agent_address, "agent-address"),
+        ];
+        for (value, key) in agent_only {
+            if let Some(v) = value {
+                return Err(src.invalid(
+                    v,
+                    format!("{key}: no agent-port in this frontend or its backends"),
+                ));
+            }
+        }
+        Ok(check)
+    }
+
+    /// One way of saying what a check does: `check`, `check-http`, or the
+    /// check-send / check-expect / check-expect-regex keys.
+    fn script(&self, src: &Source<'_>, timeout: Duration) -> Result<Script, ConfigError> {
+        let flat = [
+            &self.check_send,
+            &self.check_expect,
+            &self.check_expect_regex,
+        ];
+        let flat_at = flat.iter().find_map(|k| k.as_ref().map(Spanned::span));
+        let ways = [
+            self.check.as_ref().map(Spanned::span),
+            self.check_http.as_ref().map(Spanned::span),
+            flat_at,
+        ];
+        if ways.iter().flatten().count() > 1 {
+            let second = ways.iter().flatten().nth(1).cloned().unwrap_or_default();
+            return Err(ConfigError::Invalid {
+                origin: src.origin.to_string(),
+                line: Some(src.line_col(second.start).0),
+                message: "give one of check, check-http, or check-send/check-expect/check-expect-regex: they all say what a check does".into(),
+            });
+        }
+        let script = match (&self.check, &self.check_http) {
+            (Some(check), _) => self.written_check(check, src, timeout)?,
+            (None, Some(line)) => {
+                let request = HttpRequest::parse(line.get_ref())
+                    .map_err(|e| src.invalid(line, format!("check-http: {e}")))?;
+                self.http_script(request, src)?
+            }
+            (None, None) => Script::flat(
+                src.bytes(&self.check_send, "check-send")?,
+                src.bytes(&self.check_expect, "check-expect")?,
+                self.check_expect_regex
+                    .as_ref()
+                    .map(|r| {
+                        Pattern::new(r.get_ref())
+                            .map_err(|e| src.invalid(r, format!("check-expect-regex: {e}")))
+                    })
+                    .transpose()?,
+            ),
+        };
+        if script.kind != Kind::Http {
+            let http_only = [
+                self.check_http_host.as_ref().map(Spanned::span),
+                self.check_http_status.as_ref().map(Spanned::span),
+                self.check_http_expect.as_ref().map(Spanned::span),
+            ];
+            if let Some(at) = http_only.into_iter().flatten().next() {
+                return Err(ConfigError::Invalid {
+                    origin: src.origin.to_string(),
+                    line: Some(src.line_col(at.start).0),
+                    message: "check-http-host, check-http-status and check-http-expect go with check-http (or check = \"http\")".into(),
+                });
+            }
+        }
+        Ok(script)
+    }
+
+    fn written_check(
+        &self,
+        check: &Spanned<RawCheck>,
+        src: &Source<'_>,
+        timeout: Duration,
+    ) -> Result<Script, ConfigError> {
+        match check.get_ref() {
+            RawCheck::Kind(name) if name == "http" => {
+                let request = HttpRequest::parse("GET /").map_err(|e| src.invalid(check, e))?;
+                self.http_script(request, src)
+            }
+            RawCheck::Kind(name) => {
+                Kind::from_name(name)
+                    .map(Script::ready_made)
+                    .ok_or_else(|| {
+                        src.invalid(
+                            check,
+                            format!(
+                                "check: unknown kind '{name}' (use {}, or a list of steps)",
+                                Kind::READY_MADE.join(", ")
+                            ),
+                        )
+                    })
+            }
+            RawCheck::Steps(steps) if steps.is_empty() => Err(src.invalid(
+                check,
+                "check: the list of steps is empty (leave check out for a connect check)".into(),
+            )),
+            RawCheck::Steps(steps) => Ok(Script {
+                kind: Kind::Steps,
+                steps: steps
+                    .iter()
+                    .enumerate()
+                    .map(|(i, step)| {
+                        step.get_ref()
+                            .resolve(timeout)
+                            .map_err(|e| src.invalid(step, format!("check: step {}: {e}", i + 1)))
+                    })
+                    .collect::<Result<_, _>>()?,
+            }),
+        }
+    }
+
+    fn http_script(
+        &self,
+        mut request: HttpRequest,
+        src: &Source<'_>,
+    ) -> Result<Script, ConfigError> {
+        if let Some(host) = &self.check_http_host {
+            crate::check::check_host(host.get_ref())
+                .map_err(|e| src.invalid(host, format!("check-http-host: {e}")))?;
+            request.host = Some(host.get_ref().clone());
+        }
+        let statuses = match &self.check_http_status {
+            Some(list) => {
+                if list.get_ref().is_empty()
+                    || list.get_ref().iter().any(|s| !(100..=599).contains(s))
+                {
+                    return Err(src.invalid(
+                        list,
+                        "check-http-status: give HTTP statuses from 100 to 599, e.g. [200, 204]"
+                            .into(),
+                    ));
+                }
+                list.get_ref().clone()
+            }
+            None => Vec::new(),
+        };
+        let body = src.bytes(&self.check_http_expect, "check-http-expect")?;
+        Ok(Script::http(request, HttpExpect { statuses, body }))
     }
 
     /// A format without `log = true` would log nothing, which the operator
@@ -787,15 +1586,15 @@ pub fn check_send_proxy(
 /// Without `check-send-proxy`, HAProxy's default: checks send the header
 /// when the traffic does and goes to the same port (a backend that
 /// requires the header would drop a check without it, and nginx logs a
-/// "broken header" error for each); a check to its own port or address
-/// (another service, a sidecar) sends none.
+/// "broken header" error for each); a check to another port or address
+/// (`check-port`/`check-address`, the backend's or the frontend's: another
+/// service, a sidecar) sends none.
 pub fn default_check_send_proxy(
     send: Option<Version>,
+    check: &CheckConfig,
     backends: &[BackendConfig],
 ) -> Option<Version> {
-    let elsewhere = backends
-        .iter()
-        .any(|b| b.check_port.is_some() || b.check_address.is_some());
+    let elsewhere = backends.iter().any(|b| check.target(b) != b.addr);
     if elsewhere {
         return None;
     }
@@ -874,6 +1673,15 @@ impl Config {
             drain_timeout: src
                 .duration(&raw.drain_timeout, "drain-timeout")?
                 .unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+            leave_delay: raw
+                .leave_delay
+                .as_ref()
+                .map(|v| {
+                    parse_delay(v.get_ref())
+                        .map_err(|e| src.invalid(v, format!("leave-delay: {e}")))
+                })
+                .transpose()?
+                .unwrap_or(DEFAULT_LEAVE_DELAY),
             stats: raw
                 .stats
                 .as_ref()
@@ -889,8 +1697,21 @@ impl Config {
                     path => Ok(PathBuf::from(path)),
                 })
                 .transpose()?,
+            user: raw.user.as_ref().map(|u| u.get_ref().clone()),
+            group: raw.group.as_ref().map(|g| g.get_ref().clone()),
             frontends,
         };
+        if let Err(message) = config.identity() {
+            let at = raw.group.as_ref().or(raw.user.as_ref());
+            return Err(match at {
+                Some(at) => src.invalid(at, message),
+                None => ConfigError::Invalid {
+                    origin: origin.to_string(),
+                    line: None,
+                    message,
+                },
+            });
+        }
         if let (Err(message), Some(at)) = (config.check_stats(), &raw.stats) {
             return Err(src.invalid(at, message));
         }
@@ -918,6 +1739,7 @@ impl Config {
     pub fn check_settings(&self) -> Result<(), String> {
         check_workers(self.workers)?;
         check_buffers(self.buffers)?;
+        self.identity()?;
         self.check_stats()
     }
 
@@ -945,6 +1767,12 @@ impl Config {
             )),
             None => Ok(()),
         }
+    }
+
+    /// The user and group to switch to, looked up now (a missing user is
+    /// a config error, found before anything is bound).
+    pub fn identity(&self) -> Result<Option<crate::privdrop::Identity>, String> {
+        crate::privdrop::Identity::resolve(self.user.as_deref(), self.group.as_deref())
     }
 
     /// Bytes of receive buffers the workers allocate at start.
@@ -995,8 +1823,11 @@ pub struct ConfigSource {
     pub workers: Option<usize>,
     pub buffers: Option<u32>,
     pub drain_timeout: Option<Duration>,
+    pub leave_delay: Option<Duration>,
     pub stats: Option<SocketAddr>,
     pub admin_socket: Option<PathBuf>,
+    pub user: Option<String>,
+    pub group: Option<String>,
 }
 
 impl ConfigSource {
@@ -1011,11 +1842,20 @@ impl ConfigSource {
         if let Some(drain_timeout) = self.drain_timeout {
             config.drain_timeout = drain_timeout;
         }
+        if let Some(leave_delay) = self.leave_delay {
+            config.leave_delay = leave_delay;
+        }
         if self.stats.is_some() {
             config.stats = self.stats;
         }
         if self.admin_socket.is_some() {
             config.admin_socket.clone_from(&self.admin_socket);
+        }
+        if self.user.is_some() {
+            config.user.clone_from(&self.user);
+        }
+        if self.group.is_some() {
+            config.group.clone_from(&self.group);
         }
         // The file was checked as it was read; only the flags are new.
         config
@@ -1048,6 +1888,9 @@ impl ConfigSource {
         }
     }
 }
+
+/// The route label of connections served by the frontend's own backends.
+pub const DEFAULT_ROUTE: &str = "default";
 
 const NO_FRONTEND: &str = "no frontend: add a [[frontend]] table with listen and backends";
 
@@ -1162,7 +2005,9 @@ fn check_frontend(f: &FrontendConfig) -> Result<(), Fault> {
             "maxconn must be at least 1".into(),
         ));
     }
-    check_backends(&f.backends)
+    // A route's backends may share addresses with another route's: each
+    // route is checked on its own (in `routes`, with its lines).
+    check_backends(&f.backends[f.own_backends()])
 }
 
 /// Names, ports, and no backend twice: a duplicate would get twice the
@@ -1211,6 +2056,9 @@ pub fn check_backend(backend: &BackendConfig) -> Result<(), String> {
     }
     if backend.check_port == Some(0) {
         return Err(format!("'{}': check-port 0 is no port", backend.name));
+    }
+    if backend.agent_port == Some(0) {
+        return Err(format!("'{}': agent-port 0 is no port", backend.name));
     }
     Ok(())
 }
@@ -1484,9 +2332,123 @@ mod tests {
         let db = &config.frontends[1];
         assert_eq!(db.mode, Mode::ActivePassive);
         assert_eq!(db.check.timeout, Duration::from_millis(500));
-        assert_eq!(db.check.send.as_deref(), Some(&b"PING\r\n"[..]));
+        assert_eq!(
+            db.check.script,
+            Script::flat(Some(b"PING\r\n".to_vec()), Some(b"+PONG".to_vec()), None)
+        );
         assert!(!db.failback);
         assert_eq!(db.on_down, OnDown::Shutdown);
+    }
+
+    #[test]
+    fn routes_append_their_backends_and_faults_name_the_line() {
+        let head = "[[frontend]]\nname = \"tls\"\nlisten = \"127.0.0.1:443\"\n\
+                    backends = [\"127.0.0.1:9001\"]\ntimeout-client-hello = \"2s\"\n";
+        let route = |name: &str, sni: &str, backends: &str| {
+            format!(
+                "[[frontend.route]]\nname = \"{name}\"\nsni = [{sni}]\nbackends = [{backends}]\n"
+            )
+        };
+        let text = format!(
+            "{head}{}{}",
+            route(
+                "www",
+                "\"WWW.foobar.com\"",
+                "\"127.0.0.1:9001\", \"127.0.0.1:9002\""
+            ),
+            route("wild", "\"*.foobar.com\"", "\"127.0.0.1:9001\"")
+        );
+        let config = Config::from_toml(&text, "f.toml").expect("valid");
+        let f = &config.frontends[0];
+        assert_eq!(f.own_backends(), 0..1);
+        assert_eq!(f.tls.client_hello_timeout, Duration::from_secs(2));
+        let names: Vec<&str> = f.backends.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "127.0.0.1:9001",
+                "www/127.0.0.1:9001",
+                "www/127.0.0.1:9002",
+                "wild/127.0.0.1:9001"
+            ]
+        );
+        assert_eq!(f.tls.routes[0].sni, ["www.foobar.com"]);
+        assert_eq!(f.tls.routes[1].backends, 3..4);
+        for (bad, line, words) in [
+            (
+                route("a", "\"x.com\"", "\"127.0.0.1:1\"")
+                    + &route("b", "\"X.com\"", "\"127.0.0.1:1\""),
+                12,
+                "also in route a",
+            ),
+            (
+                route("a", "\"x*.com\"", "\"127.0.0.1:1\""),
+                8,
+                "not a host name",
+            ),
+            (route("a", "\"x.com\"", ""), 6, "no backend"),
+            (
+                route("default", "\"x.com\"", "\"127.0.0.1:1\""),
+                7,
+                "reserved",
+            ),
+            (
+                route("a", "\"x.com\"", "\"127.0.0.1:1\", \"127.0.0.1:1\""),
+                9,
+                "listed twice",
+            ),
+        ] {
+            let err = Config::from_toml(&format!("{head}{bad}"), "f.toml")
+                .expect_err(words)
+                .to_string();
+            assert!(err.starts_with(&format!("f.toml:{line}:")), "{err}");
+            assert!(err.contains(words), "{err}");
+        }
+    }
+
+    #[test]
+    fn balance_and_mode_resolve_and_must_agree() {
+        let resolve = |keys: &str| {
+            let text = format!(
+                "[[frontend]]\nlisten = \"127.0.0.1:80\"\n{keys}\nbackends = [\"127.0.0.1:81\"]\n"
+            );
+            Config::from_toml(&text, "f.toml").map(|c| c.frontends[0].clone())
+        };
+        let f = resolve("").expect("defaults");
+        assert_eq!(
+            (f.balance.algorithm, f.mode),
+            (Balance::Roundrobin, Mode::ActiveActive)
+        );
+        assert!(!f.balance.allbackups && f.balance.slowstart.is_none());
+        let f = resolve("mode = \"active-passive\"").expect("shorthand");
+        assert_eq!(f.balance.algorithm, Balance::First);
+        let f = resolve("balance = \"first\"").expect("first");
+        assert_eq!(f.mode, Mode::ActivePassive);
+        let f = resolve("balance = \"leastconn\"\nmode = \"active-active\"").expect("agree");
+        assert_eq!(f.balance.algorithm, Balance::Leastconn);
+        let f = resolve("balance = \"source\"\nallbackups = true\nslowstart = \"30s\"")
+            .expect("source");
+        assert_eq!(f.balance.algorithm, Balance::Source);
+        assert!(f.balance.allbackups);
+        assert_eq!(f.balance.slowstart, Some(Duration::from_secs(30)));
+
+        let err = resolve("mode = \"active-passive\"\nbalance = \"roundrobin\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("f.toml:4:") && err.contains("contradicts"),
+            "{err}"
+        );
+        let err = resolve("balance = \"random\"").unwrap_err().to_string();
+        assert!(
+            err.starts_with("f.toml:3:") && err.contains("leastconn"),
+            "{err}"
+        );
+        let err = resolve("slowstart = \"soon\"").unwrap_err().to_string();
+        assert!(
+            err.starts_with("f.toml:3:") && err.contains("slowstart"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1538,6 +2500,27 @@ backends = [
     }
 
     #[test]
+    fn timeout_queue_and_retries_have_haproxys_names_and_defaults() {
+        let text = "[[frontend]]\nlisten = \"127.0.0.1:1\"\nbackends = [\"127.0.0.1:2\"]\n";
+        let plain = &Config::from_toml(text, "f.toml").expect("config").frontends[0];
+        assert_eq!(
+            (plain.timeout_queue, plain.retries),
+            (None, DEFAULT_RETRIES)
+        );
+        let set = format!("{text}timeout-queue = \"5s\"\nretries = 0\n");
+        let set = &Config::from_toml(&set, "f.toml").expect("config").frontends[0];
+        assert_eq!(
+            (set.timeout_queue, set.retries),
+            (Some(Duration::from_secs(5)), 0)
+        );
+        let bad = format!("{text}timeout-queue = \"soon\"\n");
+        let err = Config::from_toml(&bad, "f.toml")
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("timeout-queue") && err.contains(":4"), "{err}");
+    }
+
+    #[test]
     fn a_bad_backend_table_names_its_line_and_key() {
         let with = |table: &str| {
             let text = format!(
@@ -1568,11 +2551,69 @@ backends = [
         assert!(err.contains("an address such as"), "{err}");
     }
 
+    #[test]
+    fn check_keys_parse_and_faults_name_their_line() {
+        let with = |keys: &str| {
+            let text = format!(
+                "[[frontend]]\nlisten = \"127.0.0.1:80\"\nbackends = [{{ address = \"127.0.0.1:8001\", agent-port = 9 }}]\n{keys}\n"
+            );
+            Config::from_toml(&text, "f.toml").map(|c| c.frontends[0].check.clone())
+        };
+        let err = |keys: &str| with(keys).map(|_| ()).unwrap_err().to_string();
+        let check = with(
+            "check = \"redis-master\"\ncheck-port = 6380\nfastinter = \"100ms\"\nagent-send = \"hi\\n\"",
+        )
+        .expect("config");
+        assert_eq!(check.script, Script::ready_made(Kind::RedisMaster));
+        assert_eq!(check.port, Some(6380));
+        assert_eq!(check.fastinter, Some(Duration::from_millis(100)));
+        assert_eq!(check.agent_send.as_deref(), Some(&b"hi\n"[..]));
+        let http =
+            with("check-http = \"GET /primary\"\ncheck-http-status = [200, 204]").expect("config");
+        assert_eq!(http.script.kind, Kind::Http);
+        let e = err("check = \"nosuch\"");
+        assert!(
+            e.starts_with("f.toml:4:") && e.contains("redis-master"),
+            "{e}"
+        );
+        let e = err("check = [\n { send = \"a\", expect = \"b\" },\n]");
+        assert!(
+            e.starts_with("f.toml:5:") && e.contains("exactly one"),
+            "{e}"
+        );
+        let e = err("check-timeout = \"500ms\"\ncheck = [ { expect = \"b\", timeout = \"2s\" } ]");
+        assert!(e.contains("longer than the check's timeout"), "{e}");
+        let e = err("check = \"redis\"\ncheck-send = \"x\"");
+        assert!(
+            e.starts_with("f.toml:5:") && e.contains("give one of"),
+            "{e}"
+        );
+        let e = err("check-http-status = [200]");
+        assert!(
+            e.starts_with("f.toml:4:") && e.contains("go with check-http"),
+            "{e}"
+        );
+        let e = err("check-http = \"GET /\"\ncheck-http-status = [99]");
+        assert!(e.starts_with("f.toml:5:"), "{e}");
+        let e = err("check-expect-regex = \"(\"");
+        assert!(
+            e.starts_with("f.toml:4:") && e.contains("invalid regular expression"),
+            "{e}"
+        );
+        let text = "[[frontend]]\nlisten = \"127.0.0.1:80\"\nbackends = [\"127.0.0.1:8001\"]\nagent-send = \"x\"\n";
+        let e = Config::from_toml(text, "f.toml").unwrap_err().to_string();
+        assert!(
+            e.starts_with("f.toml:4:") && e.contains("no agent-port"),
+            "{e}"
+        );
+    }
+
     fn frontend(name: &str, listen: &str, backends: &[&str]) -> FrontendConfig {
         FrontendConfig {
             name: name.into(),
             listen: listen.parse().expect("listen"),
             mode: Mode::ActiveActive,
+            balance: BalanceConfig::new(Balance::Roundrobin),
             backends: backends
                 .iter()
                 .map(|b| BackendConfig::new(b.parse().expect("backend"), (*b).into()))
@@ -1580,20 +2621,20 @@ backends = [
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             check: CheckConfig {
-                interval: DEFAULT_CHECK_INTERVAL,
                 timeout: DEFAULT_CHECK_INTERVAL,
                 rise: 1,
                 fall: 1,
-                send: None,
-                expect: None,
-                proxy: None,
+                ..CheckConfig::new(DEFAULT_CHECK_INTERVAL)
             },
             failback: true,
             on_down: OnDown::Keep,
             maxconn: None,
+            timeout_queue: None,
+            retries: crate::config::DEFAULT_RETRIES,
             access_log: AccessLog::Off,
             proxy: ProxyConfig::default(),
             edge: EdgeConfig::default(),
+            tls: TlsSettings::default(),
         }
     }
 
@@ -1716,6 +2757,50 @@ backends = [
         assert_eq!(check_frontend(&f).map_err(|e| e.at), Err(At::Backend(1)));
         let f = frontend("a\"b", "127.0.0.1:80", &["127.0.0.1:1"]);
         assert_eq!(check_frontend(&f).map_err(|e| e.at), Err(At::Name));
+    }
+
+    #[test]
+    fn edge_keys_resolve_and_zero_or_empty_is_refused() {
+        let base = "[[frontend]]\nlisten = \"127.0.0.1:0\"\nbackends = [\"10.0.0.1:1\"]\n";
+        let text = format!(
+            "{base}allow = [\"10.0.0.0/8\", \"::ffff:192.0.2.1\"]\nmax-conn-per-source = 10\n\
+             max-rate-per-source = 5\ntimeout-client-fin = \"2s\"\ntimeout-server-fin = \"3s\"\n"
+        );
+        let config = Config::from_toml(&text, "f.toml").expect("valid");
+        let edge = &config.frontends[0].edge;
+        let acl = edge.acl.as_ref().expect("an acl");
+        assert!(acl.allows("192.0.2.1".parse().expect("ip")));
+        assert!(!acl.allows("192.0.2.2".parse().expect("ip")));
+        assert_eq!(edge.max_conn_per_source, Some(10));
+        assert_eq!(edge.max_rate_per_source, Some(5));
+        assert_eq!(edge.client_fin_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(edge.server_fin_timeout, Some(Duration::from_secs(3)));
+        for (extra, needle) in [
+            (
+                "max-conn-per-source = 0\n",
+                "max-conn-per-source must be at least 1",
+            ),
+            (
+                "max-rate-per-source = 0\n",
+                "max-rate-per-source must be at least 1",
+            ),
+            ("allow = []\n", "allow: an empty list"),
+            ("deny = [\"10.0.0.1/8\"]\n", "10.0.0.0/8"),
+            (
+                "deny-file = \"/nonexistent/deny.txt\"\n",
+                "deny-file: cannot read",
+            ),
+        ] {
+            let err = Config::from_toml(&format!("{base}{extra}"), "f.toml")
+                .expect_err(extra)
+                .to_string();
+            assert!(
+                err.starts_with("f.toml:4: ") && err.contains(needle),
+                "{err}"
+            );
+        }
+        let none = Config::from_toml(base, "f.toml").expect("valid");
+        assert_eq!(none.frontends[0].edge, EdgeConfig::default());
     }
 
     #[test]

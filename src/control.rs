@@ -9,7 +9,7 @@
 //! The protocol is one request line, one response, close:
 //!
 //! ```text
-//! request:  show | show json | reload
+//! request:  show | show json | reload | ready | leave
 //!           drain FRONTEND/BACKEND | enable FRONTEND/BACKEND
 //!           disable FRONTEND/BACKEND | disable FRONTEND/BACKEND kill
 //! response: "ok\n" then the output (maybe empty), or "error: WHY\n"
@@ -32,7 +32,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::config::ConfigSource;
 use crate::model::{AdminState, BackendShared, Snapshot};
-use crate::server::Server;
+use crate::server::{Leave, Server};
 use crate::view::{self, BackendView, FrontendView};
 use crate::worker::Command;
 
@@ -279,7 +279,8 @@ fn handle(request: &str, peer: Peer, context: &Context) -> Result<String, String
         // For scripts (keepalived's vrrp_script, a BGP speaker's health
         // check): the same answer as HTTP /ready, as an exit code.
         ["ready"] if context.server.accepting().load(Relaxed) => Ok("ready\n".into()),
-        ["ready"] => Err("not ready: draining, no new connections".into()),
+        ["ready"] => Err(not_ready(context)),
+        ["leave"] => leave(peer, context),
         ["drain", target] => set(target, AdminState::Drain, false, peer, context),
         ["enable", target] => set(target, AdminState::Ready, false, peer, context),
         ["disable", target] => set(target, AdminState::Maint, false, peer, context),
@@ -287,7 +288,7 @@ fn handle(request: &str, peer: Peer, context: &Context) -> Result<String, String
         [] => Err("empty request; try: show".into()),
         [command, ..] => Err(format!(
             "cannot take '{}': commands are show, show json, drain F/B, disable F/B [kill], \
-             enable F/B, reload",
+             enable F/B, reload, ready, leave",
             truncate(command)
         )),
     }
@@ -310,6 +311,30 @@ fn shown(context: &Context) -> Vec<FrontendView> {
     views
 }
 
+/// Why `ready` fails: a leave still serves new connections, a drain not.
+fn not_ready(context: &Context) -> String {
+    match context.server.leave_deadline() {
+        Some(at) if at > std::time::Instant::now() => format!(
+            "not ready: leaving, still serving new connections for {:?}, then draining",
+            at.saturating_duration_since(std::time::Instant::now())
+        ),
+        _ => "not ready: draining, no new connections".into(),
+    }
+}
+
+/// As SIGTERM: not ready at once, draining after the leave delay. The
+/// answer comes at once; the process exits once the drain is done.
+fn leave(peer: Peer, context: &Context) -> Result<String, String> {
+    match context.server.leave(&format!("admin socket: {peer}")) {
+        Leave::Started => Ok(format!(
+            "leaving: not ready, still serving for {:?}, then draining\n",
+            context.server.leave_delay()
+        )),
+        Leave::Already(left) => Ok(format!("already leaving: draining in {left:?}\n")),
+        Leave::Draining => Err("ringlb is draining already".into()),
+    }
+}
+
 fn reload(peer: Peer, context: &Context) -> Result<String, String> {
     let Some(source) = &context.source else {
         log::warn!("admin socket: {peer} asked for a reload; there is no config file to reload");
@@ -318,8 +343,9 @@ fn reload(peer: Peer, context: &Context) -> Result<String, String> {
         );
     };
     if !context.server.accepting().load(Relaxed) {
-        log::warn!("admin socket: {peer} asked for a reload; draining: the reload is ignored");
-        return Err("ringlb is draining: the reload is ignored".into());
+        let why = format!("{}: the reload is ignored", not_ready(context));
+        log::warn!("admin socket: {peer} asked for a reload; {why}");
+        return Err(why);
     }
     log::info!(
         "admin socket: {peer} asked for a reload of {}",
@@ -472,8 +498,24 @@ fn row(b: &BackendView, now: f64) -> Vec<String> {
     let checked = match &b.last_check {
         None => "-".to_string(),
         Some(c) if c.ok => format!("ok {}ms {}", c.took_ms, ago(c.at)),
-        Some(c) => format!("failed {}", ago(c.at)),
+        Some(c) => match c.step.as_deref().and_then(|s| s.split(" (").next()) {
+            Some(step) => format!("failed in {step} {}", ago(c.at)),
+            None => format!("failed {}", ago(c.at)),
+        },
     };
+    let mut reason = if b.reason.is_empty() {
+        "-".to_string()
+    } else {
+        b.reason.clone()
+    };
+    if let Some(agent) = &b.agent {
+        let said = agent
+            .reply
+            .as_deref()
+            .or(agent.error.as_deref())
+            .unwrap_or("");
+        reason = format!("{reason}; agent: {said}");
+    }
     vec![
         b.name.clone(),
         b.addr.clone(),
@@ -486,11 +528,7 @@ fn row(b: &BackendView, now: f64) -> Vec<String> {
         b.checks_failed.to_string(),
         checked,
         ago(b.changed_at),
-        if b.reason.is_empty() {
-            "-".into()
-        } else {
-            b.reason.clone()
-        },
+        reason,
     ]
 }
 

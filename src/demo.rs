@@ -94,6 +94,7 @@ fn frontend(name: &str, mode: Mode, backends: &[&DemoBackend]) -> FrontendConfig
         name: name.into(),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         mode,
+        balance: crate::config::BalanceConfig::new(crate::config::Balance::for_mode(mode)),
         backends: backends
             .iter()
             .map(|b| BackendConfig::new(b.addr, format!("{} ({})", b.addr, b.name)))
@@ -101,20 +102,20 @@ fn frontend(name: &str, mode: Mode, backends: &[&DemoBackend]) -> FrontendConfig
         connect_timeout: Duration::from_millis(500),
         idle_timeout: Duration::from_secs(30),
         check: CheckConfig {
-            interval: Duration::from_millis(500),
             timeout: Duration::from_millis(500),
             rise: 2,
             fall: 2,
-            send: None,
-            expect: None,
-            proxy: None,
+            ..CheckConfig::new(Duration::from_millis(500))
         },
         failback: true,
         on_down: OnDown::Keep,
         maxconn: None,
+        timeout_queue: None,
+        retries: crate::config::DEFAULT_RETRIES,
         access_log: crate::config::AccessLog::Off,
         proxy: Default::default(),
         edge: Default::default(),
+        tls: Default::default(),
     }
 }
 
@@ -175,8 +176,11 @@ fn tour() -> Result<Tally, String> {
         workers: 2,
         buffers: crate::config::DEFAULT_BUFFERS,
         drain_timeout: Duration::from_secs(1),
+        leave_delay: Duration::ZERO,
         stats: None,
         admin_socket: None,
+        user: None,
+        group: None,
         frontends: vec![
             frontend("web", Mode::ActiveActive, &[&app1, &app2]),
             frontend("db", Mode::ActivePassive, &[&app1, &app2]),

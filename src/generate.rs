@@ -130,10 +130,16 @@ instead). Metrics: \fB\-\-stats\fR \fIADDR\fR serves Prometheus text on
 \fIhttp://ADDR/metrics\fR.
 .SH SIGNALS
 .TP
-\fBSIGTERM\fR, \fBSIGINT\fR, \fBSIGUSR1\fR, \fBSIGPWR\fR
-Drain: stop accepting, let open connections finish for up to the drain
-timeout (30s by default), then reset what is left. A second one resets
-every connection at once.
+\fBSIGTERM\fR, \fBSIGUSR1\fR, \fBSIGPWR\fR
+Leave: report not ready at once (\fI/ready\fR 503, \fBringlb ctl ready\fR
+exits 1) and keep serving for the leave delay (2s by default), so that
+keepalived or a BGP speaker moves the address away first; then drain:
+stop accepting, let open connections finish for up to the drain timeout
+(30s by default), then reset what is left. A second one during the
+delay drains at once; one more resets every connection at once.
+.TP
+\fBSIGINT\fR
+Drain at once, without the leave delay (an operator at a terminal).
 .TP
 \fBSIGHUP\fR, \fBSIGUSR2\fR
 Reload the \fB\-\-config\fR file in place: the difference is applied

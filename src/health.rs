@@ -1,5 +1,6 @@
 //! The failover watcher: active health checks that mark backends down and
-//! up, HAProxy style (`inter`, `timeout check`, `rise`, `fall`).
+//! up, HAProxy style (`inter`, `fastinter`, `downinter`, `timeout check`,
+//! `rise`, `fall`, `agent-check`).
 //!
 //! One scheduler thread ("ringlb-health") runs every check as a
 //! non-blocking probe on its own current-thread tokio runtime, whose timer
@@ -7,13 +8,20 @@
 //! backend that hangs for the whole timeout never delays the others. No
 //! check ever runs on a worker.
 //!
-//! A check target is an (address, check settings) pair: every frontend
-//! that lists the same address with the same check shares one [`Health`]
-//! and one probe. The scheduler is the only writer of `up`; workers read
-//! it on every new connection and report the outcome of their connects:
-//! a success clears the live-failure streak, a failure extends it, and
-//! `fall` failures in a row wake the scheduler at once, so a dead backend
-//! is marked down as soon as traffic hits it, not at the next interval.
+//! A check target is the address checked (a backend's `check-port` and
+//! `check-address` put it elsewhere than its traffic) with the check's
+//! settings and its agent's address: every frontend that lists backends
+//! with the same target shares one [`Health`] and one probe. The scheduler
+//! is the only writer of `up`; workers read it on every new connection and
+//! report the outcome of their connects: a success clears the live-failure
+//! streak, a failure extends it, and `fall` failures in a row wake the
+//! scheduler at once, so a dead backend is marked down as soon as traffic
+//! hits it, not at the next interval.
+//!
+//! An agent (HAProxy's `agent-check`) runs beside the check of its target,
+//! on its own interval, in the same task: its `down` holds the backend
+//! down whatever the checks say until it says `up`; its `drain`, `maint`
+//! and `NN%` set the agent state and weight share that selection reads.
 //!
 //! Promotion needs nothing more: in active-passive mode the pool sends new
 //! connections to the first backend that is up, so marking the active one
@@ -29,109 +37,69 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout_at};
 
-use crate::config::CheckConfig;
-use crate::model::{AdminState, BackendShared, ConnectFailure, Health, Snapshot};
+pub use crate::check::Failure;
+use crate::check::{AgentReply, ask_agent};
+use crate::config::{BackendConfig, CheckConfig};
+use crate::model::{
+    AdminState, AgentStatus, BackendShared, ConnectFailure, FrontendSnapshot, Health, Snapshot,
+};
 
-/// Why a check failed, as the operator reads it in the DOWN line.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Failure {
-    Refused,
-    TimedOut,
-    /// Connected, but no (complete) reply within the timeout: a hung process.
-    NoReply,
-    Mismatch {
-        got: Vec<u8>,
-    },
-    /// Connected, but the backend closed before replying.
-    Closed,
-    Reset,
-    /// The check could not run for a reason on this host (out of local
-    /// ports, fds or memory): it says nothing about the backend and is not
-    /// counted, as live connects failing the same way are not.
-    Local(String),
-    Other(String),
-}
-
-impl Failure {
-    fn from_io(e: &std::io::Error) -> Failure {
-        if let Some(errno) = e.raw_os_error()
-            && ConnectFailure::from_errno(errno) == ConnectFailure::Local
-        {
-            return Failure::Local(e.to_string());
-        }
-        match e.kind() {
-            std::io::ErrorKind::ConnectionRefused => Failure::Refused,
-            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => Failure::TimedOut,
-            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => Failure::Reset,
-            _ => Failure::Other(e.to_string()),
-        }
-    }
-}
-
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Failure::Refused => f.write_str("connection refused"),
-            Failure::TimedOut => f.write_str("connect timed out"),
-            Failure::NoReply => f.write_str("no reply within the timeout"),
-            Failure::Mismatch { got } => {
-                write!(
-                    f,
-                    "reply did not match (got {:?})",
-                    String::from_utf8_lossy(got)
-                )
-            }
-            Failure::Closed => f.write_str("closed before replying"),
-            Failure::Reset => f.write_str("connection reset"),
-            Failure::Local(e) => write!(f, "check could not run here: {e}"),
-            Failure::Other(e) => f.write_str(e),
-        }
-    }
-}
-
-/// What makes two backends one check target: same address, same check.
+/// What makes two backends one check target: the same address checked,
+/// the same check, the same agent.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TargetKey {
+    /// Where the probe connects (the check address, not the traffic's).
     addr: SocketAddr,
-    interval: Duration,
-    timeout: Duration,
-    rise: u32,
-    fall: u32,
-    send: Option<Vec<u8>>,
-    expect: Option<Vec<u8>>,
-    proxy: Option<crate::proxy::Version>,
+    agent: Option<SocketAddr>,
+    /// With the addresses and ports taken out: they are resolved above,
+    /// so a frontend's and a backend's `check-port 8008` are one target.
+    check: CheckConfig,
 }
 
 impl TargetKey {
-    pub fn new(addr: SocketAddr, check: &CheckConfig) -> TargetKey {
+    pub fn new(backend: &BackendConfig, check: &CheckConfig) -> TargetKey {
         TargetKey {
-            addr,
-            interval: check.interval,
-            timeout: check.timeout,
-            rise: check.rise,
-            fall: check.fall,
-            send: check.send.clone(),
-            expect: check.expect.clone(),
-            proxy: check.proxy,
+            addr: check.target(backend),
+            agent: check.agent_target(backend),
+            check: CheckConfig {
+                port: None,
+                address: None,
+                agent_port: None,
+                agent_address: None,
+                ..check.clone()
+            },
         }
     }
 
-    fn check(&self) -> CheckConfig {
-        CheckConfig {
-            interval: self.interval,
-            timeout: self.timeout,
-            rise: self.rise,
-            fall: self.fall,
-            send: self.send.clone(),
-            expect: self.expect.clone(),
-            proxy: self.proxy,
-        }
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
+}
+
+/// Each backend of a frontend with its settings. The snapshot lists them
+/// in config order; matched by name should that ever not hold.
+pub fn configured(frontend: &FrontendSnapshot) -> Vec<(&Arc<BackendShared>, &BackendConfig)> {
+    let configs = &frontend.config.backends;
+    let in_order = configs.len() == frontend.backends.len()
+        && configs
+            .iter()
+            .zip(&frontend.backends)
+            .all(|(c, b)| c.name == b.name);
+    if in_order {
+        return frontend.backends.iter().zip(configs).collect();
+    }
+    let by_name: HashMap<&str, &BackendConfig> =
+        configs.iter().map(|c| (c.name.as_str(), c)).collect();
+    frontend
+        .backends
+        .iter()
+        .filter_map(|b| Some((b, *by_name.get(b.name.as_str())?)))
+        .collect()
 }
 
 /// The health states handed out while a snapshot is built, so that the
@@ -140,8 +108,9 @@ impl TargetKey {
 #[derive(Default)]
 pub struct Targets {
     known: HashMap<TargetKey, Arc<Health>>,
-    /// Whether each address was up: a backend whose check settings changed
-    /// is a new target, and starts from what its address last showed.
+    /// Whether each checked address was up: a backend whose check settings
+    /// changed is a new target, and starts from what its address last
+    /// showed.
     up: HashMap<SocketAddr, bool>,
 }
 
@@ -150,18 +119,18 @@ impl Targets {
     pub fn of(snapshot: &Snapshot) -> Targets {
         let mut targets = Targets::default();
         for frontend in &snapshot.frontends {
-            for backend in &frontend.backends {
-                let key = TargetKey::new(backend.addr, &frontend.config.check);
-                targets.up.insert(backend.addr, backend.health.is_up());
+            for (backend, config) in configured(frontend) {
+                let key = TargetKey::new(config, &frontend.config.check);
+                targets.up.insert(key.addr, backend.health.is_up());
                 targets.known.insert(key, Arc::clone(&backend.health));
             }
         }
         targets
     }
 
-    pub fn health(&mut self, addr: SocketAddr, check: &CheckConfig) -> Arc<Health> {
-        let key = TargetKey::new(addr, check);
-        let was_up = self.up.get(&addr).copied();
+    pub fn health(&mut self, backend: &BackendConfig, check: &CheckConfig) -> Arc<Health> {
+        let key = TargetKey::new(backend, check);
+        let was_up = self.up.get(&key.addr).copied();
         Arc::clone(self.known.entry(key).or_insert_with(|| {
             let health = Health::new(check.fall);
             if let Some(up) = was_up {
@@ -172,18 +141,35 @@ impl Targets {
     }
 }
 
-/// One health check: connect within the timeout, then optionally send the
-/// payload and wait for a reply that starts with the expected bytes, all
-/// within the same timeout. Dropping the future abandons the probe at once.
+/// One health check: connect within the timeout, then run the check's
+/// steps (send, expect, ...) within the same timeout. Dropping the future
+/// abandons the probe at once.
 pub async fn probe(addr: SocketAddr, check: &CheckConfig) -> Result<(), Failure> {
     let deadline = Instant::now() + check.timeout;
-    let stream = match timeout_at(deadline, connect(addr)).await {
+    let mut stream = match timeout_at(deadline, connect(addr)).await {
         Ok(connected) => connected.map_err(|e| Failure::from_io(&e))?,
         Err(_) => return Err(Failure::TimedOut),
     };
-    timeout_at(deadline, exchange(stream, check))
-        .await
-        .unwrap_or(Err(Failure::NoReply))
+    // check-send-proxy: a backend that requires the header drops a
+    // connection without one, so the check would fail on a healthy backend.
+    if let Some(version) = check.proxy {
+        let header = crate::proxy::check_header(version);
+        match timeout_at(deadline, stream.write_all(&header)).await {
+            Ok(written) => written.map_err(|e| Failure::from_io(&e))?,
+            Err(_) => return Err(Failure::NoReply { got: Vec::new() }),
+        }
+    }
+    check.script.run(&mut stream, addr, deadline).await
+}
+
+/// One agent check: connect, send `agent-send`, read one line.
+async fn ask(addr: SocketAddr, check: &CheckConfig) -> Result<String, Failure> {
+    let deadline = Instant::now() + check.timeout;
+    let mut stream = match timeout_at(deadline, connect(addr)).await {
+        Ok(connected) => connected.map_err(|e| Failure::from_io(&e))?,
+        Err(_) => return Err(Failure::TimedOut),
+    };
+    ask_agent(&mut stream, check.agent_send.as_deref(), deadline).await
 }
 
 async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
@@ -199,41 +185,6 @@ async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
     socket.connect(addr).await
 }
 
-async fn exchange(mut stream: TcpStream, check: &CheckConfig) -> Result<(), Failure> {
-    // check-send-proxy: a backend that requires the header drops a
-    // connection without one, so the check would fail on a healthy backend.
-    if let Some(version) = check.proxy {
-        let header = crate::proxy::check_header(version);
-        stream
-            .write_all(&header)
-            .await
-            .map_err(|e| Failure::from_io(&e))?;
-    }
-    if let Some(payload) = &check.send {
-        stream
-            .write_all(payload)
-            .await
-            .map_err(|e| Failure::from_io(&e))?;
-    }
-    let Some(expect) = &check.expect else {
-        return Ok(());
-    };
-    let mut got = Vec::with_capacity(expect.len());
-    let mut buf = [0u8; 512];
-    while got.len() < expect.len() {
-        match stream.read(&mut buf).await {
-            Ok(0) => return Err(Failure::Closed),
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) => return Err(Failure::from_io(&e)),
-        }
-        let compared = got.len().min(expect.len());
-        if got[..compared] != expect[..compared] {
-            return Err(Failure::Mismatch { got });
-        }
-    }
-    Ok(())
-}
-
 /// The first check of each target comes at a random point of the first
 /// interval (at most a second in), and each later one after the interval
 /// +/-10%, so that thousands of checks never fire in the same millisecond
@@ -241,8 +192,8 @@ async fn exchange(mut stream: TcpStream, check: &CheckConfig) -> Result<(), Fail
 struct Jitter(u64);
 
 impl Jitter {
-    fn new(key: &TargetKey) -> Jitter {
-        Jitter(RandomState::new().hash_one(key) | 1)
+    fn new(seed: impl Hash) -> Jitter {
+        Jitter(RandomState::new().hash_one(seed) | 1)
     }
 
     /// A fraction in [0, 1) (xorshift).
@@ -273,7 +224,6 @@ struct Users {
 /// One target as the scheduler runs it.
 struct Target {
     key: TargetKey,
-    check: CheckConfig,
     health: Arc<Health>,
     /// Written by the control plane on reload, read here: a lock the data
     /// path never sees.
@@ -281,10 +231,34 @@ struct Target {
     /// Consecutive check results, as HAProxy counts them for rise and fall.
     good: u32,
     bad: u32,
+    /// What the checks (and live traffic) say on their own; the target is
+    /// up when they say so and no agent holds it down.
+    checks_up: bool,
+    /// An agent's `down`, `fail` or `stopped`, with its reason: holds the
+    /// target down until the agent says `up` (HAProxy: only the agent
+    /// reverts its own actions).
+    agent_down: Option<String>,
     local_warning: crate::logging::RateLimit,
 }
 
 impl Target {
+    fn new(key: TargetKey, health: Arc<Health>, users: Users) -> Target {
+        Target {
+            checks_up: health.is_up(),
+            key,
+            health,
+            users: Arc::new(Mutex::new(users)),
+            good: 0,
+            bad: 0,
+            agent_down: None,
+            local_warning: crate::logging::RateLimit::new(Duration::from_secs(10)),
+        }
+    }
+
+    fn check(&self) -> &CheckConfig {
+        &self.key.check
+    }
+
     fn with_users<T>(&self, f: impl FnOnce(&Users) -> T) -> Option<T> {
         self.users.lock().ok().map(|users| f(&users))
     }
@@ -316,22 +290,52 @@ impl Target {
         format!("{label} {}{more}", names[..shown].join(", "))
     }
 
-    /// Every backend on this target is in maintenance: HAProxy suspends
-    /// the checks of a server in maintenance, and so does ringlb, so that
-    /// work on a backend is neither marked down nor logged as failing.
+    /// Every backend on this target is in maintenance, or its agent says
+    /// `maint`: HAProxy suspends the checks of a server in maintenance,
+    /// and so does ringlb, so that work on a backend is neither marked
+    /// down nor logged as failing. An agent keeps being asked.
     fn suspended(&self) -> bool {
-        self.with_users(|u| {
-            !u.backends.is_empty() && u.backends.iter().all(|b| b.admin() == AdminState::Maint)
-        })
-        .unwrap_or(false)
+        self.health.agent_state() == AdminState::Maint
+            || self
+                .with_users(|u| {
+                    !u.backends.is_empty()
+                        && u.backends.iter().all(|b| b.admin() == AdminState::Maint)
+                })
+                .unwrap_or(false)
+    }
+
+    /// HAProxy's `fastinter` while the state is changing (up with a failed
+    /// check, or down with a good one), `downinter` while down, else
+    /// `inter`.
+    fn interval(&self) -> Duration {
+        let check = self.check();
+        let changing = if self.checks_up {
+            self.bad > 0
+        } else {
+            self.good > 0
+        };
+        let chosen = if changing {
+            check.fastinter
+        } else if !self.checks_up {
+            check.downinter
+        } else {
+            None
+        };
+        chosen.unwrap_or(check.interval)
     }
 
     fn record_check(&mut self, result: Result<(), Failure>, took: Duration) {
         let text = result.as_ref().map_err(|f| f.to_string()).cloned();
+        let step = result
+            .as_ref()
+            .err()
+            .and_then(|f| f.step().map(str::to_string));
         self.health.update_status(|s| {
             s.last_check = Some(text);
             s.last_check_took = took;
             s.checked_at = Some(std::time::SystemTime::now());
+            s.checks += 1;
+            s.failed_step = step;
         });
         let ms = took.as_secs_f64() * 1000.0;
         match result {
@@ -341,9 +345,10 @@ impl Target {
                 self.health.report_live_success();
                 self.bad = 0;
                 self.good = self.good.saturating_add(1);
-                if !self.health.is_up() && self.good >= self.check.rise {
+                if !self.checks_up && self.good >= self.check().rise {
+                    self.checks_up = true;
                     let reason = format!("{} good checks in a row, last took {ms:.1}ms", self.good);
-                    self.mark(true, reason);
+                    self.settle(reason);
                 }
             }
             Err(Failure::Local(e)) => {
@@ -361,12 +366,13 @@ impl Target {
                 self.good = 0;
                 self.bad = self.bad.saturating_add(1);
                 self.count(|s| &s.checks_failed);
-                if self.health.is_up() && self.bad >= self.check.fall {
+                if self.checks_up && self.bad >= self.check().fall {
+                    self.checks_up = false;
                     let reason = format!(
                         "{} failed checks in a row (last: {failure}, took {ms:.1}ms)",
                         self.bad
                     );
-                    self.mark(false, reason);
+                    self.settle(reason);
                 } else {
                     log::debug!("check of backend {} failed: {failure}", self.name());
                 }
@@ -388,11 +394,100 @@ impl Target {
         let last = ConnectFailure::from_u8(self.health.last_live_failure.load(Relaxed));
         // Coming back will take `rise` good checks, as after failed checks.
         self.good = 0;
+        self.checks_up = false;
         let reason = format!(
             "{streak} connect failures in a row on live traffic (last: {})",
             last.describe()
         );
-        self.mark(false, reason);
+        self.settle(reason);
+    }
+
+    /// An agent's answer: its words change what they name and nothing
+    /// else; no answer changes nothing (the checks test connectivity).
+    fn record_agent(&mut self, reply: Result<String, Failure>) {
+        let line = match reply {
+            Ok(line) => line,
+            Err(failure) => {
+                log::debug!("agent of backend {} did not answer: {failure}", self.name());
+                let text = failure.to_string();
+                self.update_agent_status(Err(text), None);
+                return;
+            }
+        };
+        let words = AgentReply::parse(&line);
+        if let Some(percent) = words.weight_percent
+            && percent != self.health.weight_percent()
+        {
+            log::info!(
+                "backend {} ({}): its agent sets its weight to {percent}%",
+                self.name(),
+                self.frontends()
+            );
+            self.health.set_weight_percent(percent);
+        }
+        if let Some(state) = words.admin
+            && state != self.health.agent_state()
+        {
+            log::info!(
+                "backend {} ({}): its agent says {state}",
+                self.name(),
+                self.frontends()
+            );
+            self.health.set_agent_state(state);
+        }
+        match words.up {
+            Some((false, word)) => {
+                let mut reason = format!("its agent says {word}");
+                if !words.description.is_empty() {
+                    reason = format!("{reason}: {}", words.description);
+                }
+                if self.agent_down.is_none() && !self.health.is_up() {
+                    log::info!("backend {} ({}): {reason}", self.name(), self.frontends());
+                }
+                self.agent_down = Some(reason.clone());
+                self.settle(reason);
+            }
+            Some((true, _)) if self.agent_down.take().is_some() => {
+                if !self.checks_up {
+                    log::info!(
+                        "backend {} ({}): its agent says up; still down by its checks",
+                        self.name(),
+                        self.frontends()
+                    );
+                }
+                self.settle("its agent says up".into());
+            }
+            _ => {}
+        }
+        if !words.ignored.is_empty() {
+            log::debug!(
+                "agent of backend {} said words ringlb does not act on: {}",
+                self.name(),
+                words.ignored.join(" ")
+            );
+        }
+        self.update_agent_status(Ok(line), words.weight_percent);
+    }
+
+    fn update_agent_status(&self, reply: Result<String, String>, percent: Option<u32>) {
+        let down = self.agent_down.clone();
+        self.health.update_status(|s| {
+            let weight_percent = percent.or(s.agent.as_ref().and_then(|a| a.weight_percent));
+            s.agent = Some(AgentStatus {
+                reply,
+                at: SystemTime::now(),
+                weight_percent,
+                down,
+            });
+        });
+    }
+
+    /// Brings `up` in line with the checks and the agent.
+    fn settle(&mut self, reason: String) {
+        let up = self.checks_up && self.agent_down.is_none();
+        if up != self.health.is_up() {
+            self.mark(up, reason);
+        }
     }
 
     fn mark(&mut self, up: bool, reason: String) {
@@ -446,12 +541,31 @@ impl Target {
         });
     }
 
-    /// Checks on a jittered interval and reacts to live failures at once,
-    /// even while a probe is in flight.
-    async fn run(mut self) {
+    /// The checks, and the agent's beside them in the same task, so that
+    /// aborting the task stops both.
+    async fn run(self) {
+        let (tx, rx) = mpsc::channel(1);
+        match self.key.agent {
+            Some(agent) => {
+                let asking = ask_agent_forever(agent, self.key.clone(), tx);
+                tokio::select! {
+                    _ = self.check_forever(rx) => {}
+                    _ = asking => {}
+                }
+            }
+            None => {
+                drop(tx);
+                self.check_forever(rx).await;
+            }
+        }
+    }
+
+    /// Checks on a jittered interval and reacts to live failures and agent
+    /// answers at once, even while a probe is in flight.
+    async fn check_forever(mut self, mut agent: mpsc::Receiver<Result<String, Failure>>) {
         let mut jitter = Jitter::new(&self.key);
         let health = Arc::clone(&self.health);
-        let check = self.check.clone();
+        let check = self.check().clone();
         let addr = self.key.addr;
         let mut next = Instant::now() + jitter.first(check.interval);
         self.health
@@ -464,11 +578,12 @@ impl Target {
                     tokio::select! {
                         _ = &mut due => break Instant::now(),
                         _ = health.wake.notified() => self.record_live(),
+                        Some(reply) = agent.recv() => self.record_agent(reply),
                     }
                 }
             };
             if self.suspended() {
-                next = started + jitter.interval(check.interval);
+                next = started + jitter.interval(self.interval());
                 continue;
             }
             let probe = probe(addr, &check);
@@ -477,11 +592,34 @@ impl Target {
                 tokio::select! {
                     result = &mut probe => break result,
                     _ = health.wake.notified() => self.record_live(),
+                    Some(reply) = agent.recv() => self.record_agent(reply),
                 }
             };
             self.record_check(result, started.elapsed());
-            next = (started + jitter.interval(check.interval)).max(Instant::now());
+            next = (started + jitter.interval(self.interval())).max(Instant::now());
         }
+    }
+}
+
+/// Asks the agent every `agent-interval` (default: the check interval)
+/// and hands each answer to the target's check loop, which applies it.
+async fn ask_agent_forever(
+    agent: SocketAddr,
+    key: TargetKey,
+    answers: mpsc::Sender<Result<String, Failure>>,
+) {
+    let check = &key.check;
+    let interval = check.agent_interval.unwrap_or(check.interval);
+    let mut jitter = Jitter::new((&key, "agent"));
+    let mut next = Instant::now() + jitter.first(interval);
+    loop {
+        sleep_until(next).await;
+        let started = Instant::now();
+        let answer = ask(agent, check).await;
+        if answers.send(answer).await.is_err() {
+            return;
+        }
+        next = (started + jitter.interval(interval)).max(Instant::now());
     }
 }
 
@@ -580,6 +718,9 @@ struct Running {
     users: Arc<Mutex<Users>>,
 }
 
+// A key's Pattern holds a regex with an inner cache, but its Hash and Eq
+// read only the pattern's source text, which never changes.
+#[allow(clippy::mutable_key_type)]
 fn run_thread(
     mut commands: mpsc::UnboundedReceiver<Command>,
     ready: std::sync::mpsc::Sender<std::io::Result<()>>,
@@ -606,6 +747,9 @@ fn run_thread(
     // close, nothing is awaited.
 }
 
+// A key's Pattern holds a regex with an inner cache, but its Hash and Eq
+// read only the pattern's source text, which never changes.
+#[allow(clippy::mutable_key_type)]
 fn apply_targets(running: &mut HashMap<TargetKey, Running>, targets: Vec<Target>) {
     let mut next = HashMap::with_capacity(targets.len());
     for target in targets {
@@ -648,12 +792,15 @@ fn apply_targets(running: &mut HashMap<TargetKey, Running>, targets: Vec<Target>
 }
 
 /// One target per distinct `Health`, with every backend that shares it.
+// A key's Pattern holds a regex with an inner cache, but its Hash and Eq
+// read only the pattern's source text, which never changes.
+#[allow(clippy::mutable_key_type)]
 fn group(snapshot: &Arc<Snapshot>) -> Vec<Target> {
     let mut order: Vec<TargetKey> = Vec::new();
     let mut targets: HashMap<TargetKey, (Arc<Health>, Vec<Arc<BackendShared>>)> = HashMap::new();
     for frontend in &snapshot.frontends {
-        for backend in &frontend.backends {
-            let key = TargetKey::new(backend.addr, &frontend.config.check);
+        for (backend, config) in configured(frontend) {
+            let key = TargetKey::new(config, &frontend.config.check);
             let entry = targets.entry(key.clone()).or_insert_with(|| {
                 order.push(key);
                 (Arc::clone(&backend.health), Vec::new())
@@ -665,18 +812,11 @@ fn group(snapshot: &Arc<Snapshot>) -> Vec<Target> {
         .into_iter()
         .filter_map(|key| {
             let (health, backends) = targets.remove(&key)?;
-            Some(Target {
-                check: key.check(),
-                key,
-                health,
-                users: Arc::new(Mutex::new(Users {
-                    backends,
-                    snapshot: Arc::clone(snapshot),
-                })),
-                good: 0,
-                bad: 0,
-                local_warning: crate::logging::RateLimit::new(Duration::from_secs(10)),
-            })
+            let users = Users {
+                backends,
+                snapshot: Arc::clone(snapshot),
+            };
+            Some(Target::new(key, health, users))
         })
         .collect()
 }
@@ -684,21 +824,25 @@ fn group(snapshot: &Arc<Snapshot>) -> Vec<Target> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::check::Script;
+
+    fn check_config() -> CheckConfig {
+        CheckConfig {
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            ..CheckConfig::new(Duration::from_secs(2))
+        }
+    }
+
+    fn backend(addr: &str) -> BackendConfig {
+        BackendConfig::new(addr.parse().expect("addr"), addr.into())
+    }
 
     #[test]
     fn jitter_stays_within_ten_percent_and_spreads_first_checks() {
-        let key = TargetKey::new(
-            "127.0.0.1:1".parse().expect("addr"),
-            &CheckConfig {
-                interval: Duration::from_secs(2),
-                timeout: Duration::from_secs(1),
-                rise: 2,
-                fall: 3,
-                send: None,
-                expect: None,
-                proxy: None,
-            },
-        );
+        let key = TargetKey::new(&backend("127.0.0.1:1"), &check_config());
         let mut jitter = Jitter::new(&key);
         let firsts: Vec<Duration> = (0..1000)
             .map(|_| jitter.first(Duration::from_secs(2)))
@@ -733,25 +877,35 @@ mod tests {
 
     #[test]
     fn same_address_and_check_share_one_health() {
-        let check = CheckConfig {
-            interval: Duration::from_secs(2),
-            timeout: Duration::from_secs(1),
-            rise: 2,
-            fall: 3,
-            send: None,
-            expect: None,
-            proxy: None,
-        };
-        let addr: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let check = check_config();
+        let b = backend("127.0.0.1:1");
         let mut targets = Targets::default();
-        let a = targets.health(addr, &check);
-        let b = targets.health(addr, &check);
-        assert!(Arc::ptr_eq(&a, &b));
+        let first = targets.health(&b, &check);
+        assert!(Arc::ptr_eq(&first, &targets.health(&b, &check)));
         let other = CheckConfig {
-            send: Some(b"PING".to_vec()),
-            ..check
+            script: Script::flat(Some(b"PING".to_vec()), None, None),
+            ..check.clone()
         };
-        assert!(!Arc::ptr_eq(&a, &targets.health(addr, &other)));
+        assert!(!Arc::ptr_eq(&first, &targets.health(&b, &other)));
+        // The traffic address alone does not make the target: the check
+        // port does.
+        let sidecar = BackendConfig {
+            check_port: Some(8008),
+            ..b.clone()
+        };
+        assert!(!Arc::ptr_eq(&first, &targets.health(&sidecar, &check)));
+        let frontend_port = CheckConfig {
+            port: Some(8008),
+            ..check.clone()
+        };
+        assert!(Arc::ptr_eq(
+            &targets.health(&sidecar, &check),
+            &targets.health(&b, &frontend_port)
+        ));
+        assert_eq!(
+            TargetKey::new(&sidecar, &check).addr(),
+            "127.0.0.1:8008".parse().expect("addr")
+        );
     }
 
     fn on_runtime<T>(f: impl std::future::Future<Output = T>) -> T {
@@ -765,13 +919,9 @@ mod tests {
     #[test]
     fn probes_tell_refused_silent_and_wrong_replies_apart() {
         let check = CheckConfig {
-            interval: Duration::from_secs(1),
             timeout: Duration::from_millis(300),
-            rise: 1,
-            fall: 1,
-            send: Some(b"PING\r\n".to_vec()),
-            expect: Some(b"+PONG".to_vec()),
-            proxy: None,
+            script: Script::flat(Some(b"PING\r\n".to_vec()), Some(b"+PONG".to_vec()), None),
+            ..CheckConfig::new(Duration::from_secs(1))
         };
         let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let silent_addr = silent.local_addr().expect("addr");
@@ -781,21 +931,25 @@ mod tests {
         let wrong = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let wrong_addr = wrong.local_addr().expect("addr");
         let answer = std::thread::spawn(move || {
-            use std::io::Write;
+            use std::io::{Read, Write};
             if let Ok((mut s, _)) = wrong.accept() {
+                // Read the PING first: closing with it unread would reset.
+                let _ = s.read(&mut [0u8; 64]);
                 let _ = s.write_all(b"-ERR\r\n");
-                std::thread::sleep(Duration::from_millis(200));
             }
         });
         on_runtime(async {
             assert_eq!(probe(closed, &check).await, Err(Failure::Refused));
             let started = Instant::now();
-            assert_eq!(probe(silent_addr, &check).await, Err(Failure::NoReply));
+            let silence = probe(silent_addr, &check).await.expect_err("silent");
+            assert_eq!(silence.cause(), &Failure::NoReply { got: Vec::new() });
+            assert_eq!(silence.step(), Some("expect \"+PONG\""));
             assert!(started.elapsed() < Duration::from_secs(2));
-            assert!(matches!(
-                probe(wrong_addr, &check).await,
-                Err(Failure::Mismatch { .. })
-            ));
+            let wrong = probe(wrong_addr, &check).await.expect_err("wrong");
+            assert!(
+                matches!(wrong.cause(), Failure::Closed { got } if got == b"-ERR\r\n"),
+                "{wrong}"
+            );
         });
         let _ = answer.join();
     }
@@ -812,7 +966,7 @@ mod tests {
         let backend = |name: &str| {
             Arc::new(BackendShared::new(
                 name,
-                "b",
+                "127.0.0.1:9",
                 config.backends[0].addr,
                 Arc::clone(&health),
             ))
@@ -820,11 +974,18 @@ mod tests {
         let (a, b) = (backend("a"), backend("b"));
         let snapshot = Arc::new(Snapshot {
             generation: 1,
-            frontends: vec![Arc::new(FrontendSnapshot::new(
-                config.clone(),
-                Arc::new(FrontendShared::new("a")),
-                vec![Arc::clone(&a), Arc::clone(&b)],
-            ))],
+            frontends: vec![
+                Arc::new(FrontendSnapshot::new(
+                    config.clone(),
+                    Arc::new(FrontendShared::new("a")),
+                    vec![Arc::clone(&a)],
+                )),
+                Arc::new(FrontendSnapshot::new(
+                    config.clone(),
+                    Arc::new(FrontendShared::new("b")),
+                    vec![Arc::clone(&b)],
+                )),
+            ],
         });
         let targets = group(&snapshot);
         assert_eq!(targets.len(), 1);
@@ -836,5 +997,72 @@ mod tests {
         assert!(!target.suspended(), "a draining backend is still checked");
         b.set_admin(AdminState::Maint);
         assert!(target.suspended());
+        b.set_admin(AdminState::Ready);
+        health.set_agent_state(AdminState::Maint);
+        assert!(target.suspended(), "an agent's maint suspends the checks");
+    }
+
+    #[test]
+    fn fastinter_while_changing_and_downinter_while_down() {
+        let check = CheckConfig {
+            fastinter: Some(Duration::from_millis(100)),
+            downinter: Some(Duration::from_secs(5)),
+            ..check_config()
+        };
+        let key = TargetKey::new(&backend("127.0.0.1:1"), &check);
+        let snapshot = Arc::new(Snapshot {
+            generation: 1,
+            frontends: Vec::new(),
+        });
+        let users = Users {
+            backends: Vec::new(),
+            snapshot,
+        };
+        let mut target = Target::new(key, Arc::new(Health::new(3)), users);
+        assert_eq!(target.interval(), Duration::from_secs(2));
+        let failed = || Err(Failure::Refused);
+        target.record_check(failed(), Duration::ZERO);
+        assert_eq!(target.interval(), Duration::from_millis(100), "going down");
+        target.record_check(failed(), Duration::ZERO);
+        target.record_check(failed(), Duration::ZERO);
+        assert!(!target.health.is_up());
+        assert_eq!(target.interval(), Duration::from_secs(5), "down");
+        target.record_check(Ok(()), Duration::ZERO);
+        assert_eq!(target.interval(), Duration::from_millis(100), "coming up");
+        target.record_check(Ok(()), Duration::ZERO);
+        assert!(target.health.is_up());
+        assert_eq!(target.interval(), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn an_agents_down_holds_until_it_says_up() {
+        let key = TargetKey::new(&backend("127.0.0.1:1"), &check_config());
+        let snapshot = Arc::new(Snapshot {
+            generation: 1,
+            frontends: Vec::new(),
+        });
+        let users = Users {
+            backends: Vec::new(),
+            snapshot,
+        };
+        let mut target = Target::new(key, Arc::new(Health::new(3)), users);
+        target.record_agent(Ok("stopped # upgrade".into()));
+        assert!(!target.health.is_up());
+        assert_eq!(
+            target.health.status().reason,
+            "its agent says stopped: upgrade"
+        );
+        for _ in 0..5 {
+            target.record_check(Ok(()), Duration::ZERO);
+        }
+        assert!(!target.health.is_up(), "checks alone do not undo it");
+        target.record_agent(Err(Failure::Refused));
+        assert!(!target.health.is_up(), "nor does a silent agent");
+        target.record_agent(Ok("up 50%".into()));
+        assert!(target.health.is_up());
+        assert_eq!(target.health.weight_percent(), 50);
+        target.record_agent(Ok("drain".into()));
+        assert_eq!(target.health.agent_state(), AdminState::Drain);
+        assert_eq!(target.health.weight_percent(), 50, "unsaid words stay");
     }
 }

@@ -35,6 +35,7 @@
 //! - [`relay`]: one client/backend pair: copy or splice, half-close, reset.
 //! - [`uring`]: ring setup, buffer ring, pipe pool, the raw syscalls.
 //! - [`metrics`] and [`admin`]: counters and the Prometheus endpoint.
+//! - [`privdrop`]: switching to `user`/`group` once everything is bound.
 //! - [`notify`]: systemd's readiness protocol (`Type=notify`).
 //! - [`proxy`]: the PROXY protocol header, sent and accepted.
 //! - [`generate`]: the man page and shell completions, from [`cli`].
@@ -48,6 +49,7 @@
 pub mod access;
 pub mod acl;
 pub mod admin;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -56,14 +58,19 @@ pub mod demo;
 pub mod edge;
 pub mod generate;
 pub mod health;
+pub mod hello;
 pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod notify;
+pub mod privdrop;
 pub mod proxy;
+pub mod queue;
 pub mod relay;
 pub mod reload;
+pub mod select;
 pub mod server;
+pub mod tls;
 pub mod uring;
 pub mod view;
 pub mod worker;

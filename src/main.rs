@@ -1,6 +1,7 @@
 //! `ringlb`: parses the command line, starts the server, and turns signals
-//! into drain (first SIGTERM/SIGINT/SIGUSR1), stop (second, or drain
-//! timeout). SIGHUP and SIGUSR2 reload the config file, SIGQUIT logs a
+//! into leave (first SIGTERM/SIGUSR1/SIGPWR: not ready, still serving for
+//! the leave delay), drain (after it, on a second signal, or at once on
+//! SIGINT), stop (one more, or the drain timeout). SIGHUP and SIGUSR2 reload the config file, SIGQUIT logs a
 //! status line per frontend; every signal taken is logged by name.
 
 use std::io::Write;
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use ringlb::cli::{self, Action};
 use ringlb::config::{Config, ConfigSource};
-use ringlb::server::Server;
+use ringlb::server::{Leave, Server};
 
 fn main() -> ExitCode {
     ignore_sigpipe();
@@ -75,6 +76,14 @@ fn run(config: &Config, source: Option<&ConfigSource>) -> ExitCode {
     // Blocked before any thread starts, so every thread inherits the mask
     // and the signals wait here for sigtimedwait instead of killing us.
     let signals = Signals::block();
+    // Looked up before anything is bound: a missing user fails now.
+    let identity = match config.identity() {
+        Ok(identity) => identity,
+        Err(e) => {
+            eprintln!("ringlb: {e}");
+            return ExitCode::from(1);
+        }
+    };
     // Before any listener: a ringlb refused its admin socket (another one
     // serves on it) must not take a client from the other's port.
     let admin_socket = match config.admin_socket.as_deref().map(ringlb::control::bind) {
@@ -93,7 +102,7 @@ fn run(config: &Config, source: Option<&ConfigSource>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    log_settings(config);
+    log_settings(config, source);
     if let Some(addr) = config.stats {
         let state = ringlb::admin::State {
             published: server.published(),
@@ -127,6 +136,27 @@ fn run(config: &Config, source: Option<&ConfigSource>) -> ExitCode {
         },
         None => None,
     };
+    // Everything that may need root is bound: give root up before the
+    // first client is served.
+    if let Some(identity) = &identity {
+        match identity.drop_privileges() {
+            Ok(()) => log::info!(
+                "running as {}: no capabilities left; listeners on ports below 1024 can no \
+                 longer be added by a reload",
+                identity.describe()
+            ),
+            Err(e) => {
+                ringlb::logging::flush();
+                eprintln!(
+                    "ringlb: cannot drop privileges to {}: {e}",
+                    identity.describe()
+                );
+                server.stop();
+                let _ = server.join();
+                return ExitCode::from(1);
+            }
+        }
+    }
     // Ready once everything a client or an operator talks to is bound.
     ringlb::notify::ready(&ringlb::notify::serving_status(&server));
     let mut drain_deadline: Option<Instant> = None;
@@ -143,27 +173,35 @@ fn run(config: &Config, source: Option<&ConfigSource>) -> ExitCode {
                 exit_now(1);
             }
         }
-        let signal = signals.wait(Duration::from_millis(200));
-        match signal.map(|s| (signal_name(s), Request::of(s))) {
-            Some((name, Request::Reload)) if drain_deadline.is_some() => {
+        let signal = signals.wait(tick(server.leave_deadline()));
+        // After the wait: `ringlb ctl leave` may have begun a leave in it.
+        let leaving = server.leave_deadline();
+        match signal.map(|s| (s, signal_name(s), Request::of(s))) {
+            Some((_, name, Request::Reload)) if drain_deadline.is_some() => {
                 log::warn!("{name}: draining: the reload is ignored");
             }
-            Some((name, Request::Reload)) => reload(name, &server, source),
-            Some((name, Request::Status)) => log_status(name, &server),
-            Some((name, Request::Ignore)) => {
+            Some((_, name, Request::Reload)) if leaving.is_some() => {
+                log::warn!("{name}: leaving: the reload is ignored");
+            }
+            Some((_, name, Request::Reload)) => reload(name, &server, source),
+            Some((_, name, Request::Status)) => log_status(name, &server),
+            Some((_, name, Request::Ignore)) => {
                 log::warn!("{name}: not a signal ringlb acts on; ignored")
             }
-            Some((name, Request::Stop)) if drain_deadline.is_none() => {
-                log::info!(
-                    "{name}: draining: no new connections, {} open ones get up to {:?} to finish",
-                    server.active_connections(),
-                    server.drain_timeout()
-                );
-                ringlb::notify::stopping(&format!("{name}: draining"));
-                server.drain();
-                drain_deadline = Some(Instant::now() + server.drain_timeout());
+            Some((signal, name, Request::Stop)) if drain_deadline.is_none() => {
+                // A leave already under way (this signal's second, or one
+                // from `ringlb ctl leave`) is not started again: the
+                // operator does not want to wait for the delay.
+                let left = leaves(signal, &server) && server.leave(name) == Leave::Started;
+                if !left {
+                    let why = match server.leave_deadline() {
+                        Some(_) => format!("{name} while leaving: draining now"),
+                        None => format!("{name}: draining"),
+                    };
+                    drain_deadline = Some(drain(&why, &server));
+                }
             }
-            Some((name, Request::Stop)) if !stopping => {
+            Some((_, name, Request::Stop)) if !stopping => {
                 log::warn!(
                     "{name}: second signal: closing {} connections now",
                     server.active_connections()
@@ -171,7 +209,7 @@ fn run(config: &Config, source: Option<&ConfigSource>) -> ExitCode {
                 server.stop();
                 stopping = true;
             }
-            Some((name, Request::Stop)) => {
+            Some((_, name, Request::Stop)) => {
                 // Already stopping and asked again: the operator wants out
                 // now, not after the workers' grace period.
                 log::error!("{name} while stopping: exiting now");
@@ -179,6 +217,10 @@ fn run(config: &Config, source: Option<&ConfigSource>) -> ExitCode {
                 exit_now(1);
             }
             None => {}
+        }
+        let delay_over = server.leave_deadline().is_some_and(|d| Instant::now() >= d);
+        if drain_deadline.is_none() && delay_over {
+            drain_deadline = Some(drain("leave delay over: draining", &server));
         }
         if !stopping && drain_deadline.is_some_and(|d| Instant::now() >= d) {
             log::warn!(
@@ -210,12 +252,46 @@ fn run(config: &Config, source: Option<&ConfigSource>) -> ExitCode {
     }
 }
 
+/// How long the main thread waits for a signal: short enough to act on
+/// the end of a leave delay on time, and on a worker that stopped.
+fn tick(leave_deadline: Option<Instant>) -> Duration {
+    let most = Duration::from_millis(200);
+    leave_deadline.map_or(most, |d| {
+        d.saturating_duration_since(Instant::now())
+            .clamp(Duration::from_millis(1), most)
+    })
+}
+
+/// Whether a stop signal leaves first (not ready, then drain after the
+/// delay). SIGINT does not: it is a person at a terminal, and no routing
+/// layer waits on an interactive ringlb.
+fn leaves(signal: i32, server: &Server) -> bool {
+    signal != libc::SIGINT && !server.leave_delay().is_zero()
+}
+
+/// Stops accepting; returns when the drain times out.
+fn drain(why: &str, server: &Server) -> Instant {
+    log::info!(
+        "{why}: no new connections, {} open ones get up to {:?} to finish",
+        server.active_connections(),
+        server.drain_timeout()
+    );
+    ringlb::notify::stopping(why);
+    server.drain();
+    Instant::now() + server.drain_timeout()
+}
+
 /// What the settings cost and where they look careless, after the start
 /// succeeded (a failed start prints its one error line alone).
-fn log_settings(config: &Config) {
+fn log_settings(config: &Config, source: Option<&ConfigSource>) {
     log::info!("{}", config.memory_note());
     for warning in config.warnings() {
         log::warn!("{warning}");
+    }
+    if let Some(source) = source {
+        for warning in ringlb::privdrop::file_warnings(&source.path) {
+            log::warn!("{warning}");
+        }
     }
 }
 

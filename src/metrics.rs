@@ -6,8 +6,10 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::admin::STATS as ADMIN;
+use crate::hello::Refusal;
 use crate::model::{self, ReloadStats, Snapshot};
 pub use crate::model::{BackendStats, FrontendStats};
+use crate::tls::Failure;
 
 /// A metric: name, Prometheus type, and where its value lives.
 type Metric<S> = (&'static str, &'static str, fn(&S) -> &AtomicU64);
@@ -55,6 +57,14 @@ pub fn render(
         ("ringlb_frontend_local_errors_total", "counter", |s| {
             &s.local_errors
         }),
+        ("ringlb_frontend_queued", "gauge", |s| &s.queued),
+        ("ringlb_frontend_queued_total", "counter", |s| {
+            &s.queued_total
+        }),
+        ("ringlb_frontend_queue_timeouts_total", "counter", |s| {
+            &s.queue_timeouts
+        }),
+        ("ringlb_frontend_retries_total", "counter", |s| &s.retries),
     ];
     for &(name, kind, get) in frontend_metrics {
         out.family(name, kind);
@@ -94,6 +104,8 @@ pub fn render(
             out.sample(refused, &labels, f.shared.stats.proxy_refused.get(why));
         }
     }
+    render_routes(&mut out, frontends);
+    render_tls(&mut out, frontends);
     let backend_metrics: &[Metric<BackendStats>] = &[
         ("ringlb_backend_connections_total", "counter", |s| {
             &s.connections
@@ -115,6 +127,9 @@ pub fn render(
         ("ringlb_backend_checks_failed_total", "counter", |s| {
             &s.checks_failed
         }),
+        // Connections holding a maxconn slot, connecting ones included;
+        // always 0 for a backend without maxconn (nothing is counted).
+        ("ringlb_backend_maxconn_slots_used", "gauge", |s| &s.slots),
     ];
     for &(name, kind, get) in backend_metrics {
         out.family(name, kind);
@@ -132,6 +147,15 @@ pub fn render(
             out.sample("ringlb_backend_up", &labels, u64::from(b.is_up()));
         }
     }
+    out.family("ringlb_backend_maxconn", "gauge");
+    for f in frontends {
+        for b in f.backends.iter().filter(|b| b.maxconn().is_some()) {
+            let labels = [("frontend", f.config.name.as_str()), ("backend", &b.name)];
+            let max = b.maxconn().map_or(0, u64::from);
+            out.sample("ringlb_backend_maxconn", &labels, max);
+        }
+    }
+    render_checks(&mut out, snapshot);
     let reload_metrics: &[Metric<ReloadStats>] = &[
         ("ringlb_reloads_total", "counter", |s| &s.reloads),
         ("ringlb_reload_failures_total", "counter", |s| &s.failures),
@@ -172,6 +196,127 @@ pub fn render(
     out.0
 }
 
+/// ClientHello outcomes and SNI routes, for frontends that read hellos.
+fn render_routes(out: &mut Exposition, frontends: &[std::sync::Arc<model::FrontendSnapshot>]) {
+    let routing = || frontends.iter().filter(|f| f.config.tls.reads_hello());
+    let name = "ringlb_frontend_client_hello_refused_total";
+    out.family(name, "counter");
+    for f in routing() {
+        for (reason, counter) in Refusal::ALL.iter().zip(&f.shared.stats.hello_refused) {
+            let labels = [
+                ("frontend", f.config.name.as_str()),
+                ("reason", reason.label()),
+            ];
+            out.sample(name, &labels, counter.load(Relaxed));
+        }
+    }
+    let name = "ringlb_frontend_client_hello_no_sni_total";
+    out.family(name, "counter");
+    for f in routing() {
+        let labels = [("frontend", f.config.name.as_str())];
+        out.sample(name, &labels, f.shared.stats.hello_no_sni.load(Relaxed));
+    }
+    let route_metrics: &[Metric<model::RouteStats>] = &[
+        ("ringlb_route_connections_total", "counter", |s| {
+            &s.connections
+        }),
+        ("ringlb_route_no_backend_total", "counter", |s| {
+            &s.no_backend
+        }),
+    ];
+    for &(name, kind, get) in route_metrics {
+        out.family(name, kind);
+        for f in routing() {
+            for route in &f.routes {
+                let labels = [("frontend", f.config.name.as_str()), ("route", &route.name)];
+                out.sample(name, &labels, get(&route.stats).load(Relaxed));
+            }
+        }
+    }
+}
+
+/// What the last check of each backend found, and its agent's weight.
+/// Series appear once there is something to say: a backend not checked
+/// yet has no `check_ok`, one without an agent no agent weight.
+fn render_checks(out: &mut Exposition, snapshot: &Snapshot) {
+    let statuses: Vec<(&str, &str, model::Status)> = snapshot
+        .frontends
+        .iter()
+        .flat_map(|f| {
+            f.backends
+                .iter()
+                .map(|b| (f.config.name.as_str(), b.name.as_str(), b.health.status()))
+        })
+        .collect();
+    let labels = |f, b| [("frontend", f), ("backend", b)];
+    out.family("ringlb_backend_checks_total", "counter");
+    for (f, b, status) in &statuses {
+        out.sample(
+            "ringlb_backend_checks_total",
+            &labels(*f, *b),
+            status.checks,
+        );
+    }
+    out.family("ringlb_backend_check_ok", "gauge");
+    for (f, b, status) in &statuses {
+        if let Some(result) = &status.last_check {
+            let name = "ringlb_backend_check_ok";
+            out.sample(name, &labels(*f, *b), u64::from(result.is_ok()));
+        }
+    }
+    out.family("ringlb_backend_check_duration_seconds", "gauge");
+    for (f, b, status) in &statuses {
+        if status.last_check.is_some() {
+            let name = "ringlb_backend_check_duration_seconds";
+            let seconds = status.last_check_took.as_secs_f64();
+            out.sample_f64(name, &labels(*f, *b), seconds);
+        }
+    }
+    out.family("ringlb_backend_agent_weight_percent", "gauge");
+    for (f, b, status) in &statuses {
+        if let Some(percent) = status.agent.as_ref().and_then(|a| a.weight_percent) {
+            let name = "ringlb_backend_agent_weight_percent";
+            out.sample(name, &labels(*f, *b), u64::from(percent));
+        }
+    }
+}
+
+/// TLS termination counters, for frontends that terminate.
+fn render_tls(out: &mut Exposition, frontends: &[std::sync::Arc<model::FrontendSnapshot>]) {
+    let terminating = || frontends.iter().filter(|f| f.config.tls.server.is_some());
+    let tls_metrics: &[Metric<model::TlsStats>] = &[
+        ("ringlb_tls_handshakes_total", "counter", |s| &s.handshakes),
+        ("ringlb_tls_resumed_total", "counter", |s| &s.resumed),
+    ];
+    for &(name, kind, get) in tls_metrics {
+        out.family(name, kind);
+        for f in terminating() {
+            let labels = [("frontend", f.config.name.as_str())];
+            out.sample(name, &labels, get(&f.shared.stats.tls).load(Relaxed));
+        }
+    }
+    let name = "ringlb_tls_handshakes_by_version_total";
+    out.family(name, "counter");
+    for f in terminating() {
+        let stats = &f.shared.stats.tls;
+        for (version, counter) in [("1.2", &stats.tls12), ("1.3", &stats.tls13)] {
+            let labels = [("frontend", f.config.name.as_str()), ("version", version)];
+            out.sample(name, &labels, counter.load(Relaxed));
+        }
+    }
+    let name = "ringlb_tls_handshake_failures_total";
+    out.family(name, "counter");
+    for f in terminating() {
+        for (failure, counter) in Failure::ALL.iter().zip(&f.shared.stats.tls.failures) {
+            let labels = [
+                ("frontend", f.config.name.as_str()),
+                ("reason", failure.label()),
+            ];
+            out.sample(name, &labels, counter.load(Relaxed));
+        }
+    }
+}
+
 /// A page in the Prometheus text format (version 0.0.4) being written.
 #[derive(Default)]
 struct Exposition(String);
@@ -185,6 +330,16 @@ impl Exposition {
     /// chose), so each is escaped: a quote or newline in one must not end
     /// the value and start a series of its own.
     fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
+        self.labels(name, labels);
+        let _ = writeln!(self.0, " {value}");
+    }
+
+    fn sample_f64(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        self.labels(name, labels);
+        let _ = writeln!(self.0, " {value}");
+    }
+
+    fn labels(&mut self, name: &str, labels: &[(&str, &str)]) {
         self.0.push_str(name);
         for (i, (label, text)) in labels.iter().enumerate() {
             self.0.push(if i == 0 { '{' } else { ',' });
@@ -196,7 +351,6 @@ impl Exposition {
         if !labels.is_empty() {
             self.0.push('}');
         }
-        let _ = writeln!(self.0, " {value}");
     }
 }
 

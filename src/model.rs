@@ -21,14 +21,37 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{
-    AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst,
+    AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed, Ordering::SeqCst,
 };
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::Notify;
 
-use crate::config::{FrontendConfig, Mode};
+use crate::config::FrontendConfig;
+
+/// Bumped by every change that may change who takes new connections or how
+/// many (up/down, admin and agent state, weight percent).
+static EPOCH: AtomicU64 = AtomicU64::new(1);
+
+/// Tells every selector that a backend's state or weight changed; the
+/// next pick of each rebuilds its tier. Called after the change is stored.
+pub fn changed() {
+    EPOCH.fetch_add(1, std::sync::atomic::Ordering::Release);
+}
+
+/// The count [`changed`] bumps, for the selectors to compare.
+pub fn epoch() -> u64 {
+    EPOCH.load(std::sync::atomic::Ordering::Acquire)
+}
+
+/// Milliseconds on a monotonic clock that starts with the process, plus
+/// one: 0 stays free to mean "never" (or "since the start").
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+}
 
 /// Why a live connection could not reach a backend; the health scheduler
 /// reports it when the failures mark the backend down.
@@ -89,6 +112,25 @@ pub struct Status {
     pub changed_at: Option<SystemTime>,
     /// Why it is in its current state, as the UP/DOWN line said it.
     pub reason: String,
+    /// Checks run since checking started.
+    pub checks: u64,
+    /// The step the last check failed in (`None` if it passed, or failed
+    /// at the connect).
+    pub failed_step: Option<String>,
+    /// What its agent last answered, if it has one.
+    pub agent: Option<AgentStatus>,
+}
+
+/// An agent check's last outcome, written only by the scheduler.
+#[derive(Clone, Debug)]
+pub struct AgentStatus {
+    /// The agent's line, or why there was none (which changes nothing).
+    pub reply: Result<String, String>,
+    pub at: SystemTime,
+    /// The last `NN%` it gave.
+    pub weight_percent: Option<u32>,
+    /// Set while its `down`, `fail` or `stopped` holds the backend down.
+    pub down: Option<String>,
 }
 
 /// The health of one check target (an address with check settings),
@@ -110,8 +152,12 @@ pub struct Health {
     /// [`AdminState`]; written only by the scheduler.
     agent_state: AtomicU8,
     /// The share of its configured weight the server takes, in percent
-    /// (an agent's `NN%` reply, a slow start's ramp); 100 by default.
+    /// (an agent's `NN%` reply); 100 by default. A slow start's ramp is
+    /// not kept here: selectors compute it from `up_since`.
     weight_percent: AtomicU32,
+    /// When `up` last turned true, on [`now_ms`]'s clock; 0
+    /// while it has been up since the start (no slow start then).
+    up_since: AtomicU64,
 }
 
 impl Health {
@@ -127,6 +173,7 @@ impl Health {
             status: Mutex::new(Status::default()),
             agent_state: AtomicU8::new(AdminState::Ready as u8),
             weight_percent: AtomicU32::new(100),
+            up_since: AtomicU64::new(0),
         }
     }
 
@@ -136,7 +183,9 @@ impl Health {
 
     /// The health scheduler only (an agent's reply).
     pub fn set_agent_state(&self, state: AdminState) {
-        self.agent_state.store(state as u8, Relaxed);
+        if self.agent_state.swap(state as u8, Relaxed) != state as u8 {
+            changed();
+        }
     }
 
     pub fn weight_percent(&self) -> u32 {
@@ -145,7 +194,14 @@ impl Health {
 
     /// The health scheduler only (an agent's `NN%`, a slow start).
     pub fn set_weight_percent(&self, percent: u32) {
-        self.weight_percent.store(percent, Relaxed);
+        if self.weight_percent.swap(percent, Relaxed) != percent {
+            changed();
+        }
+    }
+
+    /// When it last came up (0: up since the start), for slow start.
+    pub fn up_since(&self) -> u64 {
+        self.up_since.load(Relaxed)
     }
 
     pub fn is_up(&self) -> bool {
@@ -155,7 +211,12 @@ impl Health {
     /// Only the health scheduler calls this (and the reload path, once,
     /// on a target it has just made and nobody checks yet).
     pub fn set_up(&self, up: bool) {
-        self.up.store(up, Relaxed);
+        if up && !self.up.load(Relaxed) {
+            self.up_since.store(now_ms(), Relaxed);
+        }
+        if self.up.swap(up, Relaxed) != up {
+            changed();
+        }
     }
 
     /// Called by a worker for every successful connect: on a healthy
@@ -235,12 +296,21 @@ impl fmt::Display for AdminState {
 pub struct BackendStats {
     pub connections: AtomicU64,
     pub active: AtomicU64,
+    /// Connects in flight to it. Leastconn counts them with `active`, so a
+    /// burst of clients accepted together does not all go to the backend
+    /// that was least loaded before any of them connected.
+    pub connecting: AtomicU64,
     pub connect_failures: AtomicU64,
     pub bytes_to_backend: AtomicU64,
     pub bytes_from_backend: AtomicU64,
     pub went_down: AtomicU64,
     pub went_up: AtomicU64,
     pub checks_failed: AtomicU64,
+    /// Connections holding one of its `maxconn` slots, all workers
+    /// together: from the moment one is assigned (connecting counts) to
+    /// its end. Only counted while the backend has a maxconn, so a backend
+    /// without one pays no atomic for it.
+    pub slots: AtomicU64,
 }
 
 /// One backend of one frontend, as long as the config keeps it (same
@@ -258,7 +328,23 @@ pub struct BackendShared {
     /// and check settings: one probe, one state.
     pub health: Arc<Health>,
     admin: AtomicU8,
+    /// Most connections at once (0: no limit). Written only by the reload
+    /// path; read at pick time next to `admin`, on a line workers do not
+    /// write, so checking for room costs a backend without a limit one
+    /// plain load.
+    maxconn: AtomicU32,
     pub stats: BackendStats,
+}
+
+/// What [`BackendShared::take_slot`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// The backend has no maxconn: nothing was counted, nothing to give back.
+    Unlimited,
+    /// A slot was taken: give it back with [`BackendShared::give_slot`].
+    Taken,
+    /// At its maxconn: nothing was counted.
+    Full,
 }
 
 static NEXT_BACKEND_ID: AtomicU64 = AtomicU64::new(1);
@@ -272,8 +358,52 @@ impl BackendShared {
             id: NEXT_BACKEND_ID.fetch_add(1, Relaxed),
             health,
             admin: AtomicU8::new(AdminState::Ready as u8),
+            maxconn: AtomicU32::new(0),
             stats: BackendStats::default(),
         }
+    }
+
+    /// The reload path only: a lower limit takes effect as connections end.
+    pub fn set_maxconn(&self, maxconn: Option<u32>) {
+        self.maxconn.store(maxconn.unwrap_or(0), Relaxed);
+    }
+
+    pub fn maxconn(&self) -> Option<u32> {
+        Some(self.maxconn.load(Relaxed)).filter(|m| *m > 0)
+    }
+
+    /// Room for one more connection under its maxconn. For selectors, at
+    /// pick time: a backend without a limit costs one plain load of a line
+    /// that only reloads write. Only a hint: [`take_slot`] decides.
+    ///
+    /// [`take_slot`]: BackendShared::take_slot
+    pub fn has_room(&self) -> bool {
+        let max = self.maxconn.load(Relaxed);
+        max == 0 || self.stats.slots.load(Relaxed) < u64::from(max)
+    }
+
+    /// Counts a connection against the backend's maxconn, if it has one.
+    /// A compare-and-swap, so workers never take more than the limit
+    /// together; sequentially consistent with the queue's marks (see
+    /// [`Waiting::mark`]).
+    pub fn take_slot(&self) -> Slot {
+        let max = u64::from(self.maxconn.load(Relaxed));
+        if max == 0 {
+            return Slot::Unlimited;
+        }
+        match self
+            .stats
+            .slots
+            .fetch_update(SeqCst, Relaxed, |n| (n < max).then_some(n + 1))
+        {
+            Ok(_) => Slot::Taken,
+            Err(_) => Slot::Full,
+        }
+    }
+
+    /// Gives back a slot [`take_slot`](BackendShared::take_slot) took.
+    pub fn give_slot(&self) {
+        self.stats.slots.fetch_sub(1, SeqCst);
     }
 
     pub fn is_up(&self) -> bool {
@@ -286,7 +416,9 @@ impl BackendShared {
 
     /// The admin and reload path only.
     pub fn set_admin(&self, state: AdminState) {
-        self.admin.store(state as u8, Relaxed);
+        if self.admin.swap(state as u8, Relaxed) != state as u8 {
+            changed();
+        }
     }
 
     /// Takes new connections: ready for the operator and for its agent,
@@ -332,6 +464,42 @@ pub struct FrontendStats {
     pub local_errors: AtomicU64,
     /// accept-proxy: clients reset for want of a valid PROXY header, by why.
     pub proxy_refused: crate::proxy::Refusals,
+    /// ClientHellos refused, by [`crate::hello::Refusal`] (in its order).
+    pub hello_refused: [AtomicU64; 4],
+    /// ClientHellos read that carried no server name.
+    pub hello_no_sni: AtomicU64,
+    /// Connections waiting now for a slot on a backend at its maxconn.
+    pub queued: AtomicU64,
+    /// Connections that ever waited in the queue.
+    pub queued_total: AtomicU64,
+    /// Queued connections reset when `timeout-queue` passed.
+    pub queue_timeouts: AtomicU64,
+    /// Connect attempts after a connection's first (HAProxy's `wretr`).
+    pub retries: AtomicU64,
+    pub tls: TlsStats,
+}
+
+/// TLS termination counters of a frontend.
+#[derive(Default)]
+pub struct TlsStats {
+    /// Handshakes completed.
+    pub handshakes: AtomicU64,
+    /// Of those, resumed (ticket or session id).
+    pub resumed: AtomicU64,
+    /// Of those, TLS 1.2 and TLS 1.3.
+    pub tls12: AtomicU64,
+    pub tls13: AtomicU64,
+    /// Failed, by [`crate::tls::Failure`] (in its order).
+    pub failures: [AtomicU64; 5],
+}
+
+/// Per route of a frontend, kept across reloads by route name.
+#[derive(Default)]
+pub struct RouteStats {
+    /// Connections whose ClientHello chose this route.
+    pub connections: AtomicU64,
+    /// Of those, refused because the route had no usable backend.
+    pub no_backend: AtomicU64,
 }
 
 /// A frontend's state that outlives snapshots: kept across reloads while a
@@ -344,11 +512,17 @@ pub struct FrontendShared {
     /// The per-source table and the refusal counters, kept across reloads
     /// (connections in flight hold their place in it).
     pub sources: Arc<crate::edge::Sources>,
+    /// Workers with connections queued for a slot on this frontend's
+    /// backends: a slot given back on any worker wakes them.
+    pub queue_waiting: Waiting,
     /// Active-passive without fail-back: the id of the backend that was
     /// promoted and keeps the traffic after the active one returns (0:
     /// none). An id, not an index, so a reload that reorders backends keeps
     /// the promotion on the right one.
     promoted: AtomicU64,
+    /// Route counters by route name (the default route included), taken
+    /// by each snapshot that has the route.
+    routes: Mutex<std::collections::HashMap<String, Arc<RouteStats>>>,
 }
 
 impl FrontendShared {
@@ -358,7 +532,28 @@ impl FrontendShared {
             stats: FrontendStats::default(),
             waiting: Waiting::default(),
             sources: Arc::default(),
+            queue_waiting: Waiting::default(),
             promoted: AtomicU64::new(0),
+            routes: Mutex::default(),
+        }
+    }
+
+    /// The counters of a route (made on first use): the control plane's.
+    pub fn route_stats(&self, route: &str) -> Arc<RouteStats> {
+        match self.routes.lock() {
+            Ok(mut routes) => Arc::clone(routes.entry(route.to_string()).or_default()),
+            Err(_) => Arc::default(),
+        }
+    }
+
+    /// The id of the backend promoted without fail-back (0: none).
+    pub fn promoted(&self) -> u64 {
+        self.promoted.load(Relaxed)
+    }
+
+    pub fn promote(&self, id: u64) {
+        if self.promoted.load(Relaxed) != id {
+            self.promoted.store(id, Relaxed);
         }
     }
 }
@@ -515,9 +710,10 @@ impl Tried {
 }
 
 /// How a frontend picks a backend for a new connection (or a retry). Built
-/// per snapshot from its backend set; reads health and admin state from
-/// the atomics at pick time, so a check's verdict applies at once without
-/// a new snapshot. Returns an index into the snapshot's backends.
+/// per snapshot from its backend set (the implementations live in
+/// `select.rs`); reads health and admin state from the atomics at pick
+/// time, so a check's verdict applies at once without a new snapshot.
+/// Returns an index into the backends it was given.
 pub trait Selector: Send + Sync {
     fn pick(
         &self,
@@ -525,76 +721,35 @@ pub trait Selector: Send + Sync {
         backends: &[Arc<BackendShared>],
         tried: &Tried,
     ) -> Option<usize>;
-}
 
-/// Round robin over the usable backends, with one turn counter shared by
-/// every worker: one `fetch_add` per connection keeps the spread exact
-/// across threads. Only usable backends count, so with one of three down
-/// the other two share evenly instead of the next in line taking double.
-#[derive(Default)]
-pub struct RoundRobin {
-    next: AtomicUsize,
-}
-
-impl Selector for RoundRobin {
-    fn pick(
-        &self,
-        _: &FrontendShared,
-        backends: &[Arc<BackendShared>],
-        tried: &Tried,
-    ) -> Option<usize> {
-        let usable = |i: &usize| !tried.contains(*i) && backends[*i].usable();
-        let count = (0..backends.len()).filter(usable).count();
-        if count == 0 {
-            return None;
-        }
-        let turn = self.next.fetch_add(1, Relaxed) % count;
-        // A check flipping a flag between the two passes may leave fewer
-        // usable than counted: the first usable one then takes the turn.
-        (0..backends.len())
-            .filter(usable)
-            .nth(turn)
-            .or_else(|| (0..backends.len()).find(usable))
-    }
-}
-
-/// Active-passive: everything to the first usable backend in the order
-/// given; without fail-back, the promoted one keeps the traffic.
-pub struct Priority {
-    pub failback: bool,
-}
-
-impl Selector for Priority {
-    fn pick(
+    /// The same with the client's address, which `source` hashes.
+    fn pick_for(
         &self,
         frontend: &FrontendShared,
         backends: &[Arc<BackendShared>],
         tried: &Tried,
+        client: Option<std::net::IpAddr>,
     ) -> Option<usize> {
-        let usable = |i: &usize| !tried.contains(*i) && backends[*i].usable();
-        if !self.failback {
-            let promoted = frontend.promoted.load(Relaxed);
-            let kept = (0..backends.len()).find(|&i| backends[i].id == promoted);
-            if let Some(i) = kept.filter(usable) {
-                return Some(i);
-            }
-        }
-        let chosen = (0..backends.len()).find(usable)?;
-        if !self.failback && tried.is_empty() {
-            frontend.promoted.store(backends[chosen].id, Relaxed);
-        }
-        Some(chosen)
+        let _ = client;
+        self.pick(frontend, backends, tried)
+    }
+
+    /// Whether `pick_for` uses the client's address: a worker reads it at
+    /// accept only then.
+    fn needs_client(&self) -> bool {
+        false
     }
 }
 
-/// The selector a frontend's settings call for.
-pub fn selector_for(config: &FrontendConfig) -> Box<dyn Selector> {
-    match config.mode {
-        Mode::ActiveActive => Box::new(RoundRobin::default()),
-        Mode::ActivePassive => Box::new(Priority {
-            failback: config.failback,
-        }),
-    }
+/// A group of a frontend's backends with its own selector: the
+/// frontend's own backends, or one SNI route's.
+pub struct Route {
+    /// [`crate::config::DEFAULT_ROUTE`] for the frontend's own backends.
+    pub name: String,
+    /// Its backends' place in the snapshot's `backends`.
+    pub backends: std::ops::Range<usize>,
+    pub selector: Box<dyn Selector>,
+    pub stats: Arc<RouteStats>,
 }
 
 /// One frontend as one snapshot has it: settings for new connections, its
@@ -603,28 +758,47 @@ pub struct FrontendSnapshot {
     pub config: FrontendConfig,
     pub shared: Arc<FrontendShared>,
     pub backends: Vec<Arc<BackendShared>>,
-    selector: Box<dyn Selector>,
+    /// `routes[0]` is the frontend's own backends; `routes[i + 1]` is the
+    /// config's route `i`.
+    pub routes: Vec<Route>,
+    /// Server names to route numbers (`i + 1`, as in `routes`).
+    pub router: crate::hello::Router,
 }
 
 impl FrontendSnapshot {
-    pub fn new(
-        config: FrontendConfig,
-        shared: Arc<FrontendShared>,
-        backends: Vec<Arc<BackendShared>>,
-    ) -> FrontendSnapshot {
-        let selector = selector_for(&config);
-        FrontendSnapshot {
-            config,
-            shared,
-            backends,
-            selector,
-        }
+    /// The backend for a new connection of the frontend's own backends (or
+    /// a retry, with the backends already tried), or `None` when no usable
+    /// backend is left.
+    pub fn select(&self, tried: &Tried) -> Option<usize> {
+        self.select_in(0, tried, None)
     }
 
-    /// The backend for a new connection (or a retry, with the backends
-    /// already tried), or `None` when no usable backend is left.
-    pub fn select(&self, tried: &Tried) -> Option<usize> {
-        self.selector.pick(&self.shared, &self.backends, tried)
+    /// The same with the client's address, which `balance = "source"`
+    /// hashes.
+    pub fn select_for(&self, tried: &Tried, client: Option<std::net::IpAddr>) -> Option<usize> {
+        self.select_in(0, tried, client)
+    }
+
+    /// The same within one route, with the client's address (which
+    /// `balance = "source"` hashes; read it at accept only when
+    /// [`Self::needs_client`] says so). `tried` counts from the route's
+    /// first backend, the index returned from the frontend's.
+    pub fn select_in(
+        &self,
+        route: usize,
+        tried: &Tried,
+        client: Option<std::net::IpAddr>,
+    ) -> Option<usize> {
+        let route = self.routes.get(route)?;
+        let backends = self.backends.get(route.backends.clone())?;
+        let pick = route
+            .selector
+            .pick_for(&self.shared, backends, tried, client)?;
+        Some(route.backends.start + pick)
+    }
+
+    pub fn needs_client(&self) -> bool {
+        self.routes.iter().any(|r| r.selector.needs_client())
     }
 
     pub fn name(&self) -> &str {
@@ -800,6 +974,27 @@ mod tests {
         assert_eq!(reordered.select(&none), Some(0));
         f.backends[1].health.set_up(false);
         assert_eq!(f.select(&none), Some(0));
+    }
+
+    #[test]
+    fn a_full_backend_is_skipped_and_an_overflow_promotes_nothing() {
+        let f = frontend("active-passive", false, 2);
+        let none = Tried::default();
+        f.backends[0].set_maxconn(Some(1));
+        assert!(f.backends[0].has_room());
+        assert_eq!(f.select(&none), Some(0));
+        assert_eq!(f.backends[0].take_slot(), Slot::Taken);
+        assert!(!f.backends[0].has_room());
+        // Full, not down: the next one takes the overflow...
+        assert_eq!(f.select(&none), Some(1));
+        // ...and once there is room again the traffic is back on the first.
+        f.backends[0].give_slot();
+        assert_eq!(f.select(&none), Some(0));
+        let rr = frontend("active-active", true, 3);
+        rr.backends[1].set_maxconn(Some(1));
+        assert_eq!(rr.backends[1].take_slot(), Slot::Taken);
+        let picks: Vec<_> = (0..4).map(|_| rr.select(&none)).collect();
+        assert!(picks.iter().all(|p| *p != Some(1)), "{picks:?}");
     }
 
     #[test]

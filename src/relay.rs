@@ -55,6 +55,12 @@ pub enum End {
     ClientReset,
     BackendReset,
     IdleTimeout,
+    /// The backend ended its stream and the client then idled past
+    /// `timeout-client-fin`.
+    ClientFinTimeout,
+    /// The client ended its stream and the backend then idled past
+    /// `timeout-server-fin`.
+    ServerFinTimeout,
     /// Every backend was down or refused.
     NoBackend,
     /// Its backend was marked down and the frontend says `on-down shutdown`.
@@ -73,6 +79,16 @@ pub enum End {
     /// The client a PROXY header named is refused by the source ACL or a
     /// per-source limit.
     Refused,
+    /// The client's TLS ClientHello was malformed, too large, late, or
+    /// cut short: nothing was sent to a backend.
+    HelloRefused,
+    /// Every usable backend stayed at its maxconn for `timeout-queue`.
+    QueueTimeout,
+    /// The client left while its connection waited in the queue.
+    ClientAborted,
+    /// The TLS handshake with the client failed (after its alert) or did
+    /// not complete in time (reset).
+    HandshakeFailed,
 }
 
 /// What failed locally, for the worker's rate-limited log line.
@@ -119,6 +135,8 @@ impl End {
             End::ClientReset => "client reset",
             End::BackendReset => "backend reset",
             End::IdleTimeout => "idle timeout",
+            End::ClientFinTimeout => "client-fin timeout (half-closed by the backend, idle)",
+            End::ServerFinTimeout => "server-fin timeout (half-closed by the client, idle)",
             End::NoBackend => "no backend available",
             End::BackendDown => "backend marked down",
             End::Stopped => "balancer stopping",
@@ -127,6 +145,10 @@ impl End {
             End::LocalError => "local error",
             End::ProxyHeader => "refused: no valid PROXY header",
             End::Refused => "refused by the source ACL or a per-source limit",
+            End::HelloRefused => "ClientHello refused",
+            End::QueueTimeout => "queue timeout, every backend at its maxconn",
+            End::ClientAborted => "client left while queued",
+            End::HandshakeFailed => "TLS handshake failed",
         }
     }
 }
@@ -288,7 +310,7 @@ impl Conn {
         self.phase == Phase::Closing && self.inflight == 0
     }
 
-    fn submit(&mut self, io: &mut Io, entry: squeue::Entry) -> std::io::Result<()> {
+    pub fn submit(&mut self, io: &mut Io, entry: squeue::Entry) -> std::io::Result<()> {
         io.push(&entry)?;
         self.inflight += 1;
         Ok(())
@@ -304,6 +326,29 @@ impl Conn {
         io.push_linked(&first, &second)?;
         self.inflight += 2;
         Ok(())
+    }
+
+    /// Waits, while the connection is queued, for the client to leave (a
+    /// reset, or its end of stream). Data it sends meanwhile does not end
+    /// the wait: it stays in the socket for the backend.
+    pub fn watch_client(&mut self, key: usize, io: &mut Io) -> std::io::Result<()> {
+        let entry = opcode::PollAdd::new(
+            types::Fd(self.client),
+            (libc::POLLRDHUP | libc::POLLERR | libc::POLLHUP) as u32,
+        )
+        .build()
+        .user_data(token(Op::Watch, key));
+        self.submit(io, entry)
+    }
+
+    /// Ends the watch of [`watch_client`](Conn::watch_client): the
+    /// connection leaves the queue.
+    pub fn unwatch_client(&mut self, key: usize, io: &mut Io) -> std::io::Result<()> {
+        let cancel =
+            opcode::AsyncCancel2::new(types::CancelBuilder::user_data(token(Op::Watch, key)))
+                .build()
+                .user_data(token(Op::Cancel, key));
+        self.submit(io, cancel)
     }
 
     /// The backend answered the connect: start moving bytes both ways. The
@@ -637,7 +682,10 @@ impl Conn {
             | End::FrontendRemoved
             | End::LocalError
             | End::Stopped
+            | End::HelloRefused
             | End::NoBackend
+            | End::QueueTimeout
+            | End::ClientAborted
             | End::ProxyHeader
             | End::Refused => {
                 self.reset_both();
@@ -645,7 +693,11 @@ impl Conn {
             // A peer that stopped reading leaves bytes on their way to it:
             // ending with a FIN would pass the part it got off as the whole
             // stream. Idle with nothing undelivered is a clean end.
-            End::IdleTimeout if self.undelivered() => self.reset_both(),
+            End::IdleTimeout | End::ClientFinTimeout | End::ServerFinTimeout
+                if self.undelivered() =>
+            {
+                self.reset_both()
+            }
             _ => {}
         }
         if let Some((fd, _)) = self.reset_to {
@@ -719,6 +771,12 @@ impl Conn {
         self.dirs.iter().any(|d| d.held.is_some() || d.in_pipe > 0)
             || uring::unsent_bytes(self.client) > 0
             || (self.backend >= 0 && uring::unsent_bytes(self.backend) > 0)
+    }
+
+    /// The direction's end of stream was passed on to its sink: the
+    /// connection is half-closed that way.
+    pub fn ended(&self, dir: usize) -> bool {
+        self.dirs[dir].done
     }
 
     /// A direction is parked: idle only because ringlb has nothing to

@@ -259,9 +259,9 @@ fn backends_of(
     f.backends
         .iter()
         .map(|b| {
-            let health = targets.health(b.addr, &f.check);
+            let health = targets.health(b, &f.check);
             let label = || format!("{}/{}", f.name, b.name);
-            match old.get(b.name.as_str()) {
+            let backend = match old.get(b.name.as_str()) {
                 Some(o) if o.addr == b.addr && Arc::ptr_eq(&o.health, &health) => Arc::clone(o),
                 Some(o) => {
                     summary.backends_changed.push(label());
@@ -275,7 +275,11 @@ fn backends_of(
                     }
                     Arc::new(BackendShared::new(&f.name, &b.name, b.addr, health))
                 }
-            }
+            };
+            // On a kept backend too: its slot count carries over, the new
+            // limit applies to it at once.
+            backend.set_maxconn(b.maxconn);
+            backend
         })
         .collect()
 }
@@ -316,6 +320,20 @@ fn restart_needed(running: &Config, new: &Config) -> Vec<String> {
             shown(&running.admin_socket)
         ));
     }
+    for (key, running, new) in [
+        ("user", &running.user, &new.user),
+        ("group", &running.group, &new.group),
+    ] {
+        if running != new {
+            let shown = |v: &Option<String>| v.clone().unwrap_or_else(|| "none".into());
+            lines.push(format!(
+                "{key}: {} -> {} needs a restart (still {})",
+                shown(running),
+                shown(new),
+                shown(running)
+            ));
+        }
+    }
     lines
 }
 
@@ -337,12 +355,20 @@ pub fn reload(server: &Server, source: &ConfigSource) -> Result<Summary, Error> 
         config.buffers = control.config.buffers;
         config.stats = control.config.stats;
         config.admin_socket.clone_from(&control.config.admin_socket);
+        config.user.clone_from(&control.config.user);
+        config.group.clone_from(&control.config.group);
+        for warning in crate::privdrop::file_warnings(&source.path) {
+            log::warn!("reload {number}: {warning}");
+        }
         let mut plan = Plan::new(&control.snapshot, &control.listeners, &config);
         let bound = plan.bind(control.workers()).map_err(|e| {
-            let message = format!(
+            let mut message = format!(
                 "frontend {}: cannot listen on {}: {}",
                 e.frontend, e.addr, e.source
             );
+            if let Some(hint) = crate::privdrop::bind_hint(e.addr.port(), &e.source) {
+                message = format!("{message}: {hint}");
+            }
             Error::Config(source.listen_error(e.index, message))
         })?;
         let mut summary = std::mem::take(&mut plan.summary);

@@ -154,12 +154,25 @@ pub(crate) struct ControlPlane {
 pub struct Server {
     published: Arc<Published>,
     reloads: Arc<ReloadStats>,
-    /// False from the first drain or stop on: what `/ready` answers.
+    /// False from the first leave, drain or stop on: what `/ready` answers.
     accepting: Arc<AtomicBool>,
+    /// When a leave (SIGTERM, `ringlb ctl leave`) ends in a drain.
+    leave_at: Mutex<Option<Instant>>,
     control: Mutex<ControlPlane>,
     /// Behind a lock so that `Server` can be shared (the admin socket's
     /// thread holds it too) and still be joined from `&self`.
     workers: Mutex<Vec<JoinHandle<std::io::Result<()>>>>,
+}
+
+/// What [`Server::leave`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leave {
+    /// Not ready from now on; the drain begins after the leave delay.
+    Started,
+    /// Leaving already: the drain begins in this long.
+    Already(Duration),
+    /// Draining or stopping already.
+    Draining,
 }
 
 impl Server {
@@ -217,6 +230,7 @@ impl Server {
             published: Arc::new(Published::new(empty)),
             reloads: Arc::new(ReloadStats::default()),
             accepting: Arc::new(AtomicBool::new(true)),
+            leave_at: Mutex::new(None),
             control: Mutex::new(control),
             workers: Mutex::new(workers),
         };
@@ -301,6 +315,10 @@ impl Server {
         self.lock().config.drain_timeout
     }
 
+    pub fn leave_delay(&self) -> Duration {
+        self.lock().config.leave_delay
+    }
+
     /// Re-reads the config and applies the difference; see [`reload`].
     pub fn reload(
         &self,
@@ -318,17 +336,47 @@ impl Server {
         Arc::clone(&self.accepting)
     }
 
+    /// Reports not ready from now on while still serving, so that the
+    /// routing layer in front (keepalived, BGP) moves the address away
+    /// before any port closes; the main thread drains once
+    /// [`Server::leave_deadline`] has passed. `who` asked, for the log.
+    pub fn leave(&self, who: &str) -> Leave {
+        let delay = self.lock().config.leave_delay;
+        let mut at = self.leave_at.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(deadline) = *at {
+            return Leave::Already(deadline.saturating_duration_since(Instant::now()));
+        }
+        if !self.accepting.swap(false, Relaxed) {
+            return Leave::Draining;
+        }
+        *at = Some(Instant::now() + delay);
+        drop(at);
+        let line = format!("{who}: leaving: not ready, still serving for {delay:?}, then draining");
+        log::info!("{line}");
+        crate::notify::stopping(&line);
+        Leave::Started
+    }
+
+    /// When the leave in progress, if any, ends in a drain (`None` again
+    /// once the drain has begun).
+    pub fn leave_deadline(&self) -> Option<Instant> {
+        *self.leave_at.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Stops accepting; open connections carry on until they end.
     pub fn drain(&self) {
         // Before the workers act: a probe must see "not ready" no later
         // than the listeners close.
         self.accepting.store(false, Relaxed);
+        // The leave, if any, is over: `ringlb ctl` now says "draining".
+        *self.leave_at.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.lock().send_all(|| Some(Command::Drain));
     }
 
     /// Stops accepting and closes every connection.
     pub fn stop(&self) {
         self.accepting.store(false, Relaxed);
+        *self.leave_at.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.lock().send_all(|| Some(Command::Stop));
     }
 

@@ -34,17 +34,27 @@ pub enum Op {
     PollOut1,
     /// A connection's cancel request.
     Cancel,
+    /// A queued connection's watch for its client leaving.
+    Watch,
     /// A worker-level request whose completion needs no handling.
     Ignore,
     /// A receive of a client's PROXY header (accept-proxy).
     Header,
-    /// A send of what goes to a backend before the relay (a PROXY header,
-    /// the client's bytes read with its own header).
+    /// Receive of a TLS ClientHello (SNI routing).
+    Hello,
+    /// Send of bytes that go to the backend before the relay: a PROXY
+    /// header, then the client's bytes read with its own header or the
+    /// replayed ClientHello.
     Preamble,
+    /// TLS relay: receive and send on the client (0) or backend (1) side.
+    TlsRecv0,
+    TlsRecv1,
+    TlsSend0,
+    TlsSend1,
 }
 
 impl Op {
-    const ALL: [Op; 19] = [
+    const ALL: [Op; 25] = [
         Op::Accept,
         Op::AcceptPause,
         Op::AcceptPoll,
@@ -61,9 +71,15 @@ impl Op {
         Op::PollOut0,
         Op::PollOut1,
         Op::Cancel,
+        Op::Watch,
         Op::Ignore,
         Op::Header,
+        Op::Hello,
         Op::Preamble,
+        Op::TlsRecv0,
+        Op::TlsRecv1,
+        Op::TlsSend0,
+        Op::TlsSend1,
     ];
 
     pub fn recv(dir: usize) -> Op {

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
+use crate::config::{BackendConfig, CheckConfig};
 use crate::model::{AdminState, BackendShared, FrontendSnapshot, Snapshot};
 
 /// One frontend, as in force now.
@@ -45,6 +46,16 @@ pub struct BackendView {
     /// Relative share of new connections; 1 until weights exist.
     pub weight: u32,
     pub last_check: Option<CheckView>,
+    /// What its check does: "tcp", "redis-master", "http GET /primary".
+    pub check: String,
+    /// Where its checks go (its check-port / check-address, else its own).
+    pub check_addr: String,
+    /// Checks run since checking started.
+    pub checks: u64,
+    /// The share of its weight it takes, in percent (an agent's `NN%`).
+    pub weight_percent: u32,
+    /// Its agent's last answer, if it has an agent.
+    pub agent: Option<AgentView>,
     pub active: u64,
     /// Connections sent to it since it appeared (kept across reloads).
     pub connections: u64,
@@ -63,6 +74,25 @@ pub struct CheckView {
     pub took_ms: f64,
     /// Seconds since the epoch when it ended.
     pub at: Option<f64>,
+    /// The step it failed in, e.g. "step 2 (expect \"+PONG\")".
+    pub step: Option<String>,
+}
+
+/// An agent check's last answer.
+#[derive(Clone, Debug, Serialize)]
+pub struct AgentView {
+    pub addr: String,
+    /// The agent's line; `None` when it did not answer.
+    pub reply: Option<String>,
+    /// Why there was no answer (which changes nothing).
+    pub error: Option<String>,
+    pub at: f64,
+    /// What the agent last set: "ready", "drain" or "maint".
+    pub state: String,
+    /// The last `NN%` it gave.
+    pub weight_percent: Option<u32>,
+    /// Why it holds the backend down (`down`, `fail`, `stopped`).
+    pub down: Option<String>,
 }
 
 /// The view of every frontend in `snapshot`, in config order.
@@ -78,19 +108,34 @@ fn frontend(f: &FrontendSnapshot) -> FrontendView {
         mode: f.config.mode.to_string(),
         active: stats.active.load(Relaxed),
         accepted: stats.accepted.load(Relaxed),
-        backends: f.backends.iter().map(|b| backend(b)).collect(),
+        backends: crate::health::configured(f)
+            .into_iter()
+            .map(|(b, config)| backend(b, config, &f.config.check))
+            .collect(),
     }
 }
 
-fn backend(b: &BackendShared) -> BackendView {
+fn backend(b: &BackendShared, config: &BackendConfig, check: &CheckConfig) -> BackendView {
     let status = b.health.status();
     let admin = b.admin();
     let health = if b.is_up() { "up" } else { "down" };
-    let state = match admin {
-        AdminState::Maint => "maint",
-        AdminState::Drain => "drain",
-        AdminState::Ready => health,
+    let agent_state = b.health.agent_state();
+    let state = match (admin, agent_state) {
+        (AdminState::Maint, _) | (_, AdminState::Maint) => "maint",
+        (AdminState::Drain, _) | (_, AdminState::Drain) => "drain",
+        (AdminState::Ready, AdminState::Ready) => health,
     };
+    let agent = status.agent.as_ref().map(|a| AgentView {
+        addr: check
+            .agent_target(config)
+            .map_or_else(String::new, |t| t.to_string()),
+        reply: a.reply.as_ref().ok().cloned(),
+        error: a.reply.as_ref().err().cloned(),
+        at: epoch_seconds(a.at),
+        state: agent_state.to_string(),
+        weight_percent: a.weight_percent,
+        down: a.down.clone(),
+    });
     let stats = &b.stats;
     BackendView {
         name: b.name.clone(),
@@ -106,7 +151,13 @@ fn backend(b: &BackendShared) -> BackendView {
             error: result.as_ref().err().cloned(),
             took_ms: millis(status.last_check_took),
             at: status.checked_at.map(epoch_seconds),
+            step: status.failed_step.clone(),
         }),
+        check: check.script.describe(),
+        check_addr: check.target(config).to_string(),
+        checks: status.checks,
+        weight_percent: b.health.weight_percent(),
+        agent,
         active: stats.active.load(Relaxed),
         connections: stats.connections.load(Relaxed),
         connect_failures: stats.connect_failures.load(Relaxed),

@@ -31,8 +31,16 @@ use crate::model::{
     Waiting,
 };
 use crate::proxy::{self, Parsed, Refusal as HeaderRefusal, Version};
+use crate::queue::{self, Pick, Queues};
 use crate::relay::{Conn, DOWNSTREAM, End, Event, LocalFailure, Phase, UPSTREAM};
 use crate::uring::{self, Io, Op, PipePool, token, untoken};
+
+/// The stages before the relay that read or send bytes of their own (the
+/// ClientHello read for SNI routing, and its replay to the backend).
+mod stages;
+use stages::Pending;
+/// TLS termination: the handshake and the record layer on the ring.
+mod tls_relay;
 
 /// Submission queue size; the completion queue is sized from the
 /// connection limit (`uring::cq_entries`).
@@ -146,6 +154,12 @@ struct View {
     wants_addrs: bool,
     /// Who may connect, and how often.
     edge: edge::Policy,
+    /// The selector hashes the client's address (`balance = "source"`).
+    needs_client: bool,
+    /// Some backend has a maxconn: a pick that finds none may mean "all
+    /// full" (queue) rather than "none up". Without, nothing looks.
+    limited: bool,
+    timeout_queue: Duration,
 }
 
 impl View {
@@ -165,6 +179,12 @@ impl View {
             wants_addrs: snap.config.proxy.accept.is_some()
                 || (0..snap.backends.len()).any(|i| snap.config.send_proxy(i).is_some()),
             edge: edge::Policy::new(&snap.config.edge, &snap.shared.sources),
+            needs_client: snap.needs_client(),
+            limited: snap.config.backends.iter().any(|b| b.maxconn.is_some()),
+            timeout_queue: snap
+                .config
+                .timeout_queue
+                .unwrap_or(snap.config.connect_timeout),
             snap: Arc::clone(snap),
         }
     }
@@ -214,12 +234,27 @@ struct Listener {
 /// The connect stage: what only matters until a backend accepted.
 #[derive(Default)]
 struct Connecting {
-    /// Backends of the session's snapshot already tried, so a retry never
-    /// repeats one.
+    /// Backends of the session's route already tried (counted from the
+    /// route's first backend), so a retry never repeats one.
     tried: Tried,
-    /// The client's first bytes, read with its PROXY header: they go to
-    /// the backend before anything else the client sends.
-    early: Vec<u8>,
+    /// The client's bytes the backend gets first, once connected (and
+    /// after a PROXY header): the ClientHello, or what came with the
+    /// client's own PROXY header.
+    preamble: Option<Box<Pending>>,
+    /// Connects made so far: at most 1 + `retries`.
+    attempts: u32,
+    /// Rounds started again after every candidate was tried (0: the first).
+    round: u32,
+    /// Between rounds: the tick connects again from then on.
+    retry_at: Option<Instant>,
+}
+
+/// Waiting for a slot: every usable backend is at its maxconn.
+struct Queued {
+    connecting: Connecting,
+    since: Instant,
+    /// The poll that notices the client leaving is in flight.
+    watching: bool,
 }
 
 /// accept-proxy: the PROXY header being read. Boxed: a receive writes
@@ -230,22 +265,26 @@ struct HeaderRead {
     deadline: Instant,
 }
 
-/// Bytes the backend gets before the relay starts (a PROXY header, then
-/// the client's early bytes), boxed for the send that reads them.
-struct Preamble {
-    buf: Box<[u8]>,
-    sent: usize,
-}
-
-/// Where a session is, for what is not the relay's business. Later stages
-/// before connect (a TLS ClientHello) slot in here.
+/// Where a session is, for what is not the relay's business. The stages
+/// before connect come in this order, each only where configured: the
+/// PROXY header, then the ClientHello or the TLS handshake.
 enum Stage {
     /// Reading a PROXY header from a trusted upstream.
     Header(HeaderRead),
+    /// Reading the client's TLS ClientHello, to route by its server name.
+    /// The buffer a receive may be writing into lives here (boxed: the
+    /// slab moves sessions) until the session is freed.
+    Hello(Box<Pending>),
+    /// The TLS handshake with the client (terminating frontends); its
+    /// state is the session's `tls`.
+    Handshake,
     Connect(Connecting),
-    /// The backend accepted; the preamble is on its way to it. From here
-    /// on the backend's active count drops when the session ends.
-    Preamble(Preamble),
+    /// The backend accepted; the preamble is being sent to it. Its active
+    /// count drops when the session ends, as in the relay.
+    Preamble(Box<Pending>),
+    /// In this worker's queue for its frontend (see queue.rs).
+    Queued(Queued),
+    /// The backend accepted: its active count drops when this ends.
     Relay,
 }
 
@@ -256,8 +295,17 @@ struct Session {
     view: Rc<View>,
     /// Index into `view`'s backends, once one was chosen.
     backend: Option<usize>,
+    /// Holds one of that backend's maxconn slots.
+    slot: bool,
     /// From accept to the backend's accept, for the access log.
     connected_after: Option<Duration>,
+    /// Index into `view.snap.routes` (0: the frontend's own backends).
+    route: usize,
+    /// The ClientHello's server name, for the access log.
+    server_name: Option<Box<str>>,
+    /// TLS termination state (buffers the kernel may be using included):
+    /// kept until the session is freed.
+    tls: Option<Box<tls_relay::TlsState>>,
     stage: Stage,
     conn: Conn,
     /// The address the client connected to, when a PROXY header needs it
@@ -296,6 +344,10 @@ enum Sweep {
     Connect,
     /// No valid PROXY header in time.
     Refuse(HeaderRefusal),
+    /// Its ClientHello did not arrive within `timeout-client-hello`.
+    HelloLate,
+    /// Its TLS handshake did not complete within `handshake-timeout`.
+    HandshakeLate,
 }
 
 /// One rate limit per kind of warning the data path can repeat.
@@ -304,6 +356,7 @@ struct Warnings {
     pipe: RateLimit,
     proxy: RateLimit,
     refused: RateLimit,
+    queue: RateLimit,
 }
 
 impl Warnings {
@@ -313,6 +366,7 @@ impl Warnings {
             pipe: RateLimit::new(WARN_PERIOD),
             proxy: RateLimit::new(WARN_PERIOD),
             refused: RateLimit::new(WARN_PERIOD),
+            queue: RateLimit::new(WARN_PERIOD),
         }
     }
 }
@@ -351,6 +405,11 @@ pub struct Worker {
     sweep: Vec<(usize, Sweep)>,
     /// Views with bytes to flush at this tick.
     dirty: Vec<Rc<View>>,
+    /// Connections waiting for a backend slot, per frontend.
+    queues: Queues,
+    /// A slot may be free for a queued connection: serve the queues once
+    /// the batch is done.
+    serve_queued: bool,
 }
 
 impl Worker {
@@ -396,6 +455,8 @@ impl Worker {
             batch: Vec::with_capacity(cq_entries.min(4 * RING_ENTRIES) as usize),
             sweep: Vec::new(),
             dirty: Vec::new(),
+            queues: Queues::default(),
+            serve_queued: false,
         })
     }
 
@@ -449,6 +510,9 @@ impl Worker {
             if std::mem::take(&mut self.resume) {
                 self.resume_held()?;
             }
+            if std::mem::take(&mut self.serve_queued) {
+                self.serve_queues()?;
+            }
         }
         log::debug!("worker {} stopped", self.id);
         Ok(())
@@ -493,7 +557,13 @@ impl Worker {
         let event = match op {
             Op::Connect => return self.on_connect(key, res),
             Op::Header => return self.on_header(key, res),
+            Op::Hello => return self.on_hello(key, res),
             Op::Preamble => return self.on_preamble(key, res),
+            Op::Watch => return self.on_watch(key, res),
+            Op::TlsRecv0 => return self.on_tls_recv(key, tls_relay::CLIENT, res),
+            Op::TlsRecv1 => return self.on_tls_recv(key, tls_relay::BACKEND, res),
+            Op::TlsSend0 => return self.on_tls_send(key, tls_relay::CLIENT, res),
+            Op::TlsSend1 => return self.on_tls_send(key, tls_relay::BACKEND, res),
             Op::ConnectTimeout | Op::Cancel => {
                 conn.inflight -= 1;
                 Event::None
@@ -969,9 +1039,10 @@ impl Worker {
         }
         let mut conn = Conn::new(fd, self.now);
         // Read now: at the end the client may be gone. A frontend without
-        // an access log, rules on sources or PROXY headers pays no syscall
-        // for it.
+        // an access log, rules on sources, a source hash or PROXY headers
+        // pays no syscall for it.
         if view.edge.is_active()
+            || view.needs_client
             || view.wants_addrs
             || view.snap.config.access_log != AccessLog::Off
             || log::log_enabled!(log::Level::Debug)
@@ -983,26 +1054,25 @@ impl Worker {
         } else {
             None
         };
-        let stage = match &view.snap.config.proxy.accept {
-            None => Stage::Connect(Connecting::default()),
+        let header = match &view.snap.config.proxy.accept {
+            None => None,
             Some(accept) => {
                 if !conn.client_addr.is_some_and(|a| accept.trusts(a.ip())) {
                     self.refuse_untrusted(view, fd, conn.client_addr);
                     return Ok(());
                 }
-                Stage::Header(HeaderRead {
+                Some(HeaderRead {
                     buf: vec![0; proxy::MAX_HEADER].into_boxed_slice(),
                     filled: 0,
                     deadline: self.now + accept.timeout,
                 })
             }
         };
-        let reading = matches!(stage, Stage::Header(_));
         // Behind accept-proxy the peer is the upstream balancer: sources are
         // checked once its header says who the client is.
-        let source = match reading {
-            true => Ok(SourceGuard::default()),
-            false => self.admit_source(view, conn.client_addr),
+        let source = match header {
+            Some(_) => Ok(SourceGuard::default()),
+            None => self.admit_source(view, conn.client_addr),
         };
         let source = match source {
             Ok(guard) => guard,
@@ -1012,19 +1082,76 @@ impl Worker {
             }
         };
         view.snap.shared.stats.accepted.fetch_add(1, Relaxed);
+        let reads_hello = view.snap.config.tls.reads_hello();
+        let tls = match &view.snap.config.tls.server {
+            Some(server) => match tls_relay::TlsState::new(
+                &server.config,
+                view.snap.config.tls.backend.as_ref(),
+            ) {
+                Ok(state) => Some(state),
+                Err(e) => {
+                    log::warn!("frontend {}: TLS: {e}; the client was reset", view.name());
+                    conn.local = Some((LocalFailure::Relay, 0));
+                    None
+                }
+            },
+            None => None,
+        };
+        let terminates = tls.is_some();
+        let failed = view.snap.config.tls.server.is_some() && !terminates;
         let key = self.sessions.insert(Session {
             view: Rc::clone(view),
             backend: None,
+            slot: false,
             connected_after: None,
-            stage,
+            route: 0,
+            server_name: None,
+            tls,
+            stage: match header {
+                Some(read) => Stage::Header(read),
+                None if terminates => Stage::Handshake,
+                None if reads_hello => Stage::Hello(Pending::new()),
+                None => Stage::Connect(Connecting::default()),
+            },
             conn,
             dest,
             source,
         });
-        if reading {
-            return self.read_header(key);
+        if failed {
+            self.sessions[key]
+                .conn
+                .close(key, End::LocalError, &mut self.io)?;
+            self.free_if_finished(key);
+            return Ok(());
         }
-        self.connect_next(key)
+        if terminates {
+            // Records go out as rustls makes them, often two per response
+            // (headers, body): Nagle would hold the second for the client's
+            // delayed ACK (40 ms).
+            uring::set_nodelay(fd);
+        }
+        self.begin(key)
+    }
+
+    /// Starts the session's first stage, at accept or once its PROXY header
+    /// was read: the header, the TLS handshake, the ClientHello, or the
+    /// connect.
+    fn begin(&mut self, key: usize) -> std::io::Result<()> {
+        let session = &self.sessions[key];
+        match &session.stage {
+            Stage::Header(_) => self.read_header(key),
+            Stage::Handshake => self.start_tls(key),
+            Stage::Hello(_) => self.start_hello(key),
+            _ => {
+                // Behind those already waiting, on any worker: a new client
+                // must not take the slot a queued one was woken for.
+                let view = &session.view;
+                if view.limited && view.snap.shared.stats.queued.load(Relaxed) > 0 {
+                    return self.enqueue(key);
+                }
+                self.connect_next(key)
+            }
+        }
     }
 
     /// accept-proxy: a peer not in accept-proxy-from could claim to be any
@@ -1080,9 +1207,7 @@ impl Worker {
         )
         .build()
         .user_data(token(Op::Header, key));
-        self.io.push(&entry)?;
-        session.conn.inflight += 1;
-        Ok(())
+        session.conn.submit(&mut self.io, entry)
     }
 
     fn on_header(&mut self, key: usize, res: i32) -> std::io::Result<()> {
@@ -1136,19 +1261,29 @@ impl Worker {
         addrs: Option<(SocketAddr, SocketAddr)>,
     ) -> std::io::Result<()> {
         let session = &mut self.sessions[key];
-        let connecting = Stage::Connect(Connecting::default());
-        let Stage::Header(read) = std::mem::replace(&mut session.stage, connecting) else {
-            return Ok(());
-        };
         if let Some((client, dest)) = addrs {
             session.conn.client_addr = Some(client);
             session.dest = Some(dest);
         }
-        let early = read.buf[len..read.filled].to_vec();
-        session.conn.dirs[UPSTREAM].bytes += early.len() as u64;
-        if let Stage::Connect(connecting) = &mut session.stage {
-            connecting.early = early;
-        }
+        let Stage::Header(read) = &session.stage else {
+            return Ok(());
+        };
+        // The receive completed: nothing points into the buffer any more.
+        let early = &read.buf[len..read.filled];
+        let mut tls_early = Vec::new();
+        let next = if session.tls.is_some() {
+            tls_early = early.to_vec();
+            Stage::Handshake
+        } else if session.view.snap.config.tls.reads_hello() {
+            Stage::Hello(Pending::with(early))
+        } else {
+            session.conn.dirs[UPSTREAM].bytes += early.len() as u64;
+            Stage::Connect(Connecting {
+                preamble: (!early.is_empty()).then(|| Pending::with(early)),
+                ..Connecting::default()
+            })
+        };
+        session.stage = next;
         // The source ACL and per-source limits apply to the client the
         // header names (the upstream's own, for LOCAL), not to the upstream.
         let view = Rc::clone(&session.view);
@@ -1165,7 +1300,10 @@ impl Worker {
                 return Ok(());
             }
         }
-        self.connect_next(key)
+        if !tls_early.is_empty() {
+            return self.tls_early(key, &tls_early);
+        }
+        self.begin(key)
     }
 
     /// Resets a client whose PROXY header is missing, invalid or late.
@@ -1227,45 +1365,122 @@ impl Worker {
         }
     }
 
-    /// Connects to the next backend this connection has not tried, with the
-    /// frontend's connect timeout linked to the connect.
+    /// Connects to a backend this connection has not tried in this round,
+    /// as the frontend's retries allow; queues it when every usable one is
+    /// at its maxconn.
     fn connect_next(&mut self, key: usize) -> std::io::Result<()> {
+        let session = &mut self.sessions[key];
+        let Stage::Connect(connecting) = &mut session.stage else {
+            return Ok(());
+        };
+        connecting.retry_at = None;
+        let view = &session.view;
+        if connecting.attempts > view.snap.config.retries {
+            return self.no_backend(key);
+        }
+        let client = session.conn.client_addr.map(|a| a.ip());
+        let chosen = queue::pick(
+            &view.snap,
+            session.route,
+            &connecting.tried,
+            client,
+            view.limited,
+        );
+        match chosen {
+            Pick::Backend { index, slot } => self.connect_to(key, index, slot),
+            Pick::Full => self.enqueue(key),
+            Pick::Exhausted => self.retry_later(key),
+        }
+    }
+
+    /// Every candidate of this round was tried: start again after a short
+    /// delay while attempts are left and something is still usable (a
+    /// single backend that refuses while it restarts gets another chance,
+    /// as HAProxy retries the same server).
+    fn retry_later(&mut self, key: usize) -> std::io::Result<()> {
+        let session = &mut self.sessions[key];
+        let Stage::Connect(connecting) = &mut session.stage else {
+            return Ok(());
+        };
+        let snap = &session.view.snap;
+        let route = snap.routes.get(session.route).map(|r| r.backends.clone());
+        let again = !connecting.tried.is_empty()
+            && connecting.attempts <= snap.config.retries
+            && snap
+                .backends
+                .get(route.unwrap_or_default())
+                .is_some_and(|set| set.iter().any(|b| b.usable()));
+        if !again {
+            return self.no_backend(key);
+        }
+        connecting.round += 1;
+        connecting.tried = Tried::default();
+        connecting.retry_at = Some(self.now + queue::retry_delay(connecting.round));
+        Ok(())
+    }
+
+    fn no_backend(&mut self, key: usize) -> std::io::Result<()> {
+        let session = &mut self.sessions[key];
+        let snap = &session.view.snap;
+        snap.shared.stats.no_backend.fetch_add(1, Relaxed);
+        if let Some(route) = snap.routes.get(session.route) {
+            route.stats.no_backend.fetch_add(1, Relaxed);
+        }
+        session.conn.close(key, End::NoBackend, &mut self.io)?;
+        self.free_if_finished(key);
+        Ok(())
+    }
+
+    /// Connects to backend `index` (holding one of its slots when `slot`),
+    /// with the frontend's connect timeout linked to the connect.
+    fn connect_to(&mut self, key: usize, index: usize, slot: bool) -> std::io::Result<()> {
         let session = &mut self.sessions[key];
         let Stage::Connect(connecting) = &mut session.stage else {
             return Ok(());
         };
         let view = &session.view;
         let conn = &mut session.conn;
-        let Some(index) = view.snap.select(&connecting.tried) else {
-            view.snap.shared.stats.no_backend.fetch_add(1, Relaxed);
-            conn.close(key, End::NoBackend, &mut self.io)?;
-            self.free_if_finished(key);
-            return Ok(());
-        };
         let addr = &view.addrs[index];
         let fd = match backend_socket(addr.is_ipv6(), &mut self.io.pipes) {
             Ok(fd) => fd,
             Err(e) => {
                 let errno = e.raw_os_error().unwrap_or(0);
                 conn.local = Some((LocalFailure::BackendSocket, errno));
-                if !matches!(
+                let wait = matches!(
                     errno,
                     libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS
-                ) {
+                );
+                if !wait {
                     conn.close(key, End::LocalError, &mut self.io)?;
-                    self.free_if_finished(key);
+                }
+                // Not connecting: the slot goes to whoever can use it.
+                if slot {
+                    let view = Rc::clone(view);
+                    self.give_slot(&view, index);
                 }
                 // Out of fds or memory, which ending connections give back:
                 // the client waits and the tick tries again, up to the
                 // connect timeout; then it is reset.
+                self.free_if_finished(key);
                 return Ok(());
             }
         };
         conn.local = None;
-        connecting.tried.insert(index);
+        let first = view
+            .snap
+            .routes
+            .get(session.route)
+            .map_or(0, |r| r.backends.start);
+        connecting.tried.insert(index - first);
+        view.backend(index).stats.connecting.fetch_add(1, Relaxed);
+        if connecting.attempts > 0 {
+            view.snap.shared.stats.retries.fetch_add(1, Relaxed);
+        }
+        connecting.attempts += 1;
         uring::set_nodelay(fd);
         conn.backend = fd;
         session.backend = Some(index);
+        session.slot = slot;
         // The address and the timespec live in the view, which this
         // session holds until the connect and its timeout have completed.
         let connect = opcode::Connect::new(types::Fd(fd), addr.as_ptr().cast(), addr.len())
@@ -1286,11 +1501,12 @@ impl Worker {
         let Some(index) = session.backend else {
             return Ok(());
         };
+        let backend = session.view.backend(index);
+        backend.stats.connecting.fetch_sub(1, Relaxed);
         if conn.phase == Phase::Closing {
             self.free_if_finished(key);
             return Ok(());
         }
-        let backend = session.view.backend(index);
         if res == 0 {
             backend.report_connect_success();
             backend.stats.connections.fetch_add(1, Relaxed);
@@ -1313,89 +1529,175 @@ impl Worker {
             backend.name,
             std::io::Error::from_raw_os_error(-res)
         );
-        backend.report_connect_failure(failure);
+        // One client retrying the same backend is no new evidence against
+        // it: only a connection's first round counts toward marking it
+        // down, so a single client cannot take the only backend out.
+        match &session.stage {
+            Stage::Connect(c) if c.round > 0 => {
+                backend.stats.connect_failures.fetch_add(1, Relaxed);
+            }
+            _ => backend.report_connect_failure(failure),
+        }
         uring::close(conn.backend);
         conn.backend = -1;
+        session.backend = None;
+        if std::mem::take(&mut session.slot) {
+            let view = Rc::clone(&session.view);
+            self.give_slot(&view, index);
+        }
         self.connect_next(key)
     }
 
-    /// The backend accepted: send what goes before the client's stream (a
-    /// PROXY header, the client's early bytes), or start relaying at once.
-    fn start_preamble(&mut self, key: usize, index: usize) -> std::io::Result<()> {
-        let session = &mut self.sessions[key];
-        let early = match std::mem::replace(&mut session.stage, Stage::Relay) {
-            Stage::Connect(connecting) => connecting.early,
-            _ => Vec::new(),
-        };
-        let mut bytes = match session.view.send_proxy[index] {
-            Some(version) => match (session.conn.client_addr, session.dest) {
-                (Some(client), Some(dest)) => proxy::header(version, client, dest),
-                // The client left before its address could be read: a
-                // header that says so rather than a made-up address.
-                _ => proxy::check_header(version),
-            },
-            None => Vec::new(),
-        };
-        if bytes.is_empty() && early.is_empty() {
-            return session.conn.start_relay(key, &mut self.io);
+    /// A backend slot is free again: a worker with connections queued on
+    /// that frontend serves its queue (this one once its batch is done).
+    fn give_slot(&mut self, view: &View, index: usize) {
+        view.backend(index).give_slot();
+        let waiting = view.snap.shared.queue_waiting.take();
+        if waiting == 0 {
+            return;
         }
-        bytes.extend_from_slice(&early);
-        session.stage = Stage::Preamble(Preamble {
-            buf: bytes.into_boxed_slice(),
-            sent: 0,
-        });
-        self.send_preamble(key)
+        if Waiting::includes(waiting, self.id) {
+            self.serve_queued = true;
+        }
+        self.global.wake_others(waiting, self.id);
     }
 
-    fn send_preamble(&mut self, key: usize) -> std::io::Result<()> {
+    /// Every usable backend is at its maxconn: the connection waits for a
+    /// slot, up to `timeout-queue`.
+    fn enqueue(&mut self, key: usize) -> std::io::Result<()> {
         let session = &mut self.sessions[key];
-        let Stage::Preamble(preamble) = &session.stage else {
+        let Stage::Connect(connecting) = &mut session.stage else {
             return Ok(());
         };
-        let rest = &preamble.buf[preamble.sent..];
-        let entry = opcode::Send::new(
-            types::Fd(session.conn.backend),
-            rest.as_ptr(),
-            rest.len() as u32,
-        )
-        .flags(libc::MSG_NOSIGNAL)
-        .build()
-        .user_data(token(Op::Preamble, key));
-        self.io.push(&entry)?;
-        session.conn.inflight += 1;
+        let stats = &session.view.snap.shared.stats;
+        let connecting = std::mem::take(connecting);
+        session.stage = Stage::Queued(Queued {
+            connecting,
+            since: self.now,
+            watching: true,
+        });
+        stats.queued.fetch_add(1, Relaxed);
+        stats.queued_total.fetch_add(1, Relaxed);
+        session.conn.watch_client(key, &mut self.io)?;
+        let shared = Arc::clone(&session.view.snap.shared);
+        if let Some(held_back) = self.warnings.queue.allow(self.now) {
+            log::warn!(
+                "worker {}: frontend {}: every usable backend is at its maxconn; new connections \
+                 wait in the queue up to {:?}{}",
+                self.id,
+                shared.name,
+                session.view.timeout_queue,
+                self.warnings.queue.suffix(held_back)
+            );
+        }
+        self.queues.push(&shared, key);
+        // Marked before the queue is served again (at the end of this
+        // batch): a slot given back in between wakes this worker.
+        shared.queue_waiting.mark(self.id);
+        self.serve_queued = true;
         Ok(())
     }
 
-    fn on_preamble(&mut self, key: usize, res: i32) -> std::io::Result<()> {
+    /// Gives the free slots to this worker's queued connections, oldest
+    /// first, per frontend; stays marked as waiting while any is left.
+    fn serve_queues(&mut self) -> std::io::Result<()> {
+        if self.queues.is_empty() {
+            return Ok(());
+        }
+        for shared in self.queues.frontends() {
+            shared.queue_waiting.mark(self.id);
+            while let Some(key) = self.queues.front(&shared) {
+                if !self.try_place(&shared, key)? {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the connection at the head of a queue to a backend with room;
+    /// `false` when it must wait on.
+    fn try_place(&mut self, shared: &FrontendShared, key: usize) -> std::io::Result<bool> {
+        let Some(session) = self.sessions.get_mut(key) else {
+            self.queues.remove(shared, key);
+            return Ok(true);
+        };
+        let Stage::Queued(queued) = &mut session.stage else {
+            self.queues.remove(shared, key);
+            return Ok(true);
+        };
+        if session.conn.phase == Phase::Closing {
+            // Freed once its cancels complete; the gauge drops then.
+            self.queues.remove(shared, key);
+            return Ok(true);
+        }
+        let view = &session.view;
+        let found = queue::pick(
+            &view.snap,
+            session.route,
+            &queued.connecting.tried,
+            session.conn.client_addr.map(|a| a.ip()),
+            view.limited,
+        );
+        if found == Pick::Full {
+            return Ok(false);
+        }
+        self.dequeue(shared, key)?;
+        match found {
+            Pick::Backend { index, slot } => self.connect_to(key, index, slot)?,
+            _ => self.retry_later(key)?,
+        }
+        Ok(true)
+    }
+
+    /// Out of the queue and back to connecting.
+    fn dequeue(&mut self, shared: &FrontendShared, key: usize) -> std::io::Result<()> {
+        self.queues.remove(shared, key);
         let session = &mut self.sessions[key];
-        let conn = &mut session.conn;
-        conn.inflight -= 1;
-        let Stage::Preamble(preamble) = &mut session.stage else {
+        let stage = std::mem::replace(&mut session.stage, Stage::Relay);
+        let Stage::Queued(queued) = stage else {
+            session.stage = stage;
             return Ok(());
         };
-        if conn.phase == Phase::Closing {
-            self.free_if_finished(key);
-            return Ok(());
+        session.stage = Stage::Connect(queued.connecting);
+        session.view.snap.shared.stats.queued.fetch_sub(1, Relaxed);
+        if queued.watching {
+            session.conn.unwatch_client(key, &mut self.io)?;
         }
-        if res <= 0 {
-            let errno = -res;
-            if matches!(errno, libc::ECONNRESET | libc::EPIPE | libc::ENOTCONN) {
-                conn.close(key, End::BackendReset, &mut self.io)?;
-            } else {
-                // A send of nothing would repeat forever: a local failure too.
-                conn.fail(key, LocalFailure::Relay, errno, &mut self.io)?;
+        Ok(())
+    }
+
+    /// The watch on a queued client completed: it left (a reset, or its
+    /// end of stream with nothing sent), or the watch was cancelled.
+    fn on_watch(&mut self, key: usize, res: i32) -> std::io::Result<()> {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return Ok(());
+        };
+        session.conn.inflight -= 1;
+        let queued = match &mut session.stage {
+            Stage::Queued(queued) => queued,
+            _ => {
+                self.free_if_finished(key);
+                return Ok(());
             }
+        };
+        queued.watching = false;
+        let conn = &mut session.conn;
+        if conn.phase == Phase::Closing || res < 0 {
             self.free_if_finished(key);
             return Ok(());
         }
-        conn.last_active = self.now;
-        preamble.sent += res as usize;
-        if preamble.sent < preamble.buf.len() {
-            return self.send_preamble(key);
+        // A client that sent its request and then ended its stream still
+        // waits for the answer: it stays (unwatched) until its turn. Bytes
+        // already read (with a PROXY header, a ClientHello) are its request
+        // too.
+        let reset = res & (libc::POLLERR | libc::POLLHUP) as i32 != 0;
+        let sent = queued.connecting.preamble.is_some();
+        if reset || (!sent && queue::unread_bytes(conn.client) == 0) {
+            conn.close(key, End::ClientAborted, &mut self.io)?;
         }
-        // Its send completed: the buffer may go.
-        session.stage = Stage::Relay;
-        session.conn.start_relay(key, &mut self.io)
+        self.free_if_finished(key);
+        Ok(())
     }
 
     fn free_if_finished(&mut self, key: usize) {
@@ -1408,16 +1710,33 @@ impl Worker {
             return;
         }
         let mut session = self.sessions.remove(key);
+        // The source's place goes back no later than the frontend's count:
+        // whoever sees room there finds it in the per-source table too.
+        drop(std::mem::take(&mut session.source));
         self.release(&session.view.snap.shared);
+        if let (true, Some(index)) = (session.slot, session.backend) {
+            let view = Rc::clone(&session.view);
+            self.give_slot(&view, index);
+        }
         let stats = &session.view.snap.shared.stats;
+        if matches!(session.stage, Stage::Queued(_)) {
+            self.queues.remove(&session.view.snap.shared, key);
+            stats.queued.fetch_sub(1, Relaxed);
+        }
         let [up, down] = session.conn.take_uncounted();
         if let Some(backend) = session.relaying_to() {
             backend.stats.active.fetch_sub(1, Relaxed);
             backend.stats.bytes_to_backend.fetch_add(up, Relaxed);
             backend.stats.bytes_from_backend.fetch_add(down, Relaxed);
         }
-        if session.conn.end == Some(End::LocalError) {
-            stats.local_errors.fetch_add(1, Relaxed);
+        match session.conn.end {
+            Some(End::LocalError) => {
+                stats.local_errors.fetch_add(1, Relaxed);
+            }
+            Some(End::QueueTimeout) => {
+                stats.queue_timeouts.fetch_add(1, Relaxed);
+            }
+            _ => {}
         }
         let access_log = session.view.snap.config.access_log;
         if access_log != AccessLog::Off {
@@ -1480,6 +1799,7 @@ impl Worker {
         unsafe { libc::read(self.wake_fd, (&mut value as *mut u64).cast(), 8) };
         self.take_commands()?;
         self.resume_held()?;
+        self.serve_queues()?;
         if !self.finished() {
             self.arm_wake()?;
         }
@@ -1559,6 +1879,35 @@ impl Worker {
         for index in arm {
             self.serve_listener(index)?;
         }
+        self.requeue(&views)
+    }
+
+    /// Queued connections wait on for their frontend's new backend set
+    /// (nothing of the old one is in flight for them); those of a frontend
+    /// the snapshot no longer has are reset.
+    fn requeue(&mut self, views: &HashMap<&str, Rc<View>>) -> std::io::Result<()> {
+        for key in self.queues.keys() {
+            let Some(session) = self.sessions.get_mut(key) else {
+                continue;
+            };
+            let shared = &session.view.snap.shared;
+            let new = views.values().find(|v| Arc::ptr_eq(&v.snap.shared, shared));
+            match (new, &mut session.stage) {
+                (Some(view), Stage::Queued(queued)) => {
+                    session.view = Rc::clone(view);
+                    queued.connecting.tried = Tried::default();
+                }
+                (None, Stage::Queued(_)) => {
+                    session
+                        .conn
+                        .close(key, End::FrontendRemoved, &mut self.io)?;
+                    self.free_if_finished(key);
+                }
+                _ => {}
+            }
+        }
+        // A new snapshot may have room where the old one had none.
+        self.serve_queued = true;
         Ok(())
     }
 
@@ -1643,8 +1992,10 @@ impl Worker {
     /// its drain time; adds the bytes moved since the last tick to the
     /// shared counters.
     fn on_tick(&mut self) -> std::io::Result<()> {
-        // The net under the wake-ups between workers.
+        // The net under the wake-ups between workers (and the way queued
+        // connections see a backend come back or a limit raised).
         self.resume_held()?;
+        self.serve_queues()?;
         self.count_overflows();
         let now = self.now;
         let mut sweep = std::mem::take(&mut self.sweep);
@@ -1671,10 +2022,6 @@ impl Worker {
         }
         self.dirty = dirty;
         for (key, action) in sweep.drain(..) {
-            if let Sweep::Refuse(why) = action {
-                self.refuse_header(key, why)?;
-                continue;
-            }
             let (conn, io) = (&mut self.sessions[key].conn, &mut self.io);
             match action {
                 Sweep::Free => {}
@@ -1682,7 +2029,9 @@ impl Worker {
                 Sweep::Fail(what) => conn.fail(key, what, 0, io)?,
                 Sweep::RetryPipe => conn.retry_pipe(key, io)?,
                 Sweep::Connect => self.connect_next(key)?,
-                Sweep::Refuse(_) => {}
+                Sweep::Refuse(why) => self.refuse_header(key, why)?,
+                Sweep::HelloLate => self.refuse_hello(key, crate::hello::Refusal::Timeout)?,
+                Sweep::HandshakeLate => self.refuse_handshake(key, crate::tls::Failure::Timeout)?,
             }
             self.free_if_finished(key);
         }
@@ -1730,8 +2079,29 @@ fn sweep_action(
         let late = conn.phase != Phase::Closing && now >= read.deadline;
         return late.then_some(Sweep::Refuse(HeaderRefusal::Timeout));
     }
+    match &session.stage {
+        _ if conn.phase != Phase::Connecting => {}
+        Stage::Queued(queued) => {
+            let expired = now >= queued.since + session.view.timeout_queue;
+            return expired.then_some(Sweep::Close(End::QueueTimeout));
+        }
+        Stage::Connect(Connecting {
+            retry_at: Some(at), ..
+        }) => return (now >= *at).then_some(Sweep::Connect),
+        _ => {}
+    }
     let idle = now.saturating_duration_since(conn.last_active);
     let config = &session.view.snap.config;
+    if let Stage::Hello(_) = session.stage {
+        // Counted from accept, not from the last byte: a client trickling
+        // its hello a byte at a time must not hold the slot forever.
+        let late = now.saturating_duration_since(conn.started) >= config.tls.client_hello_timeout;
+        return (conn.phase != Phase::Closing && late).then_some(Sweep::HelloLate);
+    }
+    if let (Stage::Handshake, Some(server)) = (&session.stage, &config.tls.server) {
+        let late = now.saturating_duration_since(conn.started) >= server.options.handshake_timeout;
+        return (conn.phase != Phase::Closing && late).then_some(Sweep::HandshakeLate);
+    }
     match conn.phase {
         // No backend socket yet: out of fds when it was tried.
         Phase::Connecting if conn.backend < 0 && idle > config.connect_timeout => {
@@ -1749,6 +2119,9 @@ fn sweep_action(
             Some(Sweep::Fail(LocalFailure::Starved))
         }
         Phase::Relaying if idle >= config.idle_timeout => Some(Sweep::Close(End::IdleTimeout)),
+        Phase::Relaying if let Some(end) = fin_timeout(conn, config, idle) => {
+            Some(Sweep::Close(end))
+        }
         Phase::Relaying
             if config.on_down == OnDown::Shutdown
                 && session.relaying_to().is_some_and(|b| !b.is_up()) =>
@@ -1758,6 +2131,17 @@ fn sweep_action(
         Phase::Relaying if conn.wants_pipe() => Some(Sweep::RetryPipe),
         Phase::Relaying => None,
     }
+}
+
+/// A half-closed connection idle past its fin timeout: the client's once
+/// the backend's end reached it, the backend's once the client's did.
+fn fin_timeout(conn: &Conn, config: &crate::config::FrontendConfig, idle: Duration) -> Option<End> {
+    let edge = &config.edge;
+    let past = |limit: Option<Duration>| limit.is_some_and(|l| idle >= l);
+    if conn.ended(DOWNSTREAM) && past(edge.client_fin_timeout) {
+        return Some(End::ClientFinTimeout);
+    }
+    (conn.ended(UPSTREAM) && past(edge.server_fin_timeout)).then_some(End::ServerFinTimeout)
 }
 
 /// A backend socket; when fds run out, the pipes kept idle for splicing
@@ -1814,6 +2198,8 @@ fn access_entry(session: &Session, now: Instant) -> access::Entry<'_> {
         bytes_up: conn.dirs[UPSTREAM].bytes,
         bytes_down: conn.dirs[DOWNSTREAM].bytes,
         end: access::end_code(conn.end),
+        route: stages::route_name(session),
+        sni: session.server_name.as_deref(),
     }
 }
 

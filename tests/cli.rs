@@ -428,6 +428,8 @@ fn config_file_drain_timeout_is_used() {
     );
     let mut child = Command::new(BIN)
         .args(["--config", file.path()])
+        // The drain alone is timed here, not the leave before it.
+        .args(["--leave-delay", "0"])
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

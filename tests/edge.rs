@@ -62,10 +62,12 @@ fn connect_from(source: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
 enum Outcome {
     Served,
     Reset,
+    /// Ended with a FIN before the echo.
+    Closed,
 }
 
-/// Sends a line and waits for its echo: served, or reset. Anything else
-/// (a clean close, a timeout) fails the test: a refusal is a reset.
+/// Sends a line and waits for its echo: served, reset, or closed; a
+/// timeout fails the test. Tests of refusals expect a reset.
 fn exchange(source: &str, to: SocketAddr) -> Outcome {
     let reset =
         |e: &std::io::Error| matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe);
@@ -86,6 +88,7 @@ fn exchange(source: &str, to: SocketAddr) -> Outcome {
             Outcome::Served
         }
         Err(e) if reset(&e) => Outcome::Reset,
+        Err(e) if e.kind() == ErrorKind::UnexpectedEof => Outcome::Closed,
         Err(e) => panic!("{source}: neither served nor reset: {e}"),
     }
 }
@@ -162,12 +165,8 @@ fn denied_and_unlisted_clients_are_reset_before_any_backend() {
         accepted, 3,
         "refused clients are not counted as connections"
     );
-    assert_eq!(
-        ringlb
-            .metric("ringlb_frontend_connections_active{frontend=\"default\"}")
-            .expect("active metric"),
-        0
-    );
+    // Ended as the clients closed (which ringlb sees a moment later).
+    assert!(eventually(Duration::from_secs(20), || active(&ringlb) == 0));
     // One debug line per refusal; at info, the first and then a summary
     // per period.
     assert_eq!(
@@ -407,7 +406,12 @@ fn an_idle_flood_from_one_address_does_not_lock_out_others() {
         refused(&ringlb, "default", "source-limit"),
         ringlb.logs()
     );
-    assert_eq!(active(&ringlb), 100);
+    // The flood's 100, once 127.0.0.3's connection has ended.
+    assert!(
+        eventually(Duration::from_secs(20), || active(&ringlb) == 100),
+        "active {}",
+        active(&ringlb)
+    );
     // The flood's own clients beyond its share were reset, not left open.
     let mut reset = failed;
     let mut open = 0;
@@ -461,6 +465,9 @@ fn every_end_gives_the_source_its_place_back() {
             match label {
                 "echo" => {
                     assert_eq!(exchange("127.0.0.2", ringlb.addr), Outcome::Served);
+                    // The place is given back as the connection ends, which
+                    // ringlb sees a moment after the client's close.
+                    assert!(eventually(Duration::from_secs(20), || active(&ringlb) == 0));
                     // A client that resets its own connection.
                     let s = connect_from("127.0.0.2", ringlb.addr).expect("connect");
                     socket2::SockRef::from(&s)
@@ -469,6 +476,10 @@ fn every_end_gives_the_source_its_place_back() {
                     (&s).write_all(b"x").expect("write");
                     drop(s);
                 }
+                // A backend's reset reaches the client as a reset, or as
+                // an end when ringlb's send met the reset first (the
+                // kernel reports it once; the receive then sees an end).
+                "resetting" => assert_ne!(exchange("127.0.0.2", ringlb.addr), Outcome::Served),
                 _ => assert_eq!(exchange("127.0.0.2", ringlb.addr), Outcome::Reset),
             }
             assert!(
@@ -520,4 +531,106 @@ fn the_rate_per_source_resets_a_burst_and_refills() {
     assert!(eventually(Duration::from_secs(10), || {
         exchange("127.0.0.2", ringlb.addr) == Outcome::Served
     }));
+}
+
+/// `timeout-client-fin`: the backend answered and ended its stream; the
+/// client keeps its half open and idles. The connection is closed once it
+/// idled that long, not after the (much longer) idle timeout.
+#[test]
+fn a_client_idling_after_the_backends_end_is_closed_at_client_fin() {
+    let backend_saw_close = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&backend_saw_close);
+    let backend = Backend::start(Arc::new(move |mut stream: TcpStream| {
+        let _ = stream.write_all(b"bye\n");
+        let _ = stream.shutdown(Shutdown::Write);
+        let mut rest = Vec::new();
+        // Ends when ringlb closes its side (a FIN, or a reset).
+        let _ = stream.read_to_end(&mut rest);
+        seen.fetch_add(1, SeqCst);
+    }));
+    let ringlb = Ringlb::start(&[
+        "--backend",
+        &backend.addr_str(),
+        "--stats",
+        "127.0.0.1:0",
+        "--idle-timeout",
+        "5m",
+        "--timeout-client-fin",
+        "1s",
+        "--check-interval",
+        "1h",
+    ]);
+    let mut client = ringlb.connect();
+    let mut got = Vec::new();
+    client
+        .read_to_end(&mut got)
+        .expect("the backend's reply and end");
+    assert_eq!(got, b"bye\n");
+    // The client's half stays open, idle.
+    assert!(
+        eventually(Duration::from_secs(20), || active(&ringlb) == 0),
+        "still open after 20 s; logs:\n{}",
+        ringlb.logs()
+    );
+    // Every connection the backend had (health checks connect too) ended.
+    assert!(eventually(Duration::from_secs(10), || {
+        backend_saw_close.load(SeqCst) == backend.accepted.load(SeqCst)
+    }));
+    assert!(
+        ringlb.count_logs("client-fin timeout") == 1,
+        "{}",
+        ringlb.logs()
+    );
+    drop(client);
+}
+
+/// `timeout-server-fin`: the client sent its request and ended its stream;
+/// the backend never answers nor closes. The connection is closed once it
+/// idled that long; the client sees its end.
+#[test]
+fn a_backend_idling_after_the_clients_end_is_closed_at_server_fin() {
+    let backend = Backend::start(Arc::new(|mut stream: TcpStream| {
+        let mut request = Vec::new();
+        let _ = stream.read_to_end(&mut request);
+        // Silent and open until ringlb gives up on it.
+        std::thread::sleep(Duration::from_secs(60));
+    }));
+    let ringlb = Ringlb::start(&[
+        "--backend",
+        &backend.addr_str(),
+        "--stats",
+        "127.0.0.1:0",
+        "--idle-timeout",
+        "5m",
+        "--timeout-server-fin",
+        "1s",
+        "--check-interval",
+        "1h",
+    ]);
+    let mut client = ringlb.connect();
+    client.write_all(b"request\n").expect("send");
+    client.shutdown(Shutdown::Write).expect("FIN");
+    let started = std::time::Instant::now();
+    client
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut rest = Vec::new();
+    match client.read_to_end(&mut rest) {
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("not closed by server-fin: {e}; logs:\n{}", ringlb.logs()),
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed after {waited:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || ringlb
+            .count_logs("server-fin timeout")
+            == 1),
+        "{}",
+        ringlb.logs()
+    );
+    assert_eq!(active(&ringlb), 0);
 }

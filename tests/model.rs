@@ -8,7 +8,8 @@ use common::*;
 
 /// No pool-size cap: a frontend with 70 backends starts, and a connection
 /// retries past 64 refusing ones (the old 64-bit tried mask's limit) to
-/// the one that answers.
+/// the one that answers (with `retries` raised from HAProxy's 3 to allow
+/// that many attempts).
 #[test]
 fn a_pool_of_seventy_backends_retries_past_the_sixty_fourth() {
     let live = Backend::start(named("live"));
@@ -18,7 +19,7 @@ fn a_pool_of_seventy_backends_retries_past_the_sixty_fourth() {
     backends.push(format!("\"{}\"", live.addr_str()));
     let text = format!(
         "[[frontend]]\nlisten = \"127.0.0.1:0\"\nmode = \"active-passive\"\n\
-         check-interval = \"1h\"\nbackends = [{}]\n",
+         check-interval = \"1h\"\nretries = 69\nbackends = [{}]\n",
         backends.join(", ")
     );
     let path = std::env::temp_dir().join(format!("ringlb-model-{}.toml", std::process::id()));

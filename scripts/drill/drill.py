@@ -13,7 +13,7 @@ Subcommands:
                    wrk reuses keep-alive connections; the probe is what shows
                    whether *new* connections fail after a backend is marked down.
   analyze RUNDIR   turn one run's raw logs into one result row (rows.jsonl) and
-                   a per-250ms timeline (timeline.tsv).
+                   a per-100ms timeline (timeline.tsv).
   report ROWS      print the per-run table, the per-system/fault summary and the
                    pass/fail targets.
 
@@ -294,9 +294,9 @@ def cmd_analyze(args) -> int:
     with open(args.rows, "a") as f:
         f.write(json.dumps(row) + "\n")
 
-    # Per-250ms timeline relative to the start of the load, for a reader who
-    # wants to see where the traffic went.
-    step = 0.25
+    # Per-100ms timeline relative to the start of the load, for a reader who
+    # wants to see where the traffic went (and chart.py --failover draws).
+    step = 0.1
     nb = int((t_end - t_start) / step) + 2
     cols = {"active": [0] * nb, "passive": [0] * nb, "probe_fail": [0] * nb}
     for name, times in (("active", act), ("passive", pas)):

@@ -427,6 +427,7 @@ impl Ringlb {
     /// setpriv that ends by running it) with the harness's log capture,
     /// without waiting for it to listen: for runs that must fail to start.
     pub fn spawn(mut command: Command) -> Ringlb {
+        no_leave_delay_unless_asked(&mut command);
         let mut child = command
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
@@ -625,5 +626,34 @@ impl Ringlb {
             panic!("ringlb did not start: {e}");
         }
         ringlb
+    }
+}
+
+// ---- Added for the leave delay (tests/leave.rs). ----
+
+/// ringlb waits 2 s (its default leave delay) between a SIGTERM and its
+/// drain; a test that does not ask for a delay gets none, so that every
+/// stop stays as fast as before. A test asks with `--leave-delay` or with a
+/// `leave-delay` key in its `--config` file (which the flag would override).
+pub fn no_leave_delay_unless_asked(command: &mut Command) {
+    if command.get_program() != BIN {
+        return;
+    }
+    let args: Vec<String> = command
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let subcommand = args
+        .first()
+        .is_some_and(|a| ["ctl", "demo", "generate"].contains(&a.as_str()));
+    let asked = args.iter().any(|a| a.starts_with("--leave-delay"));
+    let in_file = args
+        .iter()
+        .position(|a| a == "--config")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .is_some_and(|text| text.contains("leave-delay"));
+    if !subcommand && !asked && !in_file && !args.iter().any(|a| a == "--check") {
+        command.args(["--leave-delay", "0"]);
     }
 }

@@ -1,0 +1,1 @@
+/work/wt/ha/target/release/ringlb --listen 127.0.0.1:58701 --mode active-passive --backend 10.77.0.2:8080 --backend 127.0.0.1:52419 --workers 1 --connect-timeout 500ms --idle-timeout 5m --check-interval 500ms --check-timeout 500ms --fall 2 --rise 2 --check-send HEAD\ /\ HTTP/1.0\\r\\n\\r\\n --check-expect HTTP/1. 
