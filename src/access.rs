@@ -116,6 +116,8 @@ pub fn end_code(end: Option<End>) -> &'static str {
         Some(End::BackendClosed) => "backend-closed",
         Some(End::FrontendRemoved) => "frontend-removed",
         Some(End::LocalError) => "local-error",
+        Some(End::ProxyHeader) => "proxy-header",
+        Some(End::Refused) => "refused",
         Some(End::HelloRefused) => "bad-hello",
         Some(End::QueueTimeout) => "queue-timeout",
         Some(End::ClientAborted) => "client-aborted",

@@ -17,6 +17,20 @@ use crate::config::{
     self, BackendConfig, Balance, BalanceConfig, CheckConfig, Config, ConfigError, ConfigSource,
     FrontendConfig, Mode, OnDown,
 };
+use crate::proxy::{self, ProxyConfig, Version};
+
+/// A config message about keys, worded for the flags that set them.
+fn flags(message: &str) -> String {
+    message
+        .replace("accept-proxy-from", "--accept-proxy-from")
+        .replace("accept-proxy = true", "--accept-proxy")
+        .replace(
+            "[\"0.0.0.0/0\", \"::/0\"]",
+            "--accept-proxy-from 0.0.0.0/0 --accept-proxy-from ::/0",
+        )
+        .replace("timeout-proxy-header", "--timeout-proxy-header")
+        .replace("set send-proxy", "set --send-proxy")
+}
 
 const AFTER_HELP: &str = "\
 Durations are written 500ms, 2s, 5m, 1h; a bare number is milliseconds.
@@ -127,6 +141,22 @@ pub struct Cli {
     /// What to do with established connections of a backend marked down
     #[arg(long, value_enum, value_name = "ACTION", default_value_t = OnDown::Keep, conflicts_with = "config")]
     on_down: OnDown,
+
+    /// Send a PROXY protocol header of this version to backends before the client's bytes (health checks send one too: v2 LOCAL, v1 UNKNOWN)
+    #[arg(long, value_enum, value_name = "VERSION", conflicts_with = "config")]
+    send_proxy: Option<Version>,
+
+    /// Read a PROXY protocol header (v1 or v2) from each client first; needs --accept-proxy-from
+    #[arg(long, conflicts_with = "config")]
+    accept_proxy: bool,
+
+    /// A peer (address or CIDR prefix) allowed to send PROXY headers; repeat for each; others are reset
+    #[arg(long, value_name = "CIDR", value_parser = crate::acl::Cidr::parse, conflicts_with = "config")]
+    accept_proxy_from: Vec<proxy::Cidr>,
+
+    /// Time a client gets to send its whole PROXY header [default: 3s]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration, conflicts_with = "config")]
+    timeout_proxy_header: Option<Duration>,
 
     /// Most client connections at once; more wait in the accept queue [default: no limit]
     #[arg(long, value_name = "N", conflicts_with = "config")]
@@ -386,6 +416,39 @@ impl Cli {
             (Some(b), _) => b,
             (None, m) => Balance::for_mode(m.unwrap_or(Mode::ActiveActive)),
         };
+        let from = (!self.accept_proxy_from.is_empty()).then_some(self.accept_proxy_from);
+        let proxy = ProxyConfig {
+            send: self.send_proxy,
+            accept: proxy::accept(self.accept_proxy, from, self.timeout_proxy_header)
+                .map_err(|e| (2, flags(&e)))?,
+        };
+        let mut check = CheckConfig {
+            interval: self.check_interval,
+            timeout: self
+                .check_timeout
+                .unwrap_or_else(|| CheckConfig::default_timeout(self.check_interval)),
+            rise: self.rise,
+            fall: self.fall,
+            script: match self.check_http {
+                Some(request) => Script::http(
+                    request,
+                    HttpExpect {
+                        statuses: Vec::new(),
+                        body: None,
+                    },
+                ),
+                None => Script::flat(
+                    self.check_send.map(|b| b.0),
+                    self.check_expect.map(|b| b.0),
+                    self.check_expect_regex,
+                ),
+            },
+            fastinter: self.fastinter,
+            downinter: self.downinter,
+            port: self.check_port,
+            ..CheckConfig::new(self.check_interval)
+        };
+        check.proxy = config::default_check_send_proxy(proxy.send, &check, &self.backends);
         let frontend = FrontendConfig {
             name: "default".into(),
             listen,
@@ -398,38 +461,14 @@ impl Cli {
             backends: self.backends,
             connect_timeout: self.connect_timeout,
             idle_timeout: self.idle_timeout,
-            check: CheckConfig {
-                interval: self.check_interval,
-                timeout: self
-                    .check_timeout
-                    .unwrap_or_else(|| CheckConfig::default_timeout(self.check_interval)),
-                rise: self.rise,
-                fall: self.fall,
-                script: match self.check_http {
-                    Some(request) => Script::http(
-                        request,
-                        HttpExpect {
-                            statuses: Vec::new(),
-                            body: None,
-                        },
-                    ),
-                    None => Script::flat(
-                        self.check_send.map(|b| b.0),
-                        self.check_expect.map(|b| b.0),
-                        self.check_expect_regex,
-                    ),
-                },
-                fastinter: self.fastinter,
-                downinter: self.downinter,
-                port: self.check_port,
-                ..CheckConfig::new(self.check_interval)
-            },
+            check,
             failback: !self.no_failback,
             on_down: self.on_down,
             maxconn: self.maxconn,
             timeout_queue: None,
             retries: self.retries,
             access_log: crate::config::AccessLog::Off,
+            proxy,
             edge: EdgeConfig {
                 acl: acl_of(&self.allow, &self.deny),
                 max_conn_per_source: self.max_conn_per_source,

@@ -19,6 +19,7 @@ use toml::Spanned;
 use crate::acl::{self, Acl, Cidr, PrefixSet};
 use crate::check::{HttpExpect, HttpRequest, Kind, Matcher, Pattern, Script, Step};
 pub use crate::edge::EdgeConfig;
+use crate::proxy::{self, ProxyConfig, Version};
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -199,6 +200,9 @@ pub struct CheckConfig {
     /// Default: the check interval.
     pub agent_interval: Option<Duration>,
     pub agent_send: Option<Vec<u8>>,
+    /// `check-send-proxy`: each check starts with a PROXY header of this
+    /// version that carries no client (v2 LOCAL, v1 UNKNOWN).
+    pub proxy: Option<Version>,
 }
 
 impl CheckConfig {
@@ -224,6 +228,7 @@ impl CheckConfig {
             agent_address: None,
             agent_interval: None,
             agent_send: None,
+            proxy: None,
         }
     }
 
@@ -278,6 +283,8 @@ pub struct BackendConfig {
     /// Its agent's port and address (HAProxy's `agent-port`, `agent-addr`).
     pub agent_port: Option<u16>,
     pub agent_address: Option<IpAddr>,
+    /// This backend's `send-proxy`, over the frontend's.
+    pub send_proxy: Option<Version>,
 }
 
 impl BackendConfig {
@@ -293,6 +300,7 @@ impl BackendConfig {
             check_address: None,
             agent_port: None,
             agent_address: None,
+            send_proxy: None,
         }
     }
 }
@@ -324,6 +332,8 @@ pub struct FrontendConfig {
     pub retries: u32,
     /// `log = true`, in the format of `log-format`.
     pub access_log: AccessLog,
+    /// `send-proxy`, `accept-proxy` and their settings.
+    pub proxy: ProxyConfig,
     /// Source ACL, per-source limits, half-closed timeouts.
     pub edge: EdgeConfig,
     /// SNI routes and TLS settings: none by default (plain TCP).
@@ -397,6 +407,16 @@ pub struct RouteConfig {
     /// Its backends' place in the frontend's `backends`; each is named
     /// `ROUTE/ADDRESS` there, so its metrics and state are its own.
     pub backends: std::ops::Range<usize>,
+}
+
+impl FrontendConfig {
+    /// The PROXY header backend `index` gets, if any.
+    pub fn send_proxy(&self, index: usize) -> Option<Version> {
+        self.backends
+            .get(index)
+            .and_then(|b| b.send_proxy)
+            .or(self.proxy.send)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -576,6 +596,15 @@ pub fn parse_escapes(text: &str) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// Whether [`parse_address`] may ask the resolver: off only in the fuzz
+/// harness and its corpus replay, where arbitrary input must not turn
+/// into DNS queries.
+static RESOLVE_NAMES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+pub fn resolve_names(on: bool) {
+    RESOLVE_NAMES.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Resolves `host:port` or `ip:port` (IPv6 as `[::1]:80`) to the first
 /// address the resolver gives.
 pub fn parse_address(text: &str) -> Result<SocketAddr, String> {
@@ -585,6 +614,11 @@ pub fn parse_address(text: &str) -> Result<SocketAddr, String> {
     if !text.contains(':') {
         return Err(format!(
             "invalid address '{text}': expected HOST:PORT, e.g. 127.0.0.1:8080"
+        ));
+    }
+    if !RESOLVE_NAMES.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(format!(
+            "invalid address '{text}': host names are not resolved here"
         ));
     }
     match text.to_socket_addrs() {
@@ -660,6 +694,11 @@ struct RawFrontend {
     backend_tls: Option<Spanned<bool>>,
     backend_ca: Option<Spanned<String>>,
     backend_server_name: Option<Spanned<String>>,
+    send_proxy: Option<Version>,
+    check_send_proxy: Option<Spanned<bool>>,
+    accept_proxy: Option<Spanned<bool>>,
+    accept_proxy_from: Option<Spanned<Vec<String>>>,
+    timeout_proxy_header: Option<Spanned<String>>,
     allow: Option<Spanned<Vec<Spanned<String>>>>,
     deny: Option<Spanned<Vec<Spanned<String>>>>,
     allow_file: Option<Spanned<String>>,
@@ -711,6 +750,7 @@ struct RawBackendTable {
     check_address: Option<String>,
     agent_port: Option<u16>,
     agent_address: Option<String>,
+    send_proxy: Option<Version>,
 }
 
 /// By hand rather than `untagged`: serde's untagged error ("did not match
@@ -854,6 +894,7 @@ impl RawBackend {
             check_address,
             agent_port: table.agent_port,
             agent_address: ip("agent-address", &table.agent_address)?,
+            send_proxy: table.send_proxy,
         })
     }
 }
@@ -987,7 +1028,9 @@ impl RawFrontend {
             allbackups: self.allbackups.unwrap_or(false),
             slowstart: src.duration(&self.slowstart, "slowstart")?,
         };
-        let check = self.check_agent(self.check_config(src)?, &backends, src)?;
+        let proxy = self.proxy(src)?;
+        let mut check = self.check_agent(self.check_config(src)?, &backends, src)?;
+        check.proxy = self.check_send_proxy(&proxy, &check, &backends, src)?;
         Ok(FrontendConfig {
             name: self
                 .name
@@ -1010,6 +1053,7 @@ impl RawFrontend {
             timeout_queue: src.duration(&self.timeout_queue, "timeout-queue")?,
             retries: self.retries.unwrap_or(DEFAULT_RETRIES),
             access_log: self.access_log(src)?,
+            proxy,
             edge: self.edge(src)?,
             tls: TlsSettings {
                 routes,
@@ -1224,6 +1268,48 @@ impl RawFrontend {
         }))
     }
 
+    /// The PROXY protocol keys, each fault at its own line.
+    fn proxy(&self, src: &Source<'_>) -> Result<ProxyConfig, ConfigError> {
+        let from = self
+            .accept_proxy_from
+            .as_ref()
+            .map(|list| {
+                proxy::parse_from(list.get_ref(), "accept-proxy-from")
+                    .map_err(|e| src.invalid(list, e))
+            })
+            .transpose()?;
+        let timeout = src.duration(&self.timeout_proxy_header, "timeout-proxy-header")?;
+        let on = self.accept_proxy.as_ref().is_some_and(|a| *a.get_ref());
+        let accept = proxy::accept(on, from, timeout).map_err(|e| {
+            // At the key that is there: the switch, or the list without it.
+            let at = self.accept_proxy.as_ref().map(Spanned::span);
+            let at = at.or(self.accept_proxy_from.as_ref().map(Spanned::span));
+            let at = at.or(self.timeout_proxy_header.as_ref().map(Spanned::span));
+            ConfigError::Invalid {
+                origin: src.origin.to_string(),
+                line: at.map(|span| src.line_col(span.start).0),
+                message: e,
+            }
+        })?;
+        Ok(ProxyConfig {
+            send: self.send_proxy,
+            accept,
+        })
+    }
+
+    fn check_send_proxy(
+        &self,
+        proxy: &ProxyConfig,
+        check: &CheckConfig,
+        backends: &[BackendConfig],
+        src: &Source<'_>,
+    ) -> Result<Option<Version>, ConfigError> {
+        let Some(on) = &self.check_send_proxy else {
+            return Ok(default_check_send_proxy(proxy.send, check, backends));
+        };
+        check_send_proxy(*on.get_ref(), proxy.send, backends).map_err(|e| src.invalid(on, e))
+    }
+
     /// `balance` wins; `mode` alone is its shorthand (active-active is
     /// roundrobin, active-passive is first). Both given must agree: an
     /// active-passive frontend that balances is a contradiction, not a
@@ -1285,6 +1371,7 @@ impl RawFrontend {
             agent_address: ip(&self.agent_address, "agent-address")?,
             agent_interval: src.duration(&self.agent_interval, "agent-interval")?,
             agent_send: src.bytes(&self.agent_send, "agent-send")?,
+            proxy: None,
         })
     }
 
@@ -1462,6 +1549,56 @@ impl RawFrontend {
             }),
         }
     }
+}
+
+/// The header version checks send with `check-send-proxy`: the one every
+/// backend of the frontend gets. Checks are per frontend, so backends that
+/// get different headers (or none) cannot all be checked with one.
+pub fn check_send_proxy(
+    on: bool,
+    send: Option<Version>,
+    backends: &[BackendConfig],
+) -> Result<Option<Version>, String> {
+    if !on {
+        return Ok(None);
+    }
+    let mut version = None;
+    for backend in backends {
+        let Some(theirs) = backend.send_proxy.or(send) else {
+            return Err(format!(
+                "check-send-proxy: backend {} gets no PROXY header (set send-proxy), so its \
+                 checks must not send one",
+                backend.name
+            ));
+        };
+        if version.is_some_and(|v| v != theirs) {
+            return Err(
+                "check-send-proxy: the backends get different send-proxy versions; checks \
+                 send one version per frontend"
+                    .into(),
+            );
+        }
+        version = Some(theirs);
+    }
+    Ok(version)
+}
+
+/// Without `check-send-proxy`, HAProxy's default: checks send the header
+/// when the traffic does and goes to the same port (a backend that
+/// requires the header would drop a check without it, and nginx logs a
+/// "broken header" error for each); a check to another port or address
+/// (`check-port`/`check-address`, the backend's or the frontend's: another
+/// service, a sidecar) sends none.
+pub fn default_check_send_proxy(
+    send: Option<Version>,
+    check: &CheckConfig,
+    backends: &[BackendConfig],
+) -> Option<Version> {
+    let elsewhere = backends.iter().any(|b| check.target(b) != b.addr);
+    if elsewhere {
+        return None;
+    }
+    check_send_proxy(true, send, backends).ok().flatten()
 }
 
 fn check_workers(workers: usize) -> Result<(), String> {
@@ -2495,6 +2632,7 @@ backends = [
             timeout_queue: None,
             retries: crate::config::DEFAULT_RETRIES,
             access_log: AccessLog::Off,
+            proxy: ProxyConfig::default(),
             edge: EdgeConfig::default(),
             tls: TlsSettings::default(),
         }

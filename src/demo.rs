@@ -113,6 +113,7 @@ fn frontend(name: &str, mode: Mode, backends: &[&DemoBackend]) -> FrontendConfig
         timeout_queue: None,
         retries: crate::config::DEFAULT_RETRIES,
         access_log: crate::config::AccessLog::Off,
+        proxy: Default::default(),
         edge: Default::default(),
         tls: Default::default(),
     }

@@ -37,6 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout_at};
@@ -149,8 +150,15 @@ pub async fn probe(addr: SocketAddr, check: &CheckConfig) -> Result<(), Failure>
         Ok(connected) => connected.map_err(|e| Failure::from_io(&e))?,
         Err(_) => return Err(Failure::TimedOut),
     };
-    // A preamble the backend expects before anything else (a PROXY
-    // header, `check-send-proxy`) is written here, before the first step.
+    // check-send-proxy: a backend that requires the header drops a
+    // connection without one, so the check would fail on a healthy backend.
+    if let Some(version) = check.proxy {
+        let header = crate::proxy::check_header(version);
+        match timeout_at(deadline, stream.write_all(&header)).await {
+            Ok(written) => written.map_err(|e| Failure::from_io(&e))?,
+            Err(_) => return Err(Failure::NoReply { got: Vec::new() }),
+        }
+    }
     check.script.run(&mut stream, addr, deadline).await
 }
 

@@ -37,6 +37,7 @@
 //! - [`metrics`] and [`admin`]: counters and the Prometheus endpoint.
 //! - [`privdrop`]: switching to `user`/`group` once everything is bound.
 //! - [`notify`]: systemd's readiness protocol (`Type=notify`).
+//! - [`proxy`]: the PROXY protocol header, sent and accepted.
 //! - [`generate`]: the man page and shell completions, from [`cli`].
 //! - [`control`] and [`ctl`]: the admin Unix socket and `ringlb ctl`.
 //! - [`access`]: the access log line.
@@ -63,6 +64,7 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod privdrop;
+pub mod proxy;
 pub mod queue;
 pub mod relay;
 pub mod reload;

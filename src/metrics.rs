@@ -83,6 +83,26 @@ pub fn render(
             let value = f.shared.sources.refused(refusal);
             out.sample("ringlb_frontend_refused_total", &labels, value);
         }
+        // accept-proxy's refusals in one series here, by why in the next
+        // family.
+        let labels = [
+            ("frontend", f.config.name.as_str()),
+            ("reason", "proxy-header"),
+        ];
+        let value = f.shared.stats.proxy_refused.total();
+        out.sample("ringlb_frontend_refused_total", &labels, value);
+    }
+    let refused = "ringlb_frontend_proxy_refused_total";
+    out.family(refused, "counter");
+    // Only where headers are read: elsewhere the series could only be 0.
+    for f in frontends.iter().filter(|f| f.config.proxy.accept.is_some()) {
+        for why in crate::proxy::Refusal::ALL {
+            let labels = [
+                ("frontend", f.config.name.as_str()),
+                ("reason", why.label()),
+            ];
+            out.sample(refused, &labels, f.shared.stats.proxy_refused.get(why));
+        }
     }
     render_routes(&mut out, frontends);
     render_tls(&mut out, frontends);

@@ -462,6 +462,8 @@ pub struct FrontendStats {
     /// Connections reset on both sides because ringlb could not carry them
     /// on (no fd for a backend socket, a local connect or relay error).
     pub local_errors: AtomicU64,
+    /// accept-proxy: clients reset for want of a valid PROXY header, by why.
+    pub proxy_refused: crate::proxy::Refusals,
     /// ClientHellos refused, by [`crate::hello::Refusal`] (in its order).
     pub hello_refused: [AtomicU64; 4],
     /// ClientHellos read that carried no server name.

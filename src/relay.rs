@@ -74,6 +74,11 @@ pub enum End {
     FrontendRemoved,
     /// A local failure (out of fds, of memory); `Conn::local` says which.
     LocalError,
+    /// accept-proxy: no valid PROXY header from a trusted peer in time.
+    ProxyHeader,
+    /// The client a PROXY header named is refused by the source ACL or a
+    /// per-source limit.
+    Refused,
     /// The client's TLS ClientHello was malformed, too large, late, or
     /// cut short: nothing was sent to a backend.
     HelloRefused,
@@ -138,6 +143,8 @@ impl End {
             End::BackendClosed => "backend closed by the operator",
             End::FrontendRemoved => "frontend removed, drain timeout passed",
             End::LocalError => "local error",
+            End::ProxyHeader => "refused: no valid PROXY header",
+            End::Refused => "refused by the source ACL or a per-source limit",
             End::HelloRefused => "ClientHello refused",
             End::QueueTimeout => "queue timeout, every backend at its maxconn",
             End::ClientAborted => "client left while queued",
@@ -693,7 +700,9 @@ impl Conn {
             | End::HelloRefused
             | End::NoBackend
             | End::QueueTimeout
-            | End::ClientAborted => {
+            | End::ClientAborted
+            | End::ProxyHeader
+            | End::Refused => {
                 self.reset_both();
             }
             // A peer that stopped reading leaves bytes on their way to it:

@@ -38,10 +38,13 @@ pub enum Op {
     Watch,
     /// A worker-level request whose completion needs no handling.
     Ignore,
+    /// A receive of a client's PROXY header (accept-proxy).
+    Header,
     /// Receive of a TLS ClientHello (SNI routing).
     Hello,
-    /// Send of bytes that go to the backend before the relay (the
-    /// replayed ClientHello).
+    /// Send of bytes that go to the backend before the relay: a PROXY
+    /// header, then the client's bytes read with its own header or the
+    /// replayed ClientHello.
     Preamble,
     /// TLS relay: receive and send on the client (0) or backend (1) side.
     TlsRecv0,
@@ -51,7 +54,7 @@ pub enum Op {
 }
 
 impl Op {
-    const ALL: [Op; 24] = [
+    const ALL: [Op; 25] = [
         Op::Accept,
         Op::AcceptPause,
         Op::AcceptPoll,
@@ -70,6 +73,7 @@ impl Op {
         Op::Cancel,
         Op::Watch,
         Op::Ignore,
+        Op::Header,
         Op::Hello,
         Op::Preamble,
         Op::TlsRecv0,
@@ -247,11 +251,14 @@ impl Io {
     pub fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
         loop {
             // SAFETY: every buffer, address and timespec an entry points to
-            // is owned by the worker (the buffer ring) or by the session's
-            // view of its snapshot (connect timeout, backend addresses), and
-            // outlives the operation: none is freed while the operation is in
-            // flight, which the connection's in-flight count guarantees, and
-            // Io's Drop cancels whatever is left before freeing the buffers.
+            // is owned by the worker (the buffer ring), by the session's
+            // view of its snapshot (connect timeout, backend addresses), or
+            // boxed in the session's stage (a PROXY header read or sent: a
+            // heap allocation the slab does not move when it moves the
+            // session), and outlives the operation: none is freed while the
+            // operation is in flight, which the connection's in-flight count
+            // guarantees (a session leaves the slab only at zero), and Io's
+            // Drop cancels whatever is left before the worker's sessions go.
             if unsafe { self.ring.submission().push(entry) }.is_ok() {
                 return Ok(());
             }

@@ -10,6 +10,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -29,6 +30,7 @@ use crate::model::{
     BackendShared, ConnectFailure, FrontendShared, FrontendSnapshot, Global, Snapshot, Tried,
     Waiting,
 };
+use crate::proxy::{self, Parsed, Refusal as HeaderRefusal, Version};
 use crate::queue::{self, Pick, Queues};
 use crate::relay::{Conn, DOWNSTREAM, End, Event, LocalFailure, Phase, UPSTREAM};
 use crate::uring::{self, Io, Op, PipePool, token, untoken};
@@ -145,6 +147,11 @@ struct View {
     bytes: RefCell<Vec<[u64; 2]>>,
     /// Already in the tick's list of views to flush.
     dirty: Cell<bool>,
+    /// The PROXY header each backend gets, if any.
+    send_proxy: Vec<Option<Version>>,
+    /// Sessions need the client's address and their own (a PROXY header
+    /// is read or sent).
+    wants_addrs: bool,
     /// Who may connect, and how often.
     edge: edge::Policy,
     /// The selector hashes the client's address (`balance = "source"`).
@@ -166,6 +173,11 @@ impl View {
                 .collect(),
             bytes: RefCell::new(vec![[0; 2]; snap.backends.len()]),
             dirty: Cell::new(false),
+            send_proxy: (0..snap.backends.len())
+                .map(|i| snap.config.send_proxy(i))
+                .collect(),
+            wants_addrs: snap.config.proxy.accept.is_some()
+                || (0..snap.backends.len()).any(|i| snap.config.send_proxy(i).is_some()),
             edge: edge::Policy::new(&snap.config.edge, &snap.shared.sources),
             needs_client: snap.needs_client(),
             limited: snap.config.backends.iter().any(|b| b.maxconn.is_some()),
@@ -225,7 +237,9 @@ struct Connecting {
     /// Backends of the session's route already tried (counted from the
     /// route's first backend), so a retry never repeats one.
     tried: Tried,
-    /// Bytes the backend gets first, once connected (the ClientHello).
+    /// The client's bytes the backend gets first, once connected (and
+    /// after a PROXY header): the ClientHello, or what came with the
+    /// client's own PROXY header.
     preamble: Option<Box<Pending>>,
     /// Connects made so far: at most 1 + `retries`.
     attempts: u32,
@@ -243,9 +257,20 @@ struct Queued {
     watching: bool,
 }
 
-/// Where a session is, for what is not the relay's business. Later stages
-/// before connect (a PROXY header) slot in here.
+/// accept-proxy: the PROXY header being read. Boxed: a receive writes
+/// into it while the slab may move the session.
+struct HeaderRead {
+    buf: Box<[u8]>,
+    filled: usize,
+    deadline: Instant,
+}
+
+/// Where a session is, for what is not the relay's business. The stages
+/// before connect come in this order, each only where configured: the
+/// PROXY header, then the ClientHello or the TLS handshake.
 enum Stage {
+    /// Reading a PROXY header from a trusted upstream.
+    Header(HeaderRead),
     /// Reading the client's TLS ClientHello, to route by its server name.
     /// The buffer a receive may be writing into lives here (boxed: the
     /// slab moves sessions) until the session is freed.
@@ -283,6 +308,9 @@ struct Session {
     tls: Option<Box<tls_relay::TlsState>>,
     stage: Stage,
     conn: Conn,
+    /// The address the client connected to, when a PROXY header needs it
+    /// (or the one a received header carried).
+    dest: Option<SocketAddr>,
     /// Its place in the per-source table, given back when the session is
     /// dropped, however it ends.
     #[allow(dead_code, reason = "held for its Drop")]
@@ -314,6 +342,8 @@ enum Sweep {
     RetryPipe,
     /// A connection waiting for an fd for its backend socket tries again.
     Connect,
+    /// No valid PROXY header in time.
+    Refuse(HeaderRefusal),
     /// Its ClientHello did not arrive within `timeout-client-hello`.
     HelloLate,
     /// Its TLS handshake did not complete within `handshake-timeout`.
@@ -324,6 +354,7 @@ enum Sweep {
 struct Warnings {
     local: [RateLimit; LocalFailure::ALL.len()],
     pipe: RateLimit,
+    proxy: RateLimit,
     refused: RateLimit,
     queue: RateLimit,
 }
@@ -333,6 +364,7 @@ impl Warnings {
         Warnings {
             local: std::array::from_fn(|_| RateLimit::new(WARN_PERIOD)),
             pipe: RateLimit::new(WARN_PERIOD),
+            proxy: RateLimit::new(WARN_PERIOD),
             refused: RateLimit::new(WARN_PERIOD),
             queue: RateLimit::new(WARN_PERIOD),
         }
@@ -524,6 +556,7 @@ impl Worker {
         let io = &mut self.io;
         let event = match op {
             Op::Connect => return self.on_connect(key, res),
+            Op::Header => return self.on_header(key, res),
             Op::Hello => return self.on_hello(key, res),
             Op::Preamble => return self.on_preamble(key, res),
             Op::Watch => return self.on_watch(key, res),
@@ -1006,16 +1039,42 @@ impl Worker {
         }
         let mut conn = Conn::new(fd, self.now);
         // Read now: at the end the client may be gone. A frontend without
-        // an access log, rules on sources or a source hash pays no syscall
-        // for it.
+        // an access log, rules on sources, a source hash or PROXY headers
+        // pays no syscall for it.
         if view.edge.is_active()
             || view.needs_client
+            || view.wants_addrs
             || view.snap.config.access_log != AccessLog::Off
             || log::log_enabled!(log::Level::Debug)
         {
             conn.client_addr = peer_addr(fd);
         }
-        let source = match self.admit_source(view, conn.client_addr) {
+        let dest = if view.wants_addrs {
+            local_addr(fd)
+        } else {
+            None
+        };
+        let header = match &view.snap.config.proxy.accept {
+            None => None,
+            Some(accept) => {
+                if !conn.client_addr.is_some_and(|a| accept.trusts(a.ip())) {
+                    self.refuse_untrusted(view, fd, conn.client_addr);
+                    return Ok(());
+                }
+                Some(HeaderRead {
+                    buf: vec![0; proxy::MAX_HEADER].into_boxed_slice(),
+                    filled: 0,
+                    deadline: self.now + accept.timeout,
+                })
+            }
+        };
+        // Behind accept-proxy the peer is the upstream balancer: sources are
+        // checked once its header says who the client is.
+        let source = match header {
+            Some(_) => Ok(SourceGuard::default()),
+            None => self.admit_source(view, conn.client_addr),
+        };
+        let source = match source {
             Ok(guard) => guard,
             Err(refusal) => {
                 self.refuse(view, fd, conn.client_addr, refusal);
@@ -1048,14 +1107,14 @@ impl Worker {
             route: 0,
             server_name: None,
             tls,
-            stage: if terminates {
-                Stage::Handshake
-            } else if reads_hello {
-                Stage::Hello(Pending::new())
-            } else {
-                Stage::Connect(Connecting::default())
+            stage: match header {
+                Some(read) => Stage::Header(read),
+                None if terminates => Stage::Handshake,
+                None if reads_hello => Stage::Hello(Pending::new()),
+                None => Stage::Connect(Connecting::default()),
             },
             conn,
+            dest,
             source,
         });
         if failed {
@@ -1070,17 +1129,194 @@ impl Worker {
             // (headers, body): Nagle would hold the second for the client's
             // delayed ACK (40 ms).
             uring::set_nodelay(fd);
-            return self.start_tls(key);
         }
-        if reads_hello {
-            return self.read_hello(key);
+        self.begin(key)
+    }
+
+    /// Starts the session's first stage, at accept or once its PROXY header
+    /// was read: the header, the TLS handshake, the ClientHello, or the
+    /// connect.
+    fn begin(&mut self, key: usize) -> std::io::Result<()> {
+        let session = &self.sessions[key];
+        match &session.stage {
+            Stage::Header(_) => self.read_header(key),
+            Stage::Handshake => self.start_tls(key),
+            Stage::Hello(_) => self.start_hello(key),
+            _ => {
+                // Behind those already waiting, on any worker: a new client
+                // must not take the slot a queued one was woken for.
+                let view = &session.view;
+                if view.limited && view.snap.shared.stats.queued.load(Relaxed) > 0 {
+                    return self.enqueue(key);
+                }
+                self.connect_next(key)
+            }
         }
-        // Behind those already waiting, on any worker: a new client must not
-        // take the slot a queued one was woken for.
-        if view.limited && view.snap.shared.stats.queued.load(Relaxed) > 0 {
-            return self.enqueue(key);
+    }
+
+    /// accept-proxy: a peer not in accept-proxy-from could claim to be any
+    /// client. Reset before anything is read or allocated for it.
+    fn refuse_untrusted(&mut self, view: &View, fd: RawFd, peer: Option<SocketAddr>) {
+        view.snap
+            .shared
+            .stats
+            .proxy_refused
+            .count(HeaderRefusal::Untrusted);
+        let peer = peer.map_or_else(|| "?".into(), |p| p.ip().to_string());
+        self.warn_proxy(view.name(), &peer, HeaderRefusal::Untrusted);
+        uring::set_linger_zero(fd);
+        uring::close(fd);
+        self.release(&view.snap.shared);
+    }
+
+    /// One line per period for every reason a header was refused: a
+    /// misconfigured upstream refuses every connection the same way.
+    fn warn_proxy(&mut self, frontend: &str, peer: &str, why: HeaderRefusal) {
+        let what = match why {
+            HeaderRefusal::Untrusted => "it is not in accept-proxy-from",
+            HeaderRefusal::Timeout => "no whole PROXY header within timeout-proxy-header",
+            HeaderRefusal::Truncated => "it closed before its PROXY header was complete",
+            HeaderRefusal::Malformed => "its PROXY header is malformed (or missing)",
+            HeaderRefusal::Oversized => "its PROXY header is too long",
+            HeaderRefusal::Version => "its PROXY header has an unknown version",
+        };
+        match self.warnings.proxy.allow(self.now) {
+            Some(held_back) => log::warn!(
+                "worker {}: frontend {frontend}: reset a connection from {peer}: {what}{}",
+                self.id,
+                self.warnings.proxy.suffix(held_back)
+            ),
+            None => log::debug!(
+                "worker {}: frontend {frontend}: reset a connection from {peer}: {what}",
+                self.id
+            ),
         }
-        self.connect_next(key)
+    }
+
+    /// Reads more of a PROXY header into the rest of its buffer.
+    fn read_header(&mut self, key: usize) -> std::io::Result<()> {
+        let session = &mut self.sessions[key];
+        let Stage::Header(read) = &mut session.stage else {
+            return Ok(());
+        };
+        let rest = &mut read.buf[read.filled..];
+        let entry = opcode::Recv::new(
+            types::Fd(session.conn.client),
+            rest.as_mut_ptr(),
+            rest.len() as u32,
+        )
+        .build()
+        .user_data(token(Op::Header, key));
+        session.conn.submit(&mut self.io, entry)
+    }
+
+    fn on_header(&mut self, key: usize, res: i32) -> std::io::Result<()> {
+        let session = &mut self.sessions[key];
+        let conn = &mut session.conn;
+        conn.inflight -= 1;
+        let Stage::Header(read) = &mut session.stage else {
+            return Ok(());
+        };
+        if conn.phase == Phase::Closing {
+            self.free_if_finished(key);
+            return Ok(());
+        }
+        conn.last_active = self.now;
+        let parsed = match res {
+            n if n > 0 => {
+                read.filled += n as usize;
+                proxy::parse(&read.buf[..read.filled])
+            }
+            0 => Parsed::Invalid(HeaderRefusal::Truncated),
+            n if matches!(
+                -n,
+                libc::ECONNRESET | libc::EPIPE | libc::ENOTCONN | libc::ETIMEDOUT
+            ) =>
+            {
+                Parsed::Invalid(HeaderRefusal::Truncated)
+            }
+            n => {
+                conn.fail(key, LocalFailure::Relay, -n, &mut self.io)?;
+                self.free_if_finished(key);
+                return Ok(());
+            }
+        };
+        match parsed {
+            Parsed::Partial if read.filled < read.buf.len() => self.read_header(key),
+            // The parser decides within MAX_HEADER bytes; never spin on a
+            // full buffer should that ever change.
+            Parsed::Partial => self.refuse_header(key, HeaderRefusal::Oversized),
+            Parsed::Invalid(why) => self.refuse_header(key, why),
+            Parsed::Done { len, addrs } => self.header_read(key, len, addrs),
+        }
+    }
+
+    /// A valid header: the address it carries is the client's from here
+    /// on (logs, metrics, a header sent on); the bytes after it are the
+    /// client's first bytes.
+    fn header_read(
+        &mut self,
+        key: usize,
+        len: usize,
+        addrs: Option<(SocketAddr, SocketAddr)>,
+    ) -> std::io::Result<()> {
+        let session = &mut self.sessions[key];
+        if let Some((client, dest)) = addrs {
+            session.conn.client_addr = Some(client);
+            session.dest = Some(dest);
+        }
+        let Stage::Header(read) = &session.stage else {
+            return Ok(());
+        };
+        // The receive completed: nothing points into the buffer any more.
+        let early = &read.buf[len..read.filled];
+        let mut tls_early = Vec::new();
+        let next = if session.tls.is_some() {
+            tls_early = early.to_vec();
+            Stage::Handshake
+        } else if session.view.snap.config.tls.reads_hello() {
+            Stage::Hello(Pending::with(early))
+        } else {
+            session.conn.dirs[UPSTREAM].bytes += early.len() as u64;
+            Stage::Connect(Connecting {
+                preamble: (!early.is_empty()).then(|| Pending::with(early)),
+                ..Connecting::default()
+            })
+        };
+        session.stage = next;
+        // The source ACL and per-source limits apply to the client the
+        // header names (the upstream's own, for LOCAL), not to the upstream.
+        let view = Rc::clone(&session.view);
+        let client = session.conn.client_addr;
+        match self.admit_source(&view, client) {
+            Ok(guard) => self.sessions[key].source = guard,
+            Err(refusal) => {
+                if let (Some(refusal), Some(client)) = (refusal, client) {
+                    self.log_refusal(view.name(), client, refusal);
+                }
+                let conn = &mut self.sessions[key].conn;
+                conn.close(key, End::Refused, &mut self.io)?;
+                self.free_if_finished(key);
+                return Ok(());
+            }
+        }
+        if !tls_early.is_empty() {
+            return self.tls_early(key, &tls_early);
+        }
+        self.begin(key)
+    }
+
+    /// Resets a client whose PROXY header is missing, invalid or late.
+    fn refuse_header(&mut self, key: usize, why: HeaderRefusal) -> std::io::Result<()> {
+        let session = &mut self.sessions[key];
+        let view = Rc::clone(&session.view);
+        view.snap.shared.stats.proxy_refused.count(why);
+        let peer =
+            peer_addr(session.conn.client).map_or_else(|| "?".into(), |p| p.ip().to_string());
+        session.conn.close(key, End::ProxyHeader, &mut self.io)?;
+        self.warn_proxy(view.name(), &peer, why);
+        self.free_if_finished(key);
+        Ok(())
     }
 
     /// The frontend's ACL and per-source limits, at accept. A client whose
@@ -1114,7 +1350,10 @@ impl Worker {
         let (Some(refusal), Some(client)) = (refusal, client) else {
             return;
         };
-        let name = view.name();
+        self.log_refusal(view.name(), client, refusal);
+    }
+
+    fn log_refusal(&mut self, name: &str, client: SocketAddr, refusal: Refusal) {
         log::debug!("{name} {client}: refused, {}", refusal.describe());
         if let Some(held_back) = self.warnings.refused.allow(self.now) {
             log::info!(
@@ -1273,19 +1512,7 @@ impl Worker {
             backend.stats.connections.fetch_add(1, Relaxed);
             backend.stats.active.fetch_add(1, Relaxed);
             session.connected_after = Some(self.now.saturating_duration_since(conn.started));
-            let preamble = match &mut session.stage {
-                Stage::Connect(connecting) => connecting.preamble.take(),
-                _ => None,
-            };
-            if let Some(preamble) = preamble {
-                session.stage = Stage::Preamble(preamble);
-                return self.send_preamble(key);
-            }
-            if session.tls.is_some() {
-                return self.tls_connected(key);
-            }
-            session.stage = Stage::Relay;
-            return conn.start_relay(key, &mut self.io);
+            return self.start_preamble(key, index);
         }
         let failure = ConnectFailure::from_errno(-res);
         if failure == ConnectFailure::Local {
@@ -1461,9 +1688,12 @@ impl Worker {
             return Ok(());
         }
         // A client that sent its request and then ended its stream still
-        // waits for the answer: it stays (unwatched) until its turn.
+        // waits for the answer: it stays (unwatched) until its turn. Bytes
+        // already read (with a PROXY header, a ClientHello) are its request
+        // too.
         let reset = res & (libc::POLLERR | libc::POLLHUP) as i32 != 0;
-        if reset || queue::unread_bytes(conn.client) == 0 {
+        let sent = queued.connecting.preamble.is_some();
+        if reset || (!sent && queue::unread_bytes(conn.client) == 0) {
             conn.close(key, End::ClientAborted, &mut self.io)?;
         }
         self.free_if_finished(key);
@@ -1799,6 +2029,7 @@ impl Worker {
                 Sweep::Fail(what) => conn.fail(key, what, 0, io)?,
                 Sweep::RetryPipe => conn.retry_pipe(key, io)?,
                 Sweep::Connect => self.connect_next(key)?,
+                Sweep::Refuse(why) => self.refuse_header(key, why)?,
                 Sweep::HelloLate => self.refuse_hello(key, crate::hello::Refusal::Timeout)?,
                 Sweep::HandshakeLate => self.refuse_handshake(key, crate::tls::Failure::Timeout)?,
             }
@@ -1843,6 +2074,10 @@ fn sweep_action(
             .any(|(r, deadline)| Arc::ptr_eq(r, shared) && now >= *deadline)
     {
         return Some(Sweep::Close(End::FrontendRemoved));
+    }
+    if let Stage::Header(read) = &session.stage {
+        let late = conn.phase != Phase::Closing && now >= read.deadline;
+        return late.then_some(Sweep::Refuse(HeaderRefusal::Timeout));
     }
     match &session.stage {
         _ if conn.phase != Phase::Connecting => {}
@@ -1966,6 +2201,15 @@ fn access_entry(session: &Session, now: Instant) -> access::Entry<'_> {
         route: stages::route_name(session),
         sni: session.server_name.as_deref(),
     }
+}
+
+/// The address a client connected to (ours): the destination of a PROXY
+/// header.
+fn local_addr(fd: RawFd) -> Option<SocketAddr> {
+    // SAFETY: the fd is the connection's open client socket, borrowed for
+    // this call only.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    socket2::SockRef::from(&fd).local_addr().ok()?.as_socket()
 }
 
 fn peer_addr(fd: RawFd) -> Option<std::net::SocketAddr> {

@@ -512,6 +512,58 @@ fn tls_client(
     rustls::StreamOwned::new(conn, sock)
 }
 
+/// accept-proxy before the handshake, send-proxy after it: the header
+/// the upstream sent (with the ClientHello in its segment) is taken off,
+/// the handshake completes, and the backend gets the carried client's
+/// header in plaintext before the decrypted bytes.
+#[test]
+fn a_proxy_header_before_the_handshake_is_read_and_sent_on_in_plaintext() {
+    let pki = Pki::new("proxy");
+    let backend = Backend::start(Arc::new(|mut s: TcpStream| {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(b"ping") {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = s.write_all(&got);
+    }));
+    let extra = "accept-proxy = true\naccept-proxy-from = [\"127.0.0.1\"]\n\
+                 send-proxy = \"v1\"\ncheck-send-proxy = false";
+    let ringlb = start(&pki, &config(backend.addr, &www(&pki), extra));
+    let mut tls = tls_client(&pki, &ringlb);
+    // The header first; the ClientHello rustls writes next may share its
+    // segment or not: both must work.
+    tls.sock
+        .write_all(b"PROXY TCP4 203.0.113.5 198.51.100.1 7777 443\r\n")
+        .expect("header");
+    tls.write_all(b"ping").expect("send");
+    tls.flush().expect("flush");
+    let mut got = [0u8; 64];
+    let want = b"PROXY TCP4 203.0.113.5 198.51.100.1 7777 443\r\nping";
+    let mut filled = 0;
+    while filled < want.len() {
+        match tls.read(&mut got[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) => panic!("read: {e} after {filled} bytes"),
+        }
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&got[..filled]),
+        String::from_utf8_lossy(want)
+    );
+    tls.conn.send_close_notify();
+    let _ = tls.flush();
+    let _ = tls.sock.shutdown(Shutdown::Write);
+    let line = ringlb
+        .wait_log("frontend=https", Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("no access line; logs:\n{}", ringlb.logs()));
+    assert!(line.contains("client=203.0.113.5:7777"), "{line}");
+}
+
 #[test]
 fn bulk_bytes_cross_the_tls_side_exactly_both_ways() {
     let pki = Pki::new("bulk");

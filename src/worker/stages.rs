@@ -1,7 +1,9 @@
 //! Stages of a session around the connect that move bytes of their own:
 //! reading the client's TLS ClientHello to route by its server name (SNI
-//! passthrough), and replaying those exact bytes to the chosen backend
-//! before the relay starts.
+//! passthrough), and the preamble: what the chosen backend gets before the
+//! relay starts, in this order: a PROXY header (`send-proxy`), then the
+//! client's bytes already read (the ClientHello, or what came with the
+//! client's own PROXY header).
 //!
 //! The bytes live in a [`Pending`], boxed and held by the session's stage
 //! until the session is freed, so a receive or send the kernel still runs
@@ -13,7 +15,8 @@ use io_uring::{opcode, types};
 
 use super::{Connecting, Session, Stage, Worker};
 use crate::hello::{self, MAX_HELLO, Parsed, Refusal};
-use crate::relay::{End, Phase, UPSTREAM};
+use crate::proxy;
+use crate::relay::{End, LocalFailure, Phase, UPSTREAM};
 use crate::uring::{Op, token};
 
 /// Most hellos fit here (a post-quantum one is under 2 KiB); a larger one
@@ -34,6 +37,13 @@ impl Pending {
             sent: 0,
         })
     }
+
+    /// Starts with bytes already read (after a client's PROXY header).
+    pub fn with(bytes: &[u8]) -> Box<Pending> {
+        let mut buf = Vec::with_capacity(FIRST_READ.max(bytes.len()));
+        buf.extend_from_slice(bytes);
+        Box::new(Pending { buf, sent: 0 })
+    }
 }
 
 /// The route of the access log: only for frontends that route or
@@ -42,7 +52,10 @@ pub fn route_name(session: &Session) -> Option<&str> {
     let snap = &session.view.snap;
     let tls = &snap.config.tls;
     if !(tls.routes_by_name() || tls.server.is_some())
-        || matches!(session.stage, Stage::Hello(_) | Stage::Handshake)
+        || matches!(
+            session.stage,
+            Stage::Header(_) | Stage::Hello(_) | Stage::Handshake
+        )
     {
         return None;
     }
@@ -50,6 +63,15 @@ pub fn route_name(session: &Session) -> Option<&str> {
 }
 
 impl Worker {
+    /// The hello stage begins: bytes that came with a PROXY header may hold
+    /// the whole hello already.
+    pub(super) fn start_hello(&mut self, key: usize) -> std::io::Result<()> {
+        match &self.sessions[key].stage {
+            Stage::Hello(pending) if !pending.buf.is_empty() => self.judge_hello(key),
+            _ => self.read_hello(key),
+        }
+    }
+
     /// Receives more of the ClientHello. Never more than [`MAX_HELLO`]
     /// in all: the parser refuses a hello that needs more.
     pub(super) fn read_hello(&mut self, key: usize) -> std::io::Result<()> {
@@ -97,7 +119,16 @@ impl Worker {
         // spare capacity it was given (at most `capacity - len` bytes), so
         // the first `len` bytes are initialised.
         unsafe { buf.set_len(len.min(buf.capacity())) };
-        let (route, server_name) = match hello::parse(buf) {
+        self.judge_hello(key)
+    }
+
+    /// Reads more, refuses, or routes by what the hello buffer holds now.
+    fn judge_hello(&mut self, key: usize) -> std::io::Result<()> {
+        let session = &mut self.sessions[key];
+        let Stage::Hello(pending) = &session.stage else {
+            return Ok(());
+        };
+        let (route, server_name) = match hello::parse(&pending.buf) {
             Parsed::Incomplete => return self.read_hello(key),
             Parsed::Refused(reason) => return self.refuse_hello(key, reason),
             Parsed::Complete(h) => {
@@ -165,8 +196,38 @@ impl Worker {
         Ok(())
     }
 
+    /// The backend accepted: send it what goes before the client's stream
+    /// (a PROXY header, then the client's bytes already read), or start
+    /// relaying at once.
+    pub(super) fn start_preamble(&mut self, key: usize, index: usize) -> std::io::Result<()> {
+        let session = &mut self.sessions[key];
+        let early = match &mut session.stage {
+            Stage::Connect(connecting) => connecting.preamble.take(),
+            _ => None,
+        };
+        let header = session.view.send_proxy[index].map(|version| {
+            match (session.conn.client_addr, session.dest) {
+                (Some(client), Some(dest)) => proxy::header(version, client, dest),
+                // The client left before its address could be read: a
+                // header that says so rather than a made-up address.
+                _ => proxy::check_header(version),
+            }
+        });
+        let pending = match (header, early) {
+            (None, None) => return self.preamble_sent(key),
+            (None, Some(early)) => early,
+            (Some(header), None) => Pending::with(&header),
+            (Some(mut header), Some(early)) => {
+                header.extend_from_slice(&early.buf);
+                Pending::with(&header)
+            }
+        };
+        self.sessions[key].stage = Stage::Preamble(pending);
+        self.send_preamble(key)
+    }
+
     /// Sends the rest of the preamble to the backend just connected.
-    pub(super) fn send_preamble(&mut self, key: usize) -> std::io::Result<()> {
+    fn send_preamble(&mut self, key: usize) -> std::io::Result<()> {
         let session = &mut self.sessions[key];
         let Stage::Preamble(pending) = &session.stage else {
             return Ok(());
@@ -195,9 +256,15 @@ impl Worker {
         let Stage::Preamble(pending) = &mut session.stage else {
             return Ok(());
         };
-        if res < 0 {
-            // The backend went away right after accepting: as in the relay.
-            conn.close(key, End::BackendReset, &mut self.io)?;
+        if res <= 0 {
+            let errno = -res;
+            if matches!(errno, libc::ECONNRESET | libc::EPIPE | libc::ENOTCONN) {
+                // The backend went away right after accepting: as in the relay.
+                conn.close(key, End::BackendReset, &mut self.io)?;
+            } else {
+                // A send of nothing would repeat forever: a local failure too.
+                conn.fail(key, LocalFailure::Relay, errno, &mut self.io)?;
+            }
             self.free_if_finished(key);
             return Ok(());
         }
@@ -206,6 +273,16 @@ impl Worker {
             return self.send_preamble(key);
         }
         // The send completed: nothing points into the buffer any more.
+        self.preamble_sent(key)
+    }
+
+    /// The backend has its preamble (or needs none): the relay starts, the
+    /// TLS one on a terminating frontend.
+    fn preamble_sent(&mut self, key: usize) -> std::io::Result<()> {
+        let session = &mut self.sessions[key];
+        if session.tls.is_some() {
+            return self.tls_connected(key);
+        }
         session.stage = Stage::Relay;
         session.conn.start_relay(key, &mut self.io)
     }

@@ -36,6 +36,8 @@ const RECV_SIZE: usize = 16 * 1024 + 512;
 /// Bytes a side may have waiting to be sent before the other side stops
 /// receiving.
 const HIGH_WATER: usize = 64 * 1024;
+// What came after a PROXY header fits one receive buffer (`tls_early`).
+const _: () = assert!(crate::proxy::MAX_HEADER <= RECV_SIZE);
 
 #[derive(Default)]
 struct Side {
@@ -346,6 +348,21 @@ impl Worker {
             return Ok(());
         };
         tls.arm_recv(key, CLIENT, conn, &mut self.io)
+    }
+
+    /// The client's bytes that came with its PROXY header: the start of
+    /// its handshake, fed in as if just received.
+    pub(super) fn tls_early(&mut self, key: usize, bytes: &[u8]) -> std::io::Result<()> {
+        let session = &mut self.sessions[key];
+        let (Some(tls), conn) = (&mut session.tls, &mut session.conn) else {
+            return Ok(());
+        };
+        let side = &mut tls.sides[CLIENT];
+        // No receive was armed on this side yet: its buffer is free.
+        let len = bytes.len().min(side.rx.len());
+        side.rx[..len].copy_from_slice(&bytes[..len]);
+        let next = tls.received(CLIENT, len, conn);
+        self.tls_next(key, next)
     }
 
     pub(super) fn on_tls_recv(&mut self, key: usize, side: usize, res: i32) -> std::io::Result<()> {
