@@ -359,12 +359,17 @@ impl Pick<'_> {
     }
 
     /// [`Self::takes`] but for room under the backend's maxconn.
+    /// A stale tier (another worker is rebuilding it) may be the backups'
+    /// while a primary has come back: its members are then judged by
+    /// their own flags, and backups are left to [`Self::scan`], which
+    /// takes them only when no primary is usable.
     fn eligible(&self, i: usize) -> bool {
         !self.tried.contains(i)
             && if self.fresh {
                 self.tier().has(i)
             } else {
                 self.pool.usable_now(self.backends, i)
+                    && self.pool.statics.get(i).is_some_and(|s| !s.backup)
             }
     }
 
