@@ -56,11 +56,11 @@ SCENARIOS = {
     "e": ("e idle keep-alive connections held: proxy RSS per connection", "B/conn", "lower"),
     "f": ("f keep-alive, 100 B, wrk -t1 -c50, proxies with 2 workers/threads", "req/s", "higher"),
     "g": ("g latency at a fixed moderate rate: wrk -t1 -c10, 2 ms pause per conn (~4-5k req/s)", "p99 us", "lower"),
-    "h": ("h TLS: new connection (full handshake, ECDSA P-256) per request, 100 B, wrk -t1 -c50", "req/s", "higher"),
-    "hR": ("h TLS: new connection (full handshake, RSA 2048) per request, 100 B, wrk -t1 -c50", "req/s", "higher"),
+    "h": ("h TLS: new connection (full handshake, ECDSA P-256; resumption off) per request, 100 B, wrk -t1 -c50", "req/s", "higher"),
+    "hR": ("hR TLS: new connection (full handshake, RSA 2048; resumption off) per request, 100 B, wrk -t1 -c50", "req/s", "higher"),
     "i": ("i TLS: keep-alive, 100 B responses, wrk -t1 -c50", "req/s", "higher"),
     "j": ("j TLS: keep-alive, 1 MiB responses, wrk -t1 -c10", "MiB/s", "higher"),
-    "k": ("k TLS: resumed handshake per request (openssl s_time -reuse x8), 100 B", "req/s", "higher"),
+    "k": ("k TLS: new connection per request resuming its session (ECDSA P-256), 100 B, wrk -t1 -c50", "req/s", "higher"),
     "hP": ("hP TLS passed through to nginx, plain TCP frontend, new connection per request, wrk -t1 -c50", "req/s", "higher"),
     "hS": ("hS TLS passed through to nginx, SNI-routing frontend, new connection per request, wrk -t1 -c50", "req/s", "higher"),
 }
@@ -372,37 +372,6 @@ def print_run_line(row: dict) -> None:
     if row.get("noisy"):
         s += "  WARNING: other work on the machine spoiled this run"
     print(f"    r{row['round']} {row['scenario']:<2} {row['system']:<8} {s}", flush=True)
-
-
-# ----------------------------------------------------------------------------- stime (k)
-def cmd_stime(args) -> int:
-    """Scenario k: N parallel `openssl s_time -reuse` (a full handshake, then every new
-    connection resumes the session and GETs the path), for wrk's lack of resumption.
-    Prints a WRKJSON line (no latency histogram: s_time has none, so p50/p99 are 0)."""
-    procs = [
-        subprocess.Popen(["openssl", "s_time", "-connect", f"{args.host}:{args.port}", "-reuse",
-                          "-time", str(args.duration), "-www", args.path],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for _ in range(args.n)
-    ]
-    t0 = time.monotonic()
-    outs = [p.communicate()[0] for p in procs]
-    wall = time.monotonic() - t0
-    total = failed = 0
-    for out in outs:
-        # "222 connections in 3 real seconds, 131 bytes read per connection"
-        m = re.search(r"^(\d+) connections in (\d+) real seconds", out, re.M)
-        if m:
-            total += int(m.group(1))
-        else:
-            failed += 1
-    print(f"stime: {args.n} clients, {total} connections, {failed} without a summary", file=sys.stderr)
-    json_line = {"requests": total, "bytes": 0, "duration_us": int(min(wall, args.duration + 1) * 1e6),
-                 "err_connect": failed, "err_read": 0, "err_write": 0, "err_status": 0,
-                 "err_timeout": 0, "p50_us": 0, "p90_us": 0, "p99_us": 0, "p999_us": 0,
-                 "lat_mean_us": 0, "lat_max_us": 0}
-    print("WRKJSON " + json.dumps(json_line))
-    return 0 if total else 1
 
 
 # ----------------------------------------------------------------------------- idle (e)
@@ -762,14 +731,6 @@ def main() -> int:
     p.add_argument("--window", type=int, default=200, help="connections being opened at once")
     p.add_argument("--conn-timeout", type=float, default=10.0)
     p.set_defaults(fn=cmd_idle)
-
-    p = sub.add_parser("stime")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--path", default="/100b")
-    p.add_argument("--duration", type=int, required=True)
-    p.add_argument("--n", type=int, default=8, help="parallel s_time clients")
-    p.set_defaults(fn=cmd_stime)
 
     p = sub.add_parser("table")
     p.add_argument("raw")

@@ -22,13 +22,17 @@
 #      between requests (wrk2 is not packaged; this keeps both proxies far from saturation)
 #   TLS at the proxy (HAProxy `bind ... ssl crt`, ringlb `tls = {...}`), the same self-signed
 #   certificate for both, plain HTTP to the same nginx backends; 'direct' does not run these:
-#   h  new TLS connection per request (Connection: close, full handshake: wrk does not resume
-#      sessions), ECDSA P-256, 100 B, wrk -t1 -c50
+#   h  new TLS connection per request (Connection: close), full handshake, ECDSA P-256, 100 B,
+#      wrk -t1 -c50; wrk resumes its sessions (OpenSSL keeps them across SSL_clear), so these
+#      frontends have resumption off: ringlb `tickets = false, session-cache = 0`, HAProxy
+#      `no-tls-tickets` and `tune.ssl.cachesize 0`
 #   hR the same with an RSA 2048 certificate
 #   i  keep-alive requests over TLS, 100 B, wrk -t1 -c50
 #   j  keep-alive over TLS, 1 MiB responses, wrk -t1 -c10
-#   k  resumed handshakes: 8 parallel `openssl s_time -reuse` (a new connection per request,
-#      each resuming the session with a ticket), 100 B; s_time gives no latencies
+#   k  resumed handshakes: as h, to frontends with resumption on (both servers' defaults:
+#      tickets and a session cache), so each new connection of wrk resumes its last session
+#   The warm-up checks with `openssl s_client -sess_out/-sess_in` that each TLS frontend
+#   resumes, or not, as its scenario needs, and warns if not.
 #   TLS passed through to nginx (which terminates it; 'direct' is nginx's TLS port):
 #   hP new TLS connection per request through a plain TCP frontend, wrk -t1 -c50
 #   hS the same through an SNI-routing frontend (ringlb [[frontend.route]], HAProxy
@@ -120,17 +124,18 @@ HAPE_PORT=$((PORT_BASE + 31)) RLBE_PORT=$((PORT_BASE + 32))   # e (fresh instanc
 # The baseline binary of an A/B (--baseline): the same roles on ports of its own.
 BASE1_PORT=$((PORT_BASE + 15)) BASE2_PORT=$((PORT_BASE + 16))
 BASEI_PORT=$((PORT_BASE + 23)) BASEE_PORT=$((PORT_BASE + 33))
-HAPT_PORT=$((PORT_BASE + 41)) RLBT_PORT=$((PORT_BASE + 42))   # h i j k (TLS, ECDSA P-256)
-HAPTR_PORT=$((PORT_BASE + 43)) RLBTR_PORT=$((PORT_BASE + 44)) # hR (TLS, RSA 2048)
+HAPT_PORT=$((PORT_BASE + 41)) RLBT_PORT=$((PORT_BASE + 42))   # i j k (TLS, ECDSA P-256, resumption on)
+HAPTR_PORT=$((PORT_BASE + 43)) RLBTR_PORT=$((PORT_BASE + 44)) # hR (TLS, RSA 2048, resumption off)
 BASET_PORT=$((PORT_BASE + 45)) BASETR_PORT=$((PORT_BASE + 46))
+HAPTF_PORT=$((PORT_BASE + 47)) RLBTF_PORT=$((PORT_BASE + 48)) BASETF_PORT=$((PORT_BASE + 49)) # h (ECDSA, resumption off)
 NGINX1_TLS_PORT=$((PORT_BASE + 3)) NGINX2_TLS_PORT=$((PORT_BASE + 4))  # hP hS: nginx terminates
 HAPP_PORT=$((PORT_BASE + 51)) RLBP_PORT=$((PORT_BASE + 52))   # hP (plain TCP frontend)
 HAPS_PORT=$((PORT_BASE + 53)) RLBS_PORT=$((PORT_BASE + 54))   # hS (SNI routing)
 BASEP_PORT=$((PORT_BASE + 55)) BASES_PORT=$((PORT_BASE + 56))
-ALL_PORTS=("$HAPT_PORT" "$RLBT_PORT" "$HAPTR_PORT" "$RLBTR_PORT" "$NGINX1_TLS_PORT" "$NGINX2_TLS_PORT"
+ALL_PORTS=("$HAPT_PORT" "$RLBT_PORT" "$HAPTR_PORT" "$RLBTR_PORT" "$HAPTF_PORT" "$RLBTF_PORT" "$NGINX1_TLS_PORT" "$NGINX2_TLS_PORT"
     "$HAPP_PORT" "$RLBP_PORT" "$HAPS_PORT" "$RLBS_PORT" "$NGINX1_PORT" "$NGINX2_PORT" "$HAP1_PORT" "$RLB1_PORT" "$HAP2_PORT" "$RLB2_PORT"
     "$IPERF_PORT" "$HAPI_PORT" "$RLBI_PORT" "$HAPE_PORT" "$RLBE_PORT")
-[[ -z $BASE_BIN ]] || ALL_PORTS+=("$BASE1_PORT" "$BASE2_PORT" "$BASEI_PORT" "$BASEE_PORT" "$BASET_PORT" "$BASETR_PORT" "$BASEP_PORT" "$BASES_PORT")
+[[ -z $BASE_BIN ]] || ALL_PORTS+=("$BASE1_PORT" "$BASE2_PORT" "$BASEI_PORT" "$BASEE_PORT" "$BASET_PORT" "$BASETR_PORT" "$BASETF_PORT" "$BASEP_PORT" "$BASES_PORT")
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 die() { log "ERROR: $*" >&2; exit 1; }
@@ -349,7 +354,7 @@ start_ringlb() { # NAME PORT WORKERS CHECKS(yes|no) BACKEND_PORT...  (binary: $S
 }
 
 # TLS at the proxy: one self-signed certificate per key type, used by both proxies.
-make_certs() { # -> $WORK/tls/{ec,rsa}.{pem,key,both}
+make_certs() { # -> $WORK/tls/{ec,rsa}.{pem,key,both}; kind ecfull uses the ec files
     local dir=$WORK/tls kind
     mkdir -p "$dir"
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 7 \
@@ -361,16 +366,19 @@ make_certs() { # -> $WORK/tls/{ec,rsa}.{pem,key,both}
     for kind in ec rsa; do cat "$dir/$kind.pem" "$dir/$kind.key" >"$dir/$kind.both"; done
 }
 
-start_haproxy_tls() { # NAME PORT THREADS KIND(ec|rsa) BACKEND_PORT...
-    local name=$1 port=$2 threads=$3 kind=$4 cfg=$WORK/$1.cfg i=0 b
+start_haproxy_tls() { # NAME PORT THREADS KIND(ec|ecfull|rsa) BACKEND_PORT...
+    local name=$1 port=$2 threads=$3 kind=$4 cfg=$WORK/$1.cfg i=0 b cache= tickets=
     shift 4
     # Debian's defaults for TLS (1.2 and 1.3, tickets and a 20,000-session cache on), the
     # same checks as the layer-4 configs; no splice on a TLS side (HAProxy cannot either).
+    # ecfull and rsa: resumption off (every handshake of wrk a full one).
+    [[ $kind == ec ]] || { cache="    tune.ssl.cachesize 0"; tickets=" no-tls-tickets"; }
     cat >"$cfg" <<EOF
 global
     nbthread $threads
     maxconn $HAP_MAXCONN
     ssl-default-bind-options ssl-min-ver TLSv1.2
+$cache
 defaults
     mode tcp
     balance roundrobin
@@ -379,7 +387,7 @@ defaults
     timeout client 10m
     timeout server 10m
 frontend fe
-    bind 127.0.0.1:$port ssl crt $WORK/tls/$kind.both
+    bind 127.0.0.1:$port ssl crt $WORK/tls/${kind%full}.both$tickets
     default_backend be
 backend be
 EOF
@@ -392,9 +400,10 @@ EOF
     start_server "$name" "$RESULTS/logs/$name.log" haproxy -db -f "$cfg"
 }
 
-start_ringlb_tls() { # NAME PORT WORKERS KIND(ec|rsa) BACKEND_PORT...  (binary: $START_BIN or $BIN)
-    local name=$1 port=$2 workers=$3 kind=$4 cfg=$WORK/$1.toml list= b
+start_ringlb_tls() { # NAME PORT WORKERS KIND(ec|ecfull|rsa) BACKEND_PORT...  (binary: $START_BIN or $BIN)
+    local name=$1 port=$2 workers=$3 kind=$4 cfg=$WORK/$1.toml list= b resume=
     shift 4
+    [[ $kind == ec ]] || resume=", tickets = false, session-cache = 0"
     for b in "$@"; do list+="${list:+, }\"127.0.0.1:$b\""; done
     cat >"$cfg" <<EOF
 workers = $workers
@@ -407,7 +416,7 @@ connect-timeout = "2s"
 check-interval = "2s"
 rise = 2
 fall = 3
-tls = { cert = "$WORK/tls/$kind.pem", key = "$WORK/tls/$kind.key" }
+tls = { cert = "$WORK/tls/${kind%full}.pem", key = "$WORK/tls/${kind%full}.key"$resume }
 EOF
     cp "$cfg" "$RESULTS/configs/$name.toml"
     start_server "$name" "$RESULTS/logs/$name.log" "${START_BIN:-$BIN}" --config "$cfg"
@@ -545,9 +554,12 @@ target() {
         hR:haproxy) T_PORT=$HAPTR_PORT T_PID=${PID_OF[hap_tls_rsa]:-} ;;
         hR:ringlb) T_PORT=$RLBTR_PORT T_PID=${PID_OF[rlb_tls_rsa]:-} ;;
         hR:base) T_PORT=$BASETR_PORT T_PID=${PID_OF[base_tls_rsa]:-} ;;
-        [hijk]:haproxy) T_PORT=$HAPT_PORT T_PID=${PID_OF[hap_tls]:-} ;;
-        [hijk]:ringlb) T_PORT=$RLBT_PORT T_PID=${PID_OF[rlb_tls]:-} ;;
-        [hijk]:base) T_PORT=$BASET_PORT T_PID=${PID_OF[base_tls]:-} ;;
+        h:haproxy) T_PORT=$HAPTF_PORT T_PID=${PID_OF[hap_tls_full]:-} ;;
+        h:ringlb) T_PORT=$RLBTF_PORT T_PID=${PID_OF[rlb_tls_full]:-} ;;
+        h:base) T_PORT=$BASETF_PORT T_PID=${PID_OF[base_tls_full]:-} ;;
+        [ijk]:haproxy) T_PORT=$HAPT_PORT T_PID=${PID_OF[hap_tls]:-} ;;
+        [ijk]:ringlb) T_PORT=$RLBT_PORT T_PID=${PID_OF[rlb_tls]:-} ;;
+        [ijk]:base) T_PORT=$BASET_PORT T_PID=${PID_OF[base_tls]:-} ;;
         d:haproxy | dR:haproxy) T_PORT=$HAPI_PORT T_PID=${PID_OF[hap_iperf]:-} ;;
         d:ringlb | dR:ringlb) T_PORT=$RLBI_PORT T_PID=${PID_OF[rlb_iperf]:-} ;;
         f:haproxy) T_PORT=$HAP2_PORT T_PID=${PID_OF[hap_w2]:-} T_WORKERS=$WORKERS_F ;;
@@ -607,13 +619,12 @@ run_one() { # ROUND SCENARIO SYSTEM
         d) run_load "$r" "$sc" "$sys" iperf iperf3 -c 127.0.0.1 -p "$T_PORT" -t "$DURATION" -J --connect-timeout 3000 ;;
         dR) run_load "$r" "$sc" "$sys" iperf iperf3 -c 127.0.0.1 -p "$T_PORT" -t "$DURATION" -J -R --connect-timeout 3000 ;;
         e) run_idle "$r" "$sys" ;;
-        h | hR | hP | hS) wrk_cmd 50 /100b -H 'Connection: close' -s "$BENCH_DIR/wrk-report.lua"
+        h | hR | k | hP | hS) wrk_cmd 50 /100b -H 'Connection: close' -s "$BENCH_DIR/wrk-report.lua"
             run_load "$r" "$sc" "$sys" wrk "${WRK[@]}" ;;
         i) wrk_cmd 50 /100b -s "$BENCH_DIR/wrk-report.lua"
             run_load "$r" "$sc" "$sys" wrk "${WRK[@]}" ;;
         j) wrk_cmd 10 /1m -s "$BENCH_DIR/wrk-report.lua"
             run_load "$r" "$sc" "$sys" wrk "${WRK[@]}" ;;
-        k) run_load "$r" "$sc" "$sys" wrk python3 "$LIB" stime --port "$T_PORT" --duration "$DURATION" --n 8 ;;
     esac
 }
 
@@ -648,6 +659,27 @@ run_idle() { # ROUND SYSTEM
     fi
 }
 
+# Whether a second handshake to PORT resumes the first one's session (TLS 1.3 ticket or
+# cache): h and hR must not, i j k must, or the scenario measures something else.
+check_resumption() { # SYSTEM SCENARIO PORT
+    local sys=$1 sc=$2 port=$3 sess=$WORK/resume-$1-$2.pem out want=yes got=no
+    [[ $sc == h || $sc == hR ]] && want=no
+    rm -f "$sess"
+    # The sleep lets the ticket arrive after the handshake before s_client quits.
+    (sleep 0.5; printf 'GET /100b HTTP/1.0\r\n\r\n') |
+        timeout 10 openssl s_client -connect "127.0.0.1:$port" -sess_out "$sess" >/dev/null 2>&1 || true
+    if [[ -s $sess ]]; then
+        out=$( (sleep 0.5; printf 'GET /100b HTTP/1.0\r\n\r\n') |
+            timeout 10 openssl s_client -connect "127.0.0.1:$port" -sess_in "$sess" 2>&1 || true)
+        [[ $out == *"Reused, TLSv1"* ]] && got=yes
+    fi
+    if [[ $got == "$want" ]]; then
+        log "resumption through $sys for $sc: $got, as intended"
+    else
+        log "WARNING: resumption through $sys for $sc: $got, expected $want; the figures of $sc measure something else"
+    fi
+}
+
 warm_up() {
     # One short unrecorded load per system and proxy instance: page in binaries and
     # files, open the proxies' first backend connections. Not part of any figure; a
@@ -666,14 +698,16 @@ warm_up() {
                 log "WARNING: warm-up wrk through $sys (2 workers) failed"
         fi
         if has_tls && [[ $sys != direct ]]; then
-            target i "$sys"
-            timeout 10 wrk -t1 -c10 -d1s "https://127.0.0.1:$T_PORT/100b" >/dev/null ||
-                log "WARNING: warm-up wrk over TLS through $sys failed"
-            if has_scen hR; then
-                target hR "$sys"
+            for sc in h hR i; do
+                case $sc in
+                    i) has_scen i || has_scen j || has_scen k || continue ;;
+                    *) has_scen $sc || continue ;;
+                esac
+                target $sc "$sys"
                 timeout 10 wrk -t1 -c10 -d1s "https://127.0.0.1:$T_PORT/100b" >/dev/null ||
-                    log "WARNING: warm-up wrk over TLS (RSA) through $sys failed"
-            fi
+                    log "WARNING: warm-up wrk over TLS ($sc) through $sys failed"
+                check_resumption "$sys" "$sc" "$T_PORT"
+            done
         fi
         if has_scen d || has_scen dR; then
             target d "$sys"
@@ -793,25 +827,25 @@ if has_scen d || has_scen dR; then
 fi
 
 if has_tls; then
-    for kind in ec rsa; do
-        [[ $kind == rsa ]] && ! has_scen hR && continue
-        [[ $kind == ec ]] && ! { has_scen h || has_scen i || has_scen j || has_scen k; } && continue
-        sfx=$([[ $kind == rsa ]] && echo _rsa || true)
-        if has_sys haproxy; then
-            port=$([[ $kind == rsa ]] && echo "$HAPTR_PORT" || echo "$HAPT_PORT")
-            start_haproxy_tls "hap_tls$sfx" "$port" "$WORKERS" "$kind" "$NGINX1_PORT" "$NGINX2_PORT"
-            wait_https "hap_tls$sfx" "$port"
-        fi
-        if has_sys ringlb; then
-            port=$([[ $kind == rsa ]] && echo "$RLBTR_PORT" || echo "$RLBT_PORT")
-            start_ringlb_tls "rlb_tls$sfx" "$port" "$WORKERS" "$kind" "$NGINX1_PORT" "$NGINX2_PORT"
-            wait_https "rlb_tls$sfx" "$port"
-        fi
-        if has_sys base; then
-            port=$([[ $kind == rsa ]] && echo "$BASETR_PORT" || echo "$BASET_PORT")
-            START_BIN=$BASE_BIN start_ringlb_tls "base_tls$sfx" "$port" "$WORKERS" "$kind" "$NGINX1_PORT" "$NGINX2_PORT"
-            wait_https "base_tls$sfx" "$port"
-        fi
+    for kind in ec ecfull rsa; do
+        case $kind in
+            ec) has_scen i || has_scen j || has_scen k || continue; sc=i sfx= ;;
+            ecfull) has_scen h || continue; sc=h sfx=_full ;;
+            rsa) has_scen hR || continue; sc=hR sfx=_rsa ;;
+        esac
+        for sys in haproxy ringlb base; do
+            has_sys $sys || continue
+            pre=$([[ $sys == haproxy ]] && echo hap || { [[ $sys == ringlb ]] && echo rlb || echo base; })
+            target "$sc" "$sys"
+            if [[ $sys == haproxy ]]; then
+                start_haproxy_tls "hap_tls$sfx" "$T_PORT" "$WORKERS" "$kind" "$NGINX1_PORT" "$NGINX2_PORT"
+            elif [[ $sys == ringlb ]]; then
+                start_ringlb_tls "rlb_tls$sfx" "$T_PORT" "$WORKERS" "$kind" "$NGINX1_PORT" "$NGINX2_PORT"
+            else
+                START_BIN=$BASE_BIN start_ringlb_tls "base_tls$sfx" "$T_PORT" "$WORKERS" "$kind" "$NGINX1_PORT" "$NGINX2_PORT"
+            fi
+            wait_https "$pre""_tls$sfx" "$T_PORT"
+        done
     done
 fi
 

@@ -393,6 +393,8 @@ impl TlsSettings {
 /// Default time for a whole TLS handshake (HAProxy has none of its own;
 /// its `timeout client` applies).
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// rustls allocates a session cache whole when the config is built.
+const MAX_SESSION_CACHE: usize = 1_000_000;
 
 /// A `[[frontend.route]]`: the connections whose server name matches go to
 /// its own backends, with its own balance mode (its backends are checked
@@ -723,6 +725,8 @@ struct RawTls {
     alpn: Vec<String>,
     client_ca: Option<String>,
     handshake_timeout: Option<String>,
+    tickets: Option<bool>,
+    session_cache: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -1111,12 +1115,23 @@ impl RawFrontend {
             .transpose()
             .map_err(|e| fail(format!("handshake-timeout: {e}")))?
             .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT);
+        // rustls sizes the cache up front.
+        let session_cache = raw
+            .session_cache
+            .unwrap_or(crate::tls::DEFAULT_SESSION_CACHE);
+        if session_cache > MAX_SESSION_CACHE {
+            return Err(fail(format!(
+                "session-cache: {session_cache}: at most {MAX_SESSION_CACHE} sessions (0 keeps none)"
+            )));
+        }
         let options = crate::tls::ServerOptions {
             certs,
             min_version,
             alpn: raw.alpn.clone(),
             client_ca: raw.client_ca.as_ref().map(PathBuf::from),
             handshake_timeout,
+            tickets: raw.tickets.unwrap_or(true),
+            session_cache,
         };
         let name = self
             .name
@@ -2591,6 +2606,11 @@ backends = [
         let e = err("check-http-status = [200]");
         assert!(
             e.starts_with("f.toml:4:") && e.contains("go with check-http"),
+            "{e}"
+        );
+        let e = err("tls = { cert = \"c.pem\", key = \"k.pem\", session-cache = 2000000 }");
+        assert!(
+            e.starts_with("f.toml:4:") && e.contains("session-cache: 2000000: at most"),
             "{e}"
         );
         let e = err("check-http = \"GET /\"\ncheck-http-status = [99]");

@@ -27,10 +27,10 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::hello::Router;
 
-/// Server-side sessions kept per frontend (TLS 1.2 session ids, and TLS
-/// 1.3 stateful resumption when tickets are off): HAProxy's default
-/// `tune.ssl.cachesize` is 20,000.
-const SESSION_CACHE: usize = 20_000;
+/// Server-side sessions kept per frontend by default (TLS 1.2 session
+/// ids, and TLS 1.3 stateful resumption when tickets are off): HAProxy's
+/// default `tune.ssl.cachesize` is 20,000.
+pub const DEFAULT_SESSION_CACHE: usize = 20_000;
 
 /// What `tls = { ... }` of a frontend says, as read from the file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +45,11 @@ pub struct ServerOptions {
     /// Client certificates are required and verified against these CAs.
     pub client_ca: Option<PathBuf>,
     pub handshake_timeout: Duration,
+    /// Stateless resumption with tickets (HAProxy: on unless `no-tls-tickets`).
+    pub tickets: bool,
+    /// Sessions kept for stateful resumption; 0 keeps none. With tickets
+    /// off too, every handshake is a full one.
+    pub session_cache: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,9 +176,9 @@ impl ResolvesServerCert for CertResolver {
 }
 
 /// What a frontend's resumption state is kept under across reloads: its
-/// name and who may resume (a session made without a client certificate
-/// must not resume where one is required).
-type ResumptionKey = (String, Option<PathBuf>);
+/// name, who may resume (a session made without a client certificate
+/// must not resume where one is required) and the cache's size.
+type ResumptionKey = (String, Option<PathBuf>, usize);
 
 #[derive(Clone)]
 struct Resumption {
@@ -192,8 +197,10 @@ fn resumption(key: ResumptionKey) -> Result<Resumption, String> {
     }
     let tickets =
         rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| format!("session tickets: {e}"))?;
-    let cache: Arc<dyn StoresServerSessions> =
-        rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
+    let cache: Arc<dyn StoresServerSessions> = match key.2 {
+        0 => Arc::new(rustls::server::NoServerSessionStorage {}),
+        size => rustls::server::ServerSessionMemoryCache::new(size),
+    };
     let made = Resumption { tickets, cache };
     kept.insert(key, made.clone());
     Ok(made)
@@ -260,12 +267,20 @@ pub fn server(frontend: &str, options: &ServerOptions) -> Result<TlsServer, Stri
     };
     let mut config = builder.with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = options.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-    let kept = resumption((frontend.to_string(), options.client_ca.clone()))?;
-    config.ticketer = kept.tickets;
+    let kept = resumption((
+        frontend.to_string(),
+        options.client_ca.clone(),
+        options.session_cache,
+    ))?;
+    // Without a ticketer rustls keeps its default, which issues none.
+    if options.tickets {
+        config.ticketer = kept.tickets;
+    }
     config.session_storage = kept.cache;
     // TLS 1.3 tickets: two per handshake is rustls' default; one is enough
     // for a client that reconnects once at a time, and each costs a record.
-    config.send_tls13_tickets = 1;
+    let resumable = options.tickets || options.session_cache > 0;
+    config.send_tls13_tickets = usize::from(resumable);
     Ok(TlsServer {
         config: Arc::new(config),
         options: options.clone(),

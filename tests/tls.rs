@@ -345,42 +345,58 @@ fn alpn_is_negotiated_and_min_version_refuses_older_clients() {
     );
 }
 
+/// Whether a second `s_client` with `version` resumes the first one's
+/// session.
+fn resumes(ringlb: &Ringlb, pki: &Pki, version: &str) -> bool {
+    let session = pki.path("session.pem");
+    let _ = std::fs::remove_file(&session);
+    let name = ["-servername", "www.foobar.com", version];
+    let first = s_client(ringlb, &[&name[..], &["-sess_out", &session]].concat());
+    assert!(first.contains("New, TLSv1."), "{first}");
+    if !Path::new(&session).exists() {
+        return false;
+    }
+    let second = s_client(ringlb, &[&name[..], &["-sess_in", &session]].concat());
+    assert!(second.contains(", TLSv1."), "{version}: {second}");
+    second.contains("Reused, TLSv1.")
+}
+
 #[test]
 fn sessions_resume_with_tickets_and_with_session_ids() {
     let pki = Pki::new("resume");
     let backend = Backend::start(http("plain"));
     let ringlb = start(&pki, &config(backend.addr, &www(&pki), ""));
-    let session = pki.path("session.pem");
     for (n, version) in ["-tls1_3", "-tls1_2"].iter().enumerate() {
-        let _ = std::fs::remove_file(&session);
-        let first = s_client(
-            &ringlb,
-            &[
-                "-servername",
-                "www.foobar.com",
-                version,
-                "-sess_out",
-                &session,
-            ],
-        );
-        assert!(first.contains("New, TLSv1."), "{first}");
-        let second = s_client(
-            &ringlb,
-            &[
-                "-servername",
-                "www.foobar.com",
-                version,
-                "-sess_in",
-                &session,
-            ],
-        );
-        assert!(second.contains("Reused, TLSv1."), "{version}: {second}");
+        assert!(resumes(&ringlb, &pki, version), "{version} did not resume");
         wait_metric(
             &ringlb,
             r#"ringlb_tls_resumed_total{frontend="https"}"#,
             n as u64 + 1,
         );
     }
+}
+
+/// HAProxy's `no-tls-tickets` and `tune.ssl.cachesize 0`: without tickets
+/// the session cache still resumes; without both nothing does.
+#[test]
+fn resumption_can_be_turned_off() {
+    let pki = Pki::new("noresume");
+    let backend = Backend::start(http("plain"));
+    let no_tickets = format!("{}, tickets = false", www(&pki));
+    let ringlb = start(&pki, &config(backend.addr, &no_tickets, ""));
+    for version in ["-tls1_3", "-tls1_2"] {
+        assert!(resumes(&ringlb, &pki, version), "cache only, {version}");
+    }
+    drop(ringlb);
+    let neither = format!("{no_tickets}, session-cache = 0");
+    let ringlb = start(&pki, &config(backend.addr, &neither, ""));
+    for version in ["-tls1_3", "-tls1_2"] {
+        assert!(!resumes(&ringlb, &pki, version), "neither, {version}");
+    }
+    assert_eq!(
+        metric(&ringlb, r#"ringlb_tls_resumed_total{frontend="https"}"#),
+        0
+    );
 }
 
 #[test]
