@@ -42,11 +42,12 @@
 #   hS the same through an SNI-routing frontend (ringlb [[frontend.route]], HAProxy
 #      inspect-delay + req.ssl_sni): hS / hP is what reading the ClientHello costs
 #
-# The A/B of what the edge features cost (issue 12), e.g. 7 rounds of 10 s:
-#   bench/run.sh --rounds 7 --scenarios b,bA,bP --systems haproxy,ringlb
+# What the edge features cost (issue 12): 6 rounds, so that each of b, bA, bP runs in each
+# place of a round twice, once for each order of the two systems (~7 minutes):
+#   bench/run.sh --rounds 6 --scenarios b,bA,bP --systems haproxy,ringlb
 #
-# Every round runs every system once per scenario, the order of the systems rotated each
-# round, so slow drifts of the machine hit all systems alike. Figures land in
+# Every round runs every system once per scenario, the order of the systems (and of b, bA,
+# bP among themselves) rotated each round, so slow drifts of the machine hit all alike. Figures land in
 # bench/results/<date>-<host>/: header.txt, raw.csv (one line per run), table.txt, logs/.
 #
 # Every process this script starts is stopped by its PID on exit (trap EXIT), never by
@@ -1000,12 +1001,26 @@ fi
 
 warm_up
 
+# b, bA and bP are read against one another: their order rotates each round too, so that
+# none of them always runs first, right after the warm-up or another scenario's load.
+b_family=()
+for s in "${SCEN[@]}"; do
+    if [[ $s =~ ^(b|bA|bP)$ ]]; then b_family+=("$s"); fi
+done
+
 for ((r = 1; r <= ROUNDS; r++)); do
     # Rotate the order of the systems each round.
     order=()
     for ((i = 0; i < ${#SYS[@]}; i++)); do order+=("${SYS[(i + r - 1) % ${#SYS[@]}]}"); done
-    log "round $r/$ROUNDS (order: ${order[*]}; load avg $(cut -d' ' -f1 /proc/loadavg))"
-    for sc in "${SCEN[@]}"; do
+    scen=("${SCEN[@]}") k=0
+    for i in "${!scen[@]}"; do
+        if [[ ${scen[i]} =~ ^(b|bA|bP)$ ]]; then
+            scen[i]=${b_family[(k + r - 1) % ${#b_family[@]}]}
+            k=$((k + 1))
+        fi
+    done
+    log "round $r/$ROUNDS (order: ${order[*]}; scenarios: ${scen[*]}; load avg $(cut -d' ' -f1 /proc/loadavg))"
+    for sc in "${scen[@]}"; do
         for sys in "${order[@]}"; do
             run_one "$r" "$sc" "$sys"
         done
