@@ -47,8 +47,9 @@
 #   bench/run.sh --rounds 6 --scenarios b,bA,bP --systems haproxy,ringlb
 #
 # Every round runs every system once per scenario, the order of the systems (and of b, bA,
-# bP among themselves) rotated each round, so slow drifts of the machine hit all alike. Figures land in
-# bench/results/<date>-<host>/: header.txt, raw.csv (one line per run), table.txt, logs/.
+# bP among themselves) rotated each round, so slow drifts of the machine hit all alike.
+# Figures land in bench/results/<date>-<host>/: header.txt, raw.csv (one line per run),
+# table.txt, logs/.
 #
 # Every process this script starts is stopped by its PID on exit (trap EXIT), never by
 # name, and a watchdog ends the whole run after a computed time limit.
