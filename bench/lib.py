@@ -5,6 +5,9 @@ Subcommands:
   portcheck PORT...            exit 1 (and name them) if any port on 127.0.0.1 is taken
   waitport HOST PORT SECS      poll until something accepts on HOST:PORT
   waithttp HOST PORT PATH SECS poll until GET PATH answers 200 (through a proxy too)
+  httpstatus HOST PORT PATH    one GET (optionally from --source ADDR): print the status
+                               code, or 'none' when no HTTP answer came (reset, closed)
+  aclgen --out FILE            scenario bA: a deterministic list of N deny prefixes
   measure ...  -- CMD...       run one load (wrk or iperf3), sample CPU of the processes
                                under test before/after, append one row to raw.csv
   idle ...                     scenario e: hold N idle keep-alive connections through a
@@ -19,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ipaddress
 import json
 import os
+import random
 import re
 import resource
 import selectors
@@ -50,6 +55,8 @@ FIELDS = [
 SCENARIOS = {
     "a": ("a keep-alive, 100 B responses, wrk -t1 -c50", "req/s", "higher"),
     "b": ("b new connection per request (Connection: close), 100 B, wrk -t1 -c50", "req/s", "higher"),
+    "bA": ("bA as b, through a source ACL: deny list of 100,000 prefixes + allow 127.0.0.0/8", "req/s", "higher"),
+    "bP": ("bP as b, the proxy sends a PROXY v2 header to nginx (listen ... proxy_protocol)", "req/s", "higher"),
     "c": ("c keep-alive, 1 MiB responses, wrk -t1 -c10", "MiB/s", "higher"),
     "d": ("d iperf3 bulk, client -> server (through the proxy)", "Gbit/s", "higher"),
     "dR": ("d iperf3 bulk -R, server -> client (through the proxy)", "Gbit/s", "higher"),
@@ -223,9 +230,11 @@ def cmd_waitport(args) -> int:
     return 1
 
 
-def http_get_status(host: str, port: int, path: str, timeout: float = 1.0) -> int | None:
+def http_get_status(host: str, port: int, path: str, timeout: float = 1.0,
+                    source: str | None = None) -> int | None:
     try:
-        with socket.create_connection((host, port), timeout=timeout) as s:
+        src = (source, 0) if source else None
+        with socket.create_connection((host, port), timeout=timeout, source_address=src) as s:
             s.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n".encode())
             data = b""
             while b"\r\n" not in data:
@@ -250,6 +259,73 @@ def cmd_waithttp(args) -> int:
     print(f"GET http://{args.host}:{args.port}{args.path} did not answer 200 within "
           f"{args.secs}s (last: {last})", file=sys.stderr)
     return 1
+
+
+def cmd_httpstatus(args) -> int:
+    code = http_get_status(args.host, args.port, args.path, args.timeout, args.source)
+    print(code if code is not None else "none")
+    return 0
+
+
+# ----------------------------------------------------------------------------- aclgen (bA)
+
+# The benchmark's clients (wrk, the readiness probes) connect from 127.0.0.1; the
+# deny-list check connects from 127.0.0.2, which the list denies.
+ACL_CLIENT = 0x7F000001
+ACL_PROBE = "127.0.0.2/32"
+
+
+def random_v4(rng: random.Random) -> ipaddress.IPv4Network:
+    """A unicast IPv4 prefix outside 127.0.0.0/8, lengths as in public blocklists
+    (mostly single hosts and /24s, some wider networks)."""
+    while True:
+        first = rng.randint(1, 223)
+        if first != 127:
+            break
+    plen = rng.choices([32, 24, rng.randint(16, 31)], weights=[50, 25, 25])[0]
+    addr = (first << 24) | rng.getrandbits(24)
+    return ipaddress.IPv4Network((addr, plen), strict=False)
+
+
+def random_near(rng: random.Random) -> ipaddress.IPv4Network:
+    """A small prefix in 127.0.0.0/16 but never in 127.0.0.0/24: the client's own
+    /16 is then crowded, so its lookup lands among many entries (the worst case of a
+    table indexed by the top 16 bits, and a deep walk in a radix tree)."""
+    addr = rng.randint(ACL_CLIENT - 1 + 0x100, 0x7F00FFFF)
+    return ipaddress.IPv4Network((addr, rng.randint(28, 32)), strict=False)
+
+
+def random_v6(rng: random.Random) -> ipaddress.IPv6Network:
+    """A prefix in global unicast space (2000::/3): hosts, /64s, /48s and others."""
+    plen = rng.choices([128, 64, 48, rng.randint(32, 127)], weights=[20, 40, 20, 20])[0]
+    addr = (1 << 125) | rng.getrandbits(125)
+    return ipaddress.IPv6Network((addr, plen), strict=False)
+
+
+def cmd_aclgen(args) -> int:
+    """Writes N distinct prefixes, the same for the same seed: 1% in the client's /16,
+    a fifth IPv6, the rest IPv4 all over; none covers the client 127.0.0.1."""
+    rng = random.Random(args.seed)
+    n_near, n_v6 = args.n // 100, args.n // 5
+    probe = ipaddress.ip_network(ACL_PROBE)
+    seen = {probe}
+    for count, gen in ((n_near, random_near), (n_v6, random_v6), (args.n - 1 - n_near - n_v6, random_v4)):
+        goal = len(seen) + count
+        while len(seen) < goal:
+            seen.add(gen(rng))
+    client = ipaddress.ip_address(ACL_CLIENT)
+    covering = [n for n in seen if n.version == 4 and client in n]
+    if covering:
+        print(f"aclgen: {covering[0]} covers the benchmark's client {client}", file=sys.stderr)
+        return 1
+    # Sorted first: a set's order is not the same from one Python run to the next.
+    nets = sorted(str(n) for n in seen)
+    rng.shuffle(nets)
+    with open(args.out, "w") as f:
+        f.write(f"# bench/run.sh scenario bA: {len(nets)} prefixes (lib.py aclgen --seed {args.seed});\n"
+                f"# none covers {client} (the client); {ACL_PROBE} is denied (the check that it is loaded)\n")
+        f.write("\n".join(nets) + "\n")
+    return 0
 
 
 # ----------------------------------------------------------------------------- measure
@@ -534,6 +610,23 @@ def med(xs):
     return statistics.median(xs) if xs else None
 
 
+def per_round_ratios(rows, num: tuple[str, str], den: tuple[str, str]) -> list[str]:
+    """Ratio of the main figure of (scenario, system) num over den, round by round (runs
+    of one round are close in time, so these show how steady a ratio of medians is)."""
+    def val(sc, sysname, r):
+        xs = [row for row in rows if row["scenario"] == sc and row["system"] == sysname
+              and row["round"] == r and row["ok"] == "1" and row["value"] != ""]
+        if not xs:
+            return None
+        return float(xs[0]["p99_us"] if sc == "g" else xs[0]["value"])
+    out = []
+    for r in sorted({row["round"] for row in rows}, key=int):
+        a, b = val(*num, r), val(*den, r)
+        if a is not None and b:
+            out.append(f"{a / b:.2f}")
+    return out
+
+
 def cmd_table(args) -> int:
     with open(args.raw) as f:
         rows = list(csv.DictReader(f))
@@ -621,17 +714,7 @@ def cmd_table(args) -> int:
         out.append("")
         out.append("== A/B: ringlb (new binary) / base (old binary), ratios of medians; per-round ratios in brackets")
         for sc in ab:
-            per_round = []
-            for r in sorted({row["round"] for row in rows}, key=int):
-                def val(sysname):
-                    xs = [row for row in rows if row["scenario"] == sc and row["system"] == sysname
-                          and row["round"] == r and row["ok"] == "1" and row["value"] != ""]
-                    if not xs:
-                        return None
-                    return float(xs[0]["p99_us"] if sc == "g" else xs[0]["value"])
-                a, b = val("ringlb"), val("base")
-                if a is not None and b:
-                    per_round.append(f"{a / b:.2f}")
+            per_round = per_round_ratios(rows, (sc, "ringlb"), (sc, "base"))
             cpu = ""
             if cpu_medians.get((sc, "base")) and (sc, "ringlb") in cpu_medians:
                 cpu = f", CPU per unit {cpu_medians[(sc, 'ringlb')] / cpu_medians[(sc, 'base')]:.2f}x"
@@ -654,6 +737,22 @@ def cmd_table(args) -> int:
                 if cpu_medians.get(("hP", sysname)) and ("hS", sysname) in cpu_medians:
                     cpu = f", CPU per connection {cpu_medians[('hS', sysname)] / cpu_medians[('hP', sysname)]:.2f}x"
                 out.append(f"   {sysname:<8} SNI / plain = {medians[('hS', sysname)] / medians[('hP', sysname)]:.2f}{cpu}")
+    edge = [(sc, what) for sc, what in (("bA", "100,000-prefix ACL"), ("bP", "PROXY v2 to the backends"))
+            if any(k[0] == sc for k in medians) and any(k[0] == "b" for k in medians)]
+    if edge:
+        out.append("")
+        out.append("== bA, bP vs b: new connections/s with the edge feature over plain b (same rounds, same backends);")
+        out.append("   per-round ratios in brackets; CPU = proxy CPU per connection, feature over plain")
+        for sysname in ("haproxy", "base", "ringlb"):
+            for sc, what in edge:
+                if ("b", sysname) not in medians or (sc, sysname) not in medians:
+                    continue
+                cpu = ""
+                if cpu_medians.get(("b", sysname)) and (sc, sysname) in cpu_medians:
+                    cpu = f", CPU {cpu_medians[(sc, sysname)] / cpu_medians[('b', sysname)]:.2f}x"
+                per_round = per_round_ratios(rows, (sc, sysname), ("b", sysname))
+                out.append(f"   {sysname:<8} {sc}/b = {medians[(sc, sysname)] / medians[('b', sysname)]:.2f}{cpu}"
+                           f"  [{' '.join(per_round)}]  ({what})")
     out.append("")
     out.append("Notes: 'proxy CPU' = utime+stime of the proxy process (all threads) during the run, per request")
     out.append("or per MiB moved; 'CPU x HAP' = ringlb's proxy CPU over HAProxy's. 'x HAProxy' and 'x direct' are")
@@ -700,6 +799,20 @@ def main() -> int:
     p.add_argument("path")
     p.add_argument("secs", type=float)
     p.set_defaults(fn=cmd_waithttp)
+
+    p = sub.add_parser("httpstatus")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("path")
+    p.add_argument("--source", help="local address to connect from")
+    p.add_argument("--timeout", type=float, default=2.0)
+    p.set_defaults(fn=cmd_httpstatus)
+
+    p = sub.add_parser("aclgen")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=100_000)
+    p.add_argument("--seed", type=int, default=12)
+    p.set_defaults(fn=cmd_aclgen)
 
     def common(p):
         p.add_argument("--raw", required=True)

@@ -3,7 +3,7 @@
 #
 #   bench/run.sh                 full run: 5 rounds of 10 s runs, every scenario
 #   bench/run.sh --quick         smoke run (< 2 minutes): 2 rounds of 2 s runs, fewer idle conns
-#   bench/run.sh --rounds N --duration S --scenarios a,b,c,d,dR,e,f,g,h,hR,i,j,k
+#   bench/run.sh --rounds N --duration S --scenarios a,b,bA,bP,c,d,dR,e,f,g,h,hR,i,j,k,hP,hS
 #                --systems direct,haproxy,ringlb --workers N --idle-conns N
 #                --port-base P --noisy CORES --out DIR
 #                --ringlb PATH   (another ringlb binary; then nothing is built)
@@ -13,6 +13,14 @@
 # Scenarios (all on 127.0.0.1, nginx backends serving a 100-byte and a 1 MiB file):
 #   a  keep-alive, 100 B responses, wrk -t1 -c50
 #   b  new connection per request (Connection: close), 100 B, wrk -t1 -c50
+#   bA as b, through a source ACL: a deny list of 100,000 prefixes (IPv4 and IPv6, none
+#      covering the client 127.0.0.1, 1% of them in its /16) read from a file, and an allow
+#      list of 127.0.0.0/8 (ringlb deny-file/allow-file, HAProxy `tcp-request connection
+#      reject if { src -f ... }`, the same files); the list is made with a fixed seed, as
+#      <out>/tmp/acl/deny.lst (1.9 MB, not committed). bA / b is what the ACL costs.
+#   bP as b, the proxy sends a PROXY v2 header to the backends (ringlb send-proxy = "v2",
+#      HAProxy send-proxy-v2), nginx servers that demand it (listen ... proxy_protocol)
+#   'direct' does not run bA and bP; the summary gives bA / b and bP / b per system.
 #   c  keep-alive, 1 MiB responses, wrk -t1 -c10          -> MiB/s, proxy CPU per MiB
 #   d  iperf3 -c through the proxy to one iperf3 server   -> Gbit/s, proxy CPU per MiB
 #   dR the same with iperf3 -R (server sends)
@@ -38,9 +46,14 @@
 #   hS the same through an SNI-routing frontend (ringlb [[frontend.route]], HAProxy
 #      inspect-delay + req.ssl_sni): hS / hP is what reading the ClientHello costs
 #
-# Every round runs every system once per scenario, the order of the systems rotated each
-# round, so slow drifts of the machine hit all systems alike. Figures land in
-# bench/results/<date>-<host>/: header.txt, raw.csv (one line per run), table.txt, logs/.
+# What the edge features cost (issue 12): 6 rounds, so that each of b, bA, bP runs in each
+# place of a round twice, once for each order of the two systems (~7 minutes):
+#   bench/run.sh --rounds 6 --scenarios b,bA,bP --systems haproxy,ringlb
+#
+# Every round runs every system once per scenario, the order of the systems (and of b, bA,
+# bP among themselves) rotated each round, so slow drifts of the machine hit all alike.
+# Figures land in bench/results/<date>-<host>/: header.txt, raw.csv (one line per run),
+# table.txt, logs/.
 #
 # Every process this script starts is stopped by its PID on exit (trap EXIT), never by
 # name, and a watchdog ends the whole run after a computed time limit.
@@ -91,20 +104,20 @@ done
 if ((QUICK)); then
     : "${ROUNDS:=2}" "${DURATION:=2}" "${SCENARIOS:=a,b,c,d,e,f,g}" "${IDLE_CONNS:=2000}" "${IDLE_HOLD:=1}"
 else
-    : "${ROUNDS:=5}" "${DURATION:=10}" "${SCENARIOS:=a,b,c,d,dR,e,f,g,h,hR,i,j,k,hP,hS}" "${IDLE_CONNS:=10000}" "${IDLE_HOLD:=3}"
+    : "${ROUNDS:=5}" "${DURATION:=10}" "${SCENARIOS:=a,b,bA,bP,c,d,dR,e,f,g,h,hR,i,j,k,hP,hS}" "${IDLE_CONNS:=10000}" "${IDLE_HOLD:=3}"
 fi
-IFS=, read -r -a SCEN <<<"$SCENARIOS"
-IFS=, read -r -a SYS <<<"$SYSTEMS"
-for s in "${SCEN[@]}"; do
-    [[ $s =~ ^(a|b|c|d|dR|e|f|g|h|hR|i|j|k|hP|hS)$ ]] || { echo "unknown scenario '$s'" >&2; exit 2; }
-done
-for s in "${SYS[@]}"; do
-    [[ $s =~ ^(direct|haproxy|ringlb|base)$ ]] || { echo "unknown system '$s'" >&2; exit 2; }
-done
 if [[ ",$SYSTEMS," == *",base,"* && -z $BASE_BIN ]]; then
     echo "system 'base' needs --baseline PATH (the older ringlb binary)" >&2; exit 2
 fi
 if [[ -n $BASE_BIN && ",$SYSTEMS," != *",base,"* ]]; then SYSTEMS=$SYSTEMS,base; fi
+IFS=, read -r -a SCEN <<<"$SCENARIOS"
+IFS=, read -r -a SYS <<<"$SYSTEMS"
+for s in "${SCEN[@]}"; do
+    [[ $s =~ ^(a|b|bA|bP|c|d|dR|e|f|g|h|hR|i|j|k|hP|hS)$ ]] || { echo "unknown scenario '$s'" >&2; exit 2; }
+done
+for s in "${SYS[@]}"; do
+    [[ $s =~ ^(direct|haproxy|ringlb|base)$ ]] || { echo "unknown system '$s'" >&2; exit 2; }
+done
 [[ $ROUNDS =~ ^[0-9]+$ && $DURATION =~ ^[0-9]+$ && $ROUNDS -ge 1 && $DURATION -ge 1 ]] ||
     { echo "--rounds and --duration take positive integers" >&2; exit 2; }
 
@@ -113,6 +126,19 @@ has_sys() { [[ ",$SYSTEMS," == *",$1,"* ]]; }
 has_tls() { has_scen h || has_scen hR || has_scen i || has_scen j || has_scen k || has_pass; }
 has_pass() { has_scen hP || has_scen hS; }
 is_tls() { [[ $1 =~ ^(h|hR|i|j|k|hP|hS)$ ]]; }
+has_edge() { has_scen bA || has_scen bP; }
+# Scenario:system pairs left out because that binary cannot run them (an old --baseline).
+SKIPPED=" "
+
+runs_on() { # SCENARIO SYSTEM: whether this system runs this scenario
+    local sc=$1 sys=$2
+    if [[ $sys == direct ]]; then
+        # No proxy, no ACL or PROXY header; TLS only where nginx terminates it.
+        [[ $sc == bA || $sc == bP ]] && return 1
+        is_tls "$sc" && [[ ! $sc =~ ^h[PS]$ ]] && return 1
+    fi
+    [[ $SKIPPED != *" $sc:$sys "* ]]
+}
 
 # Fixed ports in a high range, one per server.
 NGINX1_PORT=$((PORT_BASE + 1)) NGINX2_PORT=$((PORT_BASE + 2))
@@ -132,10 +158,15 @@ NGINX1_TLS_PORT=$((PORT_BASE + 3)) NGINX2_TLS_PORT=$((PORT_BASE + 4))  # hP hS: 
 HAPP_PORT=$((PORT_BASE + 51)) RLBP_PORT=$((PORT_BASE + 52))   # hP (plain TCP frontend)
 HAPS_PORT=$((PORT_BASE + 53)) RLBS_PORT=$((PORT_BASE + 54))   # hS (SNI routing)
 BASEP_PORT=$((PORT_BASE + 55)) BASES_PORT=$((PORT_BASE + 56))
+NGINX1_PP_PORT=$((PORT_BASE + 5)) NGINX2_PP_PORT=$((PORT_BASE + 6))  # bP: nginx demands PROXY
+HAPA_PORT=$((PORT_BASE + 61)) RLBA_PORT=$((PORT_BASE + 62)) BASEA_PORT=$((PORT_BASE + 63)) # bA (ACL)
+HAPV_PORT=$((PORT_BASE + 64)) RLBV_PORT=$((PORT_BASE + 65)) BASEV_PORT=$((PORT_BASE + 66)) # bP (PROXY v2)
 ALL_PORTS=("$HAPT_PORT" "$RLBT_PORT" "$HAPTR_PORT" "$RLBTR_PORT" "$HAPTF_PORT" "$RLBTF_PORT" "$NGINX1_TLS_PORT" "$NGINX2_TLS_PORT"
     "$HAPP_PORT" "$RLBP_PORT" "$HAPS_PORT" "$RLBS_PORT" "$NGINX1_PORT" "$NGINX2_PORT" "$HAP1_PORT" "$RLB1_PORT" "$HAP2_PORT" "$RLB2_PORT"
-    "$IPERF_PORT" "$HAPI_PORT" "$RLBI_PORT" "$HAPE_PORT" "$RLBE_PORT")
-[[ -z $BASE_BIN ]] || ALL_PORTS+=("$BASE1_PORT" "$BASE2_PORT" "$BASEI_PORT" "$BASEE_PORT" "$BASET_PORT" "$BASETR_PORT" "$BASETF_PORT" "$BASEP_PORT" "$BASES_PORT")
+    "$IPERF_PORT" "$HAPI_PORT" "$RLBI_PORT" "$HAPE_PORT" "$RLBE_PORT"
+    "$NGINX1_PP_PORT" "$NGINX2_PP_PORT" "$HAPA_PORT" "$RLBA_PORT" "$HAPV_PORT" "$RLBV_PORT")
+[[ -z $BASE_BIN ]] || ALL_PORTS+=("$BASE1_PORT" "$BASE2_PORT" "$BASEI_PORT" "$BASEE_PORT" "$BASET_PORT" "$BASETR_PORT" "$BASETF_PORT" "$BASEP_PORT" "$BASES_PORT"
+    "$BASEA_PORT" "$BASEV_PORT")
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 die() { log "ERROR: $*" >&2; exit 1; }
@@ -252,14 +283,22 @@ build_ringlb() {
     [[ -x $BIN ]] || die "no executable $BIN"
 }
 
-write_nginx_conf() { # NAME PORT TLS_PORT -> $WORK/NAME/nginx.conf; one process, own temp folders
-    local dir=$WORK/$1 port=$2 tls_server=
+write_nginx_conf() { # NAME PORT TLS_PORT PP_PORT -> $WORK/NAME/nginx.conf; one process, own temp folders
+    local dir=$WORK/$1 port=$2 tls_server= pp_server=
     # The passthrough scenarios (hP, hS) need a backend that terminates TLS.
     if has_pass; then
         tls_server="    server {
         listen 127.0.0.1:$3 ssl backlog=4096;
         ssl_certificate $WORK/tls/ec.pem;
         ssl_certificate_key $WORK/tls/ec.key;
+        root $WORK/www;
+        location / { }
+    }"
+    fi
+    # bP: a listener that closes any connection not starting with a PROXY header.
+    if has_scen bP; then
+        pp_server="    server {
+        listen 127.0.0.1:$4 proxy_protocol backlog=4096;
         root $WORK/www;
         location / { }
     }"
@@ -292,12 +331,14 @@ http {
         location / { }
     }
 $tls_server
+$pp_server
 }
 EOF
 }
 
 write_haproxy_conf() { # FILE PORT THREADS CHECKS(yes|no) BACKEND_PORT...
-    local file=$1 port=$2 threads=$3 checks=$4 i=0 b check=
+    # Optional: $HAP_FE_RULES (lines for the frontend), $HAP_SERVER_OPTS (for each server).
+    local file=$1 port=$2 threads=$3 checks=$4 i=0 b check= nl=$'\n'
     shift 4
     # Same health checks as ringlb's defaults: TCP connect every 2 s, rise 2, fall 3.
     [[ $checks == yes ]] && check=" check inter 2s rise 2 fall 3"
@@ -320,13 +361,13 @@ defaults
     timeout client 10m
     timeout server 10m
 frontend fe
-    bind 127.0.0.1:$port
+    bind 127.0.0.1:$port${HAP_FE_RULES:+$nl$HAP_FE_RULES}
     default_backend be
 backend be
 EOF
     for b in "$@"; do
         i=$((i + 1))
-        echo "    server b$i 127.0.0.1:$b$check" >>"$file"
+        echo "    server b$i 127.0.0.1:$b$check${HAP_SERVER_OPTS:-}" >>"$file"
     done
 }
 
@@ -351,6 +392,13 @@ start_ringlb() { # NAME PORT WORKERS CHECKS(yes|no) BACKEND_PORT...  (binary: $S
     if [[ $checks == yes ]]; then cmd+=(--check-interval 2s); else cmd+=(--check-interval 1h); fi
     printf '%q ' "${cmd[@]}" >"$RESULTS/configs/$name.cmd"
     start_server "$name" "$RESULTS/logs/$name.log" "${cmd[@]}"
+}
+
+make_acl() { # -> $ACL_DIR/{deny,allow}.lst, for both proxies
+    mkdir -p "$ACL_DIR"
+    log "writing the deny list of scenario bA (100,000 prefixes)"
+    python3 "$LIB" aclgen --out "$ACL_DIR/deny.lst" --n 100000 --seed 12 || die "no deny list for bA"
+    printf '# bench/run.sh scenario bA: the benchmark runs on loopback\n127.0.0.0/8\n' >"$ACL_DIR/allow.lst"
 }
 
 # TLS at the proxy: one self-signed certificate per key type, used by both proxies.
@@ -483,6 +531,91 @@ EOF
     start_server "$name" "$RESULTS/logs/$name.log" "${START_BIN:-$BIN}" --config "$cfg"
 }
 
+# bA and bP: b's proxies (the same settings and checks) plus the ACL or the PROXY header.
+start_haproxy_edge() { # NAME PORT THREADS KIND(acl|pp) BACKEND_PORT...
+    local name=$1 port=$2 threads=$3 kind=$4 HAP_FE_RULES= HAP_SERVER_OPTS=
+    shift 4
+    if [[ $kind == acl ]]; then
+        # Deny first, then allow, as ringlb checks them: an allowed client walks both lists.
+        HAP_FE_RULES="    tcp-request connection reject if { src -f $ACL_DIR/deny.lst }
+    tcp-request connection reject if !{ src -f $ACL_DIR/allow.lst }"
+    else
+        # Checks go to the traffic port, so HAProxy sends them the header too.
+        HAP_SERVER_OPTS=" send-proxy-v2"
+    fi
+    start_haproxy "$name" "$port" "$threads" yes "$@"
+}
+
+start_ringlb_edge() { # NAME PORT WORKERS KIND(acl|pp) BACKEND_PORT...  (binary: $START_BIN or $BIN)
+    local name=$1 port=$2 workers=$3 kind=$4 cfg=$WORK/$1.toml list= b bin=${START_BIN:-$BIN}
+    shift 4
+    for b in "$@"; do list+="${list:+, }\"127.0.0.1:$b\""; done
+    # The settings of start_ringlb's flags, as a file: 100,000 prefixes need a list file.
+    cat >"$cfg" <<EOF
+workers = $workers
+[[frontend]]
+name = "edge"
+listen = "127.0.0.1:$port"
+backends = [$list]
+idle-timeout = "10m"
+connect-timeout = "2s"
+check-interval = "2s"
+rise = 2
+fall = 3
+EOF
+    if [[ $kind == acl ]]; then
+        printf 'allow-file = "%s"\ndeny-file = "%s"\n' "$ACL_DIR/allow.lst" "$ACL_DIR/deny.lst" >>"$cfg"
+    else
+        echo 'send-proxy = "v2"' >>"$cfg"
+    fi
+    cp "$cfg" "$RESULTS/configs/$name.toml"
+    # An older binary (--baseline) may not know these keys: the caller decides.
+    "$bin" --config "$cfg" --check >"$RESULTS/logs/$name-check.log" 2>&1 || return 1
+    start_server "$name" "$RESULTS/logs/$name.log" "$bin" --config "$cfg"
+}
+
+start_edge() { # KIND(acl|pp) SYSTEM: start SYSTEM's proxy for bA (acl) or bP (pp), wait until it serves
+    local kind=$1 sys=$2 sc=bA name backends=("$NGINX1_PORT" "$NGINX2_PORT")
+    [[ $kind == pp ]] && sc=bP backends=("$NGINX1_PP_PORT" "$NGINX2_PP_PORT")
+    target "$sc" "$sys"
+    case $sys in
+        haproxy) name=hap_$kind
+            start_haproxy_edge "$name" "$T_PORT" "$WORKERS" "$kind" "${backends[@]}" ;;
+        ringlb) name=rlb_$kind
+            start_ringlb_edge "$name" "$T_PORT" "$WORKERS" "$kind" "${backends[@]}" ||
+                die "ringlb refuses the $sc config (see $RESULTS/logs/$name-check.log)" ;;
+        base) name=base_$kind
+            if ! START_BIN=$BASE_BIN start_ringlb_edge "$name" "$T_PORT" "$WORKERS" "$kind" "${backends[@]}"; then
+                log "WARNING: the baseline binary refuses the $sc config (see $RESULTS/logs/$name-check.log): base does not run $sc"
+                SKIPPED+="$sc:base "
+                return 0
+            fi ;;
+        *) return 0 ;;
+    esac
+    wait_http "$name" "$T_PORT"
+}
+
+check_edge() { # the bA and bP setups do what they claim, or the run stops
+    local sys code n port_var
+    if has_scen bA; then
+        for sys in "${SYS[@]}"; do
+            runs_on bA "$sys" || continue
+            target bA "$sys"
+            code=$(python3 "$LIB" httpstatus --source 127.0.0.2 127.0.0.1 "$T_PORT" /100b)
+            [[ $code == none ]] || die "bA: $sys served 127.0.0.2 (HTTP $code), which deny.lst lists: is its ACL loaded?"
+        done
+        log "bA: each proxy serves 127.0.0.1 and refuses 127.0.0.2 (listed in deny.lst)"
+    fi
+    if has_scen bP; then
+        for n in 1 2; do
+            port_var=NGINX${n}_PP_PORT
+            code=$(python3 "$LIB" httpstatus 127.0.0.1 "${!port_var}" /100b)
+            [[ $code == none ]] || die "bP: nginx$n answered a request without a PROXY header (HTTP $code)"
+        done
+        log "bP: nginx refuses a request without a PROXY header; through each proxy it answers 200"
+    fi
+}
+
 wait_https() { # NAME PORT: a GET of the 100 B file over TLS returns 200
     local i
     python3 "$LIB" waitport 127.0.0.1 "$2" 20 || die "$1 on port $2 is not ready (see $RESULTS/logs/$1.log)"
@@ -514,7 +647,7 @@ write_header() {
         echo "kernel:    $(uname -srvm)"
         echo "cpu:       $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(nproc) cores"
         echo "memory:    $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
-        echo "haproxy:   $(haproxy -v | head -1)"
+        echo "haproxy:   $HAP_VERSION"
         echo "nginx:     $(nginx -v 2>&1)"
         echo "wrk:       $(wrk -v 2>&1 | head -1)"
         echo "iperf3:    $(iperf3 -v | head -1)"
@@ -527,6 +660,9 @@ write_header() {
                 [[ -n $(git -C "$REPO" status --porcelain -- src 2>/dev/null) ]] && echo ' (src/ has uncommitted changes)')"
         fi
         echo "settings:  rounds $ROUNDS, duration ${DURATION}s, scenarios $SCENARIOS, systems $SYSTEMS"
+        if has_scen bA; then
+            echo "           bA: $ACL_DIR/deny.lst, $(grep -cv '^#' "$ACL_DIR/deny.lst") prefixes (lib.py aclgen --seed 12), sha256 $(sha256sum "$ACL_DIR/deny.lst" | cut -c1-16)"
+        fi
         echo "           proxy workers/threads $WORKERS (f: $WORKERS_F), idle connections $IDLE_N (hold ${IDLE_HOLD}s)"
         echo "           RLIMIT_NOFILE $NOFILE, ports $PORT_BASE+, no CPU pinning"
         echo "           a run is 'noisy' when other work took > $NOISY cores (or steal did)"
@@ -545,6 +681,12 @@ target() {
         d:direct | dR:direct) T_PORT=$IPERF_PORT T_PID= T_WORKERS= ;;
         hP:direct | hS:direct) T_PORT=$NGINX1_TLS_PORT T_PID= T_WORKERS= ;;
         *:direct) T_PORT=$NGINX1_PORT T_PID= T_WORKERS= ;;
+        bA:haproxy) T_PORT=$HAPA_PORT T_PID=${PID_OF[hap_acl]:-} ;;
+        bA:ringlb) T_PORT=$RLBA_PORT T_PID=${PID_OF[rlb_acl]:-} ;;
+        bA:base) T_PORT=$BASEA_PORT T_PID=${PID_OF[base_acl]:-} ;;
+        bP:haproxy) T_PORT=$HAPV_PORT T_PID=${PID_OF[hap_pp]:-} ;;
+        bP:ringlb) T_PORT=$RLBV_PORT T_PID=${PID_OF[rlb_pp]:-} ;;
+        bP:base) T_PORT=$BASEV_PORT T_PID=${PID_OF[base_pp]:-} ;;
         hP:haproxy) T_PORT=$HAPP_PORT T_PID=${PID_OF[hap_pass_plain]:-} ;;
         hP:ringlb) T_PORT=$RLBP_PORT T_PID=${PID_OF[rlb_pass_plain]:-} ;;
         hP:base) T_PORT=$BASEP_PORT T_PID=${PID_OF[base_pass_plain]:-} ;;
@@ -597,11 +739,8 @@ wrk_cmd() { # CONNS PATH [extra wrk args...] -> WRK array
 
 run_one() { # ROUND SCENARIO SYSTEM
     local r=$1 sc=$2 sys=$3 SCHEME=http
-    if is_tls "$sc"; then
-        # nginx terminates TLS only for the passthrough scenarios.
-        [[ $sys == direct && ! $sc =~ ^h[PS]$ ]] && return 0
-        SCHEME=https
-    fi
+    runs_on "$sc" "$sys" || return 0
+    if is_tls "$sc"; then SCHEME=https; fi
     [[ $sc == e ]] || target "$sc" "$sys"
     if [[ $sc != e && -n $T_PID ]] && ! kill -0 "$T_PID" 2>/dev/null; then
         log "WARNING: the $sys process for scenario $sc is gone (see $RESULTS/logs/)"
@@ -609,7 +748,7 @@ run_one() { # ROUND SCENARIO SYSTEM
     case $sc in
         a | f) wrk_cmd 50 /100b -s "$BENCH_DIR/wrk-report.lua"
             run_load "$r" "$sc" "$sys" wrk "${WRK[@]}" ;;
-        b) wrk_cmd 50 /100b -H 'Connection: close' -s "$BENCH_DIR/wrk-report.lua"
+        b | bA | bP) wrk_cmd 50 /100b -H 'Connection: close' -s "$BENCH_DIR/wrk-report.lua"
             run_load "$r" "$sc" "$sys" wrk "${WRK[@]}" ;;
         c) wrk_cmd 10 /1m -s "$BENCH_DIR/wrk-report.lua"
             run_load "$r" "$sc" "$sys" wrk "${WRK[@]}" ;;
@@ -684,7 +823,7 @@ warm_up() {
     # One short unrecorded load per system and proxy instance: page in binaries and
     # files, open the proxies' first backend connections. Not part of any figure; a
     # failure here is reported and the measured runs then show what goes wrong.
-    local sys
+    local sys sc
     log "warming up"
     for sys in "${SYS[@]}"; do
         if has_scen a || has_scen b || has_scen c || has_scen g; then
@@ -697,6 +836,12 @@ warm_up() {
             timeout 10 wrk -t1 -c10 -d1s "http://127.0.0.1:$T_PORT/100b" >/dev/null ||
                 log "WARNING: warm-up wrk through $sys (2 workers) failed"
         fi
+        for sc in bA bP; do
+            has_scen "$sc" && runs_on "$sc" "$sys" || continue
+            target "$sc" "$sys"
+            timeout 10 wrk -t1 -c10 -d1s "http://127.0.0.1:$T_PORT/100b" >/dev/null ||
+                log "WARNING: warm-up wrk through $sys ($sc) failed"
+        done
         if has_tls && [[ $sys != direct ]]; then
             for sc in h hR i; do
                 case $sc in
@@ -732,17 +877,23 @@ if ((IDLE_N > (NOFILE - 2000) / 2)); then
 fi
 
 ensure_tools
-haproxy -v | grep -q 'version 2\.6' || log "WARNING: HAProxy is not 2.6: $(haproxy -v | head -1)"
+# Read whole: `haproxy -v | grep -q` fails under pipefail when grep exits first (SIGPIPE).
+HAP_VERSION=$(haproxy -v 2>&1 || true)
+HAP_VERSION=${HAP_VERSION%%$'\n'*}
+[[ $HAP_VERSION == *'version 2.6'* ]] || log "WARNING: HAProxy is not 2.6: $HAP_VERSION"
 if has_sys ringlb; then build_ringlb; fi
 
 # Expected duration (measured on this machine): each wrk/iperf3 run is DURATION plus
 # ~0.2 s; an idle run starts a proxy, opens the connections (~3000/s), holds them and
-# waits 1 s after closing; warm-up is ~3.5 s per system.
+# waits 1 s after closing; warm-up is ~3.5 s per system; writing bA's list takes a few s.
 n_timed=0 n_idle=0
 for s in "${SCEN[@]}"; do
-    if [[ $s == e ]]; then n_idle=$((n_idle + ${#SYS[@]})); else n_timed=$((n_timed + ${#SYS[@]})); fi
+    for y in "${SYS[@]}"; do
+        runs_on "$s" "$y" || continue
+        if [[ $s == e ]]; then n_idle=$((n_idle + 1)); else n_timed=$((n_timed + 1)); fi
+    done
 done
-EXPECTED=$((2 + ${#SYS[@]} * 35 / 10 + ROUNDS * ((n_timed * (10 * DURATION + 2) + n_idle * (20 + 10 * IDLE_N / 3000 + 10 * ${IDLE_HOLD%.*})) / 10)))
+EXPECTED=$((2 + ${#SYS[@]} * 35 / 10 + $(has_scen bA && echo 10 || echo 0) + ROUNDS * ((n_timed * (10 * DURATION + 2) + n_idle * (20 + 10 * IDLE_N / 3000 + 10 * ${IDLE_HOLD%.*})) / 10)))
 LIMIT=${BENCH_TIME_LIMIT:-$((EXPECTED * 3 / 2 + 60))}   # BENCH_TIME_LIMIT: for testing the watchdog
 
 STAMP=$(date -u +%Y%m%d-%H%M%S)
@@ -751,6 +902,9 @@ mkdir -p "$RESULTS/logs" "$RESULTS/configs"
 WORK=$(mktemp -d /tmp/ringlb-bench.XXXXXX)
 : >"$WORK/pids"
 start_watchdog "$LIMIT"
+# Under tmp/ (not committed: see .gitignore); the seed makes the same list again.
+ACL_DIR=$RESULTS/tmp/acl
+if has_scen bA; then make_acl; fi
 write_header
 cat "$RESULTS/header.txt"
 if [[ -n ${IDLE_NOTE:-} ]] && has_scen e; then log "NOTE: $IDLE_NOTE" | tee -a "$RESULTS/header.txt"; fi
@@ -768,8 +922,8 @@ head -c 1048576 /dev/urandom >"$WORK/www/1m"
 
 log "starting servers"
 for n in 1 2; do
-    port_var=NGINX${n}_PORT tls_var=NGINX${n}_TLS_PORT
-    write_nginx_conf "nginx$n" "${!port_var}" "${!tls_var}"
+    port_var=NGINX${n}_PORT tls_var=NGINX${n}_TLS_PORT pp_var=NGINX${n}_PP_PORT
+    write_nginx_conf "nginx$n" "${!port_var}" "${!tls_var}" "${!pp_var}"
     cp "$WORK/nginx$n/nginx.conf" "$RESULTS/configs/nginx$n.conf"
     start_server "nginx$n" "$RESULTS/logs/nginx$n.log" \
         nginx -p "$WORK/nginx$n/" -c "$WORK/nginx$n/nginx.conf" -e "$RESULTS/logs/nginx$n-error.log"
@@ -871,14 +1025,37 @@ if has_pass; then
     done
 fi
 
+if has_edge; then
+    for kind in acl pp; do
+        [[ $kind == acl ]] && ! has_scen bA && continue
+        [[ $kind == pp ]] && ! has_scen bP && continue
+        for sys in "${SYS[@]}"; do start_edge "$kind" "$sys"; done
+    done
+    check_edge
+fi
+
 warm_up
+
+# b, bA and bP are read against one another: their order rotates each round too, so that
+# none of them always runs first, right after the warm-up or another scenario's load.
+b_family=()
+for s in "${SCEN[@]}"; do
+    if [[ $s =~ ^(b|bA|bP)$ ]]; then b_family+=("$s"); fi
+done
 
 for ((r = 1; r <= ROUNDS; r++)); do
     # Rotate the order of the systems each round.
     order=()
     for ((i = 0; i < ${#SYS[@]}; i++)); do order+=("${SYS[(i + r - 1) % ${#SYS[@]}]}"); done
-    log "round $r/$ROUNDS (order: ${order[*]}; load avg $(cut -d' ' -f1 /proc/loadavg))"
-    for sc in "${SCEN[@]}"; do
+    scen=("${SCEN[@]}") k=0
+    for i in "${!scen[@]}"; do
+        if [[ ${scen[i]} =~ ^(b|bA|bP)$ ]]; then
+            scen[i]=${b_family[(k + r - 1) % ${#b_family[@]}]}
+            k=$((k + 1))
+        fi
+    done
+    log "round $r/$ROUNDS (order: ${order[*]}; scenarios: ${scen[*]}; load avg $(cut -d' ' -f1 /proc/loadavg))"
+    for sc in "${scen[@]}"; do
         for sys in "${order[@]}"; do
             run_one "$r" "$sc" "$sys"
         done
