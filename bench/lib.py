@@ -643,6 +643,8 @@ def cmd_table(args) -> int:
     failed_runs = []
     for sc in order:
         label, metric, better = SCENARIOS[sc]
+        if args.client_threads != 1:
+            label = label.replace("wrk -t1 ", f"wrk -t{args.client_threads} ")
         out.append("")
         out.append(f"== {label}")
         out.append(f"   main figure: {metric}, {better} is better; ratios are of medians")
@@ -847,6 +849,7 @@ def main() -> int:
 
     p = sub.add_parser("table")
     p.add_argument("raw")
+    p.add_argument("--client-threads", type=int, default=1, help="wrk threads of the run (labels)")
     p.set_defaults(fn=cmd_table)
 
     args = ap.parse_args()

@@ -6,6 +6,8 @@
 #   bench/run.sh --rounds N --duration S --scenarios a,b,bA,bP,c,d,dR,e,f,g,h,hR,i,j,k,hP,hS
 #                --systems direct,haproxy,ringlb --workers N --idle-conns N
 #                --port-base P --noisy CORES --out DIR
+#                --client-threads N (wrk threads, default 1: with one, a full TLS handshake's
+#                                 client side caps h; with 2 the client takes what the proxy leaves)
 #                --ringlb PATH   (another ringlb binary; then nothing is built)
 #                --baseline PATH (A/B: an older ringlb binary, run as system 'base' beside 'ringlb',
 #                                 interleaved in the same rounds; e.g. --systems base,ringlb)
@@ -77,6 +79,7 @@ PORT_BASE=27100
 NOISY=0.10         # foreign CPU (in cores) above which a run counts as spoiled
 OUT=
 QUICK=0
+CLIENT_THREADS=1   # wrk threads; a full TLS handshake costs the client more than the proxy
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
@@ -91,6 +94,7 @@ while (($#)); do
         --idle-conns) IDLE_CONNS=$2; shift ;;
         --port-base) PORT_BASE=$2; shift ;;
         --noisy) NOISY=$2; shift ;;
+        --client-threads) CLIENT_THREADS=$2; shift ;;
         --out) OUT=$2; shift ;;
         --ringlb) BIN=$(realpath "$2"); CUSTOM_BIN=1; shift ;;
         --baseline) BASE_BIN=$(realpath "$2"); shift ;;
@@ -663,7 +667,7 @@ write_header() {
         if has_scen bA; then
             echo "           bA: $ACL_DIR/deny.lst, $(grep -cv '^#' "$ACL_DIR/deny.lst") prefixes (lib.py aclgen --seed 12), sha256 $(sha256sum "$ACL_DIR/deny.lst" | cut -c1-16)"
         fi
-        echo "           proxy workers/threads $WORKERS (f: $WORKERS_F), idle connections $IDLE_N (hold ${IDLE_HOLD}s)"
+        echo "           proxy workers/threads $WORKERS (f: $WORKERS_F), wrk threads $CLIENT_THREADS, idle connections $IDLE_N (hold ${IDLE_HOLD}s)"
         echo "           RLIMIT_NOFILE $NOFILE, ports $PORT_BASE+, no CPU pinning"
         echo "           a run is 'noisy' when other work took > $NOISY cores (or steal did)"
         echo "load avg:  $(cut -d' ' -f1-3 /proc/loadavg) at start"
@@ -734,7 +738,7 @@ run_load() { # ROUND SCENARIO SYSTEM KIND CMD...
 wrk_cmd() { # CONNS PATH [extra wrk args...] -> WRK array
     local conns=$1 path=$2
     shift 2
-    WRK=(wrk -t1 "-c$conns" "-d${DURATION}s" --latency --timeout 5s "$@" "${SCHEME:-http}://127.0.0.1:$T_PORT$path")
+    WRK=(wrk "-t$CLIENT_THREADS" "-c$conns" "-d${DURATION}s" --latency --timeout 5s "$@" "${SCHEME:-http}://127.0.0.1:$T_PORT$path")
 }
 
 run_one() { # ROUND SCENARIO SYSTEM
@@ -1065,9 +1069,9 @@ done
 {
     cat "$RESULTS/header.txt"
     echo
-    python3 "$LIB" table "$RESULTS/raw.csv"
+    python3 "$LIB" table "$RESULTS/raw.csv" --client-threads "$CLIENT_THREADS"
 } >"$RESULTS/table.txt"
 echo
-python3 "$LIB" table "$RESULTS/raw.csv"
+python3 "$LIB" table "$RESULTS/raw.csv" --client-threads "$CLIENT_THREADS"
 echo
 log "results in $RESULTS (header.txt, raw.csv, table.txt, logs/)"
