@@ -155,37 +155,12 @@ setup_namespace() {
 }
 
 # -------------------------------------------------------------------- nginx
-# One nginx per backend, single process (master_process off) so that kill -9 and
-# SIGSTOP of one PID hit the whole server. The access log records $msec (epoch,
-# ms) of every request; HEAD lines are the proxies' health checks.
-write_nginx_conf() {
-    local dir=$1 name=$2 listen=$3
-    mkdir -p "$dir/tmp"
-    cat >"$dir/nginx.conf" <<EOF
-daemon off;
-master_process off;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections 4096; }
-http {
-    log_format drill '\$msec \$request_method \$status \$connection \$connection_requests';
-    # buffered: \$msec is taken when the request ends, not when the buffer is written
-    access_log $dir/access.log drill buffer=64k flush=100ms;
-    client_body_temp_path $dir/tmp/body;
-    proxy_temp_path $dir/tmp/proxy;
-    fastcgi_temp_path $dir/tmp/fastcgi;
-    uwsgi_temp_path $dir/tmp/uwsgi;
-    scgi_temp_path $dir/tmp/scgi;
-    # A keep-alive client reconnects after 1000 requests: that is how wrk's
-    # connections find their way back to the active after a failback.
-    keepalive_requests 1000;
-    server {
-        listen $listen;
-        default_type text/plain;
-        location / { return 200 "backend=$name\n"; }
-    }
-}
-EOF
+# The access log records $msec (epoch, ms) of every request; HEAD lines are the
+# proxies' health checks.
+write_backend_conf() {   # $1 = dir, $2 = name, $3 = listen address
+    # shellcheck disable=SC2016 # nginx variables, for nginx to expand
+    write_nginx_conf "$1" "$3" '$msec $request_method $status $connection $connection_requests' \
+        "backend=$2\\n"
 }
 
 ACTIVE_PID=""; PASSIVE_PID=""
@@ -311,8 +286,8 @@ run_one() {
 
     # Fresh backends.
     local pport; pport=$(python3 "$DRILL_PY" freeport)
-    write_nginx_conf "$dir/active" active "$NS_IP:$ACTIVE_PORT"
-    write_nginx_conf "$dir/passive" passive "127.0.0.1:$pport"
+    write_backend_conf "$dir/active" active "$NS_IP:$ACTIVE_PORT"
+    write_backend_conf "$dir/passive" passive "127.0.0.1:$pport"
     start_active "$dir/active"
     start_passive "$dir/passive"
     python3 "$DRILL_PY" waitport "$NS_IP" "$ACTIVE_PORT" 5 || die "active nginx did not start"

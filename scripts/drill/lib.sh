@@ -152,33 +152,44 @@ bridge_port() {   # $1 = namespace with br0, $2 = namespace to attach
     in_ns "$n" ip link set eth0 up
 }
 
-# ------------------------------------------------- backends behind the balancers
+# -------------------------------------------------------------------- nginx
+# One nginx per backend, single process (master_process off) so that kill -9 and
+# SIGSTOP of one PID hit the whole server. The access log is buffered: $msec is taken
+# when the request ends, not when the buffer is written. A keep-alive client
+# reconnects after 1000 requests: that is how wrk's connections find their way back
+# to a backend after a failback.
+write_nginx_conf() {   # $1 = dir, $2 = listen address, $3 = access log format, $4 = response
+    mkdir -p "$1/tmp"
+    cat >"$1/nginx.conf" <<EOF
+daemon off;
+master_process off;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+events { worker_connections 8192; }
+http {
+    log_format drill '$3';
+    access_log $1/access.log drill buffer=64k flush=100ms;
+    client_body_temp_path $1/tmp/body; proxy_temp_path $1/tmp/proxy;
+    fastcgi_temp_path $1/tmp/fastcgi; uwsgi_temp_path $1/tmp/uwsgi; scgi_temp_path $1/tmp/scgi;
+    keepalive_requests 1000;
+    server {
+        listen $2;
+        default_type text/plain;
+        location / { return 200 "$4"; }
+    }
+}
+EOF
+}
+
 # Two nginx in namespace be, ports 8080 and 8081. The access log records which
 # balancer sent each request ($remote_addr). $1 = the namespace to wait for them from.
 start_backends() {
     local from=$1 i port d
     for i in 1 2; do
         port=$((8080 + i - 1)); d="$RESULTS/be$i"
-        mkdir -p "$d/tmp"
-        cat >"$d/nginx.conf" <<EOF
-daemon off;
-master_process off;
-pid $d/nginx.pid;
-error_log $d/error.log warn;
-events { worker_connections 8192; }
-http {
-    log_format drill '\$msec \$request_method \$status \$remote_addr \$connection';
-    access_log $d/access.log drill buffer=64k flush=100ms;
-    client_body_temp_path $d/tmp/body; proxy_temp_path $d/tmp/proxy;
-    fastcgi_temp_path $d/tmp/fastcgi; uwsgi_temp_path $d/tmp/uwsgi; scgi_temp_path $d/tmp/scgi;
-    keepalive_requests 1000;
-    server {
-        listen ${IP[be]}:$port;
-        default_type text/plain;
-        location / { return 200 "backend=be$i via=\$remote_addr\n"; }
-    }
-}
-EOF
+        # shellcheck disable=SC2016 # nginx variables, for nginx to expand
+        write_nginx_conf "$d" "${IP[be]}:$port" '$msec $request_method $status $remote_addr $connection' \
+            'backend=be'"$i"' via=$remote_addr\n'
         ip netns exec "$(ns be)" nginx -p "$d" -c "$d/nginx.conf" -e "$d/error.log" &
         track $!
         in_ns "$from" "$PY" "$DRILL_PY" waitport "${IP[be]}" "$port" 5 || die "nginx be$i did not start"
