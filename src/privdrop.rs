@@ -198,62 +198,77 @@ unsafe fn nss_lookup<T, R>(
     }
 }
 
-/// A user by name, or by number when no user has that name: its name,
-/// uid and primary gid.
-fn lookup_user(name: &str) -> Result<(String, libc::uid_t, libc::gid_t), String> {
-    let missing = || format!("user '{name}' does not exist (see getent passwd)");
-    let cname = CString::new(name).map_err(|_| missing())?;
-    let call = |pwd: *mut libc::passwd, buf: &mut [u8], found: &mut *mut libc::passwd| {
-        // SAFETY: cname is a NUL-terminated string; pwd, buf (with its
+/// getpwnam_r's and getgrnam_r's signature.
+type ByNameCall<T> = unsafe extern "C" fn(
+    *const libc::c_char,
+    *mut T,
+    *mut libc::c_char,
+    libc::size_t,
+    *mut *mut T,
+) -> libc::c_int;
+
+/// A passwd or group entry, with the reentrant call that finds one by name.
+trait ByName: Sized {
+    /// What it is, for messages.
+    const KIND: &'static str;
+    /// getpwnam_r or getgrnam_r: both keep nss_lookup's contract.
+    const CALL: ByNameCall<Self>;
+}
+
+impl ByName for libc::passwd {
+    const KIND: &'static str = "user";
+    const CALL: ByNameCall<Self> = libc::getpwnam_r;
+}
+
+impl ByName for libc::group {
+    const KIND: &'static str = "group";
+    const CALL: ByNameCall<Self> = libc::getgrnam_r;
+}
+
+/// What `read` takes from the entry called `name`; `None` when there is none.
+fn lookup_by_name<T: ByName, R>(
+    name: &str,
+    read: impl FnOnce(&T) -> R,
+) -> Result<Option<R>, String> {
+    // No entry has a NUL in its name.
+    let Ok(cname) = CString::new(name) else {
+        return Ok(None);
+    };
+    let call = |entry: *mut T, buf: &mut [u8], found: &mut *mut T| {
+        // SAFETY: cname is a NUL-terminated string; entry, buf (with its
         // length) and found are valid for writes for the whole call.
         unsafe {
-            libc::getpwnam_r(
+            T::CALL(
                 cname.as_ptr(),
-                pwd,
+                entry,
                 buf.as_mut_ptr().cast(),
                 buf.len(),
                 found,
             )
         }
     };
-    // SAFETY: getpwnam_r keeps nss_lookup's contract (getpwnam_r(3)).
-    let ids = unsafe { nss_lookup(call, |pwd: &libc::passwd| (pwd.pw_uid, pwd.pw_gid)) }
-        .map_err(|e| format!("cannot look up user '{name}': {e}"))?;
-    match ids {
-        Some((uid, gid)) => Ok((name.to_string(), uid, gid)),
-        None => name
-            .parse::<libc::uid_t>()
-            .map(|uid| (name.to_string(), uid, uid))
-            .map_err(|_| missing()),
-    }
+    // SAFETY: T::CALL is getpwnam_r or getgrnam_r, which keep nss_lookup's
+    // contract (getpwnam_r(3), getgrnam_r(3)).
+    unsafe { nss_lookup(call, read) }
+        .map_err(|e| format!("cannot look up {} '{name}': {e}", T::KIND))
+}
+
+/// A user by name, or by number when no user has that name: its name,
+/// uid and primary gid.
+fn lookup_user(name: &str) -> Result<(String, libc::uid_t, libc::gid_t), String> {
+    let ids = lookup_by_name(name, |pwd: &libc::passwd| (pwd.pw_uid, pwd.pw_gid))?
+        .or_else(|| name.parse::<libc::uid_t>().ok().map(|uid| (uid, uid)));
+    let (uid, gid) =
+        ids.ok_or_else(|| format!("user '{name}' does not exist (see getent passwd)"))?;
+    Ok((name.to_string(), uid, gid))
 }
 
 /// A group by name, or by number when no group has that name.
 fn lookup_group(name: &str) -> Result<(String, libc::gid_t), String> {
-    let missing = || format!("group '{name}' does not exist (see getent group)");
-    let cname = CString::new(name).map_err(|_| missing())?;
-    let call = |grp: *mut libc::group, buf: &mut [u8], found: &mut *mut libc::group| {
-        // SAFETY: as in lookup_user.
-        unsafe {
-            libc::getgrnam_r(
-                cname.as_ptr(),
-                grp,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                found,
-            )
-        }
-    };
-    // SAFETY: getgrnam_r keeps nss_lookup's contract (getgrnam_r(3)).
-    let gid = unsafe { nss_lookup(call, |grp: &libc::group| grp.gr_gid) }
-        .map_err(|e| format!("cannot look up group '{name}': {e}"))?;
-    match gid {
-        Some(gid) => Ok((name.to_string(), gid)),
-        None => name
-            .parse::<libc::gid_t>()
-            .map(|gid| (name.to_string(), gid))
-            .map_err(|_| missing()),
-    }
+    let gid = lookup_by_name(name, |grp: &libc::group| grp.gr_gid)?
+        .or_else(|| name.parse::<libc::gid_t>().ok());
+    let gid = gid.ok_or_else(|| format!("group '{name}' does not exist (see getent group)"))?;
+    Ok((name.to_string(), gid))
 }
 
 /// The name of a gid, or the number.
