@@ -29,16 +29,9 @@
 #                              [--duration S] [--out DIR]
 
 set -euo pipefail
-export LC_ALL=C
-
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO_DIR=$(cd "$SCRIPT_DIR/.." && pwd)
-HA_PY="$SCRIPT_DIR/drill/ha.py"
-DRILL_PY="$SCRIPT_DIR/drill/drill.py"
-CHART="$SCRIPT_DIR/drill/chart.py"
-WRK_LUA="$SCRIPT_DIR/drill/wrk-summary.lua"
-RINGLB_BIN="$REPO_DIR/target/release/ringlb"
-PY=/usr/bin/python3   # Debian's: has matplotlib, starts fast
+# shellcheck source-path=SCRIPTDIR source=drill/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/drill/lib.sh"
+DRILL_NAME=ecmp-drill
 
 RUNS="kill-hash leave-hash kill-resilient leave-resilient"
 DURATION=12
@@ -67,88 +60,11 @@ SVC=10.79.0.100
 declare -A IP=([cli]=10.79.1.10 [rt_cli]=10.79.1.1 [rt]=10.79.2.1 [lb1]=10.79.2.11 [lb2]=10.79.2.12 [lb3]=10.79.2.13 [be]=10.79.2.20)
 LBS=(lb1 lb2 lb3)
 NS_PREFIX="rlbec$$"
-ns() { echo "${NS_PREFIX}$1"; }
-
-log() { printf '[ecmp-drill %s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-now() { echo "$EPOCHREALTIME"; }
-fadd() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.6f", a+b}'; }
-# In bash, not an interpreter: starting one can take seconds on a loaded host, and the
-# fault must come on time.
-usec() { local s=${1%.*} f=${1#*.}000000; [[ $1 == *.* ]] || f=000000; echo $((s * 1000000 + 10#${f:0:6})); }
-sleep_until() {
-    local d=$(($(usec "$1") - $(usec "$EPOCHREALTIME")))
-    ((d > 0)) && sleep "$((d / 1000000)).$(printf %06d $((d % 1000000)))"
-    return 0
-}
-in_ns() { local n; n=$(ns "$1"); shift; ip netns exec "$n" "$@"; }
-
-TRACKED=()
-track() { TRACKED+=("$1"); }
-untrack() {
-    local p keep=()
-    for p in "${TRACKED[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
-    TRACKED=("${keep[@]}")
-}
-alive() { kill -0 "$1" 2>/dev/null; }
-stop_pid() {
-    local pid=$1 i
-    if alive "$pid"; then
-        kill -CONT "$pid" 2>/dev/null || true
-        kill -TERM "$pid" 2>/dev/null || true
-        for ((i = 0; i < 60; i++)); do alive "$pid" || break; sleep 0.05; done
-        alive "$pid" && kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-    untrack "$pid"
-}
-
-WATCHDOG_PID=""
-NS_MADE=()
-cleanup() {
-    local rc=$? p n
-    trap - EXIT INT TERM
-    set +e
-    [[ -n $WATCHDOG_PID ]] && kill "$WATCHDOG_PID" 2>/dev/null
-    for p in "${TRACKED[@]}"; do kill -CONT "$p" 2>/dev/null; kill -TERM "$p" 2>/dev/null; done
-    sleep 0.3
-    for p in "${TRACKED[@]}"; do
-        for _ in 1 2 3 4 5 6 7 8 9 10; do alive "$p" || break; sleep 0.2; done
-        alive "$p" && kill -KILL "$p" 2>/dev/null
-    done
-    for n in "${NS_MADE[@]}"; do ip netns del "$n" 2>/dev/null; done
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT
-trap 'log "terminated (global timeout?)"; exit 143' TERM
-
-install_tools() {
-    local missing=() t
-    for t in bird:bird2 wrk:wrk nginx:nginx ip:iproute2; do
-        command -v "${t%%:*}" >/dev/null || missing+=("${t#*:}")
-    done
-    "$PY" -c 'import matplotlib' 2>/dev/null || missing+=(python3-matplotlib)
-    ((${#missing[@]})) || return 0
-    log "installing ${missing[*]}"
-    local made_policy=0
-    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-        made_policy=1
-    fi
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-    ((made_policy)) && rm -f /usr/sbin/policy-rc.d
-    return 0
-}
 
 # ------------------------------------------------------------------ network
 setup_net() {
     local n
-    for n in cli rt "${LBS[@]}" be; do
-        ip netns add "$(ns "$n")"; NS_MADE+=("$(ns "$n")")
-        in_ns "$n" ip link set lo up
-    done
+    for n in cli rt "${LBS[@]}" be; do add_ns "$(ns "$n")"; done
     # client <-> router
     ip -n "$(ns rt)" link add eth-cli type veth peer name eth0 netns "$(ns cli)"
     in_ns rt ip addr add "${IP[rt_cli]}/24" dev eth-cli
@@ -160,12 +76,7 @@ setup_net() {
     in_ns rt ip link add br0 type bridge
     in_ns rt ip addr add "${IP[rt]}/24" dev br0
     in_ns rt ip link set br0 up
-    for n in "${LBS[@]}" be; do
-        ip -n "$(ns rt)" link add "p-$n" type veth peer name eth0 netns "$(ns "$n")"
-        in_ns rt ip link set "p-$n" master br0 up
-        in_ns "$n" ip addr add "${IP[$n]}/24" dev eth0
-        in_ns "$n" ip link set eth0 up
-    done
+    for n in "${LBS[@]}" be; do bridge_port rt "$n"; done
     for n in "${LBS[@]}"; do
         in_ns "$n" ip addr add "$SVC/32" dev lo
         in_ns "$n" ip route add default via "${IP[rt]}"
@@ -175,37 +86,6 @@ setup_net() {
     in_ns rt sysctl -qw net.ipv4.fib_multipath_hash_policy=1
     [[ $(in_ns rt sysctl -n net.ipv4.fib_multipath_hash_policy) == 1 ]] ||
         die "fib_multipath_hash_policy=1 did not take in the router's namespace"
-}
-
-# ------------------------------------------------------------------ backends
-start_backends() {
-    local i port d
-    for i in 1 2; do
-        port=$((8080 + i - 1)); d="$RESULTS/be$i"
-        mkdir -p "$d/tmp"
-        cat >"$d/nginx.conf" <<EOF
-daemon off;
-master_process off;
-pid $d/nginx.pid;
-error_log $d/error.log warn;
-events { worker_connections 8192; }
-http {
-    log_format drill '\$msec \$request_method \$status \$remote_addr \$connection';
-    access_log $d/access.log drill buffer=64k flush=100ms;
-    client_body_temp_path $d/tmp/body; proxy_temp_path $d/tmp/proxy;
-    fastcgi_temp_path $d/tmp/fastcgi; uwsgi_temp_path $d/tmp/uwsgi; scgi_temp_path $d/tmp/scgi;
-    keepalive_requests 1000;
-    server {
-        listen ${IP[be]}:$port;
-        default_type text/plain;
-        location / { return 200 "backend=be$i via=\$remote_addr\n"; }
-    }
-}
-EOF
-        ip netns exec "$(ns be)" nginx -p "$d" -c "$d/nginx.conf" -e "$d/error.log" &
-        track $!
-        in_ns rt "$PY" "$DRILL_PY" waitport "${IP[be]}" "$port" 5 || die "nginx be$i did not start"
-    done
 }
 
 # ---------------------------------------------------------------------- BIRD
@@ -261,15 +141,6 @@ protocol bgp uplink {
 EOF
 }
 
-start_stamped() {   # $1 = log file, rest = command; sets STAMPED_PID
-    local logf=$1; shift
-    rm -f "$logf.fifo"; mkfifo "$logf.fifo"
-    "$PY" -u "$DRILL_PY" stamp <"$logf.fifo" >>"$logf" &
-    track $!
-    "$@" >"$logf.fifo" 2>&1 &
-    STAMPED_PID=$!; track $!
-}
-
 start_bird() {   # $1 = rt | lbN
     local n=$1
     start_stamped "$RESULTS/$n/bird.log" ip netns exec "$(ns "$n")" \
@@ -277,35 +148,6 @@ start_bird() {   # $1 = rt | lbN
 }
 
 # ---------------------------------------------------------------- balancers
-declare -A RINGLB_PID
-write_ringlb_conf() {
-    cat >"$RESULTS/ringlb.toml" <<EOF
-# The same file on every balancer (the admin socket differs: a flag).
-workers = 1
-leave-delay = "$LEAVE_DELAY"
-drain-timeout = "3s"
-stats = "127.0.0.1:9100"
-
-[[frontend]]
-name = "web"
-listen = "$SVC:80"
-backends = ["${IP[be]}:8080", "${IP[be]}:8081"]
-check-interval = "500ms"
-EOF
-}
-
-start_ringlb() {   # $1 = lbN
-    local n=$1 i
-    RUST_LOG=info start_stamped "$RESULTS/$n/ringlb.log" ip netns exec "$(ns "$n")" \
-        "$RINGLB_BIN" --config "$RESULTS/ringlb.toml" --admin-socket "$RESULTS/$n/ringlb.sock"
-    RINGLB_PID[$n]=$STAMPED_PID
-    for ((i = 0; i < 100; i++)); do
-        in_ns "$n" "$RINGLB_BIN" ctl --socket "$RESULTS/$n/ringlb.sock" ready >/dev/null 2>&1 && return 0
-        sleep 0.05
-    done
-    die "ringlb on $n did not become ready"
-}
-
 # The announcing watcher: `ringlb ctl ready` every WATCH s; BIRD's static protocol follows
 # it. A definite "not ready" (leaving, draining) or no ringlb at all withdraws at once; a
 # check that does not answer within 1 s (a stopped or starved ringlb) withdraws on the
@@ -387,45 +229,28 @@ connections_metric() {   # $1 = lbN: ringlb_frontend_connections_total, or ?
 # ---------------------------------------------------------------------- runs
 inject() {
     case ${1%%-*} in
-        kill) kill -KILL "${RINGLB_PID[$2]}"; wait "${RINGLB_PID[$2]}" 2>/dev/null || true
-              untrack "${RINGLB_PID[$2]}" ;;
+        kill) kill_ringlb_ns "$2" ;;
         leave) kill -TERM "${RINGLB_PID[$2]}" ;;
     esac
 }
 repair() {
     case ${1%%-*} in
-        kill) start_ringlb "$2" ;;
-        leave) local i
-               for ((i = 0; i < 100; i++)); do alive "${RINGLB_PID[$2]}" || break; sleep 0.05; done
-               stop_pid "${RINGLB_PID[$2]}"
-               start_ringlb "$2" ;;
+        kill) start_ringlb_ns "$2" ;;
+        leave) replace_ringlb_ns "$2" ;;
     esac
 }
 
 run_one() {
-    local fault=$1 victim=$2 dir t0 tf tr te pids=() p n i
+    local fault=$1 victim=$2 dir t0 tf tr te n
     wait_all_announced
     dir="$RESULTS/$fault"; mkdir -p "$dir"
     log "$fault on $victim"
-    for i in 1 2; do : >"$RESULTS/be$i/access.log"; done
+    reset_access_logs
     local rt0; rt0=$(wc -c <"$RESULTS/rt/route.log")
     declare -A before after
     # Scraped outside the timed part (an interpreter start can take a second here).
     for n in "${LBS[@]}"; do before[$n]=$(connections_metric "$n"); done
-    ip netns exec "$(ns cli)" timeout -k 2 $((DURATION + 15)) wrk -t1 -c50 -d"${DURATION}s" --timeout 2s -s "$WRK_LUA" \
-        "http://$SVC/" >"$dir/wrk.out" 2>&1 &
-    pids+=($!); track $!
-    ip netns exec "$(ns cli)" timeout -k 2 $((DURATION + 10)) "$PY" "$HA_PY" probe --host "$SVC" \
-        --duration "$DURATION" --out "$dir/probe.tsv" &
-    pids+=($!); track $!
-    ip netns exec "$(ns cli)" timeout -k 2 $((DURATION + 10)) "$PY" "$HA_PY" kprobe --host "$SVC" --conns 30 --interval 0.1 \
-        --duration "$DURATION" --out "$dir/kprobe.tsv" &
-    pids+=($!); track $!
-    for ((i = 0; i < 100; i++)); do
-        [[ -s $dir/probe.tsv && -s $dir/kprobe.tsv ]] &&
-            (($(wc -l <"$dir/probe.tsv") > 1 && $(wc -l <"$dir/kprobe.tsv") > 1)) && break
-        sleep 0.05
-    done
+    start_load "$dir" "$SVC" --conns 30 --interval 0.1
     t0=$(now)
     # The spread before the fault, from ringlb itself, scraped in the background.
     ( sleep_until "$(fadd "$t0" "$(awk -v f="$FAULT_AT" 'BEGIN{print f - 1}')")"
@@ -435,12 +260,11 @@ run_one() {
     tf=$(now); inject "$fault" "$victim"
     sleep_until "$(fadd "$t0" "$REPAIR_AT")"
     tr=$(now); repair "$fault" "$victim"
-    for p in "${pids[@]}"; do wait "$p" || true; untrack "$p"; done
+    wait_load
     te=$(now)
     wait "$scrape_pid" || true
     for n in "${LBS[@]}"; do after[$n]=$(awk -v n="$n" '$1 == n {print $2}' "$dir/metrics-at-fault.txt"); done
-    sleep 0.2
-    for i in 1 2; do cp "$RESULTS/be$i/access.log" "$dir/access-be$i.log"; done
+    take_access_logs "$dir"
     tail -c +$((rt0 + 1)) "$RESULTS/rt/route.log" >"$dir/route.log"
     for n in "${LBS[@]}"; do
         cp "$RESULTS/$n/watcher.log" "$dir/watcher-$n.log"
@@ -461,10 +285,7 @@ takeover_log=route.log
 takeover_pattern=$SVC
 move_by=takeover
 EOF
-    "$PY" "$HA_PY" analyze "$dir" --rows "$RESULTS/rows.jsonl"
-    rm -f "$dir"/access-be*.log   # ~1 MB each; timeline.csv keeps their counts
-    "$PY" "$CHART" "$dir" --title "ecmp-drill: $fault of ringlb on $victim (3 balancers)" \
-        --out "$dir/timeline.png" || log "no chart for $fault"
+    analyze_run "$dir" "ecmp-drill: $fault of ringlb on $victim (3 balancers)"
     log "connections per balancer in the run (ringlb_frontend_connections_total): $(tr '\n' ' ' <"$dir/spread.txt")"
 }
 
@@ -479,25 +300,21 @@ EOF
 
 main() {
     [[ $EUID -eq 0 ]] || die "run as root (network namespaces)"
-    install_tools
+    install_tools bird:bird2 wrk:wrk nginx:nginx ip:iproute2
     [[ -x $RINGLB_BIN ]] || die "no ringlb at $RINGLB_BIN (cargo build --release)"
     local nr budget n
     nr=$(wc -w <<<"$RUNS")
     budget=$((nr * (DURATION + 30) + 90))
     log "runs [$RUNS], ${DURATION}s of load each; global timeout ${budget}s"
-    ( trap 'exit 0' TERM; end=$((SECONDS + budget))
-      while ((SECONDS < end)); do sleep 1; done; kill -TERM $$ ) &
-    WATCHDOG_PID=$!
+    start_watchdog "$budget"
 
     RESULTS=${OUT_DIR:-$SCRIPT_DIR/results/ecmp-$(date -u +%Y-%m-%dT%H%M%SZ)}
     mkdir -p "$RESULTS/rt"; for n in "${LBS[@]}"; do mkdir -p "$RESULTS/$n"; done
     : >"$RESULTS/rows.jsonl"
     {
-        echo "date: $(date -u +%FT%TZ)"
-        echo "command: $0 $*"
-        echo "host: $(uname -r), $(nproc) cores, load average at the start: $(cut -d' ' -f1-3 /proc/loadavg)"
+        settings_head "$@"
         echo "bird: $(bird --version 2>&1 | head -n1)"
-        echo "ringlb: $RINGLB_BIN ($(cd "$REPO_DIR" && git rev-parse --short HEAD 2>/dev/null || echo '?'))"
+        echo "ringlb: $(ringlb_version)"
         echo "router: BIRD 'merge paths on' into table 100, copied into the main table (fib-sync, every 20 ms) as a"
         echo "  multipath route (runs *-hash: hash-threshold) or a resilient nexthop group (runs *-resilient: 128"
         echo "  buckets, idle timer 1 s); fib_multipath_hash_policy=1 (L4 hash)"
@@ -510,12 +327,12 @@ main() {
     setup_net
     echo hash >"$RESULTS/rt/fib-mode"
     start_fib_sync
-    start_backends
+    start_backends rt
     write_router_bird; start_bird rt
-    write_ringlb_conf
+    write_ringlb_conf "$SVC:80" "127.0.0.1:9100"
     for n in "${LBS[@]}"; do
         write_lb_bird "$n"; start_bird "$n"
-        start_ringlb "$n"
+        start_ringlb_ns "$n"
         start_watcher "$n"
     done
     wait_all_announced
@@ -553,9 +370,7 @@ main() {
     } | tee "$RESULTS/table.txt"
     "$PY" "$CHART" --combine "$RESULTS" --out "$RESULTS/ecmp-drill.png" \
         --title "ecmp-drill: 3 balancers behind a BIRD router (ECMP), one panel per run" || log "no combined chart"
-    rm -rf "$RESULTS"/be*/tmp "$RESULTS"/be*/access.log
-    find "$RESULTS" -name '*.fifo' -delete
-    log "results in $RESULTS"
+    tidy_results
 }
 
 main "$@"

@@ -21,12 +21,8 @@
 # Usage: scripts/failover-drill.sh [--quick] [--rounds N] [options]; --help for all.
 
 set -euo pipefail
-export LC_ALL=C   # $EPOCHREALTIME and printf must use '.' as the decimal point
-
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO_DIR=$(cd "$SCRIPT_DIR/.." && pwd)
-DRILL_PY="$SCRIPT_DIR/drill/drill.py"
-WRK_LUA="$SCRIPT_DIR/drill/wrk-summary.lua"
+# shellcheck source-path=SCRIPTDIR source=drill/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/drill/lib.sh"
 
 # ------------------------------------------------------------------ settings
 ROUNDS=3
@@ -35,7 +31,6 @@ FAULT_AT=2           # seconds after the load starts
 RECOVER_AT=7
 FAULTS="kill stop drop"
 SYSTEMS="ringlb haproxy"
-RINGLB_BIN="$REPO_DIR/target/release/ringlb"
 THREADS=1            # proxy threads (ringlb --workers, haproxy nbthread): 2 cores are shared
                      # with wrk and two nginx, and the same number keeps the comparison fair
 SHUTDOWN_SESSIONS=0  # 1: ringlb --on-down shutdown / haproxy on-marked-down shutdown-sessions
@@ -116,84 +111,14 @@ for s in $SYSTEMS; do
     [[ $s == ringlb || $s == haproxy ]] || { echo "unknown system: $s" >&2; exit 2; }
 done
 
-log() { printf '[drill %s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-now() { echo "$EPOCHREALTIME"; }
-fadd() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.6f", a+b}'; }
-sleep_until() { python3 "$DRILL_PY" sleep-until "$1"; }
-
-# ------------------------------------------------------- process bookkeeping
-# Every background process we start is recorded here, and only these are ever killed.
-TRACKED=()
-track() { TRACKED+=("$1"); }
-untrack() {
-    local p keep=()
-    for p in "${TRACKED[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
-    TRACKED=("${keep[@]}")
+# The host end of the veth pair: deleting it deletes both ends, even when the drill
+# stopped before the other end was moved into the namespace.
+drill_cleanup() {
+    ((${#NS_MADE[@]})) && ip link del "$VETH_HOST" 2>/dev/null
+    return 0
 }
-alive() { kill -0 "$1" 2>/dev/null; }
-
-# Stop one process we started: SIGCONT first (it may be SIGSTOPped by the drill),
-# then SIGTERM, then SIGKILL after a grace period.
-stop_pid() {
-    local pid=$1 grace=${2:-3} i
-    if alive "$pid"; then
-        kill -CONT "$pid" 2>/dev/null || true
-        kill -TERM "$pid" 2>/dev/null || true
-        for ((i = 0; i < grace * 20; i++)); do alive "$pid" || break; sleep 0.05; done
-        alive "$pid" && kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-    untrack "$pid"
-}
-
-WATCHDOG_PID=""
-NS_CREATED=0
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    set +e
-    [[ -n $WATCHDOG_PID ]] && kill "$WATCHDOG_PID" 2>/dev/null
-    local p
-    for p in "${TRACKED[@]}"; do kill -CONT "$p" 2>/dev/null; kill -TERM "$p" 2>/dev/null; done
-    sleep 0.3
-    for p in "${TRACKED[@]}"; do
-        for _ in 1 2 3 4 5 6 7 8 9 10; do alive "$p" || break; sleep 0.2; done
-        alive "$p" && kill -KILL "$p" 2>/dev/null
-    done
-    # Deleting the namespace also deletes the veth pair and the iptables rules inside it.
-    if ((NS_CREATED)); then
-        ip netns del "$NS" 2>/dev/null
-        ip link del "$VETH_HOST" 2>/dev/null
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT
-trap 'log "terminated (global timeout?)"; exit 143' TERM
 
 # ---------------------------------------------------------------- preflight
-install_tools() {
-    local missing=() tool
-    for tool in wrk:wrk nginx:nginx haproxy:haproxy iptables:iptables ip:iproute2; do
-        command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
-    done
-    /usr/bin/python3 -c 'import matplotlib' 2>/dev/null || missing+=(python3-matplotlib)
-    ((${#missing[@]})) || return 0
-    log "installing ${missing[*]}"
-    # Packages must not start their own services (an nginx on :80 we did not start):
-    # a policy-rc.d that says 101 tells invoke-rc.d not to. Docker images ship one.
-    local made_policy=0
-    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-        made_policy=1
-    fi
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-    ((made_policy)) && rm -f /usr/sbin/policy-rc.d
-    for tool in wrk nginx haproxy iptables ip; do command -v $tool >/dev/null || die "$tool still missing"; done
-}
-
 check_ringlb() {
     [[ -x $RINGLB_BIN ]] || die "no ringlb binary at $RINGLB_BIN (cargo build --release, or --systems haproxy)"
     local help flag missing=()
@@ -219,50 +144,23 @@ check_ringlb() {
 
 setup_namespace() {
     [[ -z $(ip route show "$SUBNET") ]] || die "$SUBNET is already routed on this host (another drill running?)"
-    ip netns add "$NS"
-    NS_CREATED=1
+    add_ns "$NS"
     ip link add "$VETH_HOST" type veth peer name "$VETH_NS"
     ip link set "$VETH_NS" netns "$NS"
     ip addr add "$HOST_IP/24" dev "$VETH_HOST"
     ip link set "$VETH_HOST" up
     ip netns exec "$NS" ip addr add "$NS_IP/24" dev "$VETH_NS"
     ip netns exec "$NS" ip link set "$VETH_NS" up
-    ip netns exec "$NS" ip link set lo up
     ip netns exec "$NS" iptables -L INPUT -n >/dev/null || die "iptables does not work in the namespace"
 }
 
 # -------------------------------------------------------------------- nginx
-# One nginx per backend, single process (master_process off) so that kill -9 and
-# SIGSTOP of one PID hit the whole server. The access log records $msec (epoch,
-# ms) of every request; HEAD lines are the proxies' health checks.
-write_nginx_conf() {
-    local dir=$1 name=$2 listen=$3
-    mkdir -p "$dir/tmp"
-    cat >"$dir/nginx.conf" <<EOF
-daemon off;
-master_process off;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections 4096; }
-http {
-    log_format drill '\$msec \$request_method \$status \$connection \$connection_requests';
-    # buffered: \$msec is taken when the request ends, not when the buffer is written
-    access_log $dir/access.log drill buffer=64k flush=100ms;
-    client_body_temp_path $dir/tmp/body;
-    proxy_temp_path $dir/tmp/proxy;
-    fastcgi_temp_path $dir/tmp/fastcgi;
-    uwsgi_temp_path $dir/tmp/uwsgi;
-    scgi_temp_path $dir/tmp/scgi;
-    # A keep-alive client reconnects after 1000 requests: that is how wrk's
-    # connections find their way back to the active after a failback.
-    keepalive_requests 1000;
-    server {
-        listen $listen;
-        default_type text/plain;
-        location / { return 200 "backend=$name\n"; }
-    }
-}
-EOF
+# The access log records $msec (epoch, ms) of every request; HEAD lines are the
+# proxies' health checks.
+write_backend_conf() {   # $1 = dir, $2 = name, $3 = listen address
+    # shellcheck disable=SC2016 # nginx variables, for nginx to expand
+    write_nginx_conf "$1" "$3" '$msec $request_method $status $connection $connection_requests' \
+        "backend=$2\\n"
 }
 
 ACTIVE_PID=""; PASSIVE_PID=""
@@ -279,15 +177,11 @@ start_passive() {
 
 # -------------------------------------------------------------------- proxies
 PROXY_PID=""; STAMP_PID=""
-# The proxy's stdout+stderr go through a FIFO into the timestamper, so that $! is
-# the proxy's own PID and both proxies' lines are stamped on arrival the same way.
-start_stamped() {   # $1 = run dir, rest = command
+# Both proxies' lines are stamped on arrival the same way.
+start_proxy() {   # $1 = run dir, rest = command
     local dir=$1; shift
-    rm -f "$dir/proxy.fifo"; mkfifo "$dir/proxy.fifo"
-    python3 -u "$DRILL_PY" stamp <"$dir/proxy.fifo" >"$dir/proxy.log" &
-    STAMP_PID=$!; track "$STAMP_PID"
-    "$@" >"$dir/proxy.fifo" 2>&1 &
-    PROXY_PID=$!; track "$PROXY_PID"
+    start_stamped "$dir/proxy.log" "$@"
+    PROXY_PID=$STAMPED_PID; STAMP_PID=$STAMPER_PID
 }
 
 start_ringlb() {   # $1 = run dir, $2 = listen port, $3 = passive addr
@@ -305,7 +199,7 @@ start_ringlb() {   # $1 = run dir, $2 = listen port, $3 = passive addr
     fi
     printf '%q ' "${cmd[@]}" >"$1/ringlb.cmd"; echo >>"$1/ringlb.cmd"
     # RUST_LOG=debug (env RINGLB_LOG) adds one line per connection, like option tcplog
-    RUST_LOG=${RINGLB_LOG:-info} start_stamped "$1" "${cmd[@]}"
+    RUST_LOG=${RINGLB_LOG:-info} start_proxy "$1" "${cmd[@]}"
 }
 
 # The same settings as the flags above, as a ringlb TOML config (--ringlb-config).
@@ -364,7 +258,7 @@ $check
     server active  $NS_IP:$ACTIVE_PORT check inter $INTER_MS fall $FALL rise $RISE $shut
     server passive $3 check inter $INTER_MS fall $FALL rise $RISE backup $shut
 EOF
-    start_stamped "$1" haproxy -db -f "$1/haproxy.cfg"
+    start_proxy "$1" haproxy -db -f "$1/haproxy.cfg"
 }
 
 # --------------------------------------------------------------------- faults
@@ -392,8 +286,8 @@ run_one() {
 
     # Fresh backends.
     local pport; pport=$(python3 "$DRILL_PY" freeport)
-    write_nginx_conf "$dir/active" active "$NS_IP:$ACTIVE_PORT"
-    write_nginx_conf "$dir/passive" passive "127.0.0.1:$pport"
+    write_backend_conf "$dir/active" active "$NS_IP:$ACTIVE_PORT"
+    write_backend_conf "$dir/passive" passive "127.0.0.1:$pport"
     start_active "$dir/active"
     start_passive "$dir/passive"
     python3 "$DRILL_PY" waitport "$NS_IP" "$ACTIVE_PORT" 5 || die "active nginx did not start"
@@ -434,7 +328,7 @@ run_one() {
     stop_pid "$ACTIVE_PID" 3
     stop_pid "$PASSIVE_PID" 3
     ip netns exec "$NS" iptables -F INPUT   # in case the run stopped between fault and recovery
-    rm -f "$dir/proxy.fifo"
+    rm -f "$dir/proxy.log.fifo"
 
     cat >"$dir/meta.env" <<EOF
 system=$system
@@ -464,7 +358,7 @@ print("    requests %s errors %s down %s backup %s up %s back(new) %s new-conn f
 main() {
     [[ $EUID -eq 0 ]] || die "run as root (network namespace, iptables inside it)"
     ((FAULT_AT < RECOVER_AT && RECOVER_AT < DURATION)) || die "need fault-at < recover-at < duration"
-    install_tools
+    install_tools wrk:wrk nginx:nginx haproxy:haproxy iptables:iptables ip:iproute2
     [[ " $SYSTEMS " == *" ringlb "* ]] && check_ringlb
 
     local nsys nfault runs per_run estimate budget=$BUDGET
@@ -476,13 +370,7 @@ main() {
     log "$runs runs ($ROUNDS rounds x faults [$FAULTS] x systems [$SYSTEMS]), ~${per_run}s each:" \
         "estimate ${estimate}s, global timeout ${budget}s"
 
-    # Global watchdog: sends us SIGTERM (whose trap cleans up) if the drill overruns.
-    # It sleeps in 1 s steps so that killing it leaves no sleep behind for long.
-    ( trap 'exit 0' TERM
-      end=$((SECONDS + budget))
-      while ((SECONDS < end)); do sleep 1; done
-      kill -TERM $$ ) &
-    WATCHDOG_PID=$!
+    start_watchdog "$budget"
 
     RESULTS=${OUT_DIR:-$SCRIPT_DIR/results/$(date -u +%Y-%m-%dT%H%M%SZ)}
     mkdir -p "$RESULTS"

@@ -28,18 +28,9 @@
 # Usage: scripts/ha-drill.sh [--faults kill,stop,...] [--duration S] [--out DIR] [--preempt]
 
 set -euo pipefail
-export LC_ALL=C
-
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO_DIR=$(cd "$SCRIPT_DIR/.." && pwd)
-HA_PY="$SCRIPT_DIR/drill/ha.py"
-DRILL_PY="$SCRIPT_DIR/drill/drill.py"
-CHART="$SCRIPT_DIR/drill/chart.py"
-WRK_LUA="$SCRIPT_DIR/drill/wrk-summary.lua"
-RINGLB_BIN="$REPO_DIR/target/release/ringlb"
-# Debian's interpreter: it has python3-matplotlib, and starts fast (a pyenv shim
-# can take a second on a loaded machine, which would skew the timings).
-PY=/usr/bin/python3
+# shellcheck source-path=SCRIPTDIR source=drill/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/drill/lib.sh"
+DRILL_NAME=ha-drill
 
 FAULTS="kill stop keepalived link leave sigint"
 DURATION=12
@@ -81,185 +72,32 @@ SUBNET=10.78.0
 VIP=$SUBNET.100
 declare -A IP=([cli]=$SUBNET.10 [lb1]=$SUBNET.1 [lb2]=$SUBNET.2 [be]=$SUBNET.20)
 NS_PREFIX="rlbha$$"
-ns() { echo "${NS_PREFIX}$1"; }
 NSES=(sw cli lb1 lb2 be)
 
-log() { printf '[ha-drill %s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-now() { echo "$EPOCHREALTIME"; }
-fadd() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.6f", a+b}'; }
-# In bash, not an interpreter: starting one can take seconds on a loaded host, and the
-# fault must come on time.
-usec() { local s=${1%.*} f=${1#*.}000000; [[ $1 == *.* ]] || f=000000; echo $((s * 1000000 + 10#${f:0:6})); }
-sleep_until() {
-    local d=$(($(usec "$1") - $(usec "$EPOCHREALTIME")))
-    ((d > 0)) && sleep "$((d / 1000000)).$(printf %06d $((d % 1000000)))"
-    return 0
-}
-in_ns() { local n; n=$(ns "$1"); shift; ip netns exec "$n" "$@"; }
-
-# ------------------------------------------------------- process bookkeeping
-TRACKED=()
-track() { TRACKED+=("$1"); }
-untrack() {
-    local p keep=()
-    for p in "${TRACKED[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
-    TRACKED=("${keep[@]}")
-}
-alive() { kill -0 "$1" 2>/dev/null; }
-stop_pid() {
-    local pid=$1 i
-    if alive "$pid"; then
-        kill -CONT "$pid" 2>/dev/null || true
-        kill -TERM "$pid" 2>/dev/null || true
-        for ((i = 0; i < 60; i++)); do alive "$pid" || break; sleep 0.05; done
-        alive "$pid" && kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-    untrack "$pid"
-}
-
-WATCHDOG_PID=""
-NS_MADE=()
-cleanup() {
-    local rc=$? p n
-    trap - EXIT INT TERM
-    set +e
-    [[ -n $WATCHDOG_PID ]] && kill "$WATCHDOG_PID" 2>/dev/null
-    for p in "${TRACKED[@]}"; do kill -CONT "$p" 2>/dev/null; kill -TERM "$p" 2>/dev/null; done
-    sleep 0.3
-    for p in "${TRACKED[@]}"; do
-        for _ in 1 2 3 4 5 6 7 8 9 10; do alive "$p" || break; sleep 0.2; done
-        alive "$p" && kill -KILL "$p" 2>/dev/null
-    done
-    # keepalived's VRRP child, which we know by its pid file only.
+# keepalived's VRRP child, which we know by its pid file only.
+drill_cleanup() {
+    local n p
     for n in lb1 lb2; do
-        p=$(cat "$RESULTS/$n/vrrp.pid" 2>/dev/null) && [[ -n $p ]] && kill -KILL "$p" 2>/dev/null
+        p=$(cat "${RESULTS:-}/$n/vrrp.pid" 2>/dev/null) && [[ -n $p ]] && kill -KILL "$p" 2>/dev/null
     done
-    for n in "${NS_MADE[@]}"; do ip netns del "$n" 2>/dev/null; done
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT
-trap 'log "terminated (global timeout?)"; exit 143' TERM
-
-install_tools() {
-    local missing=() t
-    for t in keepalived:keepalived wrk:wrk nginx:nginx ip:iproute2; do
-        command -v "${t%%:*}" >/dev/null || missing+=("${t#*:}")
-    done
-    /usr/bin/python3 -c 'import matplotlib' 2>/dev/null || missing+=(python3-matplotlib)
-    ((${#missing[@]})) || return 0
-    log "installing ${missing[*]}"
-    # Packages must not start their own services (a keepalived on the host's network).
-    local made_policy=0
-    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-        made_policy=1
-    fi
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-    ((made_policy)) && rm -f /usr/sbin/policy-rc.d
     return 0
 }
 
 # ------------------------------------------------------------------ network
 setup_net() {
     local n
-    for n in "${NSES[@]}"; do
-        ip netns add "$(ns "$n")"
-        NS_MADE+=("$(ns "$n")")
-        in_ns "$n" ip link set lo up
-    done
+    for n in "${NSES[@]}"; do add_ns "$(ns "$n")"; done
     in_ns sw ip link add br0 type bridge
     # VRRP adverts are multicast: no snooping, or the bridge may hold them back.
     in_ns sw ip link set br0 type bridge mcast_snooping 0
     in_ns sw ip link set br0 up
-    for n in cli lb1 lb2 be; do
-        ip -n "$(ns sw)" link add "p-$n" type veth peer name eth0 netns "$(ns "$n")"
-        ip -n "$(ns sw)" link set "p-$n" master br0 up
-        in_ns "$n" ip addr add "${IP[$n]}/24" dev eth0
-        in_ns "$n" ip link set eth0 up
-    done
+    for n in cli lb1 lb2 be; do bridge_port sw "$n"; done
     # ringlb listens on the VIP before keepalived puts it on a balancer.
     for n in lb1 lb2; do in_ns "$n" sysctl -qw net.ipv4.ip_nonlocal_bind=1; done
 }
 
-# ------------------------------------------------------------------ backends
-NGINX_PIDS=()
-start_backends() {
-    local i port d
-    for i in 1 2; do
-        port=$((8080 + i - 1)); d="$RESULTS/be$i"
-        mkdir -p "$d/tmp"
-        cat >"$d/nginx.conf" <<EOF
-daemon off;
-master_process off;
-pid $d/nginx.pid;
-error_log $d/error.log warn;
-events { worker_connections 8192; }
-http {
-    log_format drill '\$msec \$request_method \$status \$remote_addr \$connection';
-    access_log $d/access.log drill buffer=64k flush=100ms;
-    client_body_temp_path $d/tmp/body; proxy_temp_path $d/tmp/proxy;
-    fastcgi_temp_path $d/tmp/fastcgi; uwsgi_temp_path $d/tmp/uwsgi; scgi_temp_path $d/tmp/scgi;
-    keepalive_requests 1000;
-    server {
-        listen ${IP[be]}:$port;
-        default_type text/plain;
-        location / { return 200 "backend=be$i via=\$remote_addr\n"; }
-    }
-}
-EOF
-        ip netns exec "$(ns be)" nginx -p "$d" -c "$d/nginx.conf" -e "$d/error.log" &
-        NGINX_PIDS+=($!); track $!
-        # From the client's namespace: the bridge works too.
-        in_ns cli "$PY" "$DRILL_PY" waitport "${IP[be]}" "$port" 5 || die "nginx be$i did not start"
-    done
-}
-
 # ---------------------------------------------------------------- balancers
-write_ringlb_conf() {
-    cat >"$RESULTS/ringlb.toml" <<EOF
-# The same file on both balancers (only the admin socket differs, given as a flag).
-workers = 1
-leave-delay = "$LEAVE_DELAY"
-drain-timeout = "3s"
-stats = "0.0.0.0:9100"
-
-[[frontend]]
-name = "web"
-listen = "$VIP:80"
-backends = ["${IP[be]}:8080", "${IP[be]}:8081"]
-check-interval = "500ms"
-EOF
-}
-
-declare -A RINGLB_PID KA_PID STAMP_R STAMP_K
-start_stamped() {   # $1 = log file, rest = command; sets STAMPED_PID (the command's PID)
-    local logf=$1; shift
-    local fifo="$logf.fifo"
-    rm -f "$fifo"; mkfifo "$fifo"
-    "$PY" -u "$DRILL_PY" stamp <"$fifo" >>"$logf" &
-    STAMPER_PID=$!; track $!
-    "$@" >"$fifo" 2>&1 &
-    STAMPED_PID=$!; track $!
-}
-
-start_ringlb() {   # $1 = lb1|lb2
-    local n=$1
-    RUST_LOG=info start_stamped "$RESULTS/$n/ringlb.log" \
-        ip netns exec "$(ns "$n")" "$RINGLB_BIN" --config "$RESULTS/ringlb.toml" \
-        --admin-socket "$RESULTS/$n/ringlb.sock"
-    RINGLB_PID[$n]=$STAMPED_PID; STAMP_R[$n]=$STAMPER_PID
-    local i
-    for ((i = 0; i < 100; i++)); do
-        in_ns "$n" "$RINGLB_BIN" ctl --socket "$RESULTS/$n/ringlb.sock" ready >/dev/null 2>&1 && return 0
-        sleep 0.05
-    done
-    die "ringlb on $n did not become ready (see $RESULTS/$n/ringlb.log)"
-}
-
+declare -A KA_PID
 write_keepalived_conf() {   # $1 = lb1|lb2, $2 = priority
     local n=$1 prio=$2 preempt="nopreempt"
     ((PREEMPT)) && preempt="# preempt: the higher priority takes the VIP back"
@@ -302,7 +140,7 @@ start_keepalived() {   # $1 = lb1|lb2
     start_stamped "$RESULTS/$n/keepalived.log" \
         ip netns exec "$(ns "$n")" keepalived --dont-fork --log-console --log-detail --vrrp \
         -f "$RESULTS/$n/keepalived.conf" -p "$RESULTS/$n/keepalived.pid" -r "$RESULTS/$n/vrrp.pid"
-    KA_PID[$n]=$STAMPED_PID; STAMP_K[$n]=$STAMPER_PID
+    KA_PID[$n]=$STAMPED_PID
 }
 
 kill_keepalived() {   # $1 = lb1|lb2: both of its processes, at once (a crash)
@@ -326,8 +164,7 @@ wait_stable() {   # one master, both ringlb ready, both keepalived up; else die
     for ((i = 0; i < 200; i++)); do
         m=$(master)
         if [[ $m == lb1 || $m == lb2 ]] &&
-            in_ns lb1 "$RINGLB_BIN" ctl --socket "$RESULTS/lb1/ringlb.sock" ready >/dev/null 2>&1 &&
-            in_ns lb2 "$RINGLB_BIN" ctl --socket "$RESULTS/lb2/ringlb.sock" ready >/dev/null 2>&1 &&
+            ringlb_ready lb1 && ringlb_ready lb2 &&
             [[ $(grep -o "Entering [A-Z]* STATE" "$RESULTS/$(other "$m")/keepalived.log" | tail -n1) == \
                "Entering BACKUP STATE" ]]; then
             echo "$m"; return 0
@@ -342,8 +179,7 @@ other() { [[ $1 == lb1 ]] && echo lb2 || echo lb1; }
 inject() {   # $1 = fault, $2 = victim
     local f=$1 n=$2
     case $f in
-        kill) kill -KILL "${RINGLB_PID[$n]}"; wait "${RINGLB_PID[$n]}" 2>/dev/null || true
-              untrack "${RINGLB_PID[$n]}" ;;
+        kill) kill_ringlb_ns "$n" ;;
         stop) kill -STOP "${RINGLB_PID[$n]}" ;;
         keepalived) kill_keepalived "$n" ;;
         link) in_ns "$n" ip link set eth0 down ;;
@@ -354,56 +190,33 @@ inject() {   # $1 = fault, $2 = victim
 repair() {
     local f=$1 n=$2
     case $f in
-        kill) start_ringlb "$n" ;;
+        kill) start_ringlb_ns "$n" ;;
         stop) kill -CONT "${RINGLB_PID[$n]}" ;;
         keepalived) start_keepalived "$n" ;;
         link) in_ns "$n" ip link set eth0 up ;;
-        leave|sigint)
-            # It drains (drain-timeout 3 s) and exits; a new one takes its place.
-            local i
-            for ((i = 0; i < 100; i++)); do alive "${RINGLB_PID[$n]}" || break; sleep 0.05; done
-            stop_pid "${RINGLB_PID[$n]}"
-            start_ringlb "$n" ;;
+        leave|sigint) replace_ringlb_ns "$n" ;;
     esac
 }
 
 # ---------------------------------------------------------------------- runs
 run_one() {
-    local fault=$1 victim dir t0 tf tr te wrk_pid probe_pid kprobe_pid
+    local fault=$1 victim dir t0 tf tr te
     victim=$(wait_stable)
     dir="$RESULTS/$fault"; mkdir -p "$dir"
     log "fault $fault on the master $victim"
-    local b
-    # nginx appends (O_APPEND): truncating starts this run's log.
-    for b in 1 2; do : >"$RESULTS/be$b/access.log"; done
+    reset_access_logs
     local k1 k2 r1 r2
     k1=$(wc -c <"$RESULTS/lb1/keepalived.log"); k2=$(wc -c <"$RESULTS/lb2/keepalived.log")
     r1=$(wc -c <"$RESULTS/lb1/ringlb.log"); r2=$(wc -c <"$RESULTS/lb2/ringlb.log")
-    ip netns exec "$(ns cli)" timeout -k 2 $((DURATION + 15)) wrk -t1 -c50 -d"${DURATION}s" --timeout 2s -s "$WRK_LUA" \
-        "http://$VIP/" >"$dir/wrk.out" 2>&1 &
-    wrk_pid=$!; track $wrk_pid
-    ip netns exec "$(ns cli)" timeout -k 2 $((DURATION + 10)) "$PY" "$HA_PY" probe --host "$VIP" \
-        --duration "$DURATION" --out "$dir/probe.tsv" &
-    probe_pid=$!; track $probe_pid
-    ip netns exec "$(ns cli)" timeout -k 2 $((DURATION + 10)) "$PY" "$HA_PY" kprobe --host "$VIP" --conns 10 \
-        --duration "$DURATION" --out "$dir/kprobe.tsv" &
-    kprobe_pid=$!; track $kprobe_pid
-    # Time 0 is when every load generator runs (an interpreter may take a while to start).
-    local i
-    for ((i = 0; i < 100; i++)); do
-        [[ -s $dir/probe.tsv && -s $dir/kprobe.tsv ]] &&
-            (($(wc -l <"$dir/probe.tsv") > 1 && $(wc -l <"$dir/kprobe.tsv") > 1)) && break
-        sleep 0.05
-    done
+    start_load "$dir" "$VIP" --conns 10
     t0=$(now)
     sleep_until "$(fadd "$t0" "$FAULT_AT")"
     tf=$(now); inject "$fault" "$victim"
     sleep_until "$(fadd "$t0" "$REPAIR_AT")"
     tr=$(now); repair "$fault" "$victim"
-    for p in $wrk_pid $probe_pid $kprobe_pid; do wait "$p" || true; untrack "$p"; done
+    wait_load
     te=$(now)
-    sleep 0.2   # nginx flushes its log every 100 ms
-    for b in 1 2; do cp "$RESULTS/be$b/access.log" "$dir/access-be$b.log"; done
+    take_access_logs "$dir"
     tail -c +$((k1 + 1)) "$RESULTS/lb1/keepalived.log" >"$dir/keepalived-lb1.log"
     tail -c +$((k2 + 1)) "$RESULTS/lb2/keepalived.log" >"$dir/keepalived-lb2.log"
     tail -c +$((r1 + 1)) "$RESULTS/lb1/ringlb.log" >"$dir/ringlb-lb1.log"
@@ -420,36 +233,29 @@ balancers=${IP[lb1]}=lb1,${IP[lb2]}=lb2
 takeover_log=keepalived-$(other "$victim").log
 takeover_pattern=Entering MASTER STATE
 EOF
-    "$PY" "$HA_PY" analyze "$dir" --rows "$RESULTS/rows.jsonl"
-    rm -f "$dir"/access-be*.log   # ~1 MB each; timeline.csv keeps their counts
-    "$PY" "$CHART" "$dir" --title "ha-drill: $fault on the master ($victim)" \
-        --out "$dir/timeline.png" || log "no chart for $fault"
+    analyze_run "$dir" "ha-drill: $fault on the master ($victim)"
     tail -n1 "$RESULTS/rows.jsonl" >&2
 }
 
 main() {
     [[ $EUID -eq 0 ]] || die "run as root (network namespaces)"
     ((FAULT_AT < REPAIR_AT && REPAIR_AT < DURATION)) || die "need fault-at < repair-at < duration"
-    install_tools
+    install_tools keepalived:keepalived wrk:wrk nginx:nginx ip:iproute2
     [[ -x $RINGLB_BIN ]] || die "no ringlb at $RINGLB_BIN (cargo build --release)"
     local nf budget
     nf=$(wc -w <<<"$FAULTS")
     budget=$((nf * (DURATION + 30) + 60))
     log "$nf faults [$FAULTS], ${DURATION}s of load each; global timeout ${budget}s"
-    ( trap 'exit 0' TERM; end=$((SECONDS + budget))
-      while ((SECONDS < end)); do sleep 1; done; kill -TERM $$ ) &
-    WATCHDOG_PID=$!
+    start_watchdog "$budget"
 
     RESULTS=${OUT_DIR:-$SCRIPT_DIR/results/ha-$(date -u +%Y-%m-%dT%H%M%SZ)}
     mkdir -p "$RESULTS/lb1" "$RESULTS/lb2"
     : >"$RESULTS/rows.jsonl"
     {
-        echo "date: $(date -u +%FT%TZ)"
-        echo "command: $0 $*"
-        echo "host: $(uname -r), $(nproc) cores, load average at the start: $(cut -d' ' -f1-3 /proc/loadavg)"
+        settings_head "$@"
         echo "keepalived: $(keepalived --version 2>&1 | head -n1)"
         echo "nginx: $(nginx -v 2>&1)"
-        echo "ringlb: $RINGLB_BIN ($(cd "$REPO_DIR" && git rev-parse --short HEAD 2>/dev/null || echo '?'))"
+        echo "ringlb: $(ringlb_version)"
         echo "vrrp: v3, advert ${ADVERT}s, vrrp_script 'ringlb ctl ready' every ${CHECK_INTERVAL}s (timeout ${CHECK_TIMEOUT}s, fall 1, rise 1), $( ((PREEMPT)) && echo preempt || echo nopreempt)"
         echo "ringlb: leave-delay $LEAVE_DELAY, drain-timeout 3s, 1 worker each"
         echo "load: wrk -t1 -c50 --timeout 2s; probe: 1 new connection / 20 ms; kprobe: 10 keep-alive connections, 1 request / 20 ms each"
@@ -458,9 +264,9 @@ main() {
     } >"$RESULTS/settings.txt"
 
     setup_net
-    start_backends
-    write_ringlb_conf
-    start_ringlb lb1; start_ringlb lb2
+    start_backends cli
+    write_ringlb_conf "$VIP:80" "0.0.0.0:9100"
+    start_ringlb_ns lb1; start_ringlb_ns lb2
     write_keepalived_conf lb1 150; write_keepalived_conf lb2 100
     start_keepalived lb1
     sleep 1   # lb1 first, so that it is the first master
@@ -490,9 +296,7 @@ main() {
     } | tee "$RESULTS/table.txt"
     "$PY" "$CHART" --combine "$RESULTS" --out "$RESULTS/ha-drill.png" \
         --title "ha-drill: keepalived pair, one panel per fault" || log "no combined chart"
-    rm -rf "$RESULTS"/be*/tmp "$RESULTS"/be*/access.log
-    find "$RESULTS" -name '*.fifo' -delete
-    log "results in $RESULTS"
+    tidy_results
 }
 
 main "$@"

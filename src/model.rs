@@ -861,16 +861,15 @@ pub struct ReloadStats {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::Config;
 
-    fn frontend(mode: &str, failback: bool, n: usize) -> FrontendSnapshot {
-        let backends: Vec<String> = (0..n)
-            .map(|i| format!("\"127.0.0.1:{}\"", 9000 + i))
-            .collect();
+    /// A frontend of `backends` (TOML values: addresses or tables) with
+    /// `settings` (TOML lines); every backend starts up, with fall 3.
+    pub(crate) fn snapshot(settings: &str, backends: &[String]) -> FrontendSnapshot {
         let text = format!(
-            "[[frontend]]\nlisten = \"127.0.0.1:1\"\nmode = \"{mode}\"\nfailback = {failback}\nbackends = [{}]\n",
+            "[[frontend]]\nlisten = \"127.0.0.1:1\"\n{settings}\nbackends = [{}]\n",
             backends.join(",")
         );
         let config = Config::from_toml(&text, "t").expect("config").frontends[0].clone();
@@ -888,6 +887,20 @@ mod tests {
             })
             .collect();
         FrontendSnapshot::new(config, shared, backends)
+    }
+
+    /// `n` backend addresses as TOML strings, from port 9000 up.
+    pub(crate) fn plain(n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| format!("\"127.0.0.1:{}\"", 9000 + i))
+            .collect()
+    }
+
+    fn frontend(mode: &str, failback: bool, n: usize) -> FrontendSnapshot {
+        snapshot(
+            &format!("mode = \"{mode}\"\nfailback = {failback}"),
+            &plain(n),
+        )
     }
 
     fn tried(indexes: &[usize]) -> Tried {

@@ -13,6 +13,7 @@
 //! when they are prepared, so later operations run as the new user too.
 
 use std::ffi::{CStr, CString};
+use std::mem::MaybeUninit;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -160,104 +161,137 @@ fn check(rc: libc::c_int, call: &str) -> Result<(), String> {
 const NSS_BUFFER: usize = 4096;
 const NSS_BUFFER_MAX: usize = 1 << 20;
 
-/// A user by name, or by number when no user has that name: its name,
-/// uid and primary gid.
-fn lookup_user(name: &str) -> Result<(String, libc::uid_t, libc::gid_t), String> {
-    let missing = || format!("user '{name}' does not exist (see getent passwd)");
-    let cname = CString::new(name).map_err(|_| missing())?;
+/// A getpw*_r / getgr*_r lookup. `call(entry, buf, found)` makes the C call;
+/// while the entry does not fit (ERANGE) the buffer is doubled, up to
+/// NSS_BUFFER_MAX, as directory services with large groups need. `read`
+/// takes what the caller needs out of the entry while `buf`, which its
+/// strings point into, still lives. `Ok(None)`: no such entry.
+///
+/// # Safety
+/// `call` must behave as those functions do: return 0 or an errno, and on 0
+/// leave in `found` either null or `entry`, filled in, with every pointer in
+/// it valid while `buf` lives.
+unsafe fn nss_lookup<T, R>(
+    mut call: impl FnMut(*mut T, &mut [u8], &mut *mut T) -> libc::c_int,
+    read: impl FnOnce(&T) -> R,
+) -> std::io::Result<Option<R>> {
     let mut size = NSS_BUFFER;
     loop {
         let mut buf = vec![0u8; size];
-        // SAFETY: an all-zero passwd is a valid value to be overwritten.
-        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut found: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: every pointer is valid for the call; the strings it
-        // stores in pwd point into buf, read only while buf lives.
-        let rc = unsafe {
-            libc::getpwnam_r(
-                cname.as_ptr(),
-                &mut pwd,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                &mut found,
-            )
-        };
+        let mut entry = MaybeUninit::<T>::uninit();
+        let mut found: *mut T = std::ptr::null_mut();
+        let rc = call(entry.as_mut_ptr(), &mut buf, &mut found);
         if rc == libc::ERANGE && size < NSS_BUFFER_MAX {
             size *= 2;
             continue;
         }
         if rc != 0 {
-            let e = std::io::Error::from_raw_os_error(rc);
-            return Err(format!("cannot look up user '{name}': {e}"));
+            return Err(std::io::Error::from_raw_os_error(rc));
         }
         if found.is_null() {
-            return match name.parse::<libc::uid_t>() {
-                Ok(uid) => Ok((name.to_string(), uid, uid)),
-                Err(_) => Err(missing()),
-            };
+            return Ok(None);
         }
-        return Ok((name.to_string(), pwd.pw_uid, pwd.pw_gid));
+        // SAFETY: by the caller's contract a non-null `found` is `entry`,
+        // filled in by the call; buf, which it points into, lives until
+        // the end of this iteration.
+        return Ok(Some(read(unsafe { &*found })));
     }
+}
+
+/// getpwnam_r's and getgrnam_r's signature.
+type ByNameCall<T> = unsafe extern "C" fn(
+    *const libc::c_char,
+    *mut T,
+    *mut libc::c_char,
+    libc::size_t,
+    *mut *mut T,
+) -> libc::c_int;
+
+/// A passwd or group entry, with the reentrant call that finds one by name.
+trait ByName: Sized {
+    /// What it is, for messages.
+    const KIND: &'static str;
+    /// getpwnam_r or getgrnam_r: both keep nss_lookup's contract.
+    const CALL: ByNameCall<Self>;
+}
+
+impl ByName for libc::passwd {
+    const KIND: &'static str = "user";
+    const CALL: ByNameCall<Self> = libc::getpwnam_r;
+}
+
+impl ByName for libc::group {
+    const KIND: &'static str = "group";
+    const CALL: ByNameCall<Self> = libc::getgrnam_r;
+}
+
+/// What `read` takes from the entry called `name`; `None` when there is none.
+fn lookup_by_name<T: ByName, R>(
+    name: &str,
+    read: impl FnOnce(&T) -> R,
+) -> Result<Option<R>, String> {
+    // No entry has a NUL in its name.
+    let Ok(cname) = CString::new(name) else {
+        return Ok(None);
+    };
+    let call = |entry: *mut T, buf: &mut [u8], found: &mut *mut T| {
+        // SAFETY: cname is a NUL-terminated string; entry, buf (with its
+        // length) and found are valid for writes for the whole call.
+        unsafe {
+            T::CALL(
+                cname.as_ptr(),
+                entry,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                found,
+            )
+        }
+    };
+    // SAFETY: T::CALL is getpwnam_r or getgrnam_r, which keep nss_lookup's
+    // contract (getpwnam_r(3), getgrnam_r(3)).
+    unsafe { nss_lookup(call, read) }
+        .map_err(|e| format!("cannot look up {} '{name}': {e}", T::KIND))
+}
+
+/// A user by name, or by number when no user has that name: its name,
+/// uid and primary gid.
+fn lookup_user(name: &str) -> Result<(String, libc::uid_t, libc::gid_t), String> {
+    let ids = lookup_by_name(name, |pwd: &libc::passwd| (pwd.pw_uid, pwd.pw_gid))?
+        .or_else(|| name.parse::<libc::uid_t>().ok().map(|uid| (uid, uid)));
+    let (uid, gid) =
+        ids.ok_or_else(|| format!("user '{name}' does not exist (see getent passwd)"))?;
+    Ok((name.to_string(), uid, gid))
 }
 
 /// A group by name, or by number when no group has that name.
 fn lookup_group(name: &str) -> Result<(String, libc::gid_t), String> {
-    let missing = || format!("group '{name}' does not exist (see getent group)");
-    let cname = CString::new(name).map_err(|_| missing())?;
-    let mut size = NSS_BUFFER;
-    loop {
-        let mut buf = vec![0u8; size];
-        // SAFETY: an all-zero group is a valid value to be overwritten.
-        let mut grp: libc::group = unsafe { std::mem::zeroed() };
-        let mut found: *mut libc::group = std::ptr::null_mut();
-        // SAFETY: as in lookup_user.
-        let rc = unsafe {
-            libc::getgrnam_r(
-                cname.as_ptr(),
-                &mut grp,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                &mut found,
-            )
-        };
-        if rc == libc::ERANGE && size < NSS_BUFFER_MAX {
-            size *= 2;
-            continue;
-        }
-        if rc != 0 {
-            let e = std::io::Error::from_raw_os_error(rc);
-            return Err(format!("cannot look up group '{name}': {e}"));
-        }
-        if found.is_null() {
-            return name
-                .parse::<libc::gid_t>()
-                .map(|gid| (name.to_string(), gid))
-                .map_err(|_| missing());
-        }
-        return Ok((name.to_string(), grp.gr_gid));
-    }
+    let gid = lookup_by_name(name, |grp: &libc::group| grp.gr_gid)?
+        .or_else(|| name.parse::<libc::gid_t>().ok());
+    let gid = gid.ok_or_else(|| format!("group '{name}' does not exist (see getent group)"))?;
+    Ok((name.to_string(), gid))
 }
 
 /// The name of a gid, or the number.
 fn group_name(gid: libc::gid_t) -> String {
-    let mut buf = vec![0u8; NSS_BUFFER];
-    // SAFETY: an all-zero group is a valid value to be overwritten.
-    let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    let mut found: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: as in lookup_user; gr_name is read while buf lives.
-    unsafe {
-        let rc = libc::getgrgid_r(
-            gid,
-            &mut grp,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut found,
-        );
-        if rc == 0 && !found.is_null() && !grp.gr_name.is_null() {
-            return CStr::from_ptr(grp.gr_name).to_string_lossy().into_owned();
-        }
+    let call = |grp: *mut libc::group, buf: &mut [u8], found: &mut *mut libc::group| {
+        // SAFETY: grp, buf (with its length) and found are valid for writes
+        // for the whole call.
+        unsafe { libc::getgrgid_r(gid, grp, buf.as_mut_ptr().cast(), buf.len(), found) }
+    };
+    let name = |grp: &libc::group| {
+        // SAFETY: a non-null gr_name is a NUL-terminated string in the
+        // buffer, which lives while nss_lookup runs this.
+        (!grp.gr_name.is_null()).then(|| {
+            unsafe { CStr::from_ptr(grp.gr_name) }
+                .to_string_lossy()
+                .into_owned()
+        })
+    };
+    // SAFETY: getgrgid_r keeps nss_lookup's contract (getgrgid_r(3)).
+    match unsafe { nss_lookup(call, name) } {
+        Ok(Some(Some(name))) => name,
+        _ => gid.to_string(),
     }
-    gid.to_string()
 }
 
 /// Why a config file (or list file) is a risk: others could rewrite what
@@ -345,6 +379,62 @@ mod tests {
         );
         assert_eq!(Identity::resolve(None, None), Ok(None));
         assert!(Identity::resolve(Some("a\0b"), None).is_err());
+    }
+
+    /// What a fake getpw*_r answers once the buffer is large enough.
+    #[derive(Clone, Copy)]
+    enum Answer {
+        Entry,
+        NoEntry,
+        Errno(libc::c_int),
+    }
+
+    /// A fake getpw*_r: ERANGE until the buffer holds `needs` bytes, then
+    /// `answer` (the entry is the buffer's size). Records each buffer size.
+    fn fake_lookup(
+        needs: usize,
+        answer: Answer,
+        sizes: &mut Vec<usize>,
+    ) -> std::io::Result<Option<usize>> {
+        let call = |entry: *mut usize, buf: &mut [u8], found: &mut *mut usize| {
+            sizes.push(buf.len());
+            match answer {
+                _ if buf.len() < needs => libc::ERANGE,
+                Answer::Entry => {
+                    // SAFETY: entry is valid for writes, as nss_lookup
+                    // passes it.
+                    unsafe { entry.write(buf.len()) };
+                    *found = entry;
+                    0
+                }
+                Answer::NoEntry => 0,
+                Answer::Errno(e) => e,
+            }
+        };
+        // SAFETY: the fake keeps the contract: it fills entry before
+        // pointing found at it, and returns 0 or an errno.
+        unsafe { nss_lookup(call, |size: &usize| *size) }
+    }
+
+    #[test]
+    fn a_lookup_doubles_its_buffer_until_the_entry_fits_up_to_the_cap() {
+        let mut sizes = Vec::new();
+        let found = fake_lookup(20_000, Answer::Entry, &mut sizes);
+        assert_eq!(found.ok(), Some(Some(32768)));
+        assert_eq!(sizes, [4096, 8192, 16384, 32768]);
+
+        sizes.clear();
+        let err = fake_lookup(usize::MAX, Answer::Entry, &mut sizes).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ERANGE));
+        assert_eq!(sizes.first(), Some(&NSS_BUFFER));
+        assert_eq!(sizes.last(), Some(&NSS_BUFFER_MAX));
+        assert_eq!(sizes.len(), 9, "4 KiB doubled up to 1 MiB: {sizes:?}");
+
+        sizes.clear();
+        assert_eq!(fake_lookup(0, Answer::NoEntry, &mut sizes).ok(), Some(None));
+        let err = fake_lookup(0, Answer::Errno(libc::EIO), &mut sizes).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+        assert_eq!(sizes, [4096, 4096], "no retry but on ERANGE");
     }
 
     #[test]

@@ -901,44 +901,14 @@ pub fn hash_ip(ip: IpAddr) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-    use crate::model::{AdminState, FrontendSnapshot, Health};
-
-    /// A frontend of `backends` (TOML values: addresses or tables) with
-    /// `settings` (TOML lines).
-    fn frontend(settings: &str, backends: &[String]) -> FrontendSnapshot {
-        let text = format!(
-            "[[frontend]]\nlisten = \"127.0.0.1:1\"\n{settings}\nbackends = [{}]\n",
-            backends.join(",")
-        );
-        let config = Config::from_toml(&text, "t").expect("config").frontends[0].clone();
-        let shared = Arc::new(FrontendShared::new(&config.name));
-        let backends = config
-            .backends
-            .iter()
-            .map(|b| {
-                Arc::new(BackendShared::new(
-                    &config.name,
-                    &b.name,
-                    b.addr,
-                    Arc::new(Health::new(3)),
-                ))
-            })
-            .collect();
-        FrontendSnapshot::new(config, shared, backends)
-    }
+    use crate::model::tests::{plain, snapshot};
+    use crate::model::{AdminState, FrontendSnapshot};
 
     fn weighted(weights: &[u32]) -> Vec<String> {
         weights
             .iter()
             .enumerate()
             .map(|(i, w)| format!("{{ address = \"127.0.0.1:{}\", weight = {w} }}", 9000 + i))
-            .collect()
-    }
-
-    fn plain(n: usize) -> Vec<String> {
-        (0..n)
-            .map(|i| format!("\"127.0.0.1:{}\"", 9000 + i))
             .collect()
     }
 
@@ -960,15 +930,15 @@ mod tests {
 
     #[test]
     fn weights_are_exact_over_every_cycle() {
-        let f = frontend("", &weighted(&[1, 2, 3]));
+        let f = snapshot("", &weighted(&[1, 2, 3]));
         assert_eq!(counts(&f, 6 * 50), [50, 100, 150]);
-        let f = frontend("balance = \"roundrobin\"", &weighted(&[0, 2, 4]));
+        let f = snapshot("balance = \"roundrobin\"", &weighted(&[0, 2, 4]));
         assert_eq!(counts(&f, 3 * 10), [0, 10, 20], "weight 0 takes none");
     }
 
     #[test]
     fn an_agents_percent_reshapes_the_cycle_at_once() {
-        let f = frontend("", &weighted(&[2, 2]));
+        let f = snapshot("", &weighted(&[2, 2]));
         assert_eq!(counts(&f, 40), [20, 20]);
         f.backends[0].health.set_weight_percent(50);
         assert_eq!(counts(&f, 30), [10, 20]);
@@ -980,7 +950,7 @@ mod tests {
 
     #[test]
     fn a_retry_never_repeats_and_falls_back_to_a_scan() {
-        let f = frontend("", &weighted(&[50, 1, 1]));
+        let f = snapshot("", &weighted(&[50, 1, 1]));
         let mut tried = Tried::default();
         tried.insert(0);
         let next = f.select(&tried).expect("another");
@@ -1000,7 +970,7 @@ mod tests {
             r#"{ address = "127.0.0.1:9002", backup = true }"#.to_string(),
             r#"{ address = "127.0.0.1:9003", weight = 0 }"#.to_string(),
         ];
-        let f = frontend("", &backends);
+        let f = snapshot("", &backends);
         assert_eq!(counts(&f, 10), [0, 10, 0, 0]);
         f.backends[1].health.set_up(false);
         assert_eq!(counts(&f, 10), [10, 0, 0, 0], "first backup only");
@@ -1010,7 +980,7 @@ mod tests {
         f.backends[1].health.set_up(true);
         assert_eq!(counts(&f, 10), [0, 10, 0, 0]);
 
-        let all = frontend("allbackups = true", &backends);
+        let all = snapshot("allbackups = true", &backends);
         all.backends[1].health.set_up(false);
         assert_eq!(counts(&all, 10), [5, 0, 5, 0], "every backup");
         // A retry after the last primary failed may go to a backup.
@@ -1028,7 +998,7 @@ mod tests {
             r#"{ address = "127.0.0.1:9002" }"#.to_string(),
             r#"{ address = "127.0.0.1:9003" }"#.to_string(),
         ];
-        let f = frontend("balance = \"first\"", &backends);
+        let f = snapshot("balance = \"first\"", &backends);
         assert_eq!(f.config.mode, crate::config::Mode::ActivePassive);
         assert_eq!(counts(&f, 5), [0, 0, 5, 0]);
         f.backends[2].health.set_up(false);
@@ -1039,7 +1009,7 @@ mod tests {
 
     #[test]
     fn leastconn_prefers_the_least_loaded_for_its_weight() {
-        let f = frontend("balance = \"leastconn\"", &weighted(&[1, 1, 2]));
+        let f = snapshot("balance = \"leastconn\"", &weighted(&[1, 1, 2]));
         let none = Tried::default();
         // Idle: ties take turns, the heavier first ((0+1)/2 < (0+1)/1).
         assert_eq!(f.select(&none), Some(2));
@@ -1063,7 +1033,7 @@ mod tests {
     #[test]
     fn leastconn_past_the_exact_size_still_avoids_the_loaded() {
         let n = LEASTCONN_EXACT_MAX * 4;
-        let f = frontend("balance = \"leastconn\"", &plain(n));
+        let f = snapshot("balance = \"leastconn\"", &plain(n));
         for b in &f.backends[..n / 2] {
             b.stats.active.store(100, Relaxed);
         }
@@ -1089,11 +1059,11 @@ mod tests {
 
     #[test]
     fn source_is_stable_across_builds_and_moves_only_the_lost_backends_clients() {
-        let f = frontend("balance = \"source\"", &plain(5));
+        let f = snapshot("balance = \"source\"", &plain(5));
         assert!(f.needs_client());
         let before = assignments(&f, 2000);
         // Another snapshot (another worker, another ringlb) agrees.
-        let g = frontend("balance = \"source\"", &plain(5));
+        let g = snapshot("balance = \"source\"", &plain(5));
         assert_eq!(assignments(&g, 2000), before);
         f.backends[3].health.set_up(false);
         let after = assignments(&f, 2000);
@@ -1144,7 +1114,7 @@ mod tests {
 
     #[test]
     fn slow_start_ramps_in_steps_from_a_twentieth() {
-        let f = frontend("slowstart = \"20s\"", &plain(1));
+        let f = snapshot("slowstart = \"20s\"", &plain(1));
         let pool = Pool::new(&f.config, &f.backends);
         assert_eq!(pool.ramp(0, 5_000), (RAMP_STEPS, 0), "up from the start");
         assert_eq!(pool.ramp(1_000, 1_000), (1, 2_000));
@@ -1154,7 +1124,7 @@ mod tests {
 
     #[test]
     fn a_backend_back_up_starts_slow() {
-        let f = frontend("slowstart = \"1h\"", &plain(2));
+        let f = snapshot("slowstart = \"1h\"", &plain(2));
         f.backends[0].health.set_up(false);
         f.backends[0].health.set_up(true);
         // Step 1 of 20 against 20 of 20.
@@ -1163,7 +1133,7 @@ mod tests {
 
     #[test]
     fn a_large_pool_skips_a_backend_down_before_its_rebuild() {
-        let f = frontend("", &plain(LARGE_POOL * 2));
+        let f = snapshot("", &plain(LARGE_POOL * 2));
         for round in 0..3 {
             let down = round * 7;
             f.backends[down].health.set_up(false);
@@ -1175,7 +1145,7 @@ mod tests {
 
     #[test]
     fn large_pools_schedule_every_backend() {
-        let f = frontend("", &plain(10_000));
+        let f = snapshot("", &plain(10_000));
         let c = counts(&f, 20_000);
         assert!(c.iter().all(|n| *n == 2));
     }

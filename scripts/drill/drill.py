@@ -7,7 +7,6 @@ Subcommands:
                    go through this, so ringlb and HAProxy are timed the same way.
   freeport         print a TCP port on 127.0.0.1 that is free right now.
   waitport H P S   wait up to S seconds until H:P accepts a TCP connection.
-  sleep-until T    sleep until epoch time T (no-op if T is past).
   probe ...        open one NEW connection every --interval seconds for
                    --duration seconds, send an HTTP/1.0 GET, log each attempt.
                    wrk reuses keep-alive connections; the probe is what shows
@@ -64,13 +63,6 @@ def cmd_waitport(args) -> int:
     return 1
 
 
-def cmd_sleep_until(args) -> int:
-    delay = args.t - time.time()
-    if delay > 0:
-        time.sleep(delay)
-    return 0
-
-
 # ---------------------------------------------------------------------- probe
 
 async def _probe_one(host: str, port: int, timeout: float, out) -> None:
@@ -107,20 +99,24 @@ async def _probe_one(host: str, port: int, timeout: float, out) -> None:
     out.flush()
 
 
-async def _probe(args) -> None:
+async def paced(interval: float, duration: float, start) -> None:
+    """Start the coroutine start() every interval s for duration s, each on time however
+    long the earlier ones take; return when all have ended. (ha.py's probe uses it too.)"""
     tasks = []
     t0 = time.time()
+    n = 0
+    while t0 + n * interval < t0 + duration:
+        await asyncio.sleep(max(0.0, t0 + n * interval - time.time()))
+        tasks.append(asyncio.create_task(start()))
+        n += 1
+    await asyncio.gather(*tasks)
+
+
+async def _probe(args) -> None:
     with open(args.out, "w") as out:
         out.write("start\tend\toutcome\tbackend\n")
-        n = 0
-        while True:
-            nxt = t0 + n * args.interval
-            if nxt >= t0 + args.duration:
-                break
-            await asyncio.sleep(max(0.0, nxt - time.time()))
-            tasks.append(asyncio.create_task(_probe_one(args.host, args.port, args.timeout, out)))
-            n += 1
-        await asyncio.gather(*tasks)
+        await paced(args.interval, args.duration,
+                    lambda: _probe_one(args.host, args.port, args.timeout, out))
 
 
 def cmd_probe(args) -> int:
@@ -430,9 +426,6 @@ def main() -> int:
     p = sub.add_parser("waitport")
     p.add_argument("host"); p.add_argument("port", type=int); p.add_argument("seconds", type=float)
     p.set_defaults(fn=cmd_waitport)
-    p = sub.add_parser("sleep-until")
-    p.add_argument("t", type=float)
-    p.set_defaults(fn=cmd_sleep_until)
     p = sub.add_parser("probe")
     p.add_argument("--host", default="127.0.0.1"); p.add_argument("--port", type=int, required=True)
     p.add_argument("--interval", type=float, default=0.02); p.add_argument("--duration", type=float, required=True)

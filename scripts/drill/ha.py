@@ -25,6 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.dont_write_bytecode = True  # importing drill.py must leave no __pycache__ in the tree
+from drill import paced  # noqa: E402  (drill.py, beside this file)
+
 VIA = re.compile(rb"backend=(\w+) via=([\d.]+)")
 
 
@@ -77,16 +80,9 @@ async def _probe_one(args, out) -> None:
 
 
 async def _probe(args) -> None:
-    tasks = []
-    t0 = time.time()
     with open(args.out, "w") as out:
         out.write("start\tend\toutcome\tvia\n")
-        n = 0
-        while t0 + n * args.interval < t0 + args.duration:
-            await asyncio.sleep(max(0.0, t0 + n * args.interval - time.time()))
-            tasks.append(asyncio.create_task(_probe_one(args, out)))
-            n += 1
-        await asyncio.gather(*tasks)
+        await paced(args.interval, args.duration, lambda: _probe_one(args, out))
 
 
 async def _kconn(args, idx: int, end: float, out) -> None:
