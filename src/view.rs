@@ -316,3 +316,67 @@ impl BackendView {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend() -> BackendView {
+        BackendView {
+            name: "db".into(),
+            addr: "10.0.0.1:5432".into(),
+            health: "down",
+            reason: String::new(),
+            changed_at: None,
+            admin: "ready".into(),
+            state: "down",
+            weight: 3,
+            backup: false,
+            maxconn: None,
+            slots: 0,
+            last_check: None,
+            check: "http GET /primary".into(),
+            check_addr: "10.0.0.1:5432".into(),
+            checks: 0,
+            weight_percent: 100,
+            agent: None,
+            active: 0,
+            connections: 0,
+            connect_failures: 0,
+            checks_failed: 0,
+            bytes_to_backend: 0,
+            bytes_from_backend: 0,
+        }
+    }
+
+    #[test]
+    fn the_table_texts_say_only_what_is_set() {
+        let plain = backend();
+        assert_eq!(
+            (plain.weight_text(), plain.slots_text(), plain.check_text()),
+            ("3".into(), "-".into(), "http GET /primary".into())
+        );
+        let set = BackendView {
+            backup: true,
+            weight_percent: 50,
+            maxconn: Some(10),
+            slots: 4,
+            check_addr: "10.0.0.1:8008".into(),
+            last_check: Some(CheckView {
+                ok: false,
+                error: Some("status 503".into()),
+                took_ms: 2.5,
+                at: None,
+                step: Some("http check (expect status 2xx/3xx)".into()),
+            }),
+            ..backend()
+        };
+        assert_eq!(set.weight_text(), "3 50% backup");
+        assert_eq!(set.slots_text(), "4/10");
+        assert_eq!(set.check_text(), "http GET /primary @10.0.0.1:8008");
+        assert_eq!(
+            set.last_check_text(|_| "-".into()),
+            "failed in http check after 2.5ms -"
+        );
+    }
+}

@@ -196,6 +196,7 @@ fn ctl_show_and_stats_report_slots_and_the_queue_at_maxconn() {
         .find(|l| l.trim_start().starts_with("app "))
         .unwrap_or_else(|| panic!("no row for app:\n{table}"));
     assert!(row.contains(" 1/1 "), "slots used/maxconn: {row}");
+    assert!(row.contains(" tcp "), "the check kind: {row}");
     assert_eq!(
         ringlb.metric("ringlb_frontend_queued_max{frontend=\"web\"}"),
         Some(2)
