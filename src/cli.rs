@@ -185,6 +185,14 @@ pub struct Cli {
     /// Close a connection the client has ended (half-closed) once it idles this long [default: the idle timeout]
     #[arg(long, value_name = "DUR", value_parser = config::parse_duration, conflicts_with = "config")]
     timeout_server_fin: Option<Duration>,
+    /// Most connections at once to each backend (HAProxy's default-server maxconn); more wait in the frontend's queue [default: no limit]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "config")]
+    backend_maxconn: Option<u32>,
+
+    /// Time a connection may wait in the queue for a backend at its maxconn, then it is reset [default: the connect timeout]
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration, conflicts_with = "config", requires = "backend_maxconn")]
+    timeout_queue: Option<Duration>,
+
     /// Connect attempts after the first for one connection, on other backends or the same one
     #[arg(long, value_name = "N", default_value_t = config::DEFAULT_RETRIES, conflicts_with = "config")]
     retries: u32,
@@ -458,14 +466,21 @@ impl Cli {
                 allbackups: false,
                 slowstart: self.slowstart,
             },
-            backends: self.backends,
+            backends: self
+                .backends
+                .into_iter()
+                .map(|b| BackendConfig {
+                    maxconn: self.backend_maxconn,
+                    ..b
+                })
+                .collect(),
             connect_timeout: self.connect_timeout,
             idle_timeout: self.idle_timeout,
             check,
             failback: !self.no_failback,
             on_down: self.on_down,
             maxconn: self.maxconn,
-            timeout_queue: None,
+            timeout_queue: self.timeout_queue,
             retries: self.retries,
             access_log: crate::config::AccessLog::Off,
             proxy,

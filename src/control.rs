@@ -453,11 +453,13 @@ pub fn table(frontends: &[FrontendView]) -> String {
         .map_or(0.0, |d| d.as_secs_f64());
     let mut out = String::new();
     for f in frontends {
-        let _ = writeln!(
+        let _ = write!(
             out,
             "frontend {} on {} ({}): {} active, {} accepted",
             f.name, f.listen, f.mode, f.active, f.accepted
         );
+        let queue = f.queue_text().map(|q| format!("; {q}"));
+        let _ = writeln!(out, "{}", queue.unwrap_or_default());
         let mut rows = vec![HEADER.map(String::from).to_vec()];
         rows.extend(f.backends.iter().map(|b| row(b, now)));
         let widths: Vec<usize> = (0..HEADER.len())
@@ -478,15 +480,17 @@ pub fn table(frontends: &[FrontendView]) -> String {
     out
 }
 
-const HEADER: [&str; 12] = [
+const HEADER: [&str; 14] = [
     "BACKEND",
     "ADDRESS",
     "HEALTH",
     "ADMIN",
     "WEIGHT",
     "ACTIVE",
+    "SLOTS",
     "TOTAL",
     "CONN-FAILS",
+    "CHECK",
     "CHECK-FAILS",
     "LAST-CHECK",
     "SINCE",
@@ -495,14 +499,7 @@ const HEADER: [&str; 12] = [
 
 fn row(b: &BackendView, now: f64) -> Vec<String> {
     let ago = |at: Option<f64>| at.map_or_else(|| "-".into(), |t| format!("{} ago", age(now - t)));
-    let checked = match &b.last_check {
-        None => "-".to_string(),
-        Some(c) if c.ok => format!("ok {}ms {}", c.took_ms, ago(c.at)),
-        Some(c) => match c.step.as_deref().and_then(|s| s.split(" (").next()) {
-            Some(step) => format!("failed in {step} {}", ago(c.at)),
-            None => format!("failed {}", ago(c.at)),
-        },
-    };
+    let checked = b.last_check_text(ago);
     let mut reason = if b.reason.is_empty() {
         "-".to_string()
     } else {
@@ -521,10 +518,12 @@ fn row(b: &BackendView, now: f64) -> Vec<String> {
         b.addr.clone(),
         b.health.to_string(),
         b.admin.clone(),
-        b.weight.to_string(),
+        b.weight_text(),
         b.active.to_string(),
+        b.slots_text(),
         b.connections.to_string(),
         b.connect_failures.to_string(),
+        b.check_text(),
         b.checks_failed.to_string(),
         checked,
         ago(b.changed_at),

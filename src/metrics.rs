@@ -58,6 +58,7 @@ pub fn render(
             &s.local_errors
         }),
         ("ringlb_frontend_queued", "gauge", |s| &s.queued),
+        ("ringlb_frontend_queued_max", "gauge", |s| &s.queued_max),
         ("ringlb_frontend_queued_total", "counter", |s| {
             &s.queued_total
         }),
@@ -73,6 +74,7 @@ pub fn render(
             out.sample(name, &labels, get(&f.shared.stats).load(Relaxed));
         }
     }
+    render_queue_waits(&mut out, frontends);
     out.family("ringlb_frontend_refused_total", "counter");
     for f in frontends {
         for refusal in crate::edge::Refusal::ALL {
@@ -194,6 +196,28 @@ pub fn render(
         out.sample(name, &[], get());
     }
     out.0
+}
+
+/// Time spent in the queue by connections that left it: the total (its
+/// rate over `ringlb_frontend_queued_total`'s is the mean wait) and the
+/// longest (HAProxy's qtime and qtime_max).
+fn render_queue_waits(out: &mut Exposition, frontends: &[std::sync::Arc<model::FrontendSnapshot>]) {
+    let waits: [Metric<FrontendStats>; 2] = [
+        ("ringlb_frontend_queue_wait_seconds_total", "counter", |s| {
+            &s.queue_wait_us
+        }),
+        ("ringlb_frontend_queue_wait_max_seconds", "gauge", |s| {
+            &s.queue_wait_max_us
+        }),
+    ];
+    for (name, kind, get) in waits {
+        out.family(name, kind);
+        for f in frontends {
+            let labels = [("frontend", f.config.name.as_str())];
+            let us = get(&f.shared.stats).load(Relaxed);
+            out.sample_f64(name, &labels, us as f64 / 1e6);
+        }
+    }
 }
 
 /// ClientHello outcomes and SNI routes, for frontends that read hellos.

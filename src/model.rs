@@ -474,9 +474,35 @@ pub struct FrontendStats {
     pub queued_total: AtomicU64,
     /// Queued connections reset when `timeout-queue` passed.
     pub queue_timeouts: AtomicU64,
+    /// The most connections queued at once since the frontend appeared
+    /// (HAProxy's qmax).
+    pub queued_max: AtomicU64,
+    /// Microseconds waited in the queue by every connection that left it
+    /// (placed, timed out or gone): with `queued_total`, the mean wait.
+    pub queue_wait_us: AtomicU64,
+    /// The longest wait of a connection that left the queue, microseconds.
+    pub queue_wait_max_us: AtomicU64,
     /// Connect attempts after a connection's first (HAProxy's `wretr`).
     pub retries: AtomicU64,
     pub tls: TlsStats,
+}
+
+impl FrontendStats {
+    /// A connection starts waiting for a backend slot. Only the queue's
+    /// path writes these, never a connection that finds room.
+    pub fn enter_queue(&self) {
+        let now = self.queued.fetch_add(1, Relaxed) + 1;
+        self.queued_total.fetch_add(1, Relaxed);
+        self.queued_max.fetch_max(now, Relaxed);
+    }
+
+    /// A connection leaves the queue after `waited`, however it leaves.
+    pub fn leave_queue(&self, waited: Duration) {
+        self.queued.fetch_sub(1, Relaxed);
+        let us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
+        self.queue_wait_us.fetch_add(us, Relaxed);
+        self.queue_wait_max_us.fetch_max(us, Relaxed);
+    }
 }
 
 /// TLS termination counters of a frontend.

@@ -1576,8 +1576,7 @@ impl Worker {
             since: self.now,
             watching: true,
         });
-        stats.queued.fetch_add(1, Relaxed);
-        stats.queued_total.fetch_add(1, Relaxed);
+        stats.enter_queue();
         session.conn.watch_client(key, &mut self.io)?;
         let shared = Arc::clone(&session.view.snap.shared);
         if let Some(held_back) = self.warnings.queue.allow(self.now) {
@@ -1660,7 +1659,8 @@ impl Worker {
             return Ok(());
         };
         session.stage = Stage::Connect(queued.connecting);
-        session.view.snap.shared.stats.queued.fetch_sub(1, Relaxed);
+        let waited = self.now.saturating_duration_since(queued.since);
+        session.view.snap.shared.stats.leave_queue(waited);
         if queued.watching {
             session.conn.unwatch_client(key, &mut self.io)?;
         }
@@ -1719,9 +1719,9 @@ impl Worker {
             self.give_slot(&view, index);
         }
         let stats = &session.view.snap.shared.stats;
-        if matches!(session.stage, Stage::Queued(_)) {
+        if let Stage::Queued(queued) = &session.stage {
             self.queues.remove(&session.view.snap.shared, key);
-            stats.queued.fetch_sub(1, Relaxed);
+            stats.leave_queue(self.now.saturating_duration_since(queued.since));
         }
         let [up, down] = session.conn.take_uncounted();
         if let Some(backend) = session.relaying_to() {
