@@ -1445,11 +1445,17 @@ impl Worker {
             Ok(fd) => fd,
             Err(e) => {
                 let errno = e.raw_os_error().unwrap_or(0);
+                let first = conn.local.is_none();
                 conn.local = Some((LocalFailure::BackendSocket, errno));
                 let wait = matches!(
                     errno,
                     libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS
                 );
+                if wait && first {
+                    // The warning comes only if it times out: say at debug
+                    // that it waits, once per connection, not per tick.
+                    log::debug!("conn {key}: waits for an fd for its backend socket ({e})");
+                }
                 if !wait {
                     conn.close(key, End::LocalError, &mut self.io)?;
                 }
@@ -1690,9 +1696,10 @@ impl Worker {
         // A client that sent its request and then ended its stream still
         // waits for the answer: it stays (unwatched) until its turn. Bytes
         // already read (with a PROXY header, a ClientHello) are its request
-        // too.
+        // too, and so is what a terminating frontend's TLS receive already
+        // took out of the socket (counted as it was decrypted).
         let reset = res & (libc::POLLERR | libc::POLLHUP) as i32 != 0;
-        let sent = queued.connecting.preamble.is_some();
+        let sent = queued.connecting.preamble.is_some() || conn.dirs[UPSTREAM].bytes > 0;
         if reset || (!sent && queue::unread_bytes(conn.client) == 0) {
             conn.close(key, End::ClientAborted, &mut self.io)?;
         }

@@ -1,0 +1,920 @@
+//! Hostile probes of the stages before the relay (PROXY header, ClientHello
+//! for SNI routing, TLS handshake, the queue) and of the TLS relay: clients
+//! that reset mid-stage or while queued, a flood of half ClientHellos, fd
+//! exhaustion under a TLS-terminating and an SNI frontend, a backend that
+//! resets after the replayed hello. After each, the gauges (active
+//! connections, queued, backend slots and active counts) must come back to
+//! zero, the per-source places must be given back, and no client may ever
+//! see a clean end where ringlb could not carry its stream: served
+//! exactly, waiting, or reset.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ringlb::hello::build;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+
+const WAIT: Duration = Duration::from_secs(30);
+const NAME: &str = "www.foobar.com";
+
+/// A temp dir with a self-signed certificate for [`NAME`]; removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("ringlb-probe-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("temp dir");
+        TempDir(path)
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.0.join(name).to_string_lossy().to_string()
+    }
+
+    /// `cert = ..., key = ...` for a frontend's `tls` table.
+    fn certificate(&self) -> String {
+        let out = Command::new("openssl")
+            .current_dir(&self.0)
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+            .args(["-subj", &format!("/CN={NAME}")])
+            .args(["-addext", &format!("subjectAltName=DNS:{NAME}")])
+            .args(["-keyout", "www.key", "-out", "www.pem"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        format!(
+            "cert = \"{}\", key = \"{}\"",
+            self.path("www.pem"),
+            self.path("www.key")
+        )
+    }
+
+    /// The arguments that start ringlb on `config`, with a stats endpoint.
+    fn args(&self, config: &str) -> Vec<String> {
+        let path = self.path("ringlb.toml");
+        std::fs::write(&path, config).expect("write config");
+        vec![
+            "--config".into(),
+            path,
+            "--stats".into(),
+            "127.0.0.1:0".into(),
+        ]
+    }
+
+    fn start(&self, config: &str) -> Ringlb {
+        let args = self.args(config);
+        Ringlb::start_raw(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One backend as a `backends` list entry, with a maxconn if given.
+fn backend(addr: SocketAddr, maxconn: Option<u32>) -> String {
+    match maxconn {
+        Some(n) => format!("{{ address = \"{addr}\", name = \"app\", maxconn = {n} }}"),
+        None => format!("{{ address = \"{addr}\", name = \"app\" }}"),
+    }
+}
+
+/// An SNI (passthrough) frontend "f": one route for [`NAME`] over
+/// `backends`, no backends of its own.
+fn sni_config(backends: &str, extra: &str) -> String {
+    format!(
+        "workers = 1\n[[frontend]]\nname = \"f\"\nlisten = \"127.0.0.1:0\"\n\
+         check-interval = \"1h\"\nlog = true\n{extra}\n\
+         [[frontend.route]]\nname = \"www\"\nsni = [\"{NAME}\"]\nbackends = [ {backends} ]\n"
+    )
+}
+
+/// A TLS-terminating frontend "f" over `backends`.
+fn tls_config(dir: &TempDir, backends: &str, extra: &str) -> String {
+    format!(
+        "workers = 1\n[[frontend]]\nname = \"f\"\nlisten = \"127.0.0.1:0\"\n\
+         check-interval = \"1h\"\nlog = true\nbackends = [ {backends} ]\n\
+         tls = {{ {} }}\n{extra}\n",
+        dir.certificate()
+    )
+}
+
+// ---- Metrics ----
+
+/// The sum of every series of `family` (all label sets); `None` if the
+/// scrape fails.
+fn sum(body: &str, family: &str) -> u64 {
+    body.lines()
+        .filter(|l| {
+            l.strip_prefix(family)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn scrape(ringlb: &Ringlb) -> String {
+    ringlb.scrape("/metrics").1
+}
+
+fn family(ringlb: &Ringlb, family: &str) -> u64 {
+    sum(&scrape(ringlb), family)
+}
+
+fn wait_family(ringlb: &Ringlb, name: &str, value: u64) {
+    let ok = eventually(WAIT, || family(ringlb, name) == value);
+    assert!(
+        ok,
+        "{name} is {}, not {value}; logs:\n{}",
+        family(ringlb, name),
+        ringlb.logs()
+    );
+}
+
+/// Everything a connection holds is given back: the connection counts,
+/// the queue, the backends' slots and active counts.
+fn settled(ringlb: &Ringlb) {
+    const GAUGES: [&str; 5] = [
+        "ringlb_connections_active",
+        "ringlb_frontend_connections_active",
+        "ringlb_frontend_queued",
+        "ringlb_backend_maxconn_slots_used",
+        "ringlb_backend_connections_active",
+    ];
+    let mut body = String::new();
+    let ok = eventually(WAIT, || {
+        body = scrape(ringlb);
+        GAUGES.iter().all(|g| sum(&body, g) == 0)
+    });
+    assert!(
+        ok,
+        "gauges not back to 0:\n{}\nlogs:\n{}",
+        body.lines()
+            .filter(|l| GAUGES.iter().any(|g| l.starts_with(g)))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        ringlb.logs()
+    );
+}
+
+/// Per-source places not given back would refuse later clients.
+fn no_source_refused(ringlb: &Ringlb) {
+    let body = scrape(ringlb);
+    let refused = body
+        .lines()
+        .filter(|l| l.starts_with("ringlb_frontend_refused_total") && l.contains("source-"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum::<u64>();
+    assert_eq!(refused, 0, "a per-source place was not given back");
+}
+
+// ---- Clients ----
+
+fn reset(stream: TcpStream) {
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
+    drop(stream);
+}
+
+/// Reads to the end: the bytes on a clean end, the error kind otherwise.
+fn read_end(stream: &mut impl Read) -> Result<Vec<u8>, ErrorKind> {
+    let mut got = Vec::new();
+    stream.read_to_end(&mut got).map_err(|e| e.kind())?;
+    Ok(got)
+}
+
+/// Reads exactly `len` bytes and digests them.
+fn read_digest_of(r: &mut impl Read, len: u64) -> std::io::Result<Digest> {
+    let mut digest = Digest::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    while digest.len < len {
+        let want = buf.len().min((len - digest.len) as usize);
+        let n = r.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(ErrorKind::UnexpectedEof.into());
+        }
+        digest.update(&buf[..n]);
+    }
+    Ok(digest)
+}
+
+/// How one client's exchange ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Every byte came back, exactly.
+    Served,
+    Reset,
+    /// Anything else: a clean end too early, wrong bytes, a timeout.
+    Broken(String),
+}
+
+fn outcome(result: std::io::Result<bool>) -> Outcome {
+    match result {
+        Ok(true) => Outcome::Served,
+        Ok(false) => Outcome::Broken("the echo differs".into()),
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => Outcome::Reset,
+        Err(e) => Outcome::Broken(e.to_string()),
+    }
+}
+
+/// Sends a ClientHello for [`NAME`] and `len` payload bytes, and checks
+/// that the echo backend returns both exactly.
+fn sni_echo(stream: &mut TcpStream, seed: u64, len: u64) -> std::io::Result<bool> {
+    let hello = build::client_hello(Some(NAME), 0);
+    stream.write_all(&hello)?;
+    let sent = send_payload(stream, seed, len)?;
+    let mut back = vec![0u8; hello.len()];
+    stream.read_exact(&mut back)?;
+    Ok(back == hello && read_digest_of(stream, len)? == sent)
+}
+
+/// Below a receive buffer (16 KiB): the relay copies and takes no pipe,
+/// whose fds would blur the tests that run out of fds.
+const SNI_LEN: u64 = 8 * 1024;
+
+fn sni_client(addr: SocketAddr, seed: u64) -> Outcome {
+    let run = || {
+        let mut s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(WAIT))?;
+        sni_echo(&mut s, seed, SNI_LEN)
+    };
+    outcome(run())
+}
+
+/// Accepts any server certificate: these tests are about the connection,
+/// not about trust.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        let algs = &self.0.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        let algs = &self.0.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn client_config() -> Arc<rustls::ClientConfig> {
+    static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+    let config = CONFIG.get_or_init(|| {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+            .with_no_client_auth();
+        Arc::new(config)
+    });
+    Arc::clone(config)
+}
+
+fn tls_conn() -> rustls::ClientConnection {
+    let name = ServerName::try_from(NAME).expect("name");
+    rustls::ClientConnection::new(client_config(), name).expect("client")
+}
+
+type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A TLS client whose handshake with ringlb is complete.
+fn handshake(addr: SocketAddr) -> std::io::Result<Tls> {
+    let sock = TcpStream::connect(addr)?;
+    sock.set_read_timeout(Some(WAIT))?;
+    handshake_on(sock)
+}
+
+fn handshake_on(mut sock: TcpStream) -> std::io::Result<Tls> {
+    let mut conn = tls_conn();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock)?;
+    }
+    Ok(rustls::StreamOwned::new(conn, sock))
+}
+
+/// Sends `len` payload bytes over TLS and checks the echo, exactly.
+fn tls_echo(tls: &mut Tls, seed: u64, len: u64) -> std::io::Result<bool> {
+    let sent = send_payload(tls, seed, len)?;
+    tls.flush()?;
+    Ok(read_digest_of(tls, len)? == sent)
+}
+
+fn tls_client(addr: SocketAddr, seed: u64) -> Outcome {
+    outcome(handshake(addr).and_then(|mut tls| tls_echo(&mut tls, seed, 32 * 1024)))
+}
+
+// ---- Out of fds ----
+
+/// Sets a running process's soft RLIMIT_NOFILE (as `prlimit --pid PID
+/// --nofile=N:`); the hard limit stays, so it can be raised again.
+fn set_soft_nofile(pid: u32, nofile: u64) {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls with valid structs, on our own child's pid.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            std::ptr::null(),
+            &mut old,
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let limit = libc::rlimit {
+        rlim_cur: nofile.min(old.rlim_max),
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: as above.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+/// The lowest fd number free in process `pid`: with RLIMIT_NOFILE at it,
+/// the next fd the process opens fails with EMFILE.
+fn lowest_free_fd(pid: u32) -> u64 {
+    let open: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc/PID/fd")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|fd| !open.contains(fd)).unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+    std::thread::Builder::new()
+        .stack_size(256 * 1024)
+        .spawn(f)
+        .expect("spawn")
+}
+
+// ---- Clients that vanish mid-stage ----
+
+/// Waits until ringlb has accepted `n` clients of frontend "f" (they sit
+/// in a stage, so the reset that follows lands mid-stage).
+fn wait_active(ringlb: &Ringlb, n: u64) {
+    wait_family(ringlb, "ringlb_frontend_connections_active", n);
+}
+
+#[test]
+fn clients_resetting_mid_hello_give_everything_back() {
+    let dir = TempDir::new("midhello");
+    let echo = Backend::start(echo());
+    let ringlb = dir.start(&sni_config(
+        &backend(echo.addr, Some(1)),
+        "max-conn-per-source = 1",
+    ));
+    let hello = build::client_hello(Some(NAME), 0);
+    for round in 1..=4 {
+        let mut c = ringlb.connect();
+        c.write_all(&hello[..hello.len() / 2])
+            .expect("half a hello");
+        wait_active(&ringlb, 1);
+        reset(c);
+        let closed = r#"ringlb_frontend_client_hello_refused_total{frontend="f",reason="closed"}"#;
+        wait_family(&ringlb, closed, round);
+        settled(&ringlb);
+    }
+    assert_eq!(sni_client(ringlb.addr, 1), Outcome::Served);
+    settled(&ringlb);
+    no_source_refused(&ringlb);
+}
+
+#[test]
+fn clients_resetting_mid_proxy_header_give_everything_back() {
+    let dir = TempDir::new("midheader");
+    let echo = Backend::start(echo());
+    let config = format!(
+        "workers = 1\n[[frontend]]\nname = \"f\"\nlisten = \"127.0.0.1:0\"\n\
+         check-interval = \"1h\"\naccept-proxy = true\naccept-proxy-from = [\"127.0.0.0/8\"]\nmax-conn-per-source = 1\n\
+         backends = [ {} ]\n",
+        backend(echo.addr, Some(1))
+    );
+    let ringlb = dir.start(&config);
+    let header = b"PROXY TCP4 192.0.2.1 192.0.2.2 1234 80\r\n";
+    for round in 1..=4 {
+        let mut c = ringlb.connect();
+        c.write_all(&header[..20]).expect("part of a header");
+        wait_active(&ringlb, 1);
+        reset(c);
+        let truncated = r#"ringlb_frontend_proxy_refused_total{frontend="f",reason="truncated"}"#;
+        wait_family(&ringlb, truncated, round);
+        settled(&ringlb);
+    }
+    // The carried client (one place per source) is served afterwards.
+    let mut c = ringlb.connect();
+    c.write_all(header).expect("header");
+    c.write_all(b"ping").expect("ping");
+    let mut back = [0u8; 4];
+    c.read_exact(&mut back).expect("echo");
+    assert_eq!(&back, b"ping");
+    drop(c);
+    settled(&ringlb);
+    no_source_refused(&ringlb);
+}
+
+#[test]
+fn clients_resetting_mid_handshake_give_everything_back() {
+    let dir = TempDir::new("midhandshake");
+    let echo = Backend::start(echo());
+    let config = tls_config(
+        &dir,
+        &backend(echo.addr, Some(1)),
+        "max-conn-per-source = 1",
+    );
+    let ringlb = dir.start(&config);
+    let closed = r#"ringlb_tls_handshake_failures_total{frontend="f",reason="closed"}"#;
+    // Half a ClientHello, then a reset.
+    let hello = build::client_hello(Some(NAME), 0);
+    let mut c = ringlb.connect();
+    c.write_all(&hello[..hello.len() / 2])
+        .expect("half a hello");
+    wait_active(&ringlb, 1);
+    reset(c);
+    wait_family(&ringlb, closed, 1);
+    settled(&ringlb);
+    // A whole ClientHello, the server's first flight read, then a reset.
+    for round in 2..=4 {
+        let mut c = ringlb.connect();
+        let mut conn = tls_conn();
+        conn.write_tls(&mut c).expect("ClientHello");
+        let mut some = [0u8; 64];
+        let n = c.read(&mut some).expect("the server's flight");
+        assert!(n > 0, "ringlb ended the handshake");
+        reset(c);
+        wait_family(&ringlb, closed, round);
+        settled(&ringlb);
+    }
+    assert_eq!(tls_client(ringlb.addr, 1), Outcome::Served);
+    settled(&ringlb);
+    no_source_refused(&ringlb);
+}
+
+// ---- The queue ----
+
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    Sni,
+    Tls,
+}
+
+/// A frontend in `mode` over one echo backend with maxconn 1.
+fn queued_frontend(dir: &TempDir, mode: Mode, addr: SocketAddr, extra: &str) -> Ringlb {
+    let backends = backend(addr, Some(1));
+    let config = match mode {
+        Mode::Sni => sni_config(&backends, extra),
+        Mode::Tls => tls_config(dir, &backends, extra),
+    };
+    dir.start(&config)
+}
+
+/// A client that holds the backend's only slot, relaying, until dropped.
+struct Holder(#[allow(dead_code, reason = "held for its connection")] Box<dyn std::any::Any>);
+
+fn hold(mode: Mode, addr: SocketAddr) -> Holder {
+    match mode {
+        Mode::Sni => {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            s.set_read_timeout(Some(WAIT)).unwrap();
+            assert!(sni_echo(&mut s, 7, 16).expect("served"));
+            Holder(Box::new(s))
+        }
+        Mode::Tls => {
+            let mut tls = handshake(addr).expect("handshake");
+            assert!(tls_echo(&mut tls, 7, 16).expect("served"));
+            Holder(Box::new(tls))
+        }
+    }
+}
+
+/// A client past its hello or handshake, so queued: its socket.
+fn queue_one(mode: Mode, addr: SocketAddr) -> TcpStream {
+    match mode {
+        Mode::Sni => {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            s.write_all(&build::client_hello(Some(NAME), 0))
+                .expect("hello");
+            s
+        }
+        Mode::Tls => handshake(addr).expect("handshake").sock,
+    }
+}
+
+fn queued_clients_that_reset_give_their_place_back(mode: Mode) {
+    let dir = TempDir::new(&format!("queuereset-{mode:?}"));
+    let echo = Backend::start(echo());
+    let ringlb = queued_frontend(&dir, mode, echo.addr, "timeout-queue = \"60s\"");
+    let holder = hold(mode, ringlb.addr);
+    let queued: Vec<TcpStream> = (0..5).map(|_| queue_one(mode, ringlb.addr)).collect();
+    wait_family(&ringlb, "ringlb_frontend_queued", 5);
+    for c in queued {
+        reset(c);
+    }
+    // Well before the queue timeout: only the holder is left.
+    wait_family(&ringlb, "ringlb_frontend_queued", 0);
+    wait_active(&ringlb, 1);
+    assert_eq!(family(&ringlb, "ringlb_backend_maxconn_slots_used"), 1);
+    drop(holder);
+    settled(&ringlb);
+    let served = match mode {
+        Mode::Sni => sni_client(ringlb.addr, 2),
+        Mode::Tls => tls_client(ringlb.addr, 2),
+    };
+    assert_eq!(served, Outcome::Served, "{}", ringlb.logs());
+    settled(&ringlb);
+    // Only the holder and the last client reached the backend.
+    assert_eq!(family(&ringlb, "ringlb_backend_connections_total"), 2);
+    assert_eq!(family(&ringlb, "ringlb_frontend_queue_timeouts_total"), 0);
+}
+
+#[test]
+fn sni_clients_that_reset_while_queued_give_their_place_back() {
+    queued_clients_that_reset_give_their_place_back(Mode::Sni);
+}
+
+#[test]
+fn tls_clients_that_reset_while_queued_give_their_place_back() {
+    queued_clients_that_reset_give_their_place_back(Mode::Tls);
+}
+
+/// A terminated client sends its request and half-closes while queued: it
+/// still wants the answer. (Found here: the watch on the queued client
+/// saw its end of stream and nothing unread in the socket, since the TLS
+/// receive had taken the request already, and reset it as gone.)
+#[test]
+fn a_tls_client_that_half_closes_while_queued_is_still_served() {
+    let dir = TempDir::new("queuefin");
+    let echo = Backend::start(echo());
+    let ringlb = queued_frontend(&dir, Mode::Tls, echo.addr, "timeout-queue = \"60s\"");
+    let holder = hold(Mode::Tls, ringlb.addr);
+    let mut tls = handshake(ringlb.addr).expect("handshake");
+    wait_family(&ringlb, "ringlb_frontend_queued", 1);
+    tls.write_all(b"request").expect("request");
+    tls.flush().expect("flush");
+    tls.sock.shutdown(Shutdown::Write).expect("half-close");
+    // Nothing to wait on for "still queued": the reset came within a
+    // millisecond of the end of stream, so half a second is ample.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < deadline {
+        assert_eq!(
+            family(&ringlb, "ringlb_frontend_queued"),
+            1,
+            "the half-closed client left the queue; logs:\n{}",
+            ringlb.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(holder);
+    let answer = read_end(&mut tls);
+    assert_eq!(answer, Ok(b"request".to_vec()), "{}", ringlb.logs());
+    settled(&ringlb);
+}
+
+#[test]
+fn a_tls_client_timed_out_in_the_queue_is_reset_and_gives_everything_back() {
+    let dir = TempDir::new("queuetimeout");
+    let echo = Backend::start(echo());
+    let ringlb = queued_frontend(&dir, Mode::Tls, echo.addr, "timeout-queue = \"500ms\"");
+    let holder = hold(Mode::Tls, ringlb.addr);
+    let mut tls = handshake(ringlb.addr).expect("handshake");
+    tls.write_all(b"request").expect("request");
+    tls.flush().expect("flush");
+    assert_eq!(read_end(&mut tls.sock), Err(ErrorKind::ConnectionReset));
+    wait_family(&ringlb, "ringlb_frontend_queue_timeouts_total", 1);
+    wait_active(&ringlb, 1);
+    drop(holder);
+    settled(&ringlb);
+}
+
+// ---- The TLS relay ----
+
+/// A corrupt record after the handshake: ringlb cannot carry the stream
+/// on, so both peers are reset; a clean end to the client would pass the
+/// part it got off as the whole. (Found here: the client got a FIN.)
+#[test]
+fn a_corrupt_record_after_the_handshake_resets_both_sides() {
+    let dir = TempDir::new("corrupt");
+    let (ends, ended) = mpsc::channel();
+    let ends = std::sync::Mutex::new(ends);
+    let echo = Backend::start(Arc::new(move |mut s: TcpStream| {
+        let mut buf = [0u8; 4096];
+        let end = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => {
+                    if let Err(e) = s.write_all(&buf[..n]) {
+                        break Err(e.kind());
+                    }
+                }
+                Err(e) => break Err(e.kind()),
+            }
+        };
+        let _ = ends.lock().map(|tx| tx.send(end));
+    }));
+    let ringlb = dir.start(&tls_config(&dir, &backend(echo.addr, None), ""));
+    let mut tls = handshake(ringlb.addr).expect("handshake");
+    assert!(tls_echo(&mut tls, 3, 1024).expect("served"));
+    // An application-data record whose contents fail to decrypt.
+    let mut record = vec![0x17, 0x03, 0x03, 0x00, 0x40];
+    record.extend((0..0x40u8).map(|i| i.wrapping_mul(37)));
+    tls.sock.write_all(&record).expect("send");
+    assert_eq!(
+        read_end(&mut tls.sock),
+        Err(ErrorKind::ConnectionReset),
+        "{}",
+        ringlb.logs()
+    );
+    let backend_end = ended.recv_timeout(WAIT).expect("the backend's end");
+    assert_eq!(backend_end, Err(ErrorKind::ConnectionReset));
+    settled(&ringlb);
+}
+
+// ---- Floods ----
+
+/// 2,000 clients each send half a ClientHello and idle. ringlb's memory
+/// stays bounded, another client is served meanwhile, and every one of
+/// them is reset at timeout-client-hello and counted; the gauges go back
+/// to zero.
+#[test]
+fn a_flood_of_half_hellos_is_bounded_served_around_and_reset_at_the_timeout() {
+    const FLOOD: u64 = 2000;
+    raise_fd_limit();
+    let dir = TempDir::new("flood");
+    let echo = Backend::start(echo());
+    let ringlb = dir.start(&sni_config(
+        &backend(echo.addr, None),
+        "timeout-client-hello = \"8s\"",
+    ));
+    let pid = ringlb.child.id();
+    assert_eq!(sni_client(ringlb.addr, 1), Outcome::Served);
+    settled(&ringlb);
+    let before = rss_kib(pid);
+    let hello = build::client_hello(Some(NAME), 0);
+    let started = Instant::now();
+    let flood: Vec<TcpStream> = (0..FLOOD)
+        .map(|_| {
+            let mut c = TcpStream::connect(ringlb.addr).expect("connect");
+            c.write_all(&hello[..hello.len() / 2])
+                .expect("half a hello");
+            c
+        })
+        .collect();
+    wait_active(&ringlb, FLOOD);
+    assert!(
+        started.elapsed() < Duration::from_secs(7),
+        "the flood took {:?}, past the timeout: the test proves nothing",
+        started.elapsed()
+    );
+    let grown = rss_kib(pid).saturating_sub(before);
+    eprintln!("{FLOOD} half hellos: ringlb grew by {grown} KiB");
+    // About 4 KiB of hello buffer and a slab entry each; 32 KiB each
+    // would mean a buffer per stage too many.
+    assert!(grown < FLOOD * 32, "grew by {grown} KiB");
+    assert_eq!(sni_client(ringlb.addr, 2), Outcome::Served);
+    for (i, mut c) in flood.into_iter().enumerate() {
+        c.set_read_timeout(Some(WAIT)).unwrap();
+        assert_eq!(
+            read_end(&mut c),
+            Err(ErrorKind::ConnectionReset),
+            "client {i}"
+        );
+    }
+    let late = r#"ringlb_frontend_client_hello_refused_total{frontend="f",reason="timeout"}"#;
+    wait_family(&ringlb, late, FLOOD);
+    settled(&ringlb);
+    assert_eq!(family(&ringlb, "ringlb_route_connections_total"), 2);
+}
+
+// ---- Out of fds ----
+
+/// Clients connected now, in threads: each runs `client` once `go` says.
+fn clients_in_threads(
+    addr: SocketAddr,
+    n: u64,
+    first_seed: u64,
+    client: fn(TcpStream, u64) -> Outcome,
+) -> (Vec<JoinHandle<Outcome>>, Vec<mpsc::Sender<()>>) {
+    let mut threads = Vec::new();
+    let mut gos = Vec::new();
+    for i in 0..n {
+        let sock = TcpStream::connect(addr).expect("connect");
+        sock.set_read_timeout(Some(WAIT)).unwrap();
+        let (go, wait) = mpsc::channel::<()>();
+        gos.push(go);
+        threads.push(spawn(move || {
+            let _ = wait.recv();
+            client(sock, first_seed + i)
+        }));
+    }
+    (threads, gos)
+}
+
+fn tls_on(sock: TcpStream, seed: u64) -> Outcome {
+    outcome(handshake_on(sock).and_then(|mut tls| tls_echo(&mut tls, seed, 32 * 1024)))
+}
+
+fn sni_on(mut sock: TcpStream, seed: u64) -> Outcome {
+    outcome(sni_echo(&mut sock, seed, SNI_LEN))
+}
+
+fn go(gos: Vec<mpsc::Sender<()>>) {
+    for g in gos {
+        let _ = g.send(());
+    }
+}
+
+/// Out of fds with a TLS-terminating frontend: clients whose handshake
+/// completes cannot get a backend socket and wait (the connect timeout is
+/// long); clients that come meanwhile wait in the accept queue. Once fds
+/// are back every one is served, byte for byte, and the gauges settle.
+#[test]
+fn out_of_fds_a_tls_frontend_holds_its_clients_and_recovers() {
+    raise_fd_limit();
+    let dir = TempDir::new("fdtls");
+    let echo = Backend::start(echo());
+    // A frontend maxconn keeps the worker on accept4(2), which sees the fd
+    // limit as it is now (a multishot accept keeps the one it was armed
+    // with).
+    let extra = "connect-timeout = \"30s\"\nmaxconn = 1000";
+    let config = tls_config(&dir, &backend(echo.addr, Some(100)), extra);
+    let ringlb = dir.start(&config);
+    let pid = ringlb.child.id();
+    assert_eq!(tls_client(ringlb.addr, 1), Outcome::Served);
+    settled(&ringlb);
+    let (mut threads, gos) = clients_in_threads(ringlb.addr, 8, 10, tls_on);
+    wait_active(&ringlb, 8);
+    let nofile = lowest_free_fd(pid);
+    set_soft_nofile(pid, nofile);
+    // No scrape from here on: the stats server needs fds too.
+    let (late, late_gos) = clients_in_threads(ringlb.addr, 4, 20, tls_on);
+    threads.extend(late);
+    go(gos);
+    go(late_gos);
+    let waiting = "waits for an fd for its backend socket";
+    let waited = ringlb.wait_log_count(waiting, 8, WAIT).is_some()
+        && ringlb.wait_log("accept on", WAIT).is_some();
+    set_soft_nofile(pid, 20_000);
+    assert!(waited, "not out of fds; logs:\n{}", ringlb.logs());
+    for (i, t) in threads.into_iter().enumerate() {
+        let got = t.join().expect("client thread");
+        assert_eq!(got, Outcome::Served, "client {i}; logs:\n{}", ringlb.logs());
+    }
+    settled(&ringlb);
+    assert_eq!(
+        family(&ringlb, "ringlb_frontend_local_errors_total"),
+        0,
+        "{}",
+        ringlb.logs()
+    );
+    assert_eq!(tls_client(ringlb.addr, 2), Outcome::Served);
+    settled(&ringlb);
+}
+
+/// Out of fds with an SNI frontend, past the connect timeout: a routed
+/// client that gets no backend socket in time is reset, never closed
+/// cleanly, and one that got through is served exactly. Once fds are
+/// back, a later client is served and the gauges settle.
+#[test]
+fn out_of_fds_an_sni_frontend_resets_or_serves_and_recovers() {
+    raise_fd_limit();
+    let dir = TempDir::new("fdsni");
+    let echo = Backend::start(echo());
+    let extra = "connect-timeout = \"1s\"\nmaxconn = 1000";
+    let config = sni_config(&backend(echo.addr, Some(100)), extra);
+    let ringlb = dir.start(&config);
+    let pid = ringlb.child.id();
+    assert_eq!(sni_client(ringlb.addr, 1), Outcome::Served);
+    settled(&ringlb);
+    let (mut threads, gos) = clients_in_threads(ringlb.addr, 6, 10, sni_on);
+    wait_active(&ringlb, 6);
+    set_soft_nofile(pid, lowest_free_fd(pid));
+    let (late, late_gos) = clients_in_threads(ringlb.addr, 3, 20, sni_on);
+    threads.extend(late);
+    go(gos);
+    go(late_gos);
+    let reset_seen = ringlb
+        .wait_log("cannot create a backend socket", WAIT)
+        .is_some();
+    // The fds back only once every early client has its outcome.
+    let early: Vec<JoinHandle<Outcome>> = threads.drain(..6).collect();
+    let mut outcomes: Vec<Outcome> = early
+        .into_iter()
+        .map(|t| t.join().expect("client thread"))
+        .collect();
+    set_soft_nofile(pid, 20_000);
+    outcomes.extend(
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("client thread")),
+    );
+    assert!(reset_seen, "not out of fds; logs:\n{}", ringlb.logs());
+    for (i, got) in outcomes.iter().enumerate() {
+        assert!(
+            matches!(got, Outcome::Served | Outcome::Reset),
+            "client {i}: {got:?}; logs:\n{}",
+            ringlb.logs()
+        );
+    }
+    assert!(outcomes.contains(&Outcome::Reset), "{outcomes:?}");
+    settled(&ringlb);
+    assert_eq!(sni_client(ringlb.addr, 2), Outcome::Served);
+    settled(&ringlb);
+}
+
+// ---- Backends that refuse the replayed hello ----
+
+/// A route's backend (maxconn 1) that resets each connection once the
+/// replayed hello arrives, and one that refuses connects: every client is
+/// reset, and the slot comes back each time (a lost slot would queue the
+/// next client).
+#[test]
+fn backends_refusing_after_the_replayed_hello_give_their_slot_back() {
+    let dir = TempDir::new("refusing");
+    let resetting = Backend::start(Arc::new(|mut s: TcpStream| {
+        let mut buf = [0u8; 4096];
+        if s.read(&mut buf).is_ok_and(|n| n > 0) {
+            reset(s);
+        }
+    }));
+    for (label, addr) in [("resets", resetting.addr), ("refuses", refused_addr())] {
+        let ringlb = dir.start(&sni_config(
+            &backend(addr, Some(1)),
+            "timeout-queue = \"60s\"\nretries = 1",
+        ));
+        for round in 0..4 {
+            let mut c = ringlb.connect();
+            c.write_all(&build::client_hello(Some(NAME), 0))
+                .expect("hello");
+            let end = read_end(&mut c);
+            assert_eq!(
+                end,
+                Err(ErrorKind::ConnectionReset),
+                "{label} round {round}"
+            );
+            settled(&ringlb);
+        }
+    }
+}
