@@ -109,10 +109,15 @@ fn sni_config(backends: &str, extra: &str) -> String {
 
 /// A TLS-terminating frontend "f" over `backends`.
 fn tls_config(dir: &TempDir, backends: &str, extra: &str) -> String {
+    tls_config_with(dir, backends, "", extra)
+}
+
+/// As [`tls_config`], with more keys (`, key = value`) in its `tls` table.
+fn tls_config_with(dir: &TempDir, backends: &str, tls: &str, extra: &str) -> String {
     format!(
         "workers = 1\n[[frontend]]\nname = \"f\"\nlisten = \"127.0.0.1:0\"\n\
          check-interval = \"1h\"\nlog = true\nbackends = [ {backends} ]\n\
-         tls = {{ {} }}\n{extra}\n",
+         tls = {{ {}{tls} }}\n{extra}\n",
         dir.certificate()
     )
 }
@@ -694,22 +699,34 @@ fn a_corrupt_record_after_the_handshake_resets_both_sides() {
 
 // ---- Floods ----
 
-/// 2,000 clients each send half a ClientHello and idle. ringlb's memory
-/// stays bounded, another client is served meanwhile, and every one of
-/// them is reset at timeout-client-hello and counted; the gauges go back
-/// to zero.
-#[test]
-fn a_flood_of_half_hellos_is_bounded_served_around_and_reset_at_the_timeout() {
+/// 2,000 clients each send half a ClientHello and idle, before an SNI
+/// frontend (its hello stage) or a TLS-terminating one (its handshake).
+/// ringlb's memory stays bounded, another client is served meanwhile, and
+/// every one of them is reset at the stage's timeout and counted; the
+/// gauges go back to zero.
+fn half_hello_flood(mode: Mode, per_client_kib: u64) {
     const FLOOD: u64 = 2000;
     raise_fd_limit();
-    let dir = TempDir::new("flood");
+    let dir = TempDir::new(&format!("flood-{mode:?}"));
     let echo = Backend::start(echo());
-    let ringlb = dir.start(&sni_config(
-        &backend(echo.addr, None),
-        "timeout-client-hello = \"8s\"",
-    ));
+    let backends = backend(echo.addr, None);
+    let (config, late) = match mode {
+        Mode::Sni => (
+            sni_config(&backends, "timeout-client-hello = \"8s\""),
+            r#"ringlb_frontend_client_hello_refused_total{frontend="f",reason="timeout"}"#,
+        ),
+        Mode::Tls => (
+            tls_config_with(&dir, &backends, ", handshake-timeout = \"8s\"", ""),
+            r#"ringlb_tls_handshake_failures_total{frontend="f",reason="timeout"}"#,
+        ),
+    };
+    let ringlb = dir.start(&config);
     let pid = ringlb.child.id();
-    assert_eq!(sni_client(ringlb.addr, 1), Outcome::Served);
+    let client = |seed| match mode {
+        Mode::Sni => sni_client(ringlb.addr, seed),
+        Mode::Tls => tls_client(ringlb.addr, seed),
+    };
+    assert_eq!(client(1), Outcome::Served);
     settled(&ringlb);
     let before = rss_kib(pid);
     let hello = build::client_hello(Some(NAME), 0);
@@ -729,11 +746,9 @@ fn a_flood_of_half_hellos_is_bounded_served_around_and_reset_at_the_timeout() {
         started.elapsed()
     );
     let grown = rss_kib(pid).saturating_sub(before);
-    eprintln!("{FLOOD} half hellos: ringlb grew by {grown} KiB");
-    // About 4 KiB of hello buffer and a slab entry each; 32 KiB each
-    // would mean a buffer per stage too many.
-    assert!(grown < FLOOD * 32, "grew by {grown} KiB");
-    assert_eq!(sni_client(ringlb.addr, 2), Outcome::Served);
+    eprintln!("{mode:?}: {FLOOD} half hellos: ringlb grew by {grown} KiB");
+    assert!(grown < FLOOD * per_client_kib, "grew by {grown} KiB");
+    assert_eq!(client(2), Outcome::Served);
     for (i, mut c) in flood.into_iter().enumerate() {
         c.set_read_timeout(Some(WAIT)).unwrap();
         assert_eq!(
@@ -742,10 +757,21 @@ fn a_flood_of_half_hellos_is_bounded_served_around_and_reset_at_the_timeout() {
             "client {i}"
         );
     }
-    let late = r#"ringlb_frontend_client_hello_refused_total{frontend="f",reason="timeout"}"#;
     wait_family(&ringlb, late, FLOOD);
     settled(&ringlb);
-    assert_eq!(family(&ringlb, "ringlb_route_connections_total"), 2);
+    assert_eq!(family(&ringlb, "ringlb_backend_connections_total"), 2);
+}
+
+/// About 4.5 KiB each were measured (a hello buffer, a slab entry).
+#[test]
+fn a_flood_of_half_hellos_is_bounded_served_around_and_reset_at_the_timeout() {
+    half_hello_flood(Mode::Sni, 12);
+}
+
+/// About 24 KiB each were measured (receive buffers, rustls state).
+#[test]
+fn a_flood_of_half_handshakes_is_bounded_served_around_and_reset_at_the_timeout() {
+    half_hello_flood(Mode::Tls, 64);
 }
 
 // ---- Out of fds ----
@@ -882,6 +908,103 @@ fn out_of_fds_an_sni_frontend_resets_or_serves_and_recovers() {
     settled(&ringlb);
     assert_eq!(sni_client(ringlb.addr, 2), Outcome::Served);
     settled(&ringlb);
+}
+
+/// Serves one client in `mode` and keeps its connection open: the
+/// outcome, and what holds the connection.
+fn served_and_held(mode: Mode, addr: SocketAddr, seed: u64) -> (Outcome, Option<Holder>) {
+    let run = || -> std::io::Result<(bool, Holder)> {
+        match mode {
+            Mode::Sni => {
+                let mut s = TcpStream::connect(addr)?;
+                s.set_read_timeout(Some(WAIT))?;
+                Ok((sni_echo(&mut s, seed, SNI_LEN)?, Holder(Box::new(s))))
+            }
+            Mode::Tls => {
+                let mut tls = handshake(addr)?;
+                Ok((tls_echo(&mut tls, seed, 1024)?, Holder(Box::new(tls))))
+            }
+        }
+    };
+    match run() {
+        Ok((exact, holder)) => (outcome(Ok(exact)), Some(holder)),
+        Err(e) => (outcome(Err(e)), None),
+    }
+}
+
+/// Started with `prlimit --nofile=128`: the clients past the connection
+/// limit that RLIMIT_NOFILE sets wait in the kernel's accept queue (their
+/// hello or handshake unanswered), none is reset or closed; as the served
+/// ones leave, every waiting one is served exactly; the gauges settle.
+fn at_the_fd_derived_limit(mode: Mode) {
+    raise_fd_limit();
+    let dir = TempDir::new(&format!("nofile-{mode:?}"));
+    let echo = Backend::start(echo());
+    let backends = backend(echo.addr, Some(1000));
+    let config = match mode {
+        Mode::Sni => sni_config(&backends, ""),
+        Mode::Tls => tls_config(&dir, &backends, ""),
+    };
+    let args = dir.args(&config);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let ringlb = Ringlb::start_command(ringlb_with_nofile(128, &args));
+    let limit = ringlb.metric("ringlb_connection_limit ").expect("limit");
+    assert!((10..64).contains(&limit), "limit {limit}");
+    let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let addr = ringlb.addr;
+    let threads: Vec<JoinHandle<Outcome>> = (0..limit + 20)
+        .map(|seed| {
+            let (served, gate) = (Arc::clone(&served), Arc::clone(&gate));
+            spawn(move || {
+                let (got, holder) = served_and_held(mode, addr, seed);
+                served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let (open, opened) = &*gate;
+                let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
+                while !*open {
+                    open = opened.wait(open).unwrap_or_else(|e| e.into_inner());
+                }
+                drop(holder);
+                got
+            })
+        })
+        .collect();
+    let at_limit = || served.load(std::sync::atomic::Ordering::SeqCst) == limit;
+    assert!(eventually(WAIT, at_limit), "{}", ringlb.logs());
+    assert!(
+        ringlb.wait_log("at the connection limit", WAIT).is_some(),
+        "{}",
+        ringlb.logs()
+    );
+    assert_eq!(family(&ringlb, "ringlb_connections_active"), limit);
+    // The rest wait: none was answered, reset or closed.
+    assert!(at_limit(), "a client past the limit got an answer");
+    {
+        let (open, opened) = &*gate;
+        *open.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        opened.notify_all();
+    }
+    for (i, t) in threads.into_iter().enumerate() {
+        let got = t.join().expect("client thread");
+        assert_eq!(got, Outcome::Served, "client {i}; logs:\n{}", ringlb.logs());
+    }
+    settled(&ringlb);
+    assert_eq!(
+        family(&ringlb, "ringlb_backend_connections_total"),
+        limit + 20
+    );
+    assert_eq!(ringlb.count_logs("backend socket"), 0, "{}", ringlb.logs());
+    assert_eq!(ringlb.count_logs("accept on"), 0, "{}", ringlb.logs());
+}
+
+#[test]
+fn at_the_fd_derived_limit_sni_clients_wait_and_are_all_served() {
+    at_the_fd_derived_limit(Mode::Sni);
+}
+
+#[test]
+fn at_the_fd_derived_limit_tls_clients_wait_and_are_all_served() {
+    at_the_fd_derived_limit(Mode::Tls);
 }
 
 // ---- Backends that refuse the replayed hello ----
