@@ -1901,6 +1901,10 @@ impl Worker {
             let new = views.values().find(|v| Arc::ptr_eq(&v.snap.shared, shared));
             match (new, &mut session.stage) {
                 (Some(view), Stage::Queued(queued)) => {
+                    // The route's index is the old snapshot's: the new one
+                    // may order, match or keep its routes differently.
+                    // Route again by the name the client asked for.
+                    session.route = stages::route_for(&view.snap, session.server_name.as_deref());
                     session.view = Rc::clone(view);
                     queued.connecting.tried = Tried::default();
                 }

@@ -1041,3 +1041,91 @@ fn backends_refusing_after_the_replayed_hello_give_their_slot_back() {
         }
     }
 }
+
+// ---- A reload while queued ----
+
+/// Writes its name and a newline, then echoes.
+fn named_echo(name: &'static str) -> Handler {
+    Arc::new(move |mut s: TcpStream| {
+        if s.write_all(format!("{name}\n").as_bytes()).is_err() {
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = s.read(&mut buf) {
+            if s.write_all(&buf[..n]).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// Sends a hello for `name` and reads the backend's name line.
+fn routed_to(stream: &mut TcpStream, name: &str) -> std::io::Result<String> {
+    stream.write_all(&build::client_hello(Some(name), 0))?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\n") {
+        if stream.read(&mut byte)? == 0 {
+            return Err(ErrorKind::UnexpectedEof.into());
+        }
+        line.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&line).trim().to_string())
+}
+
+/// A queued client keeps the route its server name chose when a reload
+/// reorders the routes. (Found here: the queue kept the route's index,
+/// which named another route in the new snapshot, so the client went to
+/// the backends of a name it never asked for.)
+#[test]
+fn a_reload_that_reorders_routes_keeps_queued_clients_on_their_route() {
+    let dir = TempDir::new("reorder");
+    let www = Backend::start(named_echo("www"));
+    let api = Backend::start(named_echo("api"));
+    let routes = |first: (&str, SocketAddr, u32), second: (&str, SocketAddr, u32)| {
+        let route = |(name, addr, maxconn): (&str, SocketAddr, u32)| {
+            format!(
+                "[[frontend.route]]\nname = \"{name}\"\nsni = [\"{name}.foobar.com\"]\n\
+                 backends = [ {{ address = \"{addr}\", name = \"{name}\", maxconn = {maxconn} }} ]\n"
+            )
+        };
+        format!(
+            "workers = 1\n[[frontend]]\nname = \"f\"\nlisten = \"127.0.0.1:0\"\n\
+             check-interval = \"1h\"\ntimeout-queue = \"60s\"\n{}{}",
+            route(first),
+            route(second)
+        )
+    };
+    let ringlb = dir.start(&routes(("www", www.addr, 1), ("api", api.addr, 100)));
+    let mut holder = ringlb.connect();
+    assert_eq!(
+        routed_to(&mut holder, "www.foobar.com").expect("www"),
+        "www"
+    );
+    let mut queued = ringlb.connect();
+    queued
+        .write_all(&build::client_hello(Some("www.foobar.com"), 0))
+        .expect("hello");
+    wait_family(&ringlb, "ringlb_frontend_queued", 1);
+    std::fs::write(
+        dir.path("ringlb.toml"),
+        routes(("api", api.addr, 100), ("www", www.addr, 1)),
+    )
+    .expect("rewrite the config");
+    ringlb.signal(libc::SIGHUP);
+    let line = ringlb.wait_log("reload 1 ", WAIT);
+    assert!(
+        line.as_deref().is_some_and(|l| l.contains("applied")),
+        "{line:?}; logs:\n{}",
+        ringlb.logs()
+    );
+    drop(holder);
+    let mut name = Vec::new();
+    let mut byte = [0u8; 1];
+    while !name.ends_with(b"\n") && queued.read(&mut byte).expect("served") == 1 {
+        name.push(byte[0]);
+    }
+    assert_eq!(String::from_utf8_lossy(&name).trim(), "www");
+    drop(queued);
+    settled(&ringlb);
+}
