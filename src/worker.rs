@@ -1605,16 +1605,24 @@ impl Worker {
     }
 
     /// Gives the free slots to this worker's queued connections, oldest
-    /// first, per frontend; stays marked as waiting while any is left.
+    /// first per route; stays marked as waiting while any is left.
     fn serve_queues(&mut self) -> std::io::Result<()> {
         if self.queues.is_empty() {
             return Ok(());
         }
         for shared in self.queues.frontends() {
             shared.queue_waiting.mark(self.id);
-            while let Some(key) = self.queues.front(&shared) {
-                if !self.try_place(&shared, key)? {
-                    break;
+            // Routes have backends of their own: one whose backends are
+            // all full must not hold back a client of another route queued
+            // behind it. In order within a route.
+            let mut full: Vec<usize> = Vec::new();
+            for key in self.queues.line_of(&shared) {
+                let Some(route) = self.sessions.get(key).map(|s| s.route) else {
+                    self.queues.remove(&shared, key);
+                    continue;
+                };
+                if !full.contains(&route) && !self.try_place(&shared, key)? {
+                    full.push(route);
                 }
             }
         }

@@ -1058,15 +1058,7 @@ fn named_echo(name: &'static str) -> Handler {
 /// Sends a hello for `name` and reads the backend's name line.
 fn routed_to(stream: &mut TcpStream, name: &str) -> std::io::Result<String> {
     stream.write_all(&build::client_hello(Some(name), 0))?;
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while !line.ends_with(b"\n") {
-        if stream.read(&mut byte)? == 0 {
-            return Err(ErrorKind::UnexpectedEof.into());
-        }
-        line.push(byte[0]);
-    }
-    Ok(String::from_utf8_lossy(&line).trim().to_string())
+    name_line(stream)
 }
 
 /// A queued client keeps the route its server name chose when a reload
@@ -1116,12 +1108,79 @@ fn a_reload_that_reorders_routes_keeps_queued_clients_on_their_route() {
         ringlb.logs()
     );
     drop(holder);
-    let mut name = Vec::new();
-    let mut byte = [0u8; 1];
-    while !name.ends_with(b"\n") && queued.read(&mut byte).expect("served") == 1 {
-        name.push(byte[0]);
-    }
-    assert_eq!(String::from_utf8_lossy(&name).trim(), "www");
+    assert_eq!(name_line(&mut queued).expect("served"), "www");
     drop(queued);
     settled(&ringlb);
+}
+
+/// Reads the backend's name line.
+fn name_line(stream: &mut TcpStream) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\n") {
+        if stream.read(&mut byte)? == 0 {
+            return Err(ErrorKind::UnexpectedEof.into());
+        }
+        line.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&line).trim().to_string())
+}
+
+/// Two routes, each over one backend with maxconn 1, both full: a client
+/// queued for one route does not hold back a client of the other route
+/// queued behind it once that route has room. (Found here: the queue was
+/// served strictly in order per frontend and stopped at its first full
+/// client, so the second one waited for a slot of a backend it would
+/// never use, up to timeout-queue.)
+#[test]
+fn a_client_queued_for_a_full_route_does_not_hold_back_another_route() {
+    let dir = TempDir::new("hol");
+    let www = Backend::start(named_echo("www"));
+    let api = Backend::start(named_echo("api"));
+    let route = |name: &str, addr: SocketAddr| {
+        format!(
+            "[[frontend.route]]\nname = \"{name}\"\nsni = [\"{name}.foobar.com\"]\n\
+             backends = [ {{ address = \"{addr}\", name = \"{name}\", maxconn = 1 }} ]\n"
+        )
+    };
+    let config = format!(
+        "workers = 1\n[[frontend]]\nname = \"f\"\nlisten = \"127.0.0.1:0\"\n\
+         check-interval = \"1h\"\ntimeout-queue = \"60s\"\n{}{}",
+        route("www", www.addr),
+        route("api", api.addr)
+    );
+    let ringlb = dir.start(&config);
+    let mut hold_www = ringlb.connect();
+    assert_eq!(
+        routed_to(&mut hold_www, "www.foobar.com").expect("www"),
+        "www"
+    );
+    let mut hold_api = ringlb.connect();
+    assert_eq!(
+        routed_to(&mut hold_api, "api.foobar.com").expect("api"),
+        "api"
+    );
+    let mut first = ringlb.connect();
+    first
+        .write_all(&build::client_hello(Some("www.foobar.com"), 0))
+        .expect("hello");
+    wait_family(&ringlb, "ringlb_frontend_queued", 1);
+    let mut second = ringlb.connect();
+    second
+        .write_all(&build::client_hello(Some("api.foobar.com"), 0))
+        .expect("hello");
+    wait_family(&ringlb, "ringlb_frontend_queued", 2);
+    drop(hold_api);
+    assert_eq!(
+        name_line(&mut second).map_err(|e| e.kind()),
+        Ok("api".to_string()),
+        "{}",
+        ringlb.logs()
+    );
+    assert_eq!(family(&ringlb, "ringlb_frontend_queued"), 1);
+    drop(hold_www);
+    assert_eq!(name_line(&mut first).expect("www"), "www");
+    drop((first, second));
+    settled(&ringlb);
+    assert_eq!(family(&ringlb, "ringlb_frontend_queue_timeouts_total"), 0);
 }
