@@ -819,10 +819,10 @@ fn out_of_fds_a_tls_frontend_holds_its_clients_and_recovers() {
     raise_fd_limit();
     let dir = TempDir::new("fdtls");
     let echo = Backend::start(echo());
-    // A frontend maxconn keeps the worker on accept4(2), which sees the fd
-    // limit as it is now (a multishot accept keeps the one it was armed
-    // with).
-    let extra = "connect-timeout = \"30s\"\nmaxconn = 1000";
+    // A frontend maxconn below the accept queue's length keeps the worker
+    // on accept4(2), which sees the fd limit as it is now (a multishot
+    // accept keeps the one it was armed with).
+    let extra = "connect-timeout = \"30s\"\nmaxconn = 100";
     let config = tls_config(&dir, &backend(echo.addr, Some(100)), extra);
     let ringlb = dir.start(&config);
     let pid = ringlb.child.id();
@@ -867,7 +867,7 @@ fn out_of_fds_an_sni_frontend_resets_past_the_connect_timeout_and_recovers() {
     raise_fd_limit();
     let dir = TempDir::new("fdsni");
     let echo = Backend::start(echo());
-    let extra = "connect-timeout = \"1s\"\nmaxconn = 1000";
+    let extra = "connect-timeout = \"1s\"\nmaxconn = 100";
     let config = sni_config(&backend(echo.addr, Some(100)), extra);
     let ringlb = dir.start(&config);
     let pid = ringlb.child.id();
