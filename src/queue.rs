@@ -4,7 +4,8 @@
 //! counted across workers from the moment one is assigned to it (its
 //! connect counts) to its end. When every usable backend of a frontend is
 //! full, a new connection waits in its worker's queue for that frontend
-//! (HAProxy's backend queue), first come first served, up to
+//! (HAProxy's backend queue), first come first served (per route: a route
+//! whose backends are full holds back none of another's), up to
 //! `timeout-queue`. A slot given back on any worker wakes the workers that
 //! have connections queued on that frontend ([`Waiting`] bits and their
 //! eventfds, as for the global limit).
@@ -170,6 +171,13 @@ impl Queues {
             .iter()
             .flat_map(|(_, k)| k.iter().copied())
             .collect()
+    }
+
+    /// A frontend's queued keys, oldest first.
+    pub fn line_of(&self, frontend: &FrontendShared) -> Vec<usize> {
+        self.line(frontend)
+            .map(|keys| keys.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     pub fn front(&self, frontend: &FrontendShared) -> Option<usize> {

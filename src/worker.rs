@@ -1445,11 +1445,17 @@ impl Worker {
             Ok(fd) => fd,
             Err(e) => {
                 let errno = e.raw_os_error().unwrap_or(0);
+                let first = conn.local.is_none();
                 conn.local = Some((LocalFailure::BackendSocket, errno));
                 let wait = matches!(
                     errno,
                     libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS
                 );
+                if wait && first {
+                    // The warning comes only if it times out: say at debug
+                    // that it waits, once per connection, not per tick.
+                    log::debug!("conn {key}: waits for an fd for its backend socket ({e})");
+                }
                 if !wait {
                     conn.close(key, End::LocalError, &mut self.io)?;
                 }
@@ -1598,16 +1604,24 @@ impl Worker {
     }
 
     /// Gives the free slots to this worker's queued connections, oldest
-    /// first, per frontend; stays marked as waiting while any is left.
+    /// first per route; stays marked as waiting while any is left.
     fn serve_queues(&mut self) -> std::io::Result<()> {
         if self.queues.is_empty() {
             return Ok(());
         }
         for shared in self.queues.frontends() {
             shared.queue_waiting.mark(self.id);
-            while let Some(key) = self.queues.front(&shared) {
-                if !self.try_place(&shared, key)? {
-                    break;
+            // Routes have backends of their own: one whose backends are
+            // all full must not hold back a client of another route queued
+            // behind it. In order within a route.
+            let mut full: Vec<usize> = Vec::new();
+            for key in self.queues.line_of(&shared) {
+                let Some(route) = self.sessions.get(key).map(|s| s.route) else {
+                    self.queues.remove(&shared, key);
+                    continue;
+                };
+                if !full.contains(&route) && !self.try_place(&shared, key)? {
+                    full.push(route);
                 }
             }
         }
@@ -1690,9 +1704,10 @@ impl Worker {
         // A client that sent its request and then ended its stream still
         // waits for the answer: it stays (unwatched) until its turn. Bytes
         // already read (with a PROXY header, a ClientHello) are its request
-        // too.
+        // too, and so is what a terminating frontend's TLS receive already
+        // took out of the socket (counted as it was decrypted).
         let reset = res & (libc::POLLERR | libc::POLLHUP) as i32 != 0;
-        let sent = queued.connecting.preamble.is_some();
+        let sent = queued.connecting.preamble.is_some() || conn.dirs[UPSTREAM].bytes > 0;
         if reset || (!sent && queue::unread_bytes(conn.client) == 0) {
             conn.close(key, End::ClientAborted, &mut self.io)?;
         }
@@ -1894,6 +1909,10 @@ impl Worker {
             let new = views.values().find(|v| Arc::ptr_eq(&v.snap.shared, shared));
             match (new, &mut session.stage) {
                 (Some(view), Stage::Queued(queued)) => {
+                    // The route's index is the old snapshot's: the new one
+                    // may order, match or keep its routes differently.
+                    // Route again by the name the client asked for.
+                    session.route = stages::route_for(&view.snap, session.server_name.as_deref());
                     session.view = Rc::clone(view);
                     queued.connecting.tried = Tried::default();
                 }

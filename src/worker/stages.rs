@@ -15,6 +15,7 @@ use io_uring::{opcode, types};
 
 use super::{Connecting, Session, Stage, Worker};
 use crate::hello::{self, MAX_HELLO, Parsed, Refusal};
+use crate::model::FrontendSnapshot;
 use crate::proxy;
 use crate::relay::{End, LocalFailure, Phase, UPSTREAM};
 use crate::uring::{Op, token};
@@ -60,6 +61,15 @@ pub fn route_name(session: &Session) -> Option<&str> {
         return None;
     }
     snap.routes.get(session.route).map(|r| r.name.as_str())
+}
+
+/// The route a server name chooses in `snap` (0: the frontend's own
+/// backends).
+pub fn route_for(snap: &FrontendSnapshot, name: Option<&str>) -> usize {
+    if !snap.config.tls.routes_by_name() {
+        return 0;
+    }
+    name.and_then(|n| snap.router.route(n)).unwrap_or(0)
 }
 
 impl Worker {
@@ -137,8 +147,7 @@ impl Worker {
                     snap.shared.stats.hello_no_sni.fetch_add(1, Relaxed);
                 }
                 let name = h.server_name.as_ref().map(|n| n.as_str());
-                let route = name.and_then(|n| snap.router.route(n));
-                (route.unwrap_or(0), name.map(Box::<str>::from))
+                (route_for(snap, name), name.map(Box::<str>::from))
             }
         };
         self.routed(key, route, server_name)

@@ -147,6 +147,9 @@ enum Next {
     /// The client handshake just completed: route and connect.
     Handshaken,
     Close(End),
+    /// The stream cannot go on (a bad record, a record layer that refused
+    /// plaintext): both peers are reset, whichever side was at fault.
+    Broken(End),
     /// Failed handshake: counted, the alert sent, then closed.
     Refuse(Failure),
 }
@@ -270,7 +273,7 @@ impl TlsState {
             conn.dirs[dir].bytes += len as u64;
             return match sink.deliver(&source.rx[..len]) {
                 Ok(()) => Next::Nothing,
-                Err(_) => Next::Close(reset_of(side)),
+                Err(_) => Next::Broken(reset_of(side)),
             };
         };
         let mut data = &source.rx[..len];
@@ -278,7 +281,7 @@ impl TlsState {
         let mut plain = [0u8; 16 * 1024];
         while !data.is_empty() {
             if tls.read_tls(&mut data).is_err() {
-                return Next::Close(reset_of(side));
+                return Next::Broken(reset_of(side));
             }
             if let Err(e) = tls.process_new_packets() {
                 // The alert rustls prepared goes out before the end.
@@ -287,7 +290,7 @@ impl TlsState {
                     return Next::Refuse(Failure::of(&e));
                 }
                 log::debug!("TLS error on side {side}: {e}");
-                return Next::Close(reset_of(side));
+                return Next::Broken(reset_of(side));
             }
             loop {
                 match tls.reader().read(&mut plain) {
@@ -299,7 +302,7 @@ impl TlsState {
                     Ok(n) => {
                         conn.dirs[dir].bytes += n as u64;
                         if sink.deliver(&plain[..n]).is_err() {
-                            return Next::Close(reset_of(1 - side));
+                            return Next::Broken(reset_of(1 - side));
                         }
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -422,6 +425,19 @@ impl Worker {
             Next::Handshaken => self.handshaken(key)?,
             Next::Close(end) => {
                 self.sessions[key].conn.close(key, end, &mut self.io)?;
+                self.free_if_finished(key);
+                return Ok(());
+            }
+            Next::Broken(end) => {
+                let conn = &mut self.sessions[key].conn;
+                // A peer's reset is passed on to the other one only: here
+                // both are still there, and a FIN to either would pass the
+                // part it got off as the whole stream.
+                uring::set_linger_zero(conn.client);
+                if conn.backend >= 0 {
+                    uring::set_linger_zero(conn.backend);
+                }
+                conn.close(key, end, &mut self.io)?;
                 self.free_if_finished(key);
                 return Ok(());
             }
