@@ -1179,6 +1179,7 @@ impl Worker {
             HeaderRefusal::Malformed => "its PROXY header is malformed (or missing)",
             HeaderRefusal::Oversized => "its PROXY header is too long",
             HeaderRefusal::Version => "its PROXY header has an unknown version",
+            HeaderRefusal::Checksum => "its PROXY header fails its CRC32C checksum",
         };
         match self.warnings.proxy.allow(self.now) {
             Some(held_back) => log::warn!(
