@@ -748,6 +748,10 @@ struct RawTls {
     /// More certificates, chosen by the names they hold.
     #[serde(default)]
     certs: Vec<RawCert>,
+    /// `min-version = "1.2" | "1.3"`, also spelled `tls-min-version` (the
+    /// name the TLS issue and HAProxy-minded operators reach for); giving
+    /// both is an error, not a silent pick.
+    #[serde(alias = "tls-min-version")]
     min_version: Option<String>,
     #[serde(default)]
     alpn: Vec<String>,
@@ -2484,6 +2488,23 @@ mod tests {
             err.to_string(),
             "f\\nforged.toml:3: backends: invalid name \"1\\nERROR forged line\\u{1b}[31m\": \
              use 1 to 255 letters, digits or -_.:[]@/%"
+        );
+    }
+
+    #[test]
+    fn tls_min_version_is_an_alias_of_min_version() {
+        let tls = |inner: &str| -> Result<RawTls, String> {
+            toml::from_str::<RawTls>(&format!("cert = \"c\"\nkey = \"k\"\n{inner}"))
+                .map_err(|e| e.to_string())
+        };
+        for key in ["min-version", "tls-min-version"] {
+            let raw = tls(&format!("{key} = \"1.3\"")).expect(key);
+            assert_eq!(raw.min_version.as_deref(), Some("1.3"), "{key}");
+        }
+        let both = tls("min-version = \"1.2\"\ntls-min-version = \"1.3\"");
+        assert!(
+            both.is_err_and(|e| e.contains("duplicate")),
+            "one key, two names"
         );
     }
 
