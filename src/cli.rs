@@ -512,10 +512,7 @@ impl Cli {
     }
 }
 
-/// Parses the process arguments. `Err` carries the exit code and what to
-/// print: help and version go to stdout with 0, mistakes to stderr as one
-/// line with 2.
-pub fn parse() -> Result<Action, (i32, String)> {
+fn parse_args() -> Result<Action, (i32, String)> {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -528,6 +525,17 @@ pub fn parse() -> Result<Action, (i32, String)> {
         }
     };
     cli.into_action()
+}
+
+/// Parses the process arguments. `Err` carries the exit code and what to
+/// print: help and version go to stdout with 0, mistakes to stderr as one
+/// line with 2, made [`crate::config::printable`] (it quotes the flags'
+/// values, and those of the files they name, which may hold any byte).
+pub fn parse() -> Result<Action, (i32, String)> {
+    parse_args().map_err(|(code, message)| {
+        let message = crate::config::printable(&message).into_owned();
+        (code, message)
+    })
 }
 
 /// clap's messages end with usage and a tip; the first paragraph names

@@ -444,8 +444,35 @@ pub struct Config {
     pub frontends: Vec<FrontendConfig>,
 }
 
+/// `text` with every control character (and the Unicode ones that move or
+/// reorder what a terminal shows) escaped as `\n`, `\u{1b}`: messages
+/// quote values from config files, list files and flags, and a newline
+/// in a value would forge a second log line, an escape sequence repaint
+/// the operator's terminal. Used where such messages leave the process.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{2028}' | '\u{2029}')
+            || ('\u{202a}'..='\u{202e}').contains(&c)
+            || ('\u{2066}'..='\u{2069}').contains(&c)
+    };
+    if !text.contains(unsafe_char) {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
+}
+
 /// Why a configuration was refused. Each variant renders as one line that
-/// names the file, the line and the key where there is one.
+/// names the file, the line and the key where there is one, with the
+/// user's text in it made [`printable`].
 #[derive(Debug)]
 pub enum ConfigError {
     Read {
@@ -470,12 +497,19 @@ pub enum ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Rendered whole, then escaped once: every message is covered,
+        // whichever check quoted what.
+        f.write_str(&printable(&self.render()))
+    }
+}
+
+impl ConfigError {
+    fn render(&self) -> String {
         match self {
             ConfigError::Read { path, source } => {
-                write!(f, "cannot read config file {}: {source}", path.display())
+                format!("cannot read config file {}: {source}", path.display())
             }
-            ConfigError::TooLarge { path } => write!(
-                f,
+            ConfigError::TooLarge { path } => format!(
                 "config file {} is larger than {} MiB: refused (is it the right file?)",
                 path.display(),
                 MAX_CONFIG_BYTES >> 20
@@ -485,21 +519,17 @@ impl fmt::Display for ConfigError {
                 line,
                 column,
                 message,
-            } => {
-                write!(f, "{origin}:{line}:{column}: {message}")
-            }
+            } => format!("{origin}:{line}:{column}: {message}"),
             ConfigError::Invalid {
                 origin,
                 line: Some(line),
                 message,
-            } => {
-                write!(f, "{origin}:{line}: {message}")
-            }
+            } => format!("{origin}:{line}: {message}"),
             ConfigError::Invalid {
                 origin,
                 line: None,
                 message,
-            } => write!(f, "{origin}: {message}"),
+            } => format!("{origin}: {message}"),
         }
     }
 }
@@ -720,6 +750,10 @@ struct RawTls {
     /// More certificates, chosen by the names they hold.
     #[serde(default)]
     certs: Vec<RawCert>,
+    /// `min-version = "1.2" | "1.3"`, also spelled `tls-min-version` (the
+    /// name the TLS issue and HAProxy-minded operators reach for); giving
+    /// both is an error, not a silent pick.
+    #[serde(alias = "tls-min-version")]
     min_version: Option<String>,
     #[serde(default)]
     alpn: Vec<String>,
@@ -1788,6 +1822,7 @@ impl Config {
     /// a config error, found before anything is bound).
     pub fn identity(&self) -> Result<Option<crate::privdrop::Identity>, String> {
         crate::privdrop::Identity::resolve(self.user.as_deref(), self.group.as_deref())
+            .map_err(|e| printable(&e).into_owned())
     }
 
     /// Bytes of receive buffers the workers allocate at start.
@@ -2419,6 +2454,73 @@ mod tests {
             assert!(err.starts_with(&format!("f.toml:{line}:")), "{err}");
             assert!(err.contains(words), "{err}");
         }
+    }
+
+    #[test]
+    fn printable_escapes_only_what_moves_the_terminal() {
+        assert_eq!(printable("plain 'text' \\n é"), "plain 'text' \\n é");
+        assert_eq!(
+            printable("a\nb\r\t\x1b[31m\x07\x7f"),
+            "a\\nb\\r\\t\\u{1b}[31m\\u{7}\\u{7f}"
+        );
+        assert_eq!(printable("x\u{202e}y\u{2028}"), "x\\u{202e}y\\u{2028}");
+        assert!(matches!(printable("ok"), std::borrow::Cow::Borrowed(_)));
+    }
+
+    /// A value with a newline and an escape, wherever it is quoted, gives
+    /// one line that names its key and shows the value escaped.
+    #[test]
+    fn errors_quoting_a_value_stay_on_one_line() {
+        let evil = r#"1\nERROR forged line\u001b[31m"#;
+        let head = "[[frontend]]\nlisten = \"127.0.0.1:80\"\nbackends = [\"127.0.0.1:81\"]\n";
+        for (keys, key) in [
+            (
+                format!("timeout-client-fin = \"{evil}\""),
+                "timeout-client-fin",
+            ),
+            (format!("idle-timeout = \"{evil}\""), "idle-timeout"),
+            (format!("name = \"{evil}\""), "name"),
+            (format!("check-send = \"\\\\q{evil}\""), "check-send"),
+            (format!("allow = [\"{evil}\"]"), "allow"),
+            (
+                format!("accept-proxy = true\naccept-proxy-from = [\"{evil}\"]"),
+                "accept-proxy-from",
+            ),
+            (format!("tls = {{ cert = \"{evil}\", key = \"k\" }}"), "tls"),
+            (format!("balance = \"{evil}\""), "f.toml:4:"),
+        ] {
+            let err = Config::from_toml(&format!("{head}{keys}\n"), "f.toml")
+                .expect_err(key)
+                .to_string();
+            assert!(!err.contains(|c: char| c.is_control()), "{key}: {err:?}");
+            assert!(err.contains(key), "{key}: {err}");
+            assert!(err.contains("\\u{1b}[31m"), "{key}: {err}");
+        }
+        let backends =
+            format!("[[frontend]]\nlisten = \"127.0.0.1:80\"\nbackends = [\"{evil}\"]\n");
+        let err = Config::from_toml(&backends, "f\nforged.toml").expect_err("backends");
+        assert_eq!(
+            err.to_string(),
+            "f\\nforged.toml:3: backends: invalid name \"1\\nERROR forged line\\u{1b}[31m\": \
+             use 1 to 255 letters, digits or -_.:[]@/%"
+        );
+    }
+
+    #[test]
+    fn tls_min_version_is_an_alias_of_min_version() {
+        let tls = |inner: &str| -> Result<RawTls, String> {
+            toml::from_str::<RawTls>(&format!("cert = \"c\"\nkey = \"k\"\n{inner}"))
+                .map_err(|e| e.to_string())
+        };
+        for key in ["min-version", "tls-min-version"] {
+            let raw = tls(&format!("{key} = \"1.3\"")).expect(key);
+            assert_eq!(raw.min_version.as_deref(), Some("1.3"), "{key}");
+        }
+        let both = tls("min-version = \"1.2\"\ntls-min-version = \"1.3\"");
+        assert!(
+            both.is_err_and(|e| e.contains("duplicate")),
+            "one key, two names"
+        );
     }
 
     #[test]

@@ -139,16 +139,21 @@ pub enum Refusal {
     Oversized,
     /// A version 2 signature with a version other than 2.
     Version,
+    /// A version 2 header whose CRC32C TLV does not match its bytes: it
+    /// was damaged on its way, or forged by something that did not know
+    /// to fix the checksum up.
+    Checksum,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 6] = [
+    pub const ALL: [Refusal; 7] = [
         Refusal::Untrusted,
         Refusal::Timeout,
         Refusal::Truncated,
         Refusal::Malformed,
         Refusal::Oversized,
         Refusal::Version,
+        Refusal::Checksum,
     ];
 
     pub fn label(self) -> &'static str {
@@ -159,6 +164,7 @@ impl Refusal {
             Refusal::Malformed => "malformed",
             Refusal::Oversized => "oversized",
             Refusal::Version => "version",
+            Refusal::Checksum => "bad-checksum",
         }
     }
 }
@@ -301,10 +307,17 @@ fn parse_v2(buf: &[u8]) -> Parsed {
         0x31 if body.len() >= 216 => (None, 216),
         _ => return Parsed::Invalid(Refusal::Malformed),
     };
-    if family != 0x00 && !tlvs_well_formed(&body[used..]) {
-        return Parsed::Invalid(Refusal::Malformed);
+    if family == 0x00 {
+        // UNSPEC: the spec has the receiver ignore what follows.
+        return Parsed::Done { len, addrs };
     }
-    Parsed::Done { len, addrs }
+    match tlvs(&body[used..]) {
+        Tlvs::Malformed => Parsed::Invalid(Refusal::Malformed),
+        Tlvs::Crc32c(at) if !crc32c_matches(&buf[..len], 16 + used + at) => {
+            Parsed::Invalid(Refusal::Checksum)
+        }
+        _ => Parsed::Done { len, addrs },
+    }
 }
 
 fn v2_inet4(body: &[u8]) -> (SocketAddr, SocketAddr) {
@@ -329,20 +342,59 @@ fn v2_inet6(body: &[u8]) -> (SocketAddr, SocketAddr) {
     )
 }
 
-/// TLVs (type, 16-bit length, value) must exactly fill what follows the
-/// addresses: a length running past the header is a forged or broken one.
-fn tlvs_well_formed(mut rest: &[u8]) -> bool {
-    while !rest.is_empty() {
-        let [_, high, low, ..] = *rest else {
-            return false;
+/// `PP2_TYPE_CRC32C`: a CRC32c of the whole header, taken with its own
+/// four bytes zeroed.
+const PP2_TYPE_CRC32C: u8 = 0x03;
+
+/// What the TLV list of a v2 header holds, as far as ringlb checks it.
+#[derive(Debug, PartialEq, Eq)]
+enum Tlvs {
+    /// Well formed, no checksum.
+    Plain,
+    /// Well formed, with a CRC32C TLV whose value starts this many bytes
+    /// into the list.
+    Crc32c(usize),
+    Malformed,
+}
+
+/// Walks the TLVs (type, 16-bit length, value): they must exactly fill
+/// what follows the addresses (a length running past the header is a
+/// forged or broken one), and a CRC32C TLV must be 4 bytes and alone.
+fn tlvs(list: &[u8]) -> Tlvs {
+    let mut found = Tlvs::Plain;
+    let mut at = 0;
+    while at < list.len() {
+        let [kind, high, low, ..] = list[at..] else {
+            return Tlvs::Malformed;
         };
-        let len = 3 + usize::from(u16::from_be_bytes([high, low]));
-        if rest.len() < len {
-            return false;
+        let value = usize::from(u16::from_be_bytes([high, low]));
+        let end = at + 3 + value;
+        if end > list.len() {
+            return Tlvs::Malformed;
         }
-        rest = &rest[len..];
+        if kind == PP2_TYPE_CRC32C {
+            if value != 4 || found != Tlvs::Plain {
+                return Tlvs::Malformed;
+            }
+            found = Tlvs::Crc32c(at + 3);
+        }
+        at = end;
     }
-    true
+    found
+}
+
+/// CRC-32C (Castagnoli), the checksum the PROXY spec names.
+const CRC32C: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+
+/// Whether the header's CRC32C (4 bytes at `at`) is the one of the header
+/// with those bytes zeroed; computed in place, without a copy.
+fn crc32c_matches(header: &[u8], at: usize) -> bool {
+    let sent = u32::from_be_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]]);
+    let mut digest = CRC32C.digest();
+    digest.update(&header[..at]);
+    digest.update(&[0; 4]);
+    digest.update(&header[at + 4..]);
+    digest.finalize() == sent
 }
 
 /// The header for a connection from `client` to `server` (the address the
@@ -575,6 +627,133 @@ mod tests {
         assert_eq!(parse(&huge), Parsed::Invalid(Refusal::Oversized));
         huge[14..16].copy_from_slice(&((MAX_HEADER - 16) as u16).to_be_bytes());
         assert_eq!(parse(&huge), Parsed::Partial);
+    }
+
+    /// A header HAProxy 2.6 sent (`send-proxy-v2 proxy-v2-options
+    /// crc32c`), captured on this machine: 127.0.0.7:38313 to
+    /// 127.0.0.1:23991, then a CRC32C TLV.
+    const HAPROXY_CRC: [u8; 35] = [
+        0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a, 0x21, 0x11, 0x00,
+        0x13, 0x7f, 0x00, 0x00, 0x07, 0x7f, 0x00, 0x00, 0x01, 0x95, 0xa9, 0x5d, 0xb7, 0x03, 0x00,
+        0x04, 0x74, 0x1a, 0xc1, 0x5b,
+    ];
+
+    /// CRC-32C bit by bit (reflected, polynomial 0x82F63B78), to check the
+    /// crate's table against something written apart from it.
+    fn crc32c_slow(data: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for byte in data {
+            crc ^= u32::from(*byte);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0x82f6_3b78
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    /// A TCP4 header with `tlvs` after the addresses, and a CRC32C TLV
+    /// last, filled in.
+    fn v2_with_crc(tlvs: &[u8]) -> Vec<u8> {
+        let mut body = vec![127, 0, 0, 2, 127, 0, 0, 1, 0x9c, 0x40, 0, 80];
+        body.extend_from_slice(tlvs);
+        body.extend_from_slice(&[PP2_TYPE_CRC32C, 0, 4, 0, 0, 0, 0]);
+        let mut out = v2(0x21, 0x11, &body);
+        let crc = crc32c_slow(&out);
+        let at = out.len() - 4;
+        out[at..].copy_from_slice(&crc.to_be_bytes());
+        out
+    }
+
+    #[test]
+    fn crc32c_is_castagnolis() {
+        assert_eq!(CRC32C.checksum(b"123456789"), 0xe306_9283);
+        assert_eq!(crc32c_slow(b"123456789"), 0xe306_9283);
+    }
+
+    #[test]
+    fn a_crc32c_tlv_is_verified() {
+        assert_eq!(
+            parse(&HAPROXY_CRC),
+            Parsed::Done {
+                len: HAPROXY_CRC.len(),
+                addrs: Some((addr("127.0.0.7:38313"), addr("127.0.0.1:23991")))
+            },
+            "HAProxy's own checksum"
+        );
+        for tlvs in [&[][..], &[0x05, 0, 3, b'a', b'b', b'c', 0x04, 0, 0]] {
+            let good = v2_with_crc(tlvs);
+            assert!(matches!(parse(&good), Parsed::Done { .. }), "{tlvs:?}");
+            // Any byte changed after the fixed part (addresses, ports,
+            // TLVs, the checksum itself) is caught, but the checksum's own
+            // type: a header without one is not checked (the spec's way).
+            let crc_type = good.len() - 7;
+            for at in (16..good.len()).filter(|&at| at != crc_type) {
+                let mut bad = good.clone();
+                bad[at] ^= 0x20;
+                let got = parse(&bad);
+                assert!(
+                    got == Parsed::Invalid(Refusal::Checksum)
+                        || got == Parsed::Invalid(Refusal::Malformed),
+                    "byte {at}: {got:?}"
+                );
+            }
+            let mut bad = good.clone();
+            let crc = bad.len() - 1;
+            bad[crc] ^= 1;
+            assert_eq!(parse(&bad), Parsed::Invalid(Refusal::Checksum));
+            // Undecided until the whole header is in.
+            for cut in 0..good.len() {
+                assert_eq!(parse(&bad[..cut]), Parsed::Partial, "{cut}");
+            }
+        }
+        // The bytes after the header are the client's: not checksummed.
+        let mut more = HAPROXY_CRC.to_vec();
+        more.extend_from_slice(b"hello");
+        assert!(matches!(parse(&more), Parsed::Done { len: 35, .. }));
+    }
+
+    #[test]
+    fn a_crc32c_tlv_must_be_four_bytes_and_alone() {
+        let addrs = [127, 0, 0, 2, 127, 0, 0, 1, 0x9c, 0x40, 0, 80];
+        for crc in [&[0x03, 0, 3, 1, 2, 3][..], &[0x03, 0, 5, 1, 2, 3, 4, 5]] {
+            let header = v2(0x21, 0x11, &[&addrs[..], crc].concat());
+            assert_eq!(parse(&header), Parsed::Invalid(Refusal::Malformed));
+        }
+        let twice = v2_with_crc(&[0x03, 0, 4, 0, 0, 0, 0]);
+        assert_eq!(parse(&twice), Parsed::Invalid(Refusal::Malformed));
+        // LOCAL: nothing after the fixed part is read, the spec says.
+        let mut local = HAPROXY_CRC;
+        local[12] = 0x20;
+        assert!(matches!(parse(&local), Parsed::Done { addrs: None, .. }));
+    }
+
+    #[test]
+    fn a_tlv_list_is_walked_to_its_exact_end() {
+        let addrs = [127, 0, 0, 2, 127, 0, 0, 1, 0x9c, 0x40, 0, 80];
+        for tail in [
+            &[0x05][..],
+            &[0x05, 0],
+            &[0x05, 0, 1],
+            &[0x05, 0, 0, 0x04, 0, 2, 1],
+            &[0x05, 0xff, 0xff, 1],
+        ] {
+            let header = v2(0x21, 0x11, &[&addrs[..], tail].concat());
+            assert_eq!(
+                parse(&header),
+                Parsed::Invalid(Refusal::Malformed),
+                "{tail:?}"
+            );
+        }
+        let exact = v2(
+            0x21,
+            0x11,
+            &[&addrs[..], &[0x05, 0, 1, 9, 0x04, 0, 0]].concat(),
+        );
+        assert!(matches!(parse(&exact), Parsed::Done { .. }));
     }
 
     #[test]

@@ -1179,6 +1179,7 @@ impl Worker {
             HeaderRefusal::Malformed => "its PROXY header is malformed (or missing)",
             HeaderRefusal::Oversized => "its PROXY header is too long",
             HeaderRefusal::Version => "its PROXY header has an unknown version",
+            HeaderRefusal::Checksum => "its PROXY header fails its CRC32C checksum",
         };
         match self.warnings.proxy.allow(self.now) {
             Some(held_back) => log::warn!(
@@ -2138,7 +2139,7 @@ fn sweep_action(
             Some(Sweep::Fail(LocalFailure::Starved))
         }
         Phase::Relaying if idle >= config.idle_timeout => Some(Sweep::Close(End::IdleTimeout)),
-        Phase::Relaying if let Some(end) = fin_timeout(conn, config, idle) => {
+        Phase::Relaying if let Some(end) = fin_timeout(session, config, idle) => {
             Some(Sweep::Close(end))
         }
         Phase::Relaying
@@ -2153,14 +2154,27 @@ fn sweep_action(
 }
 
 /// A half-closed connection idle past its fin timeout: the client's once
-/// the backend's end reached it, the backend's once the client's did.
-fn fin_timeout(conn: &Conn, config: &crate::config::FrontendConfig, idle: Duration) -> Option<End> {
+/// the backend's end reached it, the backend's once the client's did. A
+/// terminated TLS connection passes ends on in its own relay, which says
+/// when it did.
+fn fin_timeout(
+    session: &Session,
+    config: &crate::config::FrontendConfig,
+    idle: Duration,
+) -> Option<End> {
     let edge = &config.edge;
+    if edge.client_fin_timeout.is_none() && edge.server_fin_timeout.is_none() {
+        return None;
+    }
+    let ended = |dir: usize| match &session.tls {
+        Some(tls) => tls.half_closed(dir),
+        None => session.conn.ended(dir),
+    };
     let past = |limit: Option<Duration>| limit.is_some_and(|l| idle >= l);
-    if conn.ended(DOWNSTREAM) && past(edge.client_fin_timeout) {
+    if ended(DOWNSTREAM) && past(edge.client_fin_timeout) {
         return Some(End::ClientFinTimeout);
     }
-    (conn.ended(UPSTREAM) && past(edge.server_fin_timeout)).then_some(End::ServerFinTimeout)
+    (ended(UPSTREAM) && past(edge.server_fin_timeout)).then_some(End::ServerFinTimeout)
 }
 
 /// A backend socket; when fds run out, the pipes kept idle for splicing

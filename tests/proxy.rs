@@ -674,3 +674,172 @@ fn the_carried_header_goes_first_then_the_hello_that_routed() {
         .unwrap_or_else(|| panic!("no access line; logs:\n{}", ringlb.logs()));
     assert!(line.contains("client=203.0.113.9:4444"), "{line}");
 }
+
+/// CRC-32C bit by bit (reflected, polynomial 0x82F63B78): written apart
+/// from ringlb's, so the two cannot agree by sharing a mistake.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for byte in data {
+        crc ^= u32::from(*byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// `header` (a v2 one) with a PP2_TYPE_CRC32C TLV appended and filled in.
+fn with_crc32c(mut header: Vec<u8>) -> Vec<u8> {
+    header.extend_from_slice(&[0x03, 0, 4, 0, 0, 0, 0]);
+    let len = u16::try_from(header.len() - 16).expect("a short header");
+    header[14..16].copy_from_slice(&len.to_be_bytes());
+    let crc = crc32c(&header);
+    let at = header.len() - 4;
+    header[at..].copy_from_slice(&crc.to_be_bytes());
+    header
+}
+
+/// The spec's PP2_TYPE_CRC32C: a header whose checksum matches is served;
+/// one changed after its checksum was made (here its client port, as a
+/// forger would) is reset, counted as a bad checksum, and nothing of it
+/// reaches the backend.
+#[test]
+fn a_v2_header_failing_its_crc32c_is_reset_and_a_matching_one_is_served() {
+    let dir = TempDir::new("crc");
+    let (backend, rx) = capture();
+    let ringlb = accepting(
+        &dir,
+        "accept-proxy-from = [\"127.0.0.1\"]\nsend-proxy = \"v1\"\ncheck-send-proxy = false",
+        &backend,
+    );
+    let carried = v2_tcp4(
+        "203.0.113.7:5555".parse().expect("client"),
+        "198.51.100.1:443".parse().expect("server"),
+        0x21,
+    );
+    let good = with_crc32c(carried);
+    let mut client = client_from("127.0.0.1", ringlb.addr);
+    let sent = [&good[..], b"hello"].concat();
+    assert_eq!(exchange(&mut client, &sent).expect("relayed"), b"bye");
+    assert_eq!(
+        String::from_utf8_lossy(&received(&rx)),
+        "PROXY TCP4 203.0.113.7 198.51.100.1 5555 443\r\nhello"
+    );
+
+    let mut forged = good.clone();
+    forged[25] ^= 1;
+    let mut client = client_from("127.0.0.1", ringlb.addr);
+    client.write_all(&forged).expect("send");
+    client.write_all(b"sneaky").expect("send");
+    let got = read_end(&mut client);
+    assert!(
+        matches!(&got, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "a forged header: {got:?}; logs:\n{}",
+        ringlb.logs()
+    );
+    let series = "ringlb_frontend_proxy_refused_total{frontend=\"edge\",reason=\"bad-checksum\"}";
+    assert!(
+        eventually(WAIT, || ringlb.metric(series) == Some(1)),
+        "{series} = {:?}",
+        ringlb.metric(series)
+    );
+    let malformed = "ringlb_frontend_proxy_refused_total{frontend=\"edge\",reason=\"malformed\"}";
+    assert_eq!(ringlb.metric(malformed), Some(0));
+    assert!(
+        ringlb
+            .wait_log("its PROXY header fails its CRC32C checksum", WAIT)
+            .is_some(),
+        "{}",
+        ringlb.logs()
+    );
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "no byte of the forged connection reached the backend"
+    );
+}
+
+/// HAProxy in front, sending `send-proxy-v2` with `proxy-v2-options
+/// crc32c`: a real sender's checksum is accepted and its client carried.
+#[test]
+fn haproxy_sending_v2_with_crc32c_is_accepted() {
+    let dir = TempDir::new("haproxy");
+    let (backend, rx) = capture();
+    let ringlb = accepting(
+        &dir,
+        "accept-proxy-from = [\"127.0.0.1\"]\nsend-proxy = \"v1\"\ncheck-send-proxy = false",
+        &backend,
+    );
+    let Some(haproxy) = HaproxyFront::start(&dir, ringlb.addr) else {
+        eprintln!("SKIPPED: haproxy is not installed (.ci/run installs it)");
+        return;
+    };
+    let mut client = client_from("127.0.0.2", haproxy.addr);
+    let me = client.local_addr().expect("client address");
+    assert_eq!(exchange(&mut client, b"hello").expect("relayed"), b"bye");
+    // The probe that saw HAProxy up went through too: skip its header.
+    let ours = std::iter::from_fn(|| Some(received(&rx)))
+        .find(|got| got.ends_with(b"hello"))
+        .unwrap_or_default();
+    assert_eq!(
+        String::from_utf8_lossy(&ours),
+        format!(
+            "PROXY TCP4 127.0.0.2 127.0.0.1 {} {}\r\nhello",
+            me.port(),
+            haproxy.addr.port()
+        )
+    );
+    let series = "ringlb_frontend_proxy_refused_total{frontend=\"edge\",reason=\"bad-checksum\"}";
+    assert_eq!(ringlb.metric(series), Some(0));
+}
+
+/// HAProxy 2.6 (`mode tcp`) relaying to one server with a v2 header and
+/// its CRC32C; stopped on drop.
+struct HaproxyFront {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl HaproxyFront {
+    fn start(dir: &TempDir, server: SocketAddr) -> Option<HaproxyFront> {
+        let bin = ["/usr/sbin/haproxy", "/usr/local/sbin/haproxy"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())?;
+        let addr = SocketAddr::new([127, 0, 0, 1].into(), refused_addr().port());
+        let conf = format!(
+            "global\n  maxconn 64\n  nbthread 1\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
+             timeout client 30s\n  timeout server 30s\nlisten front\n  bind {addr}\n  \
+             server ringlb {server} send-proxy-v2 proxy-v2-options crc32c\n"
+        );
+        let path = dir.path("haproxy.cfg");
+        std::fs::write(&path, conf).expect("haproxy.cfg");
+        let log = std::fs::File::create(dir.path("haproxy.log")).expect("haproxy.log");
+        let child = Command::new(bin)
+            .args(["-db", "-f", path.to_str().expect("utf-8 path")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn haproxy");
+        let mut front = HaproxyFront { child, addr };
+        let up = eventually(WAIT, || {
+            TcpStream::connect(addr).is_ok() || matches!(front.child.try_wait(), Ok(Some(_)))
+        });
+        assert!(
+            up && matches!(front.child.try_wait(), Ok(None)),
+            "haproxy did not start: {}",
+            std::fs::read_to_string(dir.path("haproxy.log")).unwrap_or_default()
+        );
+        Some(front)
+    }
+}
+
+impl Drop for HaproxyFront {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -133,6 +133,14 @@ impl TlsState {
         }))
     }
 
+    /// The end of `dir`'s stream (a FIN, or close_notify) was passed on
+    /// to its sink: the connection is half-closed that way, and the fin
+    /// timeouts apply as to a plain relay.
+    pub fn half_closed(&self, dir: usize) -> bool {
+        let sink = if dir == UPSTREAM { BACKEND } else { CLIENT };
+        self.sides[sink].shut
+    }
+
     fn handshaking(&self) -> bool {
         self.sides[CLIENT]
             .tls
@@ -243,6 +251,13 @@ impl TlsState {
     fn maybe_shut(&mut self, side: usize, conn: &Conn) {
         let s = &mut self.sides[side];
         if !s.end_pending || s.shut || (side == BACKEND && !self.connected) {
+            return;
+        }
+        if s.tls.as_ref().is_some_and(|t| t.is_handshaking()) {
+            // A backend-tls session still in its handshake holds the
+            // client's plaintext until it completes: a close_notify now
+            // would overtake that plaintext, and mid-handshake the backend
+            // takes it for a broken record (DecodeError) and resets.
             return;
         }
         if s.tls.is_some() && !s.close_notify_sent {
