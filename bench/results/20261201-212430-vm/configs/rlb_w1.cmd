@@ -1,0 +1,1 @@
+/work/wt/ringlb-new-8b868ea --listen 127.0.0.1:27112 --backend 127.0.0.1:27101 --backend 127.0.0.1:27102 --workers 1 --idle-timeout 10m --connect-timeout 2s --rise 2 --fall 3 --check-interval 2s 
