@@ -495,13 +495,7 @@ impl Worker {
         };
         count_handshake(&snap, server);
         let name = server.server_name().map(Box::<str>::from);
-        let route = if snap.config.tls.routes_by_name() {
-            name.as_deref()
-                .and_then(|n| snap.router.route(n))
-                .unwrap_or(0)
-        } else {
-            0
-        };
+        let route = super::stages::route_for(&snap, name.as_deref());
         if let Some(r) = snap.routes.get(route) {
             r.stats.connections.fetch_add(1, Relaxed);
         }
