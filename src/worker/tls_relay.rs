@@ -17,7 +17,7 @@
 //! and a FIN to the client. A TLS error after the handshake resets both
 //! (a clean end would pass a prefix off as the whole stream).
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{BufRead, ErrorKind, Write};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -293,7 +293,6 @@ impl TlsState {
         };
         let mut data = &source.rx[..len];
         let was_handshaking = tls.is_handshaking();
-        let mut plain = [0u8; 16 * 1024];
         while !data.is_empty() {
             if tls.read_tls(&mut data).is_err() {
                 return Next::Broken(reset_of(side));
@@ -307,18 +306,23 @@ impl TlsState {
                 log::debug!("TLS error on side {side}: {e}");
                 return Next::Broken(reset_of(side));
             }
+            // Plaintext is handed on from rustls' own buffer: no copy
+            // through (and no zeroing of) a buffer of ours per record.
             loop {
-                match tls.reader().read(&mut plain) {
-                    Ok(0) => {
+                let mut reader = tls.reader();
+                match reader.fill_buf() {
+                    Ok([]) => {
                         source.eof = true;
                         sink.end_pending = true;
                         break;
                     }
-                    Ok(n) => {
+                    Ok(chunk) => {
+                        let n = chunk.len();
                         conn.dirs[dir].bytes += n as u64;
-                        if sink.deliver(&plain[..n]).is_err() {
+                        if sink.deliver(chunk).is_err() {
                             return Next::Broken(reset_of(1 - side));
                         }
+                        reader.consume(n);
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(_) => {
@@ -335,6 +339,16 @@ impl TlsState {
             return Next::Handshaken;
         }
         Next::Nothing
+    }
+
+    /// A receive or send on `side` failed: a client gone mid-handshake
+    /// is a failed handshake, anything later the peer's reset.
+    fn failed(&self, side: usize) -> Next {
+        if side == CLIENT && self.handshaking() {
+            Next::Refuse(Failure::Closed)
+        } else {
+            Next::Close(reset_of(side))
+        }
     }
 
     /// The peer of `side` ended its stream (FIN).
@@ -397,13 +411,7 @@ impl Worker {
         conn.last_active = self.now;
         let next = match res {
             0 => tls.ended(side),
-            n if n < 0 => {
-                if side == CLIENT && tls.handshaking() {
-                    Next::Refuse(Failure::Closed)
-                } else {
-                    Next::Close(reset_of(side))
-                }
-            }
+            n if n < 0 => tls.failed(side),
             n => tls.received(side, n as usize, conn),
         };
         self.tls_next(key, next)
@@ -422,11 +430,7 @@ impl Worker {
         }
         conn.last_active = self.now;
         if res < 0 {
-            let next = if side == CLIENT && tls.handshaking() {
-                Next::Refuse(Failure::Closed)
-            } else {
-                Next::Close(reset_of(side))
-            };
+            let next = tls.failed(side);
             return self.tls_next(key, next);
         }
         tls.sides[side].sent += res as usize;
